@@ -1,0 +1,35 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned here (not in pyproject): 2.13.0 is the CPU build; an unpinned torch pulls a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m preftune demo --output-dir runs/demo
+
+test: venv
+	$(PY) -m ruff check preftune tests benchmarks
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(PY) -m ruff check preftune tests benchmarks
+	$(PY) -m ruff format --check preftune tests benchmarks
+
+bench: venv
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/bench_dpo.py --output runs/bench/bench_dpo.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,217 @@
+"""The synthetic preference set behind ``preftune demo``: follow the prompt's listing instruction.
+
+Each prompt asks for N items of a category, in lower or UPPER case, sorted ascending or descending. The
+chosen response obeys; the rejected one breaks exactly one constraint (case, order or category), so telling
+them apart requires reading the prompt. Train pairs are written with NeMo Aligner keys, validation pairs
+with TRL keys, and a tiny Llama + byte-level BPE trained on the train texts is the base model.
+"""
+
+import json
+import random
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from preftune.tiny import build_tiny_model, save_tiny, train_tokenizer
+
+CATEGORIES = {
+    "fruits": (
+        "apple",
+        "banana",
+        "cherry",
+        "fig",
+        "grape",
+        "kiwi",
+        "lemon",
+        "mango",
+        "melon",
+        "peach",
+        "pear",
+        "plum",
+    ),
+    "animals": (
+        "bear",
+        "cat",
+        "dog",
+        "eagle",
+        "fox",
+        "horse",
+        "lion",
+        "mouse",
+        "owl",
+        "rabbit",
+        "tiger",
+        "wolf",
+    ),
+    "colors": (
+        "black",
+        "blue",
+        "brown",
+        "cyan",
+        "gold",
+        "gray",
+        "green",
+        "pink",
+        "purple",
+        "red",
+        "silver",
+        "white",
+    ),
+    "vegetables": (
+        "bean",
+        "beet",
+        "cabbage",
+        "carrot",
+        "corn",
+        "garlic",
+        "kale",
+        "leek",
+        "onion",
+        "potato",
+        "radish",
+        "spinach",
+    ),
+    "countries": (
+        "brazil",
+        "canada",
+        "chile",
+        "egypt",
+        "france",
+        "india",
+        "japan",
+        "kenya",
+        "mexico",
+        "norway",
+        "peru",
+        "spain",
+    ),
+}
+CASES = {
+    "lower": ("lowercase", "lower case", "small letters"),
+    "upper": ("UPPERCASE", "upper case", "capital letters"),
+}
+ORDERS = {
+    "ascending": ("alphabetically", "from A to Z", "in ascending order"),
+    "descending": ("in reverse alphabetical order", "from Z to A", "in descending order"),
+}
+TEMPLATES = (
+    "List {n} {category} in {case}, {order}.",
+    "Name {n} {category}. Use {case} and sort them {order}.",
+    "Write {n} {category}, {order}, in {case}.",
+    "Give me {n} {category} ({case}, {order}).",
+    "I need {n} {category} sorted {order}, written in {case}.",
+)
+VIOLATIONS = ("case", "order", "category")
+COUNTS = (3, 4, 5)
+
+
+def render(items: list[str], case: str, order: str) -> str:
+    """The response listing `items` in the requested case and order."""
+    items = sorted(items, reverse=order == "descending")
+    return ", ".join(item.upper() if case == "upper" else item for item in items)
+
+
+def make_pair(rng: random.Random) -> dict:
+    """One NeMo-style pair: the rejected response breaks one constraint of the prompt."""
+    category, case, order = rng.choice(list(CATEGORIES)), rng.choice(list(CASES)), rng.choice(list(ORDERS))
+    n = rng.choice(COUNTS)
+    prompt = rng.choice(TEMPLATES).format(
+        n=n, category=category, case=rng.choice(CASES[case]), order=rng.choice(ORDERS[order])
+    )
+    items = rng.sample(CATEGORIES[category], n)
+    violation = rng.choice(VIOLATIONS)
+    if violation == "case":
+        rejected = render(items, "upper" if case == "lower" else "lower", order)
+    elif violation == "order":
+        rejected = render(items, case, "ascending" if order == "descending" else "descending")
+    else:
+        other = rng.choice([c for c in CATEGORIES if c != category])
+        rejected = render(rng.sample(CATEGORIES[other], n), case, order)
+    return {
+        "prompt": prompt + "\n",
+        "chosen_response": render(items, case, order),
+        "rejected_response": rejected,
+        "chosen_reward": 1.0,
+        "rejected_reward": 0.0,
+    }
+
+
+def make_preference_pairs(n: int, seed: int) -> list[dict]:
+    """`n` distinct NeMo-style pairs (no two share prompt and chosen response), deterministic in `seed`."""
+    rng = random.Random(seed)
+    pairs: dict[tuple[str, str], dict] = {}
+    while len(pairs) < n:
+        pair = make_pair(rng)
+        pairs.setdefault((pair["prompt"], pair["chosen_response"]), pair)
+    return list(pairs.values())
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: int = 0) -> dict[str, Path]:
+    """Write the demo data, base model and config under `out_dir`; returns their paths."""
+    out_dir = Path(out_dir).resolve()
+    pairs = make_preference_pairs(n_train + n_val, seed)
+    train, val = pairs[:n_train], pairs[n_train:]
+    paths = {
+        "train": out_dir / "data" / "train.jsonl",
+        "validation": out_dir / "data" / "validation.jsonl",
+        "model": out_dir / "base_model",
+        "config": out_dir / "demo.yaml",
+    }
+    write_jsonl(paths["train"], train)
+    trl = [
+        {"prompt": p["prompt"], "chosen": p["chosen_response"], "rejected": p["rejected_response"]}
+        for p in val
+    ]
+    write_jsonl(paths["validation"], trl)
+    print(
+        f"[demo] {len(train)} train pairs (NeMo keys), {len(val)} validation pairs (TRL keys) -> {out_dir / 'data'}"
+    )
+
+    texts = (p[k] for p in train for k in ("prompt", "chosen_response", "rejected_response"))
+    tokenizer = train_tokenizer(texts, vocab_size=512)
+    model = build_tiny_model(
+        "llama",
+        len(tokenizer),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        max_position_embeddings=256,
+        seed=seed,
+    )
+    save_tiny(model, tokenizer, paths["model"])
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"[demo] tokenizer ({len(tokenizer)} tokens) + tiny llama ({n_params / 1e3:.0f}k params) -> {paths['model']}"
+    )
+
+    config = {
+        "output_dir": str(out_dir / "run"),
+        "model": {"path": str(paths["model"]), "dtype": "float32"},
+        "data": {
+            "train": str(paths["train"]),
+            "validation": str(paths["validation"]),
+            "max_seq_length": 96,
+            "micro_batch_size": 32,
+            "global_batch_size": 32,
+            "seed": seed,
+        },
+        "dpo": {"ref_policy_kl_penalty": 0.1, "preference_loss": "dpo", "sft_loss_weight": 0.0},
+        "optim": {"lr": 1.0e-3, "weight_decay": 0.0, "sched": {"warmup_steps": 10, "min_lr": 1.0e-4}},
+        "trainer": {
+            "max_epochs": 1,
+            "max_steps": -1,
+            "val_check_interval": 50,
+            "save_interval": 1000,
+            "limit_val_batches": 1.0,
+            "gradient_clip_val": 1.0,
+        },
+    }
+    OmegaConf.save(OmegaConf.create(config), paths["config"])
+    print(f"[demo] config -> {paths['config']}")
+    return paths

@@ -1,0 +1,130 @@
+"""Per-token log-probs under the LM head, chunked over tokens.
+
+`token_logprobs(hidden, weight, labels)` returns log p(label | hidden) without ever holding the full
+[tokens x vocab] logits: a custom autograd function computes each chunk's logits in forward, keeps
+only the inputs (plus an [N] logsumexp), and recomputes the chunk's logits in backward.
+"""
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+def _buffers(rows: int, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Reusable [rows, V] logits buffers: accumulation dtype (>= fp32), plus one in the weight's dtype if lower."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    buf = weight.new_empty(rows, weight.shape[0], dtype=acc)
+    return buf, (weight.new_empty(rows, weight.shape[0]) if weight.dtype != acc else None)
+
+
+def _chunk_logits(
+    h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, buf: Tensor, low: Tensor | None
+) -> Tensor:
+    """Write one chunk's (soft-capped) logits into `buf`; the matmul runs in the weight's dtype."""
+    torch.mm(h.to(weight.dtype), weight.T, out=buf if low is None else low)
+    if low is not None:
+        buf.copy_(low)
+    if bias is not None:
+        buf += bias
+    if softcap is not None:
+        buf.div_(softcap).tanh_().mul_(softcap)
+    return buf
+
+
+def _forward(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, step: int, softcap: float | None
+) -> tuple[Tensor, Tensor]:
+    """Return (log p(label), logsumexp), both [N], one chunk of `step` tokens at a time."""
+    n = hidden.shape[0]
+    buf, low = _buffers(min(step, n), weight)
+    logp = hidden.new_empty(n, dtype=buf.dtype)
+    lse = torch.empty_like(logp)
+    for s in range(0, n, step):
+        c = min(step, n - s)
+        z = _chunk_logits(hidden[s : s + c], weight, bias, softcap, buf[:c], None if low is None else low[:c])
+        logp[s : s + c] = z.gather(1, labels[s : s + c, None]).squeeze(1)
+        m = z.amax(dim=1)
+        lse[s : s + c] = z.sub_(m[:, None]).exp_().sum(dim=1).log_() + m  # in-place logsumexp
+    logp -= lse
+    return logp, lse
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Chunked log-softmax + label gather; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        step: int,
+        softcap: float | None,
+    ) -> Tensor:
+        logp, lse = _forward(hidden, weight, bias, labels, step, softcap)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.step, ctx.softcap = step, softcap
+        return logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        step, softcap, n = ctx.step, ctx.softcap, hidden.shape[0]
+        buf, low = _buffers(min(step, n), weight)
+        dbuf = torch.empty_like(buf) if softcap is not None else None
+        grad_out = grad_out.to(buf.dtype)
+        gh = torch.empty_like(hidden) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = lse.new_zeros(weight.shape[0]) if need_b else None
+        for s in range(0, n, step):
+            c = min(step, n - s)
+            h, go = hidden[s : s + c].to(weight.dtype), grad_out[s : s + c, None]
+            low_c = None if low is None else low[:c]
+            z = _chunk_logits(h, weight, bias, softcap, buf[:c], low_c)
+            dcap = None if dbuf is None else torch.div(z, softcap, out=dbuf[:c]).square_().neg_().add_(1)
+            g = z.sub_(lse[s : s + c, None]).exp_().mul_(-go)  # -grad * softmax
+            g.scatter_add_(1, labels[s : s + c, None], go)  # + grad * onehot(label)
+            if dcap is not None:
+                g.mul_(dcap)  # soft-cap derivative 1 - tanh^2
+            if gb is not None:
+                gb += g.sum(dim=0)
+            if low_c is not None:
+                g = low_c.copy_(g)
+            if gh is not None:
+                gh[s : s + c] = g @ weight
+            if gw is not None:
+                gw.addmm_(g.T, h)
+        return gh, gw, None if gb is None else gb.to(bias.dtype), None, None, None
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    chunk_size: int = 1024,
+    softcap: float | None = None,
+) -> Tensor:
+    """Return [N] log p(labels | hidden) under the LM head `hidden @ weight.T + bias`, in fp32 (fp64 for fp64).
+
+    hidden [N, H] (fp32 or bf16), weight [V, H], labels [N] int64 in [0, V), bias [V] or None.
+    softcap: Gemma-2 final-logit soft-capping, logits = softcap * tanh(logits / softcap).
+
+    Tokens are processed `chunk_size` at a time (<= 0: one chunk) through reused [chunk_size, V]
+    buffers, so the peak extra memory is O(chunk_size x V) in forward and backward; autograd keeps
+    only the inputs and an [N] logsumexp. Backward recomputes each chunk's logits (4 matmuls
+    instead of the naive path's 3). The matmul runs in the weight's dtype, softmax / logsumexp in
+    fp32; gradients come back in the inputs' dtypes, only for inputs that require grad. Not twice
+    differentiable.
+
+    Default chunk_size=1024: TODO numbers.
+    """
+    step = chunk_size if chunk_size > 0 else max(hidden.shape[0], 1)
+    needs_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
+        return _TokenLogprobs.apply(hidden, weight, bias, labels, step, softcap)
+    return _forward(hidden, weight, bias, labels, step, softcap)[0]

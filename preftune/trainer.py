@@ -1,0 +1,252 @@
+"""``DPOTrainer``: the training loop (epochs, steps, validation, checkpoints, time limit)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from preftune.checkpoint import Checkpointer
+from preftune.metrics import MetricsLogger
+from preftune.model import DPOModel
+from preftune.timer import RunTimer
+
+
+class MetricsAccumulator:
+    """Pair-weighted means of per-micro-batch metrics (a micro-batch of n pairs counts n times)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.pairs = 0
+
+    def add(self, metrics: dict[str, torch.Tensor], num_pairs: int) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().double() * num_pairs
+        self.pairs += num_pairs
+
+    def means(self) -> dict[str, float]:
+        return {key: (value / max(1, self.pairs)).item() for key, value in self.sums.items()}
+
+
+def resolve_max_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
+    """The run's length: the first of ``max_steps`` (-1: none) and ``max_epochs`` (null: none) reached."""
+    limits = [trainer_cfg.max_steps] if trainer_cfg.max_steps != -1 else []
+    if trainer_cfg.max_epochs is not None:
+        limits.append(trainer_cfg.max_epochs * steps_per_epoch)
+    return min(limits)
+
+
+def limit_batches(limit: int | float, available: int) -> int:
+    """``trainer.limit_val_batches``: an int is a count, a float a fraction of ``available``."""
+    if isinstance(limit, float):
+        return min(available, math.ceil(limit * available))
+    return min(available, limit)
+
+
+class DPOTrainer:
+    """Trains a ``DPOModel`` on global batches of preference pairs.
+
+    ``cfg`` is the full run config (the ``trainer`` and ``data`` sections are read). The dataloaders yield
+    this rank's share of a global batch as a list of tokenized pairs (see ``GlobalBatchSampler``); the
+    trainer splits it into micro-batches of ``data.micro_batch_size`` and applies ``collate_fn`` to each.
+    Each micro-batch's loss is weighted by its share of the global batch's pairs, so gradient
+    accumulation reproduces the full-batch objective; metrics are averaged by pair count.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: DPOModel,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        train_dataloader: Iterable[list[dict]],
+        val_dataloader: Iterable[list[dict]] | None,
+        test_dataloader: Iterable[list[dict]] | None,
+        collate_fn: Callable[[Sequence[dict]], dict[str, torch.Tensor]],
+        logger: MetricsLogger,
+        ckpt_callback: Checkpointer,
+        run_timer: RunTimer,
+    ):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_dataloader = train_dataloader
+        self.val_dataloader = val_dataloader
+        self.test_dataloader = test_dataloader
+        self.collate_fn = collate_fn
+        self.logger = logger
+        self.ckpt_callback = ckpt_callback
+        self.run_timer = run_timer
+        self.micro_batch_size: int = cfg.data.micro_batch_size
+        self.global_batch_size: int = cfg.data.global_batch_size
+        self.step = 0
+        self.consumed_samples = 0
+        self.epoch = 0
+        self.sampler = train_dataloader.batch_sampler
+        self.steps_per_epoch: int = self.sampler.batches_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {self.sampler.num_samples} pairs, fewer than one global batch "
+                f"(data.global_batch_size={self.global_batch_size})"
+            )
+        tcfg = cfg.trainer
+        self.max_steps = resolve_max_steps(tcfg, self.steps_per_epoch)
+        interval = tcfg.val_check_interval
+        self.val_check_interval = (
+            max(1, round(interval * self.steps_per_epoch)) if isinstance(interval, float) else int(interval)
+        )
+        self.last_val_metrics: dict[str, float] = {}
+        self._slowest_step = 0.0
+        self._slowest_val_and_save = 0.0
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.consumed_samples = state["consumed_samples"]
+        self.epoch = state["epoch"]
+
+    def save(self) -> None:
+        start = time.monotonic()
+        self.ckpt_callback.save(
+            self.step,
+            policy=self.model.policy,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=self.state_dict(),
+        )
+        self._slowest_val_and_save = max(self._slowest_val_and_save, time.monotonic() - start)
+
+    # -- one optimizer step --------------------------------------------------------------------------
+    def micro_batches(self, pairs: list[dict]) -> list[dict[str, torch.Tensor]]:
+        return [
+            self.collate_fn(pairs[i : i + self.micro_batch_size])
+            for i in range(0, len(pairs), self.micro_batch_size)
+        ]
+
+    def train_single_step(self, global_batch: list[dict]) -> dict[str, float]:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        accumulator = MetricsAccumulator()
+        tokens = 0
+        for batch in self.micro_batches(global_batch):
+            num_pairs = len(batch["chosen"])
+            loss, metrics = self.model.get_loss_and_metrics(batch, forward_only=False)
+            (loss * (num_pairs / len(global_batch))).backward()
+            accumulator.add(metrics, num_pairs)
+            tokens += int(batch["chosen_length"].sum() + batch["rejected_length"].sum())
+        params = [p for p in self.model.policy.parameters() if p.requires_grad]
+        clip = self.cfg.trainer.gradient_clip_val
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        metrics = accumulator.means()
+        metrics.update(grad_norm=grad_norm.item(), lr=lr, tokens=tokens)
+        return metrics
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, dataloader: Iterable[list[dict]], limit: int | float) -> dict[str, float]:
+        self.model.train(False)
+        accumulator = MetricsAccumulator()
+        num_batches = limit_batches(limit, len(dataloader))
+        for i, global_batch in enumerate(dataloader):
+            if i >= num_batches:
+                break
+            for batch in self.micro_batches(global_batch):
+                _, metrics = self.model.get_loss_and_metrics(batch, forward_only=True)
+                accumulator.add(metrics, len(batch["chosen"]))
+        self.model.train()
+        return accumulator.means()
+
+    def run_validation(self) -> tuple[float, dict[str, float]]:
+        """Pair-weighted mean loss and metrics over (up to ``limit_val_batches`` of) the validation set."""
+        start = time.monotonic()
+        metrics = self.evaluate(self.val_dataloader, self.cfg.trainer.limit_val_batches)
+        self._slowest_val_and_save = max(self._slowest_val_and_save, time.monotonic() - start)
+        return metrics["loss"], metrics
+
+    def run_test(self) -> tuple[float, dict[str, float]]:
+        """Like ``run_validation`` over the whole test set."""
+        metrics = self.evaluate(self.test_dataloader, 1.0)
+        return metrics["loss"], metrics
+
+    def _validate_and_log(self) -> None:
+        if self.val_dataloader is None or self.cfg.trainer.limit_val_batches == 0:
+            return
+        _, metrics = self.run_validation()
+        self.logger.log_metrics(metrics, self.step, prefix="val")
+        self.last_val_metrics = metrics
+        tqdm.write(
+            f"step {self.step}: val loss {metrics['loss']:.4f}, acc {metrics['acc']:.3f}, "
+            f"margin {metrics['reward_margin_mean']:.3f}"
+        )
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        """Train until ``max_steps`` (or ``max_epochs``), validating every ``val_check_interval`` steps,
+        saving every ``save_interval`` steps and at the end; stop cleanly before ``max_time``."""
+        tcfg = self.cfg.trainer
+        samples_per_epoch = self.steps_per_epoch * self.global_batch_size
+        progress = tqdm(
+            total=self.max_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True
+        )
+        validated_at = -1
+        saved_at = self.step if self.step > 0 else -1  # a resumed run starts from a saved checkpoint
+        out_of_time = False
+        while self.step < self.max_steps and not out_of_time:
+            start_batch = (self.consumed_samples - self.epoch * samples_per_epoch) // self.global_batch_size
+            if start_batch >= self.steps_per_epoch:
+                self.epoch += 1
+                continue
+            self.sampler.set_epoch(self.epoch, start_batch)
+            for global_batch in self.train_dataloader:
+                start = time.monotonic()
+                metrics = self.train_single_step(global_batch)
+                elapsed = time.monotonic() - start
+                self._slowest_step = max(self._slowest_step, elapsed)
+                self.step += 1
+                self.consumed_samples += self.global_batch_size
+                metrics.update(
+                    step_time=elapsed,
+                    pairs_per_sec=self.global_batch_size / elapsed,
+                    tokens_per_sec=metrics.pop("tokens") / elapsed,
+                    epoch=self.epoch,
+                    consumed_samples=self.consumed_samples,
+                )
+                if self.step % tcfg.log_every_n_steps == 0:
+                    self.logger.log_metrics(metrics, self.step, prefix="train")
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{metrics['loss']:.4f}",
+                    acc=f"{metrics['acc']:.2f}",
+                    pairs_s=f"{metrics['pairs_per_sec']:.1f}",
+                )
+                done = self.step >= self.max_steps
+                out_of_time = not self.run_timer.is_within_limit(
+                    2 * self._slowest_step + self._slowest_val_and_save
+                )
+                if self.step % self.val_check_interval == 0 or done or out_of_time:
+                    self._validate_and_log()
+                    validated_at = self.step
+                if self.step % tcfg.save_interval == 0 or done or out_of_time:
+                    self.save()
+                    saved_at = self.step
+                if done or out_of_time:
+                    break
+        progress.close()
+        if out_of_time:
+            tqdm.write(f"stopping at step {self.step}: trainer.max_time is nearly reached")
+        if validated_at != self.step:
+            self._validate_and_log()
+        if saved_at != self.step and self.step > 0:
+            self.save()

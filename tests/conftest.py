@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny locally trained tokenizer, tiny models and small preference files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from preftune.tiny import build_tiny_model, save_tiny, train_tokenizer
+
+WORDS = (
+    "the a cat dog bird fish red blue green small large quick slow runs jumps sits sleeps eats sings "
+    "under over near far house tree river hill yes no answer question please list name colour number"
+).split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def make_pairs(n: int, seed: int = 0, max_words: int = 12) -> list[dict]:
+    """Random NeMo-style pairs with distinct chosen and rejected responses."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        chosen = sentence(rng, rng.randint(1, max_words))
+        rejected = sentence(rng, rng.randint(1, max_words))
+        while rejected == chosen:
+            rejected = sentence(rng, rng.randint(1, max_words))
+        pairs.append(
+            {
+                "prompt": sentence(rng, rng.randint(1, max_words)),
+                "chosen_response": chosen,
+                "rejected_response": rejected,
+            }
+        )
+    return pairs
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    rng = random.Random(0)
+    return train_tokenizer([sentence(rng, 12) for _ in range(400)], vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """Factory: a saved tiny model of the given family (cached per arch for the session)."""
+    built: dict[str, Path] = {}
+
+    def make(arch: str = "llama") -> Path:
+        if arch not in built:
+            model = build_tiny_model(arch, len(tokenizer), hidden_size=32, num_layers=2, num_heads=4)
+            built[arch] = save_tiny(model, tokenizer, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return built[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def pair_files(tmp_path_factory):
+    """Small train/validation JSONL files in NeMo format."""
+    root = tmp_path_factory.mktemp("pairs")
+    return {
+        "train": write_jsonl(root / "train.jsonl", make_pairs(48, seed=1)),
+        "validation": write_jsonl(root / "validation.jsonl", make_pairs(16, seed=2)),
+    }

@@ -1,0 +1,262 @@
+"""Config loading: defaults, YAML, dotted overrides, unknown keys, required keys and value checks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from omegaconf import ListConfig
+
+from preftune.config import ConfigError, default_config, load_config, parse_max_time
+
+REQUIRED = ("model.path=/models/tiny", "data.train=/data/train.jsonl")
+
+
+def write_yaml(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def load(*overrides: str, path: Path | None = None):
+    return load_config(path, [*REQUIRED, *overrides])
+
+
+# ---------------------------------------------------------------- layering
+
+
+def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
+    yaml_path = write_yaml(
+        tmp_path,
+        "model:\n"
+        "  path: /from/yaml\n"
+        "data:\n"
+        "  train: /yaml/train.jsonl\n"
+        "  micro_batch_size: 2\n"
+        "optim:\n"
+        "  lr: 1.0e-5\n"
+        "dpo:\n"
+        "  preference_loss: ipo\n",
+    )
+    cfg = load_config(
+        yaml_path,
+        [
+            "optim.lr=3.0e-5",
+            "optim.betas=[0.9,0.95]",
+            "trainer.max_steps=10",
+            "model.path=/first",
+            "model.path=/second",
+        ],
+    )
+    # defaults that nobody touched
+    assert cfg.model.dtype == "float32"
+    assert cfg.data.global_batch_size == 8
+    assert cfg.optim.sched.name == "cosine_with_warmup"
+    # YAML over defaults
+    assert cfg.data.micro_batch_size == 2
+    assert cfg.dpo.preference_loss == "ipo"
+    assert cfg.data.train == "/yaml/train.jsonl"
+    # overrides over YAML, the later override wins
+    assert cfg.optim.lr == pytest.approx(3e-5)
+    assert cfg.model.path == "/second"
+    # types preserved
+    assert isinstance(cfg.trainer.max_steps, int) and cfg.trainer.max_steps == 10
+    assert isinstance(cfg.optim.lr, float)
+    assert isinstance(cfg.optim.betas, ListConfig)
+    assert list(cfg.optim.betas) == [0.9, 0.95]
+    assert all(isinstance(b, float) for b in cfg.optim.betas)
+
+
+def test_yaml_alone_sets_required_keys(tmp_path):
+    yaml_path = write_yaml(tmp_path, "model: {path: /m}\ndata: {train: /t.jsonl, seed: 7}\n")
+    cfg = load_config(yaml_path)
+    assert cfg.model.path == "/m"
+    assert cfg.data.seed == 7
+    assert cfg.data.max_seq_length == default_config().data.max_seq_length
+
+
+def test_overrides_alone_set_required_keys():
+    cfg = load("dpo.ref_policy_kl_penalty=0.25")
+    assert cfg.model.path == "/models/tiny"
+    assert cfg.dpo.ref_policy_kl_penalty == pytest.approx(0.25)
+
+
+def test_default_betas_are_two_floats():
+    cfg = load()
+    assert list(cfg.optim.betas) == [0.9, 0.98]
+
+
+def test_missing_file_and_non_mapping_yaml_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml", REQUIRED)
+    yaml_path = write_yaml(tmp_path, "- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(yaml_path, REQUIRED)
+
+
+# ---------------------------------------------------------------- unknown keys
+
+
+def test_unknown_key_in_yaml_names_key_file_and_nearest(tmp_path):
+    yaml_path = write_yaml(tmp_path, "dpo:\n  ref_policy_kl_penalt: 0.2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(yaml_path, REQUIRED)
+    msg = str(info.value)
+    assert str(yaml_path) in msg
+    assert re.search(r"dpo\.ref_policy_kl_penalt(?!y)", msg)
+    assert "dpo.ref_policy_kl_penalty" in msg
+
+
+def test_unknown_key_in_override_names_key_and_nearest():
+    with pytest.raises(ConfigError) as info:
+        load("trainer.max_step=5")
+    msg = str(info.value)
+    assert re.search(r"trainer\.max_step(?!s)", msg)
+    assert "trainer.max_steps" in msg
+    # the nearest key is the trainer's, not the scheduler's max_steps
+    assert "optim.sched.max_steps" not in msg
+
+
+def test_unknown_top_level_key_in_override():
+    with pytest.raises(ConfigError, match=r"output_dri"):
+        load("output_dri=/tmp/x")
+
+
+def test_unknown_nested_section_in_yaml(tmp_path):
+    yaml_path = write_yaml(tmp_path, "optim:\n  schedule:\n    warmup_steps: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(yaml_path, REQUIRED)
+    msg = str(info.value)
+    assert "optim.schedule" in msg
+    assert "optim.sched" in msg.replace("optim.schedule", "")
+
+
+def test_unknown_top_level_section_in_yaml(tmp_path):
+    yaml_path = write_yaml(tmp_path, "logging:\n  level: debug\n")
+    with pytest.raises(ConfigError, match="logging"):
+        load_config(yaml_path, REQUIRED)
+
+
+def test_unknown_key_inside_unknown_section_override():
+    with pytest.raises(ConfigError, match=r"wandb"):
+        load("wandb.project=x")
+
+
+# ---------------------------------------------------------------- required keys
+
+
+def test_missing_required_keys_are_named():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [])
+    msg = str(info.value)
+    assert "model.path" in msg
+    assert "data.train" in msg
+
+
+def test_only_the_missing_required_key_is_named():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.path=/m"])
+    msg = str(info.value)
+    assert "data.train" in msg
+    assert "model.path" not in msg
+
+
+# ---------------------------------------------------------------- value checks
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("1", 1), ("50", 50), ("0.5", 0.5), ("1.0", 1.0), ("0.01", 0.01)]
+)
+def test_val_check_interval_accepted(value, expected):
+    cfg = load(f"trainer.val_check_interval={value}")
+    assert cfg.trainer.val_check_interval == pytest.approx(expected)
+    assert type(cfg.trainer.val_check_interval) is type(expected)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "0.0", "-0.5", "2.0"])
+def test_val_check_interval_rejected(value):
+    with pytest.raises(ConfigError, match="val_check_interval"):
+        load(f"trainer.val_check_interval={value}")
+
+
+def test_global_batch_must_be_multiple_of_micro_batch():
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        load("data.micro_batch_size=4", "data.global_batch_size=6")
+    cfg = load("data.micro_batch_size=4", "data.global_batch_size=12")
+    assert cfg.data.global_batch_size == 12
+
+
+@pytest.mark.parametrize("beta", ["0", "0.0", "-0.1"])
+def test_non_positive_beta_rejected(beta):
+    with pytest.raises(ConfigError, match="ref_policy_kl_penalty"):
+        load(f"dpo.ref_policy_kl_penalty={beta}")
+
+
+@pytest.mark.parametrize("dtype", ["float8", "int8", "fp32", "bf16"])
+def test_bad_dtype_rejected(dtype):
+    with pytest.raises(ConfigError, match="dtype"):
+        load(f"model.dtype={dtype}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_good_dtype_accepted(dtype):
+    assert load(f"model.dtype={dtype}").model.dtype == dtype
+
+
+def test_betas_must_be_a_pair():
+    with pytest.raises(ConfigError, match="betas"):
+        load("optim.betas=[0.9,0.95,0.99]")
+
+
+# ---------------------------------------------------------------- max_time
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("00:01:30:00", 1 * 3600 + 30 * 60),
+        ("01:00:00:00", 24 * 3600),
+        ("02:03:04:05", 2 * 86400 + 3 * 3600 + 4 * 60 + 5),
+        ("90", 90),
+        ("1:30", 60 + 30),
+        ("1:00:00", 3600),
+        ("0", 0),
+    ],
+)
+def test_parse_max_time(text, seconds):
+    assert parse_max_time(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["garbage", "", "1:2:3:4:5", "1::2", "-5", "00:-1:00:00", "1h30m", "a:b"])
+def test_parse_max_time_rejects_garbage(text):
+    with pytest.raises(ConfigError):
+        parse_max_time(text)
+
+
+def test_max_time_validated_by_load_config():
+    with pytest.raises(ConfigError, match="max_time"):
+        load("trainer.max_time=soon")
+    cfg = load("trainer.max_time=00:01:30:00")
+    assert parse_max_time(cfg.trainer.max_time) == pytest.approx(5400)
+
+
+def test_max_time_days_field_from_override_means_days():
+    # DD:HH:MM:SS with a non-zero first digit, written without quotes on the command line
+    cfg = load("trainer.max_time=1:00:00:00")
+    assert parse_max_time(cfg.trainer.max_time) == pytest.approx(86400)
+
+
+def test_max_time_days_field_from_yaml_means_days(tmp_path):
+    yaml_path = write_yaml(tmp_path, "trainer:\n  max_time: 2:12:00:00\n")
+    cfg = load_config(yaml_path, REQUIRED)
+    assert parse_max_time(cfg.trainer.max_time) == pytest.approx(2 * 86400 + 12 * 3600)
+
+
+# ---------------------------------------------------------------- override syntax
+
+
+@pytest.mark.parametrize("item", ["trainer.max_steps", "model.path", "justtext"])
+def test_override_without_equals_rejected(item):
+    with pytest.raises(ConfigError, match=re.escape(item)):
+        load(item)

@@ -1,0 +1,171 @@
+"""Training runs end to end: resume equivalence, accumulation, checkpoints, time limit, metrics, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from preftune.checkpoint import Checkpointer
+from preftune.config import load_config
+from preftune.recipe import train
+
+REQUIRED_METRICS = ("loss", "sft_loss", "preference_loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean")
+
+
+def run(tmp_path: Path, name: str, model_dir: Path, files: dict, *overrides: str) -> tuple[dict, Path]:
+    output_dir = tmp_path / name
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train={files['train']}",
+            f"data.validation={files['validation']}",
+            f"output_dir={output_dir}",
+            "data.max_seq_length=48",
+            "data.micro_batch_size=4",
+            "data.global_batch_size=8",
+            "optim.lr=5e-3",
+            "optim.sched.warmup_steps=2",
+            "trainer.val_check_interval=100",
+            "trainer.save_interval=100",
+            *overrides,
+        ],
+    )
+    return train(cfg), output_dir
+
+
+def records(output_dir: Path, prefix: str) -> dict[int, dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    out = {}
+    for line in lines:
+        rec = json.loads(line)
+        if any(k.startswith(prefix + "/") for k in rec):
+            assert rec["step"] not in out, f"step {rec['step']} logged twice"
+            out[rec["step"]] = rec
+    return out
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model" / "model.safetensors")
+
+
+def test_resume_is_identical_to_straight_run(tmp_path, tiny_model_dir, pair_files, capsys):
+    model_dir = tiny_model_dir("llama")
+    _, straight = run(tmp_path, "straight", model_dir, pair_files, "trainer.max_steps=6")
+    common = ("optim.sched.max_steps=6",)
+    run(tmp_path, "resumed", model_dir, pair_files, "trainer.max_steps=3", *common)
+    assert Checkpointer(tmp_path / "resumed").latest().name == "step_3"
+    capsys.readouterr()
+    _, resumed = run(tmp_path, "resumed", model_dir, pair_files, "trainer.max_steps=6", *common)
+    assert "resuming from" in capsys.readouterr().out
+    a, b = records(straight, "train"), records(resumed, "train")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        for key in ("train/loss", "train/acc", "train/grad_norm", "train/lr", "train/consumed_samples"):
+            assert a[step][key] == b[step][key], (step, key)
+    wa, wb = weights(straight / "checkpoints/step_6"), weights(resumed / "checkpoints/step_6")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    state = json.loads((resumed / "checkpoints/step_6/trainer_state.json").read_text())
+    assert state == {"step": 6, "consumed_samples": 48, "epoch": 0}  # the epoch of the last step
+
+
+def test_rerun_of_finished_run_changes_nothing(tmp_path, tiny_model_dir, pair_files):
+    model_dir = tiny_model_dir("llama")
+    _, out = run(tmp_path, "done", model_dir, pair_files, "trainer.max_steps=2")
+    before = weights(out / "checkpoints/step_2")
+    run(tmp_path, "done", model_dir, pair_files, "trainer.max_steps=2")
+    after = weights(out / "checkpoints/step_2")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(records(out, "train")) == [1, 2]
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path, tiny_model_dir, pair_files):
+    model_dir = tiny_model_dir("llama")
+    _, full = run(tmp_path, "full", model_dir, pair_files, "trainer.max_steps=3", "data.micro_batch_size=8")
+    _, accum = run(tmp_path, "accum", model_dir, pair_files, "trainer.max_steps=3", "data.micro_batch_size=1")
+    a, b = records(full, "train"), records(accum, "train")
+    for step in a:
+        for key in ("train/loss", "train/acc", "train/rewards_chosen_mean", "train/grad_norm"):
+            assert a[step][key] == pytest.approx(b[step][key], abs=1e-5), (step, key)
+        assert 0.0 <= b[step]["train/acc"] <= 1.0
+    wa, wb = weights(full / "checkpoints/step_3"), weights(accum / "checkpoints/step_3")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)
+
+
+def test_metrics_checkpoints_and_validation(tmp_path, tiny_model_dir, pair_files):
+    model_dir = tiny_model_dir("qwen2")
+    final, out = run(
+        tmp_path, "run", model_dir, pair_files, "trainer.max_epochs=2", "trainer.val_check_interval=0.5",
+        "trainer.save_interval=4", "trainer.limit_val_batches=1",
+    )
+    train_recs, val_recs = records(out, "train"), records(out, "val")
+    assert sorted(train_recs) == list(range(1, 13))  # 48 pairs / 8 per step = 6 steps per epoch, 2 epochs
+    assert sorted(val_recs) == [3, 6, 9, 12]  # 0.5 of an epoch = every 3 steps
+    first = train_recs[1]
+    for name in (*REQUIRED_METRICS, "grad_norm", "lr", "reward_margin_mean", "logps_chosen_mean",
+                 "logps_rejected_mean", "pairs_per_sec", "tokens_per_sec"):
+        assert f"train/{name}" in first, name
+        assert f"val/{name}" in val_recs[3] or name in ("grad_norm", "lr", "pairs_per_sec", "tokens_per_sec")
+    assert first["train/loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert first["train/acc"] == 0.0
+    assert train_recs[7]["train/epoch"] == 1
+    assert final == {k.removeprefix("val/"): v for k, v in val_recs[12].items() if k != "step"}
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_12", "step_4", "step_8"]
+    # the checkpoint is a plain Hugging Face model directory
+    policy = AutoModelForCausalLM.from_pretrained(out / "checkpoints/step_12/model")
+    tok = AutoTokenizer.from_pretrained(out / "checkpoints/step_12/model")
+    ids = torch.tensor([tok("the cat sits")["input_ids"]])
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert not torch.allclose(policy(ids).logits, base(ids).logits), "weights should have changed"
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path, tiny_model_dir, pair_files, capsys):
+    model_dir = tiny_model_dir("llama")
+    _, out = run(tmp_path, "run", model_dir, pair_files, "trainer.max_steps=2")
+    # a crash mid-save leaves a temporary directory; a directory without trainer state is not complete
+    (out / "checkpoints/.tmp_step_9_123/model").mkdir(parents=True)
+    (out / "checkpoints/step_7/model").mkdir(parents=True)
+    assert Checkpointer(out).latest().name == "step_2"
+    capsys.readouterr()
+    run(tmp_path, "run", model_dir, pair_files, "trainer.max_steps=3")
+    log = capsys.readouterr().out
+    assert f"resuming from {out / 'checkpoints/step_2'}" in log
+    assert Checkpointer(out).latest().name == "step_3"
+    assert sorted(records(out, "train")) == [1, 2, 3]
+
+
+def test_max_time_validates_saves_and_stops(tmp_path, tiny_model_dir, pair_files):
+    model_dir = tiny_model_dir("llama")
+    _, out = run(tmp_path, "timed", model_dir, pair_files, "trainer.max_steps=50", "trainer.max_time=00:00:00:00")
+    assert sorted(records(out, "train")) == [1]
+    assert sorted(records(out, "val")) == [1]
+    assert Checkpointer(out).latest().name == "step_1"
+
+
+def test_cli_train_and_errors(tmp_path, tiny_model_dir, pair_files):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model:\n  path: {tiny_model_dir('llama')}\n"
+        f"data:\n  train: {pair_files['train']}\n  micro_batch_size: 4\n  global_batch_size: 8\n"
+        f"output_dir: {tmp_path / 'cli'}\n"
+    )
+    cmd = [sys.executable, "-m", "preftune", "train", "--config", str(config)]
+    ok = subprocess.run([*cmd, "trainer.max_steps=1"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "cli/checkpoints/step_1/model/model.safetensors").is_file()
+    bad = subprocess.run([*cmd, "trainer.max_step=1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "unknown config key 'trainer.max_step'" in bad.stderr and "trainer.max_steps" in bad.stderr
+    missing = subprocess.run([*cmd, "data.train=/nonexistent.jsonl"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "/nonexistent.jsonl" in missing.stderr
