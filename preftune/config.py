@@ -9,6 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from preftune import losses
+
 
 class ConfigError(ValueError):
     """A config key or value the user must fix."""
@@ -86,6 +88,24 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("trainer.save_interval must be >= 1")
     if trainer.max_steps == -1 and (trainer.max_epochs is None or trainer.max_epochs < 1):
         raise ConfigError("set trainer.max_steps >= 1 or trainer.max_epochs >= 1")
+    names = loss_names(cfg.dpo)
+    unknown = [n for n in names if n not in losses.LOSS_NAMES]
+    if unknown:
+        nearest = difflib.get_close_matches(unknown[0], losses.LOSS_NAMES, n=1)
+        hint = f" Did you mean '{nearest[0]}'?" if nearest else ""
+        raise ConfigError(
+            f"dpo.preference_loss: unknown loss '{unknown[0]}'.{hint} Valid: {', '.join(losses.LOSS_NAMES)}"
+        )
+    free = {n in losses.REFERENCE_FREE_LOSSES for n in names}
+    if len(free) > 1:
+        raise ConfigError(
+            "dpo.preference_loss: reference-free losses (simpo, orpo) cannot be mixed with others"
+        )
+    weights = cfg.dpo.preference_loss_weights
+    if weights is not None and len(weights) != len(names):
+        raise ConfigError(
+            f"dpo.preference_loss_weights has {len(weights)} weights for {len(names)} losses ({', '.join(names)})"
+        )
     if cfg.dpo.ref_policy_kl_penalty <= 0:
         raise ConfigError("dpo.ref_policy_kl_penalty (beta) must be > 0")
     betas = cfg.optim.betas
@@ -95,6 +115,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.dtype={cfg.model.dtype}: use float32, bfloat16 or float16")
     if trainer.max_time is not None:
         parse_max_time(trainer.max_time)
+
+
+def loss_names(dpo_cfg: DictConfig) -> list[str]:
+    """``dpo.preference_loss`` as a list (a single name or a mixture)."""
+    value = dpo_cfg.preference_loss
+    return [str(v) for v in value] if isinstance(value, ListConfig) else [str(value)]
 
 
 def parse_max_time(value: str) -> float:

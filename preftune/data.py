@@ -194,14 +194,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if not self.path.is_file():
             raise DataError(f"data file not found: {self.path}")
         pair_tokenizer = PairTokenizer(tokenizer, max_seq_length)
-        cache_file = None
-        if cache_dir is not None:
-            key = hashlib.sha256(
-                json.dumps(
-                    [CACHE_VERSION, _file_digest(self.path), tokenizer_fingerprint(tokenizer), max_seq_length]
-                ).encode()
-            ).hexdigest()[:24]
-            cache_file = Path(cache_dir) / f"{self.path.stem}-{key}.pt"
+        self.fingerprint = hashlib.sha256(
+            json.dumps(
+                [CACHE_VERSION, _file_digest(self.path), tokenizer_fingerprint(tokenizer), max_seq_length]
+            ).encode()
+        ).hexdigest()[:24]
+        """Changes whenever the tokenized examples would (file content, tokenizer, settings)."""
+        cache_file = (
+            Path(cache_dir) / f"{self.path.stem}-{self.fingerprint}.pt" if cache_dir is not None else None
+        )
         if cache_file is not None and cache_file.is_file():
             cached = torch.load(cache_file, weights_only=True)
             self.examples, stats = cached["examples"], cached["stats"]
@@ -303,7 +304,8 @@ def dpo_custom_collate(
     Returns ``chosen``, ``rejected`` ([B, T] token ids, padded with ``eos_id``), ``chosen_length``,
     ``rejected_length`` ([B] real lengths), ``chosen_labels``, ``rejected_labels`` ([B, T], -100 on the
     prompt and the padding), ``attention_mask`` and ``position_ids`` ([2B, T]: chosen rows then rejected
-    rows, the order of the single policy forward), ``chosen_rewards``, ``rejected_rewards`` ([B]).
+    rows, the order of the single policy forward), ``chosen_rewards``, ``rejected_rewards`` ([B]),
+    ``indices`` ([B] dataset indices) and ``num_tokens`` (real tokens in the batch).
     """
     chosen = [ex["prompt_ids"] + ex["chosen_ids"] for ex in batch]
     rejected = [ex["prompt_ids"] + ex["rejected_ids"] for ex in batch]
@@ -337,4 +339,19 @@ def dpo_custom_collate(
         "chosen_rewards": torch.tensor([ex["chosen_reward"] for ex in batch], dtype=torch.float32),
         "rejected_rewards": torch.tensor([ex["rejected_reward"] for ex in batch], dtype=torch.float32),
         "indices": torch.tensor([ex.get("index", -1) for ex in batch], dtype=torch.long),
+        "num_tokens": lengths.sum(),
     }
+
+
+def padded_micro_batches(
+    pairs: Sequence[dict[str, Any]],
+    *,
+    micro_batch_size: int,
+    eos_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> list[dict[str, Tensor]]:
+    """A rank's share of a global batch as padded micro-batches of ``micro_batch_size`` pairs."""
+    return [
+        dpo_custom_collate(pairs[i : i + micro_batch_size], eos_id, pad_to_multiple_of)
+        for i in range(0, len(pairs), micro_batch_size)
+    ]

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -29,7 +30,9 @@ def disable_dropout(model: nn.Module) -> None:
 
 def load_causal_lm(model_cfg: Mapping[str, Any]) -> PreTrainedModel:
     """The policy from ``model.path`` with the configured dtype and attention implementation."""
-    kwargs = {"attn_implementation": model_cfg["attn_implementation"]} if model_cfg["attn_implementation"] else {}
+    kwargs = (
+        {"attn_implementation": model_cfg["attn_implementation"]} if model_cfg["attn_implementation"] else {}
+    )
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg["path"],
         dtype=DTYPES[model_cfg["dtype"]],
@@ -39,6 +42,35 @@ def load_causal_lm(model_cfg: Mapping[str, Any]) -> PreTrainedModel:
     if model_cfg["disable_dropout"]:
         disable_dropout(model)
     return model
+
+
+def token_layout(batch: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The model's view of a micro-batch of P pairs, whatever its layout (padded, packed, shared prompt).
+
+    ``input_ids``, ``position_ids`` [R, L] and ``attention_mask`` (anything the model accepts: [R, L], a 4-D
+    mask, a per-layer-type dict, a flex-attention BlockMask) go to the forward; each trained token n is
+    predicted by the hidden state at flat position ``hidden_index[n]`` of the [R * L] rows, is the token
+    ``target_ids[n]``, and belongs to sequence ``sequence_index[n]`` (pair i's chosen is i, its rejected
+    P + i). A packed or shared-prompt batch carries these keys itself; a padded batch from
+    ``dpo_custom_collate`` is converted here (chosen rows, then rejected rows).
+    """
+    if "hidden_index" in batch:
+        return dict(batch)
+    input_ids = torch.cat([batch["chosen"], batch["rejected"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    rows, length = labels.shape
+    next_labels = labels[:, 1:]
+    selected = next_labels != -100
+    positions = torch.arange(rows * length, device=labels.device).view(rows, length)[:, :-1]
+    row_index = torch.arange(rows, device=labels.device)[:, None].expand_as(next_labels)
+    return {
+        "input_ids": input_ids,
+        "position_ids": batch["position_ids"],
+        "attention_mask": batch["attention_mask"],
+        "hidden_index": positions[selected],
+        "target_ids": next_labels[selected],
+        "sequence_index": row_index[selected],
+    }
 
 
 class DPOModel(nn.Module):
@@ -60,19 +92,40 @@ class DPOModel(nn.Module):
         super().__init__()
         self.policy = policy
         # Not registered as a submodule: the reference has no optimizer state, no checkpoint, no train().
-        self._reference = [reference] if reference is not None else []
+        self._reference: list[PreTrainedModel] = []
         if reference is not None:
-            reference.eval().requires_grad_(False)
+            self.set_reference(reference)
         self.dpo_cfg = dict(dpo_cfg)
         self.beta = float(self.dpo_cfg["ref_policy_kl_penalty"])
-        self.loss_name = self.dpo_cfg["preference_loss"]
+        names = self.dpo_cfg["preference_loss"]
+        self.loss_names: list[str] = [names] if isinstance(names, str) else list(names)
+        self.loss_weights: list[float] = list(
+            self.dpo_cfg.get("preference_loss_weights") or [1.0] * len(self.loss_names)
+        )
+        self.reference_free = all(n in losses.REFERENCE_FREE_LOSSES for n in self.loss_names)
+        average = self.dpo_cfg.get("preference_average_log_probs")
+        self.average_preference_logps: bool = (
+            any(n in losses.LENGTH_AVERAGED_LOSSES for n in self.loss_names)
+            if average is None
+            else bool(average)
+        )
+        self.bco_delta = losses.RunningMean() if "bco_pair" in self.loss_names else None
         self.logprob_chunk_size = logprob_chunk_size
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> DPOModel:
         policy = load_causal_lm(cfg["model"])
-        reference = copy.deepcopy(policy)
-        return cls(policy, reference, cfg["dpo"], logprob_chunk_size=cfg["model"]["logprob_chunk_size"])
+        dpo_cfg = OmegaConf.to_container(cfg["dpo"]) if isinstance(cfg["dpo"], DictConfig) else cfg["dpo"]
+        model = cls(policy, None, dpo_cfg, logprob_chunk_size=cfg["model"]["logprob_chunk_size"])
+        if not model.reference_free:  # simpo/orpo: no reference model is built at all
+            model.set_reference(copy.deepcopy(policy))
+        return model
+
+    def set_reference(self, reference: PreTrainedModel | None) -> None:
+        """Install the frozen reference (eval mode, no grad), or drop it (None) once its log-probs are cached."""
+        if reference is not None:
+            reference.eval().requires_grad_(False)
+        self._reference = [reference] if reference is not None else []
 
     @property
     def reference(self) -> PreTrainedModel | None:
@@ -94,38 +147,38 @@ class DPOModel(nn.Module):
         return self
 
     def sequence_logprobs(self, model: PreTrainedModel, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Summed response log-probs and response token counts, [2B] each (chosen rows, then rejected).
+        """Summed response log-probs and response token counts, [2P] each (chosen of every pair, then
+        rejected).
 
-        One forward over chosen and rejected concatenated; the lm-head runs only on the positions whose
-        next token is a response token, in chunks (see ``preftune.logprobs``).
+        One forward over the whole micro-batch (see ``token_layout``); the lm-head runs only on the hidden
+        states that predict a response token, in chunks (see ``preftune.logprobs``).
         """
-        input_ids = torch.cat([batch["chosen"], batch["rejected"]])
-        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+        layout = token_layout(batch)
         hidden = model.base_model(
-            input_ids=input_ids,
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
+            input_ids=layout["input_ids"],
+            attention_mask=layout["attention_mask"],
+            position_ids=layout["position_ids"],
             use_cache=False,
         ).last_hidden_state
-        targets = labels[:, 1:]
-        selected = targets != -100
-        rows = torch.arange(len(labels), device=labels.device)[:, None].expand_as(targets)[selected]
-        head = model.get_output_embeddings()
-        states = hidden[:, :-1][selected]
+        states = hidden.flatten(0, 1)[layout["hidden_index"]]
         scale = getattr(model.config, "logit_scale", None)
         if scale is not None:
             states = states * scale
+        head = model.get_output_embeddings()
         token_lp = token_logprobs(
             states,
             head.weight,
-            targets[selected],
+            layout["target_ids"],
             head.bias,
             chunk_size=self.logprob_chunk_size,
             softcap=getattr(model.config, "final_logit_softcapping", None),
         )
-        logps = torch.zeros(len(labels), device=token_lp.device, dtype=torch.float32)
-        logps = logps.index_add(0, rows, token_lp)
-        counts = selected.sum(dim=1)
+        num_sequences = 2 * len(batch["chosen_rewards"])
+        sequence = layout["sequence_index"]
+        logps = torch.zeros(num_sequences, device=token_lp.device, dtype=torch.float32).index_add(
+            0, sequence, token_lp
+        )
+        counts = torch.bincount(sequence, minlength=num_sequences)
         return logps, counts
 
     def get_loss_and_metrics(
@@ -133,28 +186,40 @@ class DPOModel(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean loss over the micro-batch's pairs and per-pair-mean metrics (detached 0-d tensors).
 
-        ``rewards_*`` are the implicit rewards β·(log π − log π_ref), beta included, on the same
-        (summed or averaged) log-probs as the preference loss; ``acc`` is the fraction of pairs with
-        chosen reward strictly above rejected.
+        ``rewards_*`` are the implicit rewards β·(log π − log π_ref) (β·log π for reference-free losses),
+        beta included, on the same (summed or averaged) log-probs as the preference loss; ``acc`` is the
+        fraction of pairs with chosen reward strictly above rejected.
         """
         device = self.device
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        num_pairs = len(batch["chosen"])
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        num_pairs = len(batch["chosen_rewards"])
         with torch.set_grad_enabled(not forward_only and torch.is_grad_enabled()):
             logps, counts = self.sequence_logprobs(self.policy, batch)
         if "ref_chosen_logps" in batch:
             ref_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).float()
-        else:
+        elif self.reference is not None:
             with torch.no_grad():
                 ref_logps, _ = self.sequence_logprobs(self.reference, batch)
+        else:
+            ref_logps = None
         counts = counts.clamp(min=1).float()
         cfg = self.dpo_cfg
-        pref_logps = logps / counts if cfg["preference_average_log_probs"] else logps
-        pref_ref = ref_logps / counts if cfg["preference_average_log_probs"] else ref_logps
-        chosen, rejected = pref_logps[:num_pairs], pref_logps[num_pairs:]
-        ref_chosen, ref_rejected = pref_ref[:num_pairs], pref_ref[num_pairs:]
-        preference = losses.preference_loss(
-            self.loss_name,
+
+        def per_pair(values: Tensor | None, average: bool) -> tuple[Tensor | None, Tensor | None]:
+            if values is None:
+                return None, None
+            values = values / counts if average else values
+            return values[:num_pairs], values[num_pairs:]
+
+        chosen, rejected = per_pair(logps, self.average_preference_logps)
+        ref_chosen, ref_rejected = per_pair(ref_logps, self.average_preference_logps)
+        rewards_chosen = losses.implicit_rewards(chosen, ref_chosen, self.beta).detach()
+        rewards_rejected = losses.implicit_rewards(rejected, ref_rejected, self.beta).detach()
+        if self.bco_delta is not None and not forward_only:
+            self.bco_delta.update(torch.cat([rewards_chosen, rewards_rejected]))
+        preference = losses.mixture_loss(
+            self.loss_names,
+            self.loss_weights,
             chosen,
             rejected,
             ref_chosen,
@@ -163,12 +228,16 @@ class DPOModel(nn.Module):
             chosen_rewards=batch["chosen_rewards"],
             rejected_rewards=batch["rejected_rewards"],
             gt_reward_scale=cfg["gt_reward_scale"],
+            chosen_lengths=counts[:num_pairs],
+            rejected_lengths=counts[num_pairs:],
+            label_smoothing=cfg["label_smoothing"],
+            simpo_gamma=cfg["simpo_gamma"],
+            rdpo_alpha=cfg["rdpo_alpha"],
+            bco_delta=self.bco_delta.value if self.bco_delta is not None else None,
         )
-        sft_logps = logps / counts if cfg["sft_average_log_probs"] else logps
-        sft = losses.sft_loss(sft_logps[:num_pairs])
+        sft_chosen, _ = per_pair(logps, cfg["sft_average_log_probs"])
+        sft = losses.sft_loss(sft_chosen)
         total = cfg["preference_loss_weight"] * preference + cfg["sft_loss_weight"] * sft
-        rewards_chosen = losses.implicit_rewards(chosen, ref_chosen, self.beta).detach()
-        rewards_rejected = losses.implicit_rewards(rejected, ref_rejected, self.beta).detach()
         metrics = {
             "loss": total.detach().mean(),
             "sft_loss": sft.detach().mean(),
@@ -179,7 +248,16 @@ class DPOModel(nn.Module):
             "reward_margin_mean": (rewards_chosen - rewards_rejected).mean(),
             "logps_chosen_mean": logps[:num_pairs].detach().mean(),
             "logps_rejected_mean": logps[num_pairs:].detach().mean(),
-            "ref_logps_chosen_mean": ref_logps[:num_pairs].mean(),
-            "ref_logps_rejected_mean": ref_logps[num_pairs:].mean(),
         }
+        if ref_logps is not None:
+            metrics["ref_logps_chosen_mean"] = ref_logps[:num_pairs].mean()
+            metrics["ref_logps_rejected_mean"] = ref_logps[num_pairs:].mean()
         return total.mean(), metrics
+
+    def loss_state_dict(self) -> dict[str, Any]:
+        """Loss state that must survive a resume (BCO's running reward mean)."""
+        return {"bco_delta": self.bco_delta.state_dict()} if self.bco_delta is not None else {}
+
+    def load_loss_state_dict(self, state: dict[str, Any]) -> None:
+        if self.bco_delta is not None and "bco_delta" in state:
+            self.bco_delta.load_state_dict(state["bco_delta"])

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from preftune.checkpoint import Checkpointer
 from preftune.config import parse_max_time
-from preftune.data import GlobalBatchSampler, PreferenceDataset, dpo_custom_collate
+from preftune.data import GlobalBatchSampler, PreferenceDataset, padded_micro_batches
 from preftune.metrics import MetricsLogger
 from preftune.model import DPOModel
 from preftune.optim import build_optimizer, build_scheduler
@@ -56,7 +56,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log(val_set.stats.summary() + (" (from cache)" if val_set.from_cache else ""))
     train_loader = build_dataloader(train_set, cfg, train=True)
     val_loader = build_dataloader(val_set, cfg, train=False) if val_set is not None else None
-    collate = partial(dpo_custom_collate, eos_id=tokenizer.eos_token_id)
+    collate = partial(
+        padded_micro_batches, micro_batch_size=cfg.data.micro_batch_size, eos_id=tokenizer.eos_token_id
+    )
 
     # Model: the policy and its reference, both from model.path (before any checkpoint is restored).
     model = DPOModel.from_config(cfg).to(device)

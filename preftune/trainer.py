@@ -52,10 +52,10 @@ class DPOTrainer:
     """Trains a ``DPOModel`` on global batches of preference pairs.
 
     ``cfg`` is the full run config (the ``trainer`` and ``data`` sections are read). The dataloaders yield
-    this rank's share of a global batch as a list of tokenized pairs (see ``GlobalBatchSampler``); the
-    trainer splits it into micro-batches of ``data.micro_batch_size`` and applies ``collate_fn`` to each.
-    Each micro-batch's loss is weighted by its share of the global batch's pairs, so gradient
-    accumulation reproduces the full-batch objective; metrics are averaged by pair count.
+    this rank's share of a global batch as a list of tokenized pairs (see ``GlobalBatchSampler``);
+    ``collate_fn`` turns that list into micro-batches (padded: ``data.padded_micro_batches``). Each
+    micro-batch's loss is weighted by its share of the global batch's pairs, so gradient accumulation
+    reproduces the full-batch objective whatever the split; metrics are averaged by pair count.
     """
 
     def __init__(
@@ -67,7 +67,7 @@ class DPOTrainer:
         train_dataloader: Iterable[list[dict]],
         val_dataloader: Iterable[list[dict]] | None,
         test_dataloader: Iterable[list[dict]] | None,
-        collate_fn: Callable[[Sequence[dict]], dict[str, torch.Tensor]],
+        collate_fn: Callable[[Sequence[dict]], list[dict[str, torch.Tensor]]],
         logger: MetricsLogger,
         ckpt_callback: Checkpointer,
         run_timer: RunTimer,
@@ -83,7 +83,6 @@ class DPOTrainer:
         self.logger = logger
         self.ckpt_callback = ckpt_callback
         self.run_timer = run_timer
-        self.micro_batch_size: int = cfg.data.micro_batch_size
         self.global_batch_size: int = cfg.data.global_batch_size
         self.step = 0
         self.consumed_samples = 0
@@ -107,12 +106,18 @@ class DPOTrainer:
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "epoch": self.epoch,
+            "loss_state": self.model.loss_state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
         self.epoch = state["epoch"]
+        self.model.load_loss_state_dict(state.get("loss_state", {}))
 
     def save(self) -> None:
         start = time.monotonic()
@@ -126,23 +131,17 @@ class DPOTrainer:
         self._slowest_val_and_save = max(self._slowest_val_and_save, time.monotonic() - start)
 
     # -- one optimizer step --------------------------------------------------------------------------
-    def micro_batches(self, pairs: list[dict]) -> list[dict[str, torch.Tensor]]:
-        return [
-            self.collate_fn(pairs[i : i + self.micro_batch_size])
-            for i in range(0, len(pairs), self.micro_batch_size)
-        ]
-
     def train_single_step(self, global_batch: list[dict]) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         accumulator = MetricsAccumulator()
         tokens = 0
-        for batch in self.micro_batches(global_batch):
-            num_pairs = len(batch["chosen"])
+        for batch in self.collate_fn(global_batch):
+            num_pairs = len(batch["chosen_rewards"])
             loss, metrics = self.model.get_loss_and_metrics(batch, forward_only=False)
             (loss * (num_pairs / len(global_batch))).backward()
             accumulator.add(metrics, num_pairs)
-            tokens += int(batch["chosen_length"].sum() + batch["rejected_length"].sum())
+            tokens += int(batch["num_tokens"])
         params = [p for p in self.model.policy.parameters() if p.requires_grad]
         clip = self.cfg.trainer.gradient_clip_val
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
@@ -162,9 +161,9 @@ class DPOTrainer:
         for i, global_batch in enumerate(dataloader):
             if i >= num_batches:
                 break
-            for batch in self.micro_batches(global_batch):
+            for batch in self.collate_fn(global_batch):
                 _, metrics = self.model.get_loss_and_metrics(batch, forward_only=True)
-                accumulator.add(metrics, len(batch["chosen"]))
+                accumulator.add(metrics, len(batch["chosen_rewards"]))
         self.model.train()
         return accumulator.means()
 

@@ -75,7 +75,7 @@ def test_resume_is_identical_to_straight_run(tmp_path, tiny_model_dir, pair_file
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
     state = json.loads((resumed / "checkpoints/step_6/trainer_state.json").read_text())
-    assert state == {"step": 6, "consumed_samples": 48, "epoch": 0}  # the epoch of the last step
+    assert state == {"step": 6, "consumed_samples": 48, "epoch": 0, "loss_state": {}}  # epoch of the last step
 
 
 def test_rerun_of_finished_run_changes_nothing(tmp_path, tiny_model_dir, pair_files):
