@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf._yaml import get_yaml_loader
 
 from preftune import losses
 
@@ -19,7 +22,45 @@ class ConfigError(ValueError):
 def default_config() -> DictConfig:
     """Every key preftune reads, with its default (``preftune/configs/default.yaml``)."""
     text = resources.files("preftune").joinpath("configs/default.yaml").read_text()
-    return OmegaConf.create(text)
+    return _parse_yaml(text, "preftune/configs/default.yaml")
+
+
+def _yaml_loader() -> type:
+    """OmegaConf's YAML loader without YAML 1.1's base-60 integers, so ``max_time: 1:00:00:00`` stays a
+    string (YAML 1.1 would read it as 216000)."""
+    int_tag = "tag:yaml.org,2002:int"
+
+    class Loader(get_yaml_loader()):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != int_tag]
+        for first, resolvers in Loader.yaml_implicit_resolvers.items()
+    }
+    decimal_or_based = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?[0-9][0-9_]*)$")
+    Loader.add_implicit_resolver(int_tag, decimal_or_based, list("-+0123456789"))
+    return Loader
+
+
+def _parse_yaml(text: str, source: str) -> DictConfig:
+    try:
+        loaded = yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    return OmegaConf.create(loaded)
+
+
+def _parse_override(item: str) -> DictConfig:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    layer = OmegaConf.create()
+    OmegaConf.update(layer, key.strip(), yaml.load(value, Loader=_yaml_loader()) if value else None, merge=True)
+    return layer
 
 
 def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -49,14 +90,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = OmegaConf.load(path)
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
-        layers.append((str(path), loaded))
+        layers.append((str(path), _parse_yaml(path.read_text(), str(path))))
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
+        layers.append((f"override '{item}'", _parse_override(item)))
     for source, layer in layers:
         _check_known(layer, cfg, source)
         cfg = OmegaConf.merge(cfg, layer)
