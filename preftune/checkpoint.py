@@ -11,12 +11,27 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from preftune.distributed import barrier
+from preftune.model import DPOModel
+
+# DCP warns that it assumes one process when no process group exists: that is exactly the intent here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -38,7 +53,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    """Saves and finds checkpoints under ``output_dir/checkpoints``."""
+    """Saves and finds checkpoints under ``output_dir/checkpoints``.
+
+    ``model/`` is a plain Hugging Face directory written once by rank 0 (gathered from FSDP2 shards);
+    ``optimizer/`` is a ``torch.distributed.checkpoint`` directory keyed by parameter names, so a run
+    resumes on the same or a different number of ranks.
+    """
 
     def __init__(self, output_dir: str | Path, tokenizer: Any = None):
         self.root = Path(output_dir) / "checkpoints"
@@ -48,25 +68,40 @@ class Checkpointer:
         self,
         step: int,
         *,
-        policy: PreTrainedModel,
+        model: DPOModel,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
-        trainer_state: dict[str, Any],
+        trainer_state: dict,
     ) -> Path:
+        """Collective: every rank calls it."""
+        info = model.dist
         final = self.root / f"step_{step}"
-        tmp = self.root / f".tmp_step_{step}_{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        policy.save_pretrained(tmp / "model", safe_serialization=True)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        tmp = self.root / f".tmp_step_{step}"
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(info)
+        if isinstance(model.policy_root, FSDPModule):
+            full = get_model_state_dict(
+                model.policy_root, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            weights = {k.removeprefix("model."): v for k, v in full.items()}
+        else:
+            weights = None  # save_pretrained reads the (replicated) parameters itself
+        if info.is_main:
+            model.policy.save_pretrained(tmp / "model", state_dict=weights, safe_serialization=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp / "model")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        dcp.save(get_optimizer_state_dict(model.policy_root, optimizer), checkpoint_id=tmp / "optimizer")
+        barrier(info)
+        if info.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        barrier(info)
         return final
 
     def latest(self) -> Path | None:
@@ -81,14 +116,19 @@ class Checkpointer:
         return max(found)[1] if found else None
 
     @staticmethod
-    def load(
-        path: Path, *, policy: PreTrainedModel, optimizer: torch.optim.Optimizer, scheduler: Any
-    ) -> dict[str, Any]:
-        """Restore weights, optimizer, scheduler and RNG from ``path``; return the trainer state."""
+    def load_weights(path: Path, policy: PreTrainedModel) -> None:
+        """Restore the policy's weights (before it is wrapped or sharded)."""
         saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=policy.dtype)
         policy.load_state_dict(saved.state_dict())
-        del saved
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+
+    @staticmethod
+    def load_training_state(
+        path: Path, *, model: DPOModel, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> dict[str, Any]:
+        """Restore optimizer (resharded to this run's ranks), scheduler and RNG; return the trainer state."""
+        state = get_optimizer_state_dict(model.policy_root, optimizer)
+        dcp.load(state, checkpoint_id=path / "optimizer")
+        set_optimizer_state_dict(model.policy_root, optimizer, state)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(path / "rng.pt", weights_only=False))
         return json.loads((path / STATE_FILE).read_text())

@@ -1,4 +1,4 @@
-"""``preftune`` command line: ``train`` and ``demo``."""
+"""``preftune`` command line: ``train``, ``inspect`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -12,11 +12,21 @@ from preftune.data import DataError
 
 
 def _train(args: argparse.Namespace) -> int:
+    from preftune.distributed import shutdown
     from preftune.recipe import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        shutdown()
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from preftune.inspect import run_inspect
+
+    return run_inspect(load_config(args.config, args.overrides), args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -42,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-6")
     train.set_defaults(run=_train)
+    inspect = sub.add_parser(
+        "inspect", help="read and tokenize the configured data as training would, and report on it"
+    )
+    inspect.add_argument("--config", required=True, help="YAML config file")
+    inspect.add_argument("--json", help="also write the report as JSON to this path")
+    inspect.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.format=trl")
+    inspect.set_defaults(run=_inspect)
     demo = sub.add_parser(
         "demo", help="build a tiny local model and preference set, train, validate, checkpoint"
     )

@@ -59,7 +59,9 @@ def _parse_override(item: str) -> DictConfig:
     if not sep or not key:
         raise ConfigError(f"override '{item}' is not of the form key=value")
     layer = OmegaConf.create()
-    OmegaConf.update(layer, key.strip(), yaml.load(value, Loader=_yaml_loader()) if value else None, merge=True)
+    OmegaConf.update(
+        layer, key.strip(), yaml.load(value, Loader=_yaml_loader()) if value else None, merge=True
+    )
     return layer
 
 
@@ -147,6 +149,10 @@ def validate(cfg: DictConfig) -> None:
     betas = cfg.optim.betas
     if not isinstance(betas, ListConfig) or len(betas) != 2:
         raise ConfigError("optim.betas must be a list of two floats")
+    if cfg.reference.mode not in ("online", "precompute"):
+        raise ConfigError(f"reference.mode={cfg.reference.mode}: use online or precompute")
+    if cfg.distributed.strategy not in ("ddp", "fsdp2"):
+        raise ConfigError(f"distributed.strategy={cfg.distributed.strategy}: use ddp or fsdp2")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype={cfg.model.dtype}: use float32, bfloat16 or float16")
     if trainer.max_time is not None:

@@ -1,19 +1,23 @@
-"""Preference data: reading files, tokenizing pairs, the global-batch sampler and the padded collate.
+"""Preference data: tokenizing pairs, the tokenization cache, the global-batch sampler and the padded collate.
 
-A pair is tokenized as ``prompt`` and each response separately, then concatenated, so the prompt tokens
-are always an exact prefix of prompt+response. The prompt gets the tokenizer's BOS (once) if the tokenizer
-adds one; each response ends with exactly one EOS.
+Records come from ``preftune.sources`` (JSONL, JSON, Parquet, save_to_disk directories) and are turned into
+pairs by ``preftune.formats``. A text pair is tokenized as ``prompt`` and each response separately, then
+concatenated, so the prompt tokens are always an exact prefix of prompt+response: the prompt gets the
+tokenizer's BOS (once) if the tokenizer adds one; each response ends with exactly one EOS. A chat pair is
+rendered with the chat template (``preftune.chat``), which decides BOS and the end-of-turn token itself.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,88 +25,54 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-CACHE_VERSION = 1
-FORMATS = {
-    "nemo": ("prompt", "chosen_response", "rejected_response"),
-    "trl": ("prompt", "chosen", "rejected"),
-}
+from preftune.chat import (
+    BAD_END,
+    BROKEN_PREFIX,
+    NO_TEMPLATE,
+    ChatTemplate,
+    load_chat_template,
+    tokenizer_template,
+)
+from preftune.config import ConfigError
+from preftune.formats import COMPLETION_PAIRINGS, FORMAT_NAMES, parse_pairs, rename_columns
+from preftune.formats import DataError as DataError
+from preftune.formats import detect_format as detect_format
+from preftune.formats import parse_record as parse_record
+from preftune.sources import Source, file_digest, resolve_sources
+from preftune.sources import read_jsonl as read_jsonl
 
+logger = logging.getLogger(__name__)
 
-class DataError(ValueError):
-    """Bad input data: the message names the file, the line and what to do."""
+CACHE_VERSION = 2
+IDENTICAL = "identical chosen and rejected"
+TRUNCATED_AWAY = "response truncated to zero tokens"
+TIED = "completions all ranked the same"
+LOGGED_DROPS = (BROKEN_PREFIX, BAD_END)  # drops that point at a template problem: logged with their pair
+MAX_LOGGED = 5  # per reason and file
 
 
 @dataclass
 class DatasetStats:
-    """What loading a file kept and dropped (and why)."""
+    """What loading kept and dropped (and why), for one file or a whole dataset."""
 
     path: str
     format: str
     kept: int = 0
-    dropped: Counter | None = None
+    dropped: Counter = field(default_factory=Counter)
+    records: int = 0
 
     def summary(self) -> str:
-        dropped = self.dropped or Counter()
-        reasons = ", ".join(f"{n} {why}" for why, n in sorted(dropped.items())) or "none"
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
         return f"{self.path}: {self.format} format, {self.kept} pairs kept, dropped: {reasons}"
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) for each non-blank line; bad JSON or non-objects raise DataError."""
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
-
-
-def detect_format(record: dict, where: str) -> str:
-    """``nemo`` (prompt/chosen_response/rejected_response) or ``trl`` (prompt/chosen/rejected)."""
-    for name, keys in FORMATS.items():
-        if all(k in record for k in keys):
-            return name
-    found = ", ".join(sorted(record)) or "none"
-    raise DataError(
-        f"{where}: cannot tell the format from the keys ({found}); expected NeMo Aligner keys "
-        f"prompt/chosen_response/rejected_response or TRL keys prompt/chosen/rejected"
-    )
-
-
-def parse_record(record: dict, fmt: str, where: str) -> dict[str, Any]:
-    """Check one record's fields and return ``{prompt, chosen, rejected, chosen_reward, rejected_reward}``."""
-    prompt_key, chosen_key, rejected_key = FORMATS[fmt]
-    out: dict[str, Any] = {}
-    for key, name in ((prompt_key, "prompt"), (chosen_key, "chosen"), (rejected_key, "rejected")):
-        if key not in record:
-            raise DataError(f"{where}: missing key '{key}' ({fmt} format, like the file's first record)")
-        value = record[key]
-        if not isinstance(value, str):
-            raise DataError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
-        if name != "prompt" and not value.strip():
-            raise DataError(f"{where}: '{key}' is empty; every pair needs two non-empty responses")
-        out[name] = value
-    for key, default in (("chosen_reward", 1.0), ("rejected_reward", 0.0)):
-        value = record.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise DataError(f"{where}: '{key}' must be a finite number, got {value!r}")
-        out[key] = float(value)
-    return out
-
-
 class PairTokenizer:
-    """Tokenizes prompt and responses separately so the prompt is an exact prefix of prompt+response."""
+    """Tokenizes a pair so the prompt is an exact prefix of prompt+chosen and of prompt+rejected.
 
-    def __init__(self, tokenizer: Any, max_seq_length: int):
+    ``chat_template`` (Jinja text) renders chat pairs in place of the tokenizer's own template.
+    """
+
+    def __init__(self, tokenizer: Any, max_seq_length: int, chat_template: str | None = None):
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
         self.tokenizer = tokenizer
@@ -111,6 +81,17 @@ class PairTokenizer:
         bos = tokenizer.bos_token_id
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.bos_id: int | None = bos if bos is not None and probe[:1] == [bos] else None
+        self.chat_template = chat_template if chat_template is not None else tokenizer_template(tokenizer)
+        """The template chat pairs are rendered with (None: chat pairs are an error)."""
+        self._chat: ChatTemplate | None = None
+
+    @property
+    def chat(self) -> ChatTemplate:
+        if self._chat is None:
+            if self.chat_template is None:
+                raise DataError(NO_TEMPLATE)
+            self._chat = ChatTemplate(self.tokenizer, self.chat_template)
+        return self._chat
 
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -126,14 +107,20 @@ class PairTokenizer:
 
     def __call__(self, pair: dict[str, Any]) -> dict[str, Any] | str:
         """A tokenized example, or the reason it is dropped."""
-        prompt = self.encode_prompt(pair["prompt"])
-        chosen = self.encode_response(pair["chosen"])
-        rejected = self.encode_response(pair["rejected"])
+        if isinstance(pair["prompt"], list):
+            encoded = self.chat.encode_pair(pair["prompt"], pair["chosen"], pair["rejected"])
+            if isinstance(encoded, str):
+                return encoded
+            prompt, chosen, rejected = encoded
+        else:
+            prompt = self.encode_prompt(pair["prompt"])
+            chosen = self.encode_response(pair["chosen"])
+            rejected = self.encode_response(pair["rejected"])
         prompt, chosen, rejected = truncate(prompt, chosen, rejected, self.max_seq_length, self.bos_id)
         if not chosen or not rejected:
-            return "response truncated to zero tokens"
+            return TRUNCATED_AWAY
         if chosen == rejected:
-            return "identical chosen and rejected"
+            return IDENTICAL
         return {
             "prompt_ids": prompt,
             "chosen_ids": chosen,
@@ -172,81 +159,230 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenized preference pairs from one JSONL file (NeMo Aligner or TRL keys, detected from line 1).
+    """Tokenized preference pairs from one source or a list of them (see ``preftune.sources``).
 
-    Tokenization is cached in ``cache_dir`` keyed by the file's content, the tokenizer and the settings,
-    so a second run (or another rank) loads it instead of tokenizing again.
+    Each file's format is ``format`` or, with ``auto``, detected from its first record. ``columns`` maps
+    preftune's column names to the file's; ``chat_template`` (Jinja text or a file) replaces the tokenizer's
+    template for chat pairs; ``completions`` pairs NeMo-RL completions (``best_vs_worst`` or ``all_pairs``).
+
+    Tokenization is cached in ``cache_dir`` keyed by the files' content, the tokenizer and every setting,
+    so a second run (or another rank) loads it instead of tokenizing again. Besides ``examples``, the
+    dataset keeps ``origins`` ([N, 3]: file index, record index in the file, line or row of each example)
+    and ``drops`` ((file index, record index, line or row, reason) of each dropped pair).
     """
 
     def __init__(
-        self, path: str | Path, tokenizer: Any, max_seq_length: int, cache_dir: str | Path | None = None
+        self,
+        path: str | Path | Sequence[str | Path],
+        tokenizer: Any,
+        max_seq_length: int,
+        cache_dir: str | Path | None = None,
+        *,
+        format: str = "auto",
+        columns: Mapping[str, str] | None = None,
+        chat_template: str | None = None,
+        completions: str = "best_vs_worst",
     ):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(f"data file not found: {self.path}")
-        pair_tokenizer = PairTokenizer(tokenizer, max_seq_length)
-        self.fingerprint = hashlib.sha256(
-            json.dumps(
-                [CACHE_VERSION, _file_digest(self.path), tokenizer_fingerprint(tokenizer), max_seq_length]
-            ).encode()
-        ).hexdigest()[:24]
-        """Changes whenever the tokenized examples would (file content, tokenizer, settings)."""
-        cache_file = (
-            Path(cache_dir) / f"{self.path.stem}-{self.fingerprint}.pt" if cache_dir is not None else None
-        )
+        if format not in FORMAT_NAMES:
+            raise ConfigError(f"data.format={format!r}: use one of {', '.join(FORMAT_NAMES)}")
+        if completions not in COMPLETION_PAIRINGS:
+            raise ConfigError(
+                f"data.completions={completions!r}: use one of {', '.join(COMPLETION_PAIRINGS)}"
+            )
+        self.sources: list[Source] = resolve_sources(path)
+        self.split_name: str | None = None
+        columns = dict(columns or {})
+        pair_tokenizer = PairTokenizer(tokenizer, max_seq_length, load_chat_template(chat_template))
+        key = [
+            CACHE_VERSION,
+            [[file_digest(f) for f in source.files()] for source in self.sources],
+            tokenizer_fingerprint(tokenizer),
+            max_seq_length,
+            format,
+            sorted(columns.items()),
+            pair_tokenizer.chat_template,
+            completions,
+        ]
+        self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+        """Changes whenever the tokenized examples would (files' content, tokenizer, settings)."""
+        name = self.sources[0].path.stem + (f"+{len(self.sources) - 1}" if len(self.sources) > 1 else "")
+        cache_file = Path(cache_dir) / f"{name}-{self.fingerprint}.pt" if cache_dir is not None else None
         if cache_file is not None and cache_file.is_file():
             cached = torch.load(cache_file, weights_only=True)
-            self.examples, stats = cached["examples"], cached["stats"]
-            self.stats = DatasetStats(
-                stats["path"], stats["format"], stats["kept"], Counter(stats["dropped"])
-            )
+            self.examples, self.origins = cached["examples"], cached["origins"]
+            self.drops = [tuple(d) for d in cached["drops"]]
+            self.formats, self.records = cached["formats"], cached["records"]
             self.from_cache = True
             return
-        self.examples, self.stats = self._tokenize(pair_tokenizer)
+        self._tokenize(pair_tokenizer, format, columns, completions)
         self.from_cache = False
+        if not self.examples:
+            raise DataError(f"{self.stats.summary()}; nothing left to train on (raise data.max_seq_length?)")
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            stats = {"path": self.stats.path, "format": self.stats.format, "kept": self.stats.kept}
-            torch.save(
-                {"examples": self.examples, "stats": {**stats, "dropped": dict(self.stats.dropped)}}, tmp
-            )
+            payload = {
+                "examples": self.examples,
+                "origins": self.origins,
+                "drops": [list(d) for d in self.drops],
+                "formats": self.formats,
+                "records": self.records,
+            }
+            torch.save(payload, tmp)
             os.replace(tmp, cache_file)
 
-    def _tokenize(self, pair_tokenizer: PairTokenizer) -> tuple[list[dict], DatasetStats]:
-        examples: list[dict] = []
-        stats = DatasetStats(str(self.path), "", dropped=Counter())
-        lines = read_jsonl(self.path)
-        for line_no, record in tqdm(lines, desc=f"tokenizing {self.path.name}", unit=" pairs", disable=None):
-            where = f"{self.path}:{line_no}"
-            if not stats.format:
-                stats.format = detect_format(record, where)
-            example = pair_tokenizer(parse_record(record, stats.format, where))
-            if isinstance(example, str):
-                stats.dropped[example] += 1
-            else:
-                examples.append(example)
-        if not stats.format:
-            raise DataError(f"{self.path}: the file has no records")
-        if not examples:
-            raise DataError(f"{stats.summary()}; nothing left to train on (raise data.max_seq_length?)")
-        stats.kept = len(examples)
-        return examples, stats
+    def _tokenize(
+        self, pair_tokenizer: PairTokenizer, format: str, columns: dict[str, str], completions: str
+    ) -> None:
+        self.examples: list[dict] = []
+        self.drops: list[tuple[int, int, int, str]] = []
+        self.formats: list[str] = []
+        self.records: list[int] = []
+        origins: list[tuple[int, int, int]] = []
+        for file_index, source in enumerate(self.sources):
+            fmt = None if format == "auto" else format
+            records, logged = 0, Counter()
+            progress = tqdm(
+                source.records(),
+                desc=f"tokenizing {source.path.name}",
+                unit=" records",
+                total=source.num_records(),
+                disable=None,
+            )
+            for n, record in progress:
+                where = source.where(n)
+                record = rename_columns(record, columns, where)
+                fmt = fmt or detect_format(record, where)
+                pairs = parse_pairs(record, fmt, where, completions)
+                if not pairs:
+                    self.drops.append((file_index, records, n, TIED))
+                for pair in pairs:
+                    try:
+                        example = pair_tokenizer(pair)
+                    except DataError as e:
+                        raise DataError(f"{where}: {e}") from None
+                    if isinstance(example, dict):
+                        self.examples.append(example)
+                        origins.append((file_index, records, n))
+                        continue
+                    self.drops.append((file_index, records, n, example))
+                    if example in LOGGED_DROPS:
+                        logged[example] += 1
+                        if logged[example] <= MAX_LOGGED:
+                            logger.warning("%s: pair dropped: %s", where, example)
+                records += 1
+            if not records:
+                raise DataError(f"{source.path}: the file has no records; fix the path or drop the file")
+            for reason, n in logged.items():
+                if n > MAX_LOGGED:
+                    logger.warning("%s: %d more pairs dropped: %s", source.path, n - MAX_LOGGED, reason)
+            self.formats.append(fmt)
+            self.records.append(records)
+        self.origins = torch.tensor(origins, dtype=torch.long).reshape(-1, 3)
+
+    def _stats(self, path: str, file_indices: Sequence[int]) -> DatasetStats:
+        in_files = torch.isin(self.origins[:, 0], torch.tensor(list(file_indices)))
+        formats = dict.fromkeys(self.formats[i] for i in file_indices)
+        return DatasetStats(
+            path,
+            "+".join(formats),
+            kept=int(in_files.sum()),
+            dropped=Counter(d[3] for d in self.drops if d[0] in file_indices),
+            records=sum(self.records[i] for i in file_indices),
+        )
+
+    @property
+    def stats(self) -> DatasetStats:
+        """Kept and dropped pairs over every file (of this split, for a split)."""
+        path = ", ".join(str(s.path) for s in self.sources)
+        if self.split_name is not None:
+            path += f" ({self.split_name} split)"
+        return self._stats(path, range(len(self.sources)))
+
+    @property
+    def file_stats(self) -> list[DatasetStats]:
+        return [self._stats(str(s.path), [i]) for i, s in enumerate(self.sources)]
+
+    def where(self, file_index: int, n: int) -> str:
+        """``file:line`` or ``file: row N`` of a record."""
+        return self.sources[file_index].where(n)
+
+    def split(self, fraction: float, seed: int) -> tuple[PreferenceDataset, PreferenceDataset]:
+        """(train, validation): ``fraction`` of the records (drawn with ``seed``) and their pairs validate.
+
+        Records, not pairs, are drawn (every pair of a NeMo-RL record lands on one side), and dropped pairs
+        count too, so which records validate depends only on the files, the fraction and the seed.
+        """
+        counts = torch.tensor(self.records)
+        offsets = torch.cumsum(counts, 0) - counts
+        total = int(counts.sum())
+        n_val = round(fraction * total)
+        if not 0 < n_val < total:
+            raise DataError(
+                f"data.validation_fraction={fraction} of {total} records leaves {n_val} for validation and "
+                f"{total - n_val} for training; both need at least one"
+            )
+        is_val = torch.zeros(total, dtype=torch.bool)
+        is_val[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n_val]] = True
+        example_val = is_val[offsets[self.origins[:, 0]] + self.origins[:, 1]]
+        drop_val = [bool(is_val[offsets[d[0]] + d[1]]) for d in self.drops]
+        per_file = [int(is_val[o : o + c].sum()) for o, c in zip(offsets.tolist(), self.records, strict=True)]
+        parts = []
+        for name, keep in (("train", ~example_val), ("validation", example_val)):
+            part = copy.copy(self)
+            part.split_name = name
+            part.examples = [ex for ex, k in zip(self.examples, keep.tolist(), strict=True) if k]
+            part.origins = self.origins[keep]
+            part.drops = [d for d, v in zip(self.drops, drop_val, strict=True) if v == (name == "validation")]
+            part.records = (
+                per_file
+                if name == "validation"
+                else [c - v for c, v in zip(self.records, per_file, strict=True)]
+            )
+            key = json.dumps([self.fingerprint, name, fraction, seed])
+            part.fingerprint = hashlib.sha256(key.encode()).hexdigest()[:24]
+            if not part.examples:
+                raise DataError(f"{part.stats.summary()}; the {name} split has no pairs left")
+            parts.append(part)
+        return parts[0], parts[1]
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.examples[index], "index": index}
+
+
+def dataset_options(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``PreferenceDataset`` keyword arguments the ``data.*`` config sets."""
+    return {
+        "format": data["format"],
+        "columns": {k: v for k, v in data["columns"].items() if v is not None},
+        "chat_template": data["chat_template"],
+        "completions": data["completions"],
+    }
+
+
+def load_datasets(
+    data: Mapping[str, Any], tokenizer: Any, cache_dir: str | Path | None
+) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+    """The train and validation sets the ``data.*`` config describes: ``data.validation`` files, a
+    ``data.validation_fraction`` split of ``data.train`` drawn with ``data.seed``, or none."""
+    fraction = data["validation_fraction"]
+    if fraction is not None and data["validation"]:
+        raise ConfigError("set data.validation or data.validation_fraction, not both")
+    if fraction is not None and not 0 < fraction < 1:
+        raise ConfigError(f"data.validation_fraction={fraction}: must be between 0 and 1")
+    options = dataset_options(data)
+    train = PreferenceDataset(data["train"], tokenizer, data["max_seq_length"], cache_dir, **options)
+    if fraction is not None:
+        return train.split(fraction, data["seed"])
+    if data["validation"]:
+        return train, PreferenceDataset(
+            data["validation"], tokenizer, data["max_seq_length"], cache_dir, **options
+        )
+    return train, None
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):

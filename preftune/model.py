@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping
 from typing import Any
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from preftune import losses
+from preftune.distributed import DistInfo, gradient_sync, shard, wrap_trainable
 from preftune.logprobs import token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,6 +75,41 @@ def token_layout(batch: Mapping[str, Tensor]) -> dict[str, Any]:
     }
 
 
+class SequenceLogprobs(nn.Module):
+    """Runs a causal LM on a token layout and returns per-sequence summed response log-probs and response
+    token counts. It is the module DDP wraps and FSDP2 shards, so the forward goes through their hooks."""
+
+    def __init__(self, model: PreTrainedModel, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, layout: Mapping[str, Any], num_sequences: int) -> tuple[Tensor, Tensor]:
+        hidden = self.model.base_model(
+            input_ids=layout["input_ids"],
+            attention_mask=layout["attention_mask"],
+            position_ids=layout["position_ids"],
+            use_cache=False,
+        ).last_hidden_state
+        states = hidden.flatten(0, 1)[layout["hidden_index"]]
+        config = self.model.config
+        if getattr(config, "logit_scale", None) is not None:
+            states = states * config.logit_scale
+        head = self.model.get_output_embeddings()
+        token_lp = token_logprobs(
+            states,
+            head.weight,
+            layout["target_ids"],
+            head.bias,
+            chunk_size=self.chunk_size,
+            softcap=getattr(config, "final_logit_softcapping", None),
+        )
+        sequence = layout["sequence_index"]
+        logps = torch.zeros(num_sequences, device=token_lp.device, dtype=torch.float32)
+        logps = logps.index_add(0, sequence, token_lp)
+        return logps, torch.bincount(sequence, minlength=num_sequences)
+
+
 class DPOModel(nn.Module):
     """The policy being trained and the reference it is regularised towards.
 
@@ -91,8 +128,12 @@ class DPOModel(nn.Module):
     ):
         super().__init__()
         self.policy = policy
+        self.policy_root = SequenceLogprobs(policy, logprob_chunk_size)
+        self.policy_logprobs: nn.Module = self.policy_root  # DDP-wrapped or FSDP2-sharded by distribute()
         # Not registered as a submodule: the reference has no optimizer state, no checkpoint, no train().
-        self._reference: list[PreTrainedModel] = []
+        self._reference: list[SequenceLogprobs] = []
+        self.logprob_chunk_size = logprob_chunk_size
+        self.dist = DistInfo()
         if reference is not None:
             self.set_reference(reference)
         self.dpo_cfg = dict(dpo_cfg)
@@ -110,7 +151,6 @@ class DPOModel(nn.Module):
             else bool(average)
         )
         self.bco_delta = losses.RunningMean() if "bco_pair" in self.loss_names else None
-        self.logprob_chunk_size = logprob_chunk_size
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> DPOModel:
@@ -125,11 +165,27 @@ class DPOModel(nn.Module):
         """Install the frozen reference (eval mode, no grad), or drop it (None) once its log-probs are cached."""
         if reference is not None:
             reference.eval().requires_grad_(False)
-        self._reference = [reference] if reference is not None else []
+        self._reference = (
+            [SequenceLogprobs(reference, self.logprob_chunk_size)] if reference is not None else []
+        )
 
     @property
     def reference(self) -> PreTrainedModel | None:
-        return self._reference[0] if self._reference else None
+        return self._reference[0].model if self._reference else None
+
+    def distribute(self, strategy: str, info: DistInfo) -> None:
+        """Wrap the policy for data parallelism (DDP) or shard policy and reference (FSDP2).
+
+        Call after moving to the device and restoring checkpoint weights, before building the optimizer.
+        """
+        self.dist = info
+        self.policy_logprobs = wrap_trainable(self.policy_root, self.policy, strategy, info)
+        if strategy == "fsdp2" and info.distributed and self._reference:
+            shard(self._reference[0], self._reference[0].model)
+
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Context: skip the gradient reduction (all micro-batches of a step but the last)."""
+        return gradient_sync(self.policy_logprobs, enabled)
 
     @property
     def device(self) -> torch.device:
@@ -147,39 +203,19 @@ class DPOModel(nn.Module):
         return self
 
     def sequence_logprobs(self, model: PreTrainedModel, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Summed response log-probs and response token counts, [2P] each (chosen of every pair, then
-        rejected).
+        """Summed response log-probs and response token counts of ``model`` (the policy, the reference or
+        any causal LM), [2P] each: chosen of every pair, then rejected.
 
         One forward over the whole micro-batch (see ``token_layout``); the lm-head runs only on the hidden
         states that predict a response token, in chunks (see ``preftune.logprobs``).
         """
-        layout = token_layout(batch)
-        hidden = model.base_model(
-            input_ids=layout["input_ids"],
-            attention_mask=layout["attention_mask"],
-            position_ids=layout["position_ids"],
-            use_cache=False,
-        ).last_hidden_state
-        states = hidden.flatten(0, 1)[layout["hidden_index"]]
-        scale = getattr(model.config, "logit_scale", None)
-        if scale is not None:
-            states = states * scale
-        head = model.get_output_embeddings()
-        token_lp = token_logprobs(
-            states,
-            head.weight,
-            layout["target_ids"],
-            head.bias,
-            chunk_size=self.logprob_chunk_size,
-            softcap=getattr(model.config, "final_logit_softcapping", None),
-        )
-        num_sequences = 2 * len(batch["chosen_rewards"])
-        sequence = layout["sequence_index"]
-        logps = torch.zeros(num_sequences, device=token_lp.device, dtype=torch.float32).index_add(
-            0, sequence, token_lp
-        )
-        counts = torch.bincount(sequence, minlength=num_sequences)
-        return logps, counts
+        if model is self.policy:
+            runner = self.policy_logprobs
+        elif model is self.reference:
+            runner = self._reference[0]
+        else:
+            runner = SequenceLogprobs(model, self.logprob_chunk_size)
+        return runner(token_layout(batch), 2 * len(batch["chosen_rewards"]))
 
     def get_loss_and_metrics(
         self, batch: Mapping[str, Tensor], forward_only: bool

@@ -13,61 +13,108 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from preftune.checkpoint import Checkpointer
-from preftune.config import parse_max_time
+from preftune.config import ConfigError, parse_max_time
 from preftune.data import GlobalBatchSampler, PreferenceDataset, padded_micro_batches
+from preftune.distributed import DistInfo, barrier, env_rank, init_distributed
 from preftune.metrics import MetricsLogger
 from preftune.model import DPOModel
 from preftune.optim import build_optimizer, build_scheduler
+from preftune.reference_cache import (
+    ReferenceCache,
+    model_fingerprint,
+    precompute_reference,
+    with_cached_reference,
+)
 from preftune.timer import RunTimer
 from preftune.trainer import DPOTrainer, resolve_max_steps
 
 
 def log(message: str) -> None:
-    print(f"[preftune] {message}", flush=True)
+    """Print on rank 0 only."""
+    if env_rank() == 0:
+        print(f"[preftune] {message}", flush=True)
 
 
-def build_dataloader(dataset: PreferenceDataset, cfg: DictConfig, *, train: bool) -> DataLoader:
+def build_dataloader(
+    dataset: PreferenceDataset | ReferenceCache, cfg: DictConfig, info: DistInfo, *, train: bool
+) -> DataLoader:
     """Batches are this rank's share of a global batch, as lists of tokenized pairs."""
     sampler = GlobalBatchSampler(
-        len(dataset), cfg.data.global_batch_size, seed=cfg.data.seed, shuffle=train, drop_last=train
+        len(dataset),
+        cfg.data.global_batch_size,
+        seed=cfg.data.seed,
+        shuffle=train,
+        drop_last=train,
+        rank=info.rank,
+        world_size=info.world_size,
     )
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume) the run described by ``cfg``; return the last validation metrics."""
+    info = init_distributed()
+    per_step = cfg.data.micro_batch_size * info.world_size
+    if cfg.data.global_batch_size % per_step:
+        raise ConfigError(
+            f"data.global_batch_size ({cfg.data.global_batch_size}) must be a multiple of "
+            f"data.micro_batch_size x ranks ({cfg.data.micro_batch_size} x {info.world_size})"
+        )
     timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml")
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml")
     random.seed(cfg.trainer.seed)
     np.random.seed(cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    # Data: tokenized once, cached on disk.
+    # Data: tokenized once (rank 0 first, the other ranks then read its cache).
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     cache_dir = cfg.data.cache_dir or output_dir / "cache" / "tokenized"
+    if not info.is_main:
+        barrier(info)
     train_set = PreferenceDataset(cfg.data.train, tokenizer, cfg.data.max_seq_length, cache_dir)
     log(train_set.stats.summary() + (" (from cache)" if train_set.from_cache else ""))
     val_set = None
     if cfg.data.validation:
         val_set = PreferenceDataset(cfg.data.validation, tokenizer, cfg.data.max_seq_length, cache_dir)
         log(val_set.stats.summary() + (" (from cache)" if val_set.from_cache else ""))
-    train_loader = build_dataloader(train_set, cfg, train=True)
-    val_loader = build_dataloader(val_set, cfg, train=False) if val_set is not None else None
+    if info.is_main:
+        barrier(info)
     collate = partial(
         padded_micro_batches, micro_batch_size=cfg.data.micro_batch_size, eos_id=tokenizer.eos_token_id
     )
 
-    # Model: the policy and its reference, both from model.path (before any checkpoint is restored).
-    model = DPOModel.from_config(cfg).to(device)
+    # Model: the policy and its reference, both from model.path (the reference before any checkpoint is
+    # restored), then the newest checkpoint's weights, then DDP/FSDP2, then the optimizer.
+    model = DPOModel.from_config(cfg).to(info.device)
+    checkpointer = Checkpointer(output_dir, tokenizer)
+    latest = checkpointer.latest()
+    if latest is not None:
+        checkpointer.load_weights(latest, model.policy)
+    model.distribute(cfg.distributed.strategy, info)
+
+    # Reference log-probs: one pass of the reference over train and validation, cached per (data, model) in
+    # output_dir/cache/reference (a resumed run loads them); the reference model is then freed.
+    if cfg.reference.mode == "precompute" and not model.reference_free:
+        train_set, val_set = precompute_reference(
+            model,
+            [train_set, val_set],
+            collate,
+            output_dir / "cache" / "reference",
+            model_fingerprint=model_fingerprint(cfg.model.path, cfg.model.dtype),
+            batch_pairs=cfg.data.global_batch_size,
+        )
+        for cache in (c for c in (train_set, val_set) if c is not None):
+            log(f"reference log-probs {'loaded from' if cache.from_cache else 'computed into'} {cache.path}")
+        collate = with_cached_reference(collate)
+    train_loader = build_dataloader(train_set, cfg, info, train=True)
+    val_loader = build_dataloader(val_set, cfg, info, train=False) if val_set is not None else None
     optimizer = build_optimizer(model.policy, cfg.optim)
     max_steps = resolve_max_steps(cfg.trainer, train_loader.batch_sampler.batches_per_epoch)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
-
-    checkpointer = Checkpointer(output_dir, tokenizer)
-    logger = MetricsLogger(output_dir)
+    logger = MetricsLogger(output_dir, enabled=info.is_main)
     trainer = DPOTrainer(
         cfg=cfg,
         model=model,
@@ -83,14 +130,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     # Resume from the newest complete checkpoint in output_dir, if any.
-    latest = checkpointer.latest()
     if latest is not None:
-        state = checkpointer.load(latest, policy=model.policy, optimizer=optimizer, scheduler=scheduler)
+        state = checkpointer.load_training_state(
+            latest, model=model, optimizer=optimizer, scheduler=scheduler
+        )
         trainer.load_state_dict(state)
         log(f"resuming from {latest} (step {state['step']}, {state['consumed_samples']} pairs consumed)")
     logger.truncate_after(trainer.step)
 
-    log(f"training for {trainer.max_steps} steps of {cfg.data.global_batch_size} pairs on {device}")
+    where = (
+        f"{info.world_size} x {info.device.type} ({cfg.distributed.strategy})"
+        if info.distributed
+        else info.device
+    )
+    log(f"training for {trainer.max_steps} steps of {cfg.data.global_batch_size} pairs on {where}")
     trainer.fit()
     log(f"done: metrics in {logger.path}, checkpoints in {checkpointer.root}")
     return trainer.last_val_metrics

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from preftune.checkpoint import Checkpointer
+from preftune.distributed import DistInfo, any_rank, gather_objects
 from preftune.metrics import MetricsLogger
 from preftune.model import DPOModel
 from preftune.timer import RunTimer
 
 
 class MetricsAccumulator:
-    """Pair-weighted means of per-micro-batch metrics (a micro-batch of n pairs counts n times)."""
+    """Pair-weighted means of per-micro-batch metrics over micro-batches and ranks (a micro-batch of n pairs
+    counts n times, wherever it ran)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -29,8 +34,15 @@ class MetricsAccumulator:
             self.sums[key] = self.sums.get(key, 0.0) + value.detach().double() * num_pairs
         self.pairs += num_pairs
 
-    def means(self) -> dict[str, float]:
-        return {key: (value / max(1, self.pairs)).item() for key, value in self.sums.items()}
+    def means(self, info: DistInfo) -> dict[str, float]:
+        local = ({key: value.item() for key, value in self.sums.items()}, self.pairs)
+        totals: dict[str, float] = {}
+        pairs = 0
+        for sums, count in gather_objects(local, info):
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + value
+            pairs += count
+        return {key: value / max(1, pairs) for key, value in totals.items()}
 
 
 def resolve_max_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
@@ -101,6 +113,9 @@ class DPOTrainer:
             max(1, round(interval * self.steps_per_epoch)) if isinstance(interval, float) else int(interval)
         )
         self.last_val_metrics: dict[str, float] = {}
+        # a real pair to run on a rank whose share of a (last, partial) validation batch is empty
+        self.filler_pair: dict = train_dataloader.dataset[0]
+        self.stop_requested = False  # set by SIGTERM/SIGUSR1 (e.g. SLURM preemption)
         self._slowest_step = 0.0
         self._slowest_val_and_save = 0.0
 
@@ -123,7 +138,7 @@ class DPOTrainer:
         start = time.monotonic()
         self.ckpt_callback.save(
             self.step,
-            policy=self.model.policy,
+            model=self.model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             trainer_state=self.state_dict(),
@@ -131,25 +146,45 @@ class DPOTrainer:
         self._slowest_val_and_save = max(self._slowest_val_and_save, time.monotonic() - start)
 
     # -- one optimizer step --------------------------------------------------------------------------
+    def micro_batches(self, pairs: list[dict]) -> list[tuple[dict[str, torch.Tensor], bool]]:
+        """This rank's micro-batches as (batch, counts); every rank gets the same number, padded with
+        repeats of a real micro-batch that count for nothing, because FSDP2 gathers weights per forward."""
+        batches = self.collate_fn(pairs)
+        needed = len(batches)
+        if self.model.dist.distributed:
+            counts = gather_objects(len(batches), self.model.dist)
+            needed = max(counts)
+            if not batches and needed:
+                batches = self.collate_fn([self.filler_pair])
+                return [(batches[0], False)] * needed
+        return [(b, True) for b in batches] + [(batches[0], False)] * (needed - len(batches))
+
     def train_single_step(self, global_batch: list[dict]) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         accumulator = MetricsAccumulator()
         tokens = 0
-        for batch in self.collate_fn(global_batch):
-            num_pairs = len(batch["chosen_rewards"])
-            loss, metrics = self.model.get_loss_and_metrics(batch, forward_only=False)
-            (loss * (num_pairs / len(global_batch))).backward()
-            accumulator.add(metrics, num_pairs)
-            tokens += int(batch["num_tokens"])
+        world = self.model.dist.world_size
+        batches = self.micro_batches(global_batch)
+        for i, (batch, counts) in enumerate(batches):
+            num_pairs = len(batch["chosen_rewards"]) if counts else 0
+            with self.model.gradient_sync(i == len(batches) - 1):
+                loss, metrics = self.model.get_loss_and_metrics(batch, forward_only=False)
+                # DDP and FSDP2 average gradients over ranks: scale to the global batch's pair count.
+                (loss * (num_pairs * world / self.global_batch_size)).backward()
+            if counts:
+                accumulator.add(metrics, num_pairs)
+                tokens += int(batch["num_tokens"])
         params = [p for p in self.model.policy.parameters() if p.requires_grad]
         clip = self.cfg.trainer.gradient_clip_val
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        metrics = accumulator.means()
-        metrics.update(grad_norm=grad_norm.item(), lr=lr, tokens=tokens)
+        metrics = accumulator.means(self.model.dist)
+        metrics.update(grad_norm=grad_norm.item(), lr=lr, tokens=sum(gather_objects(tokens, self.model.dist)))
         return metrics
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -161,11 +196,12 @@ class DPOTrainer:
         for i, global_batch in enumerate(dataloader):
             if i >= num_batches:
                 break
-            for batch in self.collate_fn(global_batch):
+            for batch, counts in self.micro_batches(global_batch):
                 _, metrics = self.model.get_loss_and_metrics(batch, forward_only=True)
-                accumulator.add(metrics, len(batch["chosen_rewards"]))
+                if counts:
+                    accumulator.add(metrics, len(batch["chosen_rewards"]))
         self.model.train()
-        return accumulator.means()
+        return accumulator.means(self.model.dist)
 
     def run_validation(self) -> tuple[float, dict[str, float]]:
         """Pair-weighted mean loss and metrics over (up to ``limit_val_batches`` of) the validation set."""
@@ -185,23 +221,39 @@ class DPOTrainer:
         _, metrics = self.run_validation()
         self.logger.log_metrics(metrics, self.step, prefix="val")
         self.last_val_metrics = metrics
-        tqdm.write(
+        self.print(
             f"step {self.step}: val loss {metrics['loss']:.4f}, acc {metrics['acc']:.3f}, "
             f"margin {metrics['reward_margin_mean']:.3f}"
         )
 
+    def print(self, message: str) -> None:
+        if self.model.dist.is_main:
+            tqdm.write(message)
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> None:
         """Train until ``max_steps`` (or ``max_epochs``), validating every ``val_check_interval`` steps,
-        saving every ``save_interval`` steps and at the end; stop cleanly before ``max_time``."""
+        saving every ``save_interval`` steps and at the end; stop cleanly (validate, save) before
+        ``max_time`` or on SIGTERM/SIGUSR1."""
         tcfg = self.cfg.trainer
         samples_per_epoch = self.steps_per_epoch * self.global_batch_size
         progress = tqdm(
-            total=self.max_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True
+            total=self.max_steps,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.model.dist.is_main,
         )
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(signum, self._request_stop)
         validated_at = -1
         saved_at = self.step if self.step > 0 else -1  # a resumed run starts from a saved checkpoint
-        out_of_time = False
+        out_of_time = False  # or a stop signal: every rank agrees before acting on it
         while self.step < self.max_steps and not out_of_time:
             start_batch = (self.consumed_samples - self.epoch * samples_per_epoch) // self.global_batch_size
             if start_batch >= self.steps_per_epoch:
@@ -231,8 +283,9 @@ class DPOTrainer:
                     pairs_s=f"{metrics['pairs_per_sec']:.1f}",
                 )
                 done = self.step >= self.max_steps
-                out_of_time = not self.run_timer.is_within_limit(
-                    2 * self._slowest_step + self._slowest_val_and_save
+                budget = 2 * self._slowest_step + self._slowest_val_and_save
+                out_of_time = any_rank(
+                    self.stop_requested or not self.run_timer.is_within_limit(budget), self.model.dist
                 )
                 if self.step % self.val_check_interval == 0 or done or out_of_time:
                     self._validate_and_log()
@@ -244,7 +297,10 @@ class DPOTrainer:
                     break
         progress.close()
         if out_of_time:
-            tqdm.write(f"stopping at step {self.step}: trainer.max_time is nearly reached")
+            why = (
+                "a stop signal was received" if self.stop_requested else "trainer.max_time is nearly reached"
+            )
+            self.print(f"stopping at step {self.step}: {why}")
         if validated_at != self.step:
             self._validate_and_log()
         if saved_at != self.step and self.step > 0:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from preftune.config import load_config
+from preftune.recipe import train
 from preftune.tiny import build_tiny_model, save_tiny, train_tokenizer
 
 WORDS = (
@@ -43,6 +45,39 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def run(tmp_path: Path, name: str, model_dir: Path, files: dict, *overrides: str) -> tuple[dict, Path]:
+    output_dir = tmp_path / name
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train={files['train']}",
+            f"data.validation={files['validation']}",
+            f"output_dir={output_dir}",
+            "data.max_seq_length=48",
+            "data.micro_batch_size=4",
+            "data.global_batch_size=8",
+            "optim.lr=5e-3",
+            "optim.sched.warmup_steps=2",
+            "trainer.val_check_interval=100",
+            "trainer.save_interval=100",
+            *overrides,
+        ],
+    )
+    return train(cfg), output_dir
+
+
+def records(output_dir: Path, prefix: str) -> dict[int, dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    out = {}
+    for line in lines:
+        rec = json.loads(line)
+        if any(k.startswith(prefix + "/") for k in rec):
+            assert rec["step"] not in out, f"step {rec['step']} logged twice"
+            out[rec["step"]] = rec
+    return out
 
 
 @pytest.fixture(scope="session")

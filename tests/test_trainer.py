@@ -13,43 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.checkpoint import Checkpointer
-from preftune.config import load_config
-from preftune.recipe import train
+
+from conftest import records, run
 
 REQUIRED_METRICS = ("loss", "sft_loss", "preference_loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean")
-
-
-def run(tmp_path: Path, name: str, model_dir: Path, files: dict, *overrides: str) -> tuple[dict, Path]:
-    output_dir = tmp_path / name
-    cfg = load_config(
-        None,
-        [
-            f"model.path={model_dir}",
-            f"data.train={files['train']}",
-            f"data.validation={files['validation']}",
-            f"output_dir={output_dir}",
-            "data.max_seq_length=48",
-            "data.micro_batch_size=4",
-            "data.global_batch_size=8",
-            "optim.lr=5e-3",
-            "optim.sched.warmup_steps=2",
-            "trainer.val_check_interval=100",
-            "trainer.save_interval=100",
-            *overrides,
-        ],
-    )
-    return train(cfg), output_dir
-
-
-def records(output_dir: Path, prefix: str) -> dict[int, dict]:
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    out = {}
-    for line in lines:
-        rec = json.loads(line)
-        if any(k.startswith(prefix + "/") for k in rec):
-            assert rec["step"] not in out, f"step {rec['step']} logged twice"
-            out[rec["step"]] = rec
-    return out
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -169,3 +136,21 @@ def test_cli_train_and_errors(tmp_path, tiny_model_dir, pair_files):
     assert "unknown config key 'trainer.max_step'" in bad.stderr and "trainer.max_steps" in bad.stderr
     missing = subprocess.run([*cmd, "data.train=/nonexistent.jsonl"], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "/nonexistent.jsonl" in missing.stderr
+
+
+def test_precomputed_reference_matches_online(tmp_path, tiny_model_dir, pair_files, capsys):
+    model_dir = tiny_model_dir("llama")
+    online_val, online = run(tmp_path, "online", model_dir, pair_files, "trainer.max_steps=3")
+    cached_val, cached = run(tmp_path, "cached", model_dir, pair_files, "trainer.max_steps=2",
+                             "reference.mode=precompute", "optim.sched.max_steps=3")
+    assert "computed into" in capsys.readouterr().out
+    cached_val, cached = run(tmp_path, "cached", model_dir, pair_files, "trainer.max_steps=3",
+                             "reference.mode=precompute", "optim.sched.max_steps=3")
+    log = capsys.readouterr().out
+    assert "resuming from" in log and "loaded from" in log and "computed into" not in log
+    a, b = records(online, "train"), records(cached, "train")
+    for step in a:
+        for key in ("train/loss", "train/acc", "train/rewards_chosen_mean", "train/rewards_rejected_mean"):
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
+    for key in ("loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean"):
+        assert cached_val[key] == pytest.approx(online_val[key], abs=1e-5), key

@@ -1,0 +1,166 @@
+"""``preftune inspect``: read and tokenize the configured data exactly as training would, and report it.
+
+Per file: the detected format, pairs kept, pairs dropped and why (with the first place each reason
+occurred), token-length percentiles of prompts and responses, duplicate prompts, and the first pair with
+the tokens the loss trains on marked. ``--json`` writes the same report as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from preftune.chat import tokenizer_template
+from preftune.data import PreferenceDataset, dpo_custom_collate, load_datasets
+
+PERCENTILES = (50, 90, 99, 100)
+MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the trained (labelled) tokens in the rendered first pair
+
+
+def _percentiles(values: list[int]) -> dict[str, int]:
+    ordered = sorted(values)
+    return {
+        ("max" if p == 100 else f"p{p}"): ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+        for p in PERCENTILES
+    }
+
+
+def _render(tokenizer: Any, example: dict[str, Any]) -> dict[str, str]:
+    """Prompt+response of each side, decoded, with the tokens that carry labels in the collate marked."""
+    batch = dpo_custom_collate([example], eos_id=tokenizer.eos_token_id)
+    out = {}
+    for side in ("chosen", "rejected"):
+        ids = batch[side][0, : batch[f"{side}_length"][0]].tolist()
+        labelled = (batch[f"{side}_labels"][0, : len(ids)] != -100).tolist()
+        start = labelled.index(True)
+        out[side] = (
+            tokenizer.decode(ids[:start], skip_special_tokens=False)
+            + MARK_OPEN
+            + tokenizer.decode(ids[start:], skip_special_tokens=False)
+            + MARK_CLOSE
+        )
+    return out
+
+
+def file_reports(dataset: PreferenceDataset, tokenizer: Any) -> list[dict[str, Any]]:
+    """One report per file of ``dataset``."""
+    reports = []
+    file_of = dataset.origins[:, 0].tolist()
+    for i, stats in enumerate(dataset.file_stats):
+        rows = [k for k, f in enumerate(file_of) if f == i]
+        examples = [dataset.examples[k] for k in rows]
+        first_drop: dict[str, str] = {}
+        for f, _, n, reason in dataset.drops:
+            if f == i and reason not in first_drop:
+                first_drop[reason] = dataset.where(f, n)
+        prompts = Counter(tuple(ex["prompt_ids"]) for ex in examples)
+        shared = [c for c in prompts.values() if c > 1]
+        report: dict[str, Any] = {
+            "path": stats.path,
+            "format": stats.format,
+            "records": stats.records,
+            "kept": stats.kept,
+            "dropped": dict(sorted(stats.dropped.items())),
+            "first_dropped_at": first_drop,
+            "tokens": {
+                side: _percentiles([len(ex[f"{side}_ids"]) for ex in examples])
+                for side in ("prompt", "chosen", "rejected")
+            }
+            if examples
+            else {},
+            "duplicate_prompts": {"prompts": len(shared), "pairs": sum(shared)},
+            "first_pair": None,
+        }
+        if examples:
+            first = dataset.examples[rows[0]]
+            report["first_pair"] = {
+                "at": dataset.where(i, int(dataset.origins[rows[0], 2])),
+                **{f"{side}_tokens": len(first[f"{side}_ids"]) for side in ("prompt", "chosen", "rejected")},
+                **_render(tokenizer, first),
+            }
+        reports.append(report)
+    return reports
+
+
+def _text(report: dict[str, Any]) -> str:
+    lines = [
+        f"model {report['model']}, max_seq_length {report['max_seq_length']}, "
+        f"chat template: {report['chat_template'] or 'none'}"
+    ]
+    for dataset in report["datasets"]:
+        lines.append(f"== {dataset['name']}: {dataset['pairs']} pairs ({dataset['source']})")
+        for f in dataset["files"]:
+            dropped = sum(f["dropped"].values())
+            lines.append(f"{f['path']}")
+            lines.append(
+                f"  format {f['format']}: {f['records']} records, {f['kept']} pairs kept, {dropped} dropped"
+            )
+            for reason, n in f["dropped"].items():
+                lines.append(f"    {n} {reason} (first at {f['first_dropped_at'][reason]})")
+            if f["tokens"]:
+                lines.append("  tokens    " + "".join(f"{k:>8}" for k in f["tokens"]["prompt"]))
+                for side, values in f["tokens"].items():
+                    lines.append(f"  {side:<10}" + "".join(f"{v:>8}" for v in values.values()))
+            dup = f["duplicate_prompts"]
+            lines.append(f"  duplicate prompts: {dup['prompts']} prompts shared by {dup['pairs']} pairs")
+            pair = f["first_pair"]
+            if pair:
+                lines.append(
+                    f"  first pair ({pair['at']}), trained tokens between {MARK_OPEN} and {MARK_CLOSE}:"
+                )
+                for side in ("chosen", "rejected"):
+                    lines.append(f"    {side}:")
+                    lines.append(textwrap.indent(pair[side], "      "))
+    return "\n".join(lines)
+
+
+def inspect_data(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
+    """The report of ``inspect`` as a dict (what ``--json`` writes)."""
+    data = cfg.data
+    cache_dir = data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
+    train, val = load_datasets(data, tokenizer, cache_dir)
+    if data.chat_template:
+        template = "data.chat_template"
+    else:
+        template = "the tokenizer's" if tokenizer_template(tokenizer) is not None else None
+    report: dict[str, Any] = {
+        "model": str(cfg.model.path),
+        "max_seq_length": data.max_seq_length,
+        "chat_template": template,
+        "datasets": [
+            {
+                "name": "train",
+                "source": "data.train",
+                "pairs": len(train),
+                "files": file_reports(train, tokenizer),
+            }
+        ],
+    }
+    if val is not None:
+        source = (
+            f"data.validation_fraction={data.validation_fraction} of data.train, seed {data.seed}"
+            if data.validation_fraction is not None
+            else "data.validation"
+        )
+        report["datasets"].append(
+            {"name": "validation", "source": source, "pairs": len(val), "files": file_reports(val, tokenizer)}
+        )
+    return report
+
+
+def run_inspect(cfg: DictConfig, json_path: str | Path | None) -> int:
+    """Print the data report of ``cfg`` (and write it as JSON to ``json_path``); the exit status."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    report = inspect_data(cfg, tokenizer)
+    print(_text(report))
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0

@@ -1,0 +1,287 @@
+"""Packed and shared-prompt micro-batches (``data.packing``, ``data.share_prompt``).
+
+Packing lays several preference pairs end to end in one row, up to a token budget, with no padding between
+sequences; a pair's chosen and rejected always share a row. A shared prompt lays a pair out once as prompt,
+chosen, rejected: rejected attends to the prompt and to itself, never to chosen, and its positions continue
+from the prompt's end. Either way every response token sees exactly the context, at exactly the positions, it
+would see in its own unpadded sequence, so the log-probs are those of the padded layout.
+
+Isolation is an explicit attention mask (transformers applies a prepared 4-D mask as is) built from three
+per-token ids: the segment (a token attends only within its segment), the branch (0: seen by the whole segment;
+1: chosen; 2: rejected; a response never sees the other response) and the position (a sliding window is a
+distance in positions, as the unpacked model measures it). It takes the form the attention takes: a boolean
+[R, 1, L, L] mask for sdpa, an additive float one for eager, a ``BlockMask`` for flex_attention, and a dict of
+them by layer type for models that mix full and sliding-window layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from transformers import PretrainedConfig
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+FLEX_BLOCK_SIZE = 128
+ONE_MASK_FAMILIES = ("llama", "gpt2", "mistral")  # one mask for every layer (mistral: all layers sliding)
+LAYER_TYPE_FAMILIES = ("qwen2", "qwen3", "gemma2")  # a dict of masks keyed by config.layer_types
+CONTEXT, CHOSEN, REJECTED = 0, 1, 2  # branches
+
+
+def mask_windows(config: PretrainedConfig) -> int | dict[str, int | None] | None:
+    """The sliding window (None: full attention) of the mask(s) the model's forward takes for ``config``.
+
+    One window for families whose forward applies one prepared mask to every layer, a dict by layer type for
+    families that accept a per-layer-type dict. Only families whose transformers 5.x mask handling was checked
+    are accepted: another family may use a window, chunking or bidirectional blocks this mask would miss.
+    """
+    family = config.model_type
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(
+            f"packing / shared prompt needs causal attention; this {family} model is bidirectional"
+        )
+    if family in ONE_MASK_FAMILIES:
+        return getattr(config, "sliding_window", None) if family == "mistral" else None
+    if family in LAYER_TYPE_FAMILIES:
+        windows: dict[str, int | None] = {}
+        for layer_type in config.layer_types:
+            if layer_type == "full_attention":
+                windows[layer_type] = None
+            elif layer_type == "sliding_attention" and config.sliding_window is not None:
+                windows[layer_type] = config.sliding_window
+            else:
+                raise ValueError(
+                    f"{family}: layer type {layer_type!r} (sliding_window={config.sliding_window})"
+                    " is not supported by packing / shared prompt"
+                )
+        return windows
+    raise ValueError(
+        f"packing / shared prompt does not support model family {family!r} (supported: "
+        f"{', '.join(ONE_MASK_FAMILIES + LAYER_TYPE_FAMILIES)}); set data.packing=false and data.share_prompt=false"
+    )
+
+
+def visible(
+    query: Sequence[Tensor], key: Sequence[Tensor], q: Tensor, k: Tensor, window: int | None
+) -> Tensor:
+    """Whether query token q may attend to key token k, elementwise (the one rule of every mask form);
+    ``query`` and ``key`` are the tokens' (segment, branch, position) ids."""
+    (seg_q, branch_q, pos_q), (seg_k, branch_k, pos_k) = query, key
+    ok = (seg_q == seg_k) & (k <= q) & ((branch_k == CONTEXT) | (branch_k == branch_q))
+    if window is not None:
+        ok = ok & (pos_q - pos_k < window)
+    return ok
+
+
+def dense_mask(ids: Sequence[Tensor], window: int | None) -> Tensor:
+    """Boolean [R, 1, L, L] mask (True: attend) from the [R, L] (segment, branch, position) ids."""
+    idx = torch.arange(ids[0].shape[1], device=ids[0].device)
+    query, key = [t[:, :, None] for t in ids], [t[:, None, :] for t in ids]
+    return visible(query, key, idx[:, None], idx[None, :], window)[:, None]
+
+
+def block_mask(ids: Sequence[Tensor], window: int | None) -> BlockMask:
+    """flex_attention ``BlockMask`` from the [R, L] (segment, branch, position) ids."""
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return visible([t[b, q] for t in ids], [t[b, k] for t in ids], q, k, window)
+
+    rows, length = ids[0].shape
+    return create_block_mask(
+        mask_mod, rows, None, length, length, device=ids[0].device, BLOCK_SIZE=FLEX_BLOCK_SIZE
+    )
+
+
+def attention_mask(
+    ids: Sequence[Tensor], window: int | None, attn_implementation: str, dtype: torch.dtype
+) -> Tensor | BlockMask:
+    """The mask in the form ``attn_implementation`` takes (eager: additive, 0 or the dtype's minimum)."""
+    if attn_implementation == "flex_attention":
+        return block_mask(ids, window)
+    mask = dense_mask(ids, window)
+    if attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(dtype).min
+        )
+    return mask
+
+
+def pair_length(example: dict[str, Any], share_prompt: bool) -> int:
+    """Tokens a pair takes in a row: prompt once (shared) or twice, plus both responses."""
+    prompt = len(example["prompt_ids"])
+    return (1 if share_prompt else 2) * prompt + len(example["chosen_ids"]) + len(example["rejected_ids"])
+
+
+def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Item indices in bins of at most ``budget``: longest item first, each into the first bin with room."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(budget - lengths[i])
+    return bins
+
+
+class _Row:
+    """One row being filled: token ids and their position, segment and branch ids."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.pos: list[int] = []
+        self.seg: list[int] = []
+        self.branch: list[int] = []
+
+    def put(self, tokens: list[int], first_pos: int, segment: int, branch: int) -> int:
+        """Append ``tokens`` at positions from ``first_pos``; return the row offset of the first."""
+        at = len(self.ids)
+        self.ids.extend(tokens)
+        self.pos.extend(range(first_pos, first_pos + len(tokens)))
+        self.seg.extend([segment] * len(tokens))
+        self.branch.extend([branch] * len(tokens))
+        return at
+
+
+def layout_rows(
+    rows: Sequence[Sequence[dict[str, Any]]],
+    *,
+    eos_id: int,
+    share_prompt: bool,
+    shape: tuple[int, int] | None = None,
+) -> dict[str, Tensor]:
+    """Lay rows of pairs out as one micro-batch with the keys of ``preftune.model.token_layout``.
+
+    Pair i (in row order) is sequence i (chosen) and P + i (rejected). Also returns the [R, L] ``segment`` and
+    ``branch`` ids the masks are built from. Padding (eos) ends each row in a segment of its own (-1), so no
+    real token sees it; ``shape`` pads to exactly [rows, length] (default: the rows given, the longest's length).
+    """
+    pairs = [ex for row in rows for ex in row]
+    num_pairs = len(pairs)
+    filled: list[_Row] = []
+    hidden: list[int] = []  # (row, row offset) of the hidden state predicting each target, flattened below
+    hidden_row: list[int] = []
+    targets: list[int] = []
+    sequences: list[int] = []
+
+    def predict(row: int, sequence: int, response: list[int], at: int, first_hidden: int | None) -> None:
+        """The response sits at row offset ``at``; its first token is predicted by the prompt's last token
+        (``first_hidden``), or by nothing when the prompt is empty (as in the padded layout)."""
+        offsets = [first_hidden, *range(at, at + len(response) - 1)]
+        skip = 1 if first_hidden is None else 0
+        hidden.extend(offsets[skip:])
+        targets.extend(response[skip:])
+        hidden_row.extend([row] * (len(response) - skip))
+        sequences.extend([sequence] * (len(response) - skip))
+
+    i = 0
+    for r, pairs_in_row in enumerate(rows):
+        row = _Row()
+        for segment, ex in enumerate(pairs_in_row):
+            prompt, chosen, rejected = ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]
+            n = len(prompt)
+            if share_prompt:
+                start = row.put(prompt, 0, segment, CONTEXT)
+                last_prompt = start + n - 1 if n else None
+                predict(r, i, chosen, row.put(chosen, n, segment, CHOSEN), last_prompt)
+                predict(r, num_pairs + i, rejected, row.put(rejected, n, segment, REJECTED), last_prompt)
+            else:
+                for side, (sequence, response) in enumerate(((i, chosen), (num_pairs + i, rejected))):
+                    start = row.put(prompt + response, 0, 2 * segment + side, CONTEXT)
+                    predict(r, sequence, response, start + n, start + n - 1 if n else None)
+            i += 1
+        filled.append(row)
+    real = [len(row.ids) for row in filled]
+    num_rows, length = shape or (len(filled), max(real))
+    if num_rows < len(filled) or length < max(real):
+        raise ValueError(f"{len(filled)} rows of up to {max(real)} tokens do not fit in shape {shape}")
+    filled += [_Row() for _ in range(num_rows - len(filled))]
+
+    def padded(values: list[list[int]], fill: int) -> Tensor:
+        return torch.tensor([v + [fill] * (length - len(v)) for v in values], dtype=torch.long)
+
+    return {
+        "input_ids": padded([row.ids for row in filled], eos_id),
+        "position_ids": padded([row.pos for row in filled], 0),
+        "segment": padded([row.seg for row in filled], -1),
+        "branch": padded([row.branch for row in filled], CONTEXT),
+        "hidden_index": torch.tensor(hidden_row, dtype=torch.long) * length
+        + torch.tensor(hidden, dtype=torch.long),
+        "target_ids": torch.tensor(targets, dtype=torch.long),
+        "sequence_index": torch.tensor(sequences, dtype=torch.long),
+        "chosen_rewards": torch.tensor([ex["chosen_reward"] for ex in pairs], dtype=torch.float32),
+        "rejected_rewards": torch.tensor([ex["rejected_reward"] for ex in pairs], dtype=torch.float32),
+        "indices": torch.tensor([ex["index"] for ex in pairs], dtype=torch.long),
+        "num_tokens": torch.tensor(sum(real)),
+    }
+
+
+def build_packed_collate(
+    *,
+    eos_id: int,
+    model_config: PretrainedConfig,
+    attn_implementation: str,
+    pack: bool,
+    share_prompt: bool,
+    max_tokens_per_row: int,
+    rows_per_micro_batch: int = 1,
+    device: torch.device | str = "cpu",
+) -> Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]]:
+    """A collate turning a rank's share of a global batch into packed and/or shared-prompt micro-batches.
+
+    ``pack``: pairs go into rows of at most ``max_tokens_per_row`` real tokens by first-fit-decreasing, and
+    ``rows_per_micro_batch`` rows make a micro-batch; otherwise each row holds one pair (``share_prompt``
+    must then be set: the plain layout is ``data.padded_micro_batches``). Every pair of the global batch
+    appears in exactly one micro-batch. The micro-batches are built on ``device`` (the masks included: the
+    model cannot move a ``BlockMask`` or a per-layer-type dict) and carry the keys of
+    ``preftune.model.token_layout`` plus ``chosen_rewards``, ``rejected_rewards``, ``indices``, ``num_tokens``.
+    """
+    if not (pack or share_prompt):
+        raise ValueError(
+            "build_packed_collate needs pack or share_prompt; the plain layout is padded_micro_batches"
+        )
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"packing / shared prompt needs an explicit attention mask, which attn_implementation "
+            f"{attn_implementation!r} does not take; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    windows = mask_windows(model_config)
+    dtype = model_config.dtype
+    # One shape for every flex micro-batch: each new shape recompiles flex_attention, and the dynamic-shape
+    # CPU kernel of torch 2.13's inductor fails to compile.
+    flex_length = -(-max_tokens_per_row // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
+    shape = (rows_per_micro_batch, flex_length) if attn_implementation == "flex_attention" else None
+
+    def micro_batch(rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
+        batch = layout_rows(rows, eos_id=eos_id, share_prompt=share_prompt, shape=shape)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ids = batch.pop("segment"), batch.pop("branch"), batch["position_ids"]
+        batch["attention_mask"] = (
+            {t: attention_mask(ids, w, attn_implementation, dtype) for t, w in windows.items()}
+            if isinstance(windows, dict)
+            else attention_mask(ids, windows, attn_implementation, dtype)
+        )
+        return batch
+
+    def collate(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        lengths = [pair_length(ex, share_prompt) for ex in pairs]
+        for ex, n in zip(pairs, lengths, strict=True):
+            if n > max_tokens_per_row:
+                raise ValueError(
+                    f"pair {ex['index']} takes {n} tokens, more than a row's {max_tokens_per_row} "
+                    f"(raise data.pack_length)"
+                )
+        rows = first_fit_decreasing(lengths, max_tokens_per_row) if pack else [[i] for i in range(len(pairs))]
+        return [
+            micro_batch([[pairs[i] for i in row] for row in rows[s : s + rows_per_micro_batch]])
+            for s in range(0, len(rows), rows_per_micro_batch)
+        ]
+
+    return collate

@@ -1,0 +1,181 @@
+"""``reference.mode: precompute``: the reference model's log-probs of every pair, computed once and cached.
+
+Before training, one eval-mode, no-grad pass of the reference model (``DPOModel.reference``, never the
+policy) over each dataset gives every pair's summed response log-probs (chosen, rejected) in fp32. They
+are saved as ``<dir>/<dataset fingerprint>-<model fingerprint>.pt``, so a changed data file, tokenizer,
+``max_seq_length``, weights, model config or dtype selects a new file (rebuilt), and a resumed run loads
+the existing one. The reference model is then freed. A ``ReferenceCache`` is the dataset with each pair
+carrying its ``ref_logps``; ``with_cached_reference`` turns those into the micro-batches'
+``ref_chosen_logps``/``ref_rejected_logps``, which ``DPOModel.get_loss_and_metrics`` uses (averaging them
+over its own token counts when the loss averages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from preftune.data import PreferenceDataset
+from preftune.model import DPOModel
+
+CACHE_VERSION = 1  # bump when the computation changes: every cached file becomes stale
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+Collate = Callable[[Sequence[dict[str, Any]]], list[dict[str, Tensor]]]
+
+
+def model_fingerprint(model_path: str | Path, dtype: str) -> str:
+    """A hash of a local model directory's weights (every ``*.safetensors``/``*.bin`` file, all shards, and
+    the shard indexes), its ``config.json``, ``dtype`` and ``CACHE_VERSION``."""
+    root = Path(model_path)
+    if not root.is_dir():
+        raise ValueError(f"reference.mode=precompute needs model.path to be a local directory: {model_path}")
+    files = sorted(
+        p
+        for p in root.iterdir()
+        if p.is_file()
+        and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json") or p.name == "config.json")
+    )
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise ValueError(f"no *.safetensors or *.bin weight files in {root}")
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, dtype]).encode())
+    for path in files:
+        h.update(json.dumps([path.name, path.stat().st_size]).encode())
+        with path.open("rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model: DPOModel,
+    dataset: PreferenceDataset,
+    collate_fn: Collate,
+    indices: Sequence[int],
+    *,
+    batch_pairs: int,
+) -> Tensor:
+    """Reference log-probs [len(indices), 2] (chosen, rejected; fp32, summed over response tokens) of
+    ``dataset[indices]``, in ``indices`` order. A rank of a distributed run can compute its slice and
+    all-gather."""
+    reference = model.reference
+    if reference is None:
+        raise ValueError("no reference model to precompute reference log-probs from")
+    if reference is model.policy:
+        raise ValueError("the reference model is the policy being trained")
+    device = next(reference.parameters()).device
+    row_of = {index: row for row, index in enumerate(indices)}
+    out = torch.full((len(indices), 2), float("nan"))
+    with tqdm(total=len(indices), desc="reference log-probs", unit=" pairs", disable=None) as progress:
+        for start in range(0, len(indices), batch_pairs):
+            pairs = [dataset[i] for i in indices[start : start + batch_pairs]]
+            for batch in collate_fn(pairs):
+                on_device = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                logps, _ = model.sequence_logprobs(reference, on_device)
+                rows = [row_of[i] for i in batch["indices"].tolist()]
+                out[rows] = logps.float().view(2, -1).t().cpu()
+            progress.update(len(pairs))
+    if out.isnan().any():
+        raise RuntimeError(f"collate_fn left {int(out.isnan().any(1).sum())} pairs without log-probs")
+    return out
+
+
+class ReferenceCache(torch.utils.data.Dataset):
+    """A dataset whose pairs carry their reference log-probs: ``dataset[i]`` plus ``ref_logps``
+    (chosen, rejected). ``logps`` [N, 2] holds them all (fp32, summed over response tokens)."""
+
+    def __init__(self, dataset: PreferenceDataset, logps: Tensor, path: Path, from_cache: bool):
+        if logps.shape != (len(dataset), 2):
+            raise ValueError(f"{path}: log-probs of shape {tuple(logps.shape)} for {len(dataset)} pairs")
+        self.dataset = dataset
+        self.logps = logps
+        self.path = path
+        self.from_cache = from_cache
+
+    @classmethod
+    def load_or_build(
+        cls,
+        model: DPOModel,
+        dataset: PreferenceDataset,
+        collate_fn: Collate,
+        path_dir: str | Path,
+        *,
+        model_fingerprint: str,
+        batch_pairs: int,
+    ) -> ReferenceCache:
+        """Load ``<path_dir>/<dataset fingerprint>-<model fingerprint>.pt``, or compute it with the reference
+        model (longest pairs first, so running out of memory shows at once) and save it atomically."""
+        path = Path(path_dir) / f"{dataset.fingerprint}-{model_fingerprint}.pt"
+        if path.is_file():
+            return cls(dataset, torch.load(path, weights_only=True), path, from_cache=True)
+
+        def length(i: int) -> int:
+            ex = dataset[i]
+            return len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+
+        order = sorted(range(len(dataset)), key=length, reverse=True)
+        logps = torch.empty(len(dataset), 2)
+        logps[order] = compute_reference_logps(model, dataset, collate_fn, order, batch_pairs=batch_pairs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(logps, tmp)
+        os.replace(tmp, path)
+        return cls(dataset, logps, path, from_cache=False)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], "ref_logps": self.logps[index].tolist()}
+
+
+def precompute_reference(
+    model: DPOModel,
+    datasets: Sequence[PreferenceDataset | None],
+    collate_fn: Collate,
+    path_dir: str | Path,
+    *,
+    model_fingerprint: str,
+    batch_pairs: int,
+) -> list[ReferenceCache | None]:
+    """``ReferenceCache.load_or_build`` for each dataset (None stays None), then free the reference model."""
+    caches = [
+        ReferenceCache.load_or_build(
+            model, d, collate_fn, path_dir, model_fingerprint=model_fingerprint, batch_pairs=batch_pairs
+        )
+        if d is not None
+        else None
+        for d in datasets
+    ]
+    model.set_reference(None)
+    return caches
+
+
+def with_cached_reference(collate_fn: Collate) -> Collate:
+    """``collate_fn`` whose micro-batches also carry ``ref_chosen_logps``/``ref_rejected_logps`` [P], taken
+    by dataset index from the pairs' ``ref_logps`` (pairs from a ``ReferenceCache``)."""
+
+    def collate(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Tensor]]:
+        missing = [pair["index"] for pair in pairs if "ref_logps" not in pair]
+        if missing:
+            raise ValueError(
+                f"pairs {missing[:5]} carry no cached reference log-probs: with reference.mode=precompute "
+                f"every dataloader must read a ReferenceCache"
+            )
+        by_index = {pair["index"]: pair["ref_logps"] for pair in pairs}
+        batches = []
+        for batch in collate_fn(pairs):
+            ref = torch.tensor([by_index[i] for i in batch["indices"].tolist()], dtype=torch.float32)
+            batches.append({**batch, "ref_chosen_logps": ref[:, 0], "ref_rejected_logps": ref[:, 1]})
+        return batches
+
+    return collate

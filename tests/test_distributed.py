@@ -1,0 +1,102 @@
+"""torchrun on CPU (gloo, 2 processes): DDP and FSDP2 give what one process gives; checkpoints reshard."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+STEPS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path: Path, name: str, nproc: int, model_dir: Path, files: dict, *overrides: str) -> Path:
+    output_dir = tmp_path / name
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    args = [
+        f"model.path={model_dir}",
+        f"data.train={files['train']}",
+        f"data.validation={files['validation']}",
+        f"output_dir={output_dir}",
+        "data.max_seq_length=48",
+        "data.micro_batch_size=2",
+        "data.global_batch_size=8",
+        "optim.lr=5e-3",
+        f"optim.sched.max_steps={STEPS}",
+        "trainer.val_check_interval=100",
+        *overrides,
+    ]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "preftune", "train", "--config", str(config), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", "-m", "preftune", "train", "--config", str(config), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return output_dir
+
+
+def train_records(output_dir: Path) -> dict[int, dict]:
+    recs = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in recs if "train/loss" in r}
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / f"checkpoints/step_{STEPS}/model/model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_model_dir, pair_files):
+    return launch(tmp_path_factory.mktemp("single"), "run", 1, tiny_model_dir("llama"), pair_files,
+                  f"trainer.max_steps={STEPS}")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_equal_one(strategy, single, tmp_path, tiny_model_dir, pair_files):
+    multi = launch(tmp_path, strategy, 2, tiny_model_dir("llama"), pair_files, f"trainer.max_steps={STEPS}",
+                   f"distributed.strategy={strategy}")
+    a, b = train_records(single), train_records(multi)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        for key in ("train/loss", "train/acc", "train/preference_loss", "train/rewards_chosen_mean",
+                    "train/grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (strategy, step, key)
+    assert b[1]["train/loss"] == pytest.approx(0.693147, abs=1e-5)
+    wa, wb = final_weights(single), final_weights(multi)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=f"{strategy} {key}")
+    lines = (multi / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len({(json.loads(x)["step"], "train/loss" in x) for x in lines}), "rank 0 alone logs"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_checkpoint_resumes_on_one(strategy, single, tmp_path, tiny_model_dir, pair_files):
+    model_dir = tiny_model_dir("llama")
+    out = launch(tmp_path, "resume", 2, model_dir, pair_files, "trainer.max_steps=1",
+                 f"distributed.strategy={strategy}")
+    assert (out / "checkpoints/step_1/optimizer").is_dir()
+    launch(tmp_path, "resume", 1, model_dir, pair_files, f"trainer.max_steps={STEPS}")
+    a, b = train_records(single), train_records(out)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], abs=1e-5), (strategy, step)
+    wa, wb = final_weights(single), final_weights(out)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=key)

@@ -1,0 +1,106 @@
+"""The loss family through the real model and recipe: reference-free losses, mixtures, R-DPO, BCO state."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from preftune import losses
+from preftune.config import ConfigError, load_config
+from preftune.data import PairTokenizer, dpo_custom_collate, parse_record
+from preftune.model import DPOModel
+
+from conftest import make_pairs, records, run
+
+
+def batch_for(tokenizer, n: int = 6):
+    pair_tokenizer = PairTokenizer(tokenizer, max_seq_length=64)
+    pairs = [pair_tokenizer(parse_record(p, "nemo", "test")) for p in make_pairs(n, seed=5)]
+    return dpo_custom_collate(pairs, tokenizer.eos_token_id)
+
+
+def build(model_dir, *overrides: str) -> DPOModel:
+    return DPOModel.from_config(load_config(None, [f"model.path={model_dir}", "data.train=x", *overrides]))
+
+
+@pytest.mark.parametrize("name", sorted(losses.REFERENCE_FREE_LOSSES))
+def test_reference_free_losses_build_no_reference(name, tiny_model_dir, tokenizer, monkeypatch):
+    real_deepcopy = copy.deepcopy
+
+    def no_model_copies(obj, *args, **kwargs):
+        assert not isinstance(obj, torch.nn.Module), "a reference-free loss must not copy the policy"
+        return real_deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
+    model = build(tiny_model_dir("llama"), f"dpo.preference_loss={name}")
+    assert model.reference is None
+    batch = batch_for(tokenizer)
+    loss, metrics = model.get_loss_and_metrics(batch, forward_only=False)
+    loss.backward()
+    assert math.isfinite(loss.item()) and "ref_logps_chosen_mean" not in metrics
+    # rewards are beta x average log-prob (reference-free, length-averaged by default)
+    logps, counts = model.sequence_logprobs(model.policy, batch)
+    n = len(batch["chosen"])
+    expected = (0.1 * logps[:n] / counts[:n]).mean().item()
+    assert metrics["rewards_chosen_mean"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_reference_free_training_end_to_end(tmp_path, tiny_model_dir, pair_files):
+    _, out = run(tmp_path, "simpo", tiny_model_dir("llama"), pair_files, "trainer.max_steps=2",
+                 "dpo.preference_loss=simpo", "dpo.ref_policy_kl_penalty=2.0")
+    recs = records(out, "train")
+    assert sorted(recs) == [1, 2] and all(math.isfinite(r["train/loss"]) for r in recs.values())
+
+
+def test_mixture_equals_weighted_parts(tiny_model_dir, tokenizer):
+    model_dir = tiny_model_dir("llama")
+    batch = batch_for(tokenizer)
+    mixed = build(model_dir, "dpo.preference_loss=[dpo,hinge]", "dpo.preference_loss_weights=[0.8,0.2]")
+    # move the policy away from the reference so both parts are non-trivial
+    with torch.no_grad():
+        for p in mixed.policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    parts = {}
+    for name in ("dpo", "hinge"):
+        single = build(model_dir, f"dpo.preference_loss={name}")
+        single.policy.load_state_dict(mixed.policy.state_dict())
+        parts[name] = single.get_loss_and_metrics(batch, forward_only=True)[0].item()
+    loss = mixed.get_loss_and_metrics(batch, forward_only=True)[0].item()
+    assert loss == pytest.approx(0.8 * parts["dpo"] + 0.2 * parts["hinge"], rel=1e-5)
+
+
+def test_rdpo_uses_response_lengths(tiny_model_dir, tokenizer):
+    model_dir = tiny_model_dir("llama")
+    batch = batch_for(tokenizer)
+    model = build(model_dir, "dpo.preference_loss=rdpo", "dpo.rdpo_alpha=0.05")
+    loss = model.get_loss_and_metrics(batch, forward_only=True)[0].item()
+    length_gap = (batch["chosen_length"] - batch["rejected_length"]).float()  # prompt cancels out
+    expected = torch.nn.functional.softplus(0.05 * length_gap).mean().item()  # -log sigmoid(0 - a * gap)
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_bco_running_mean_survives_resume(tmp_path, tiny_model_dir, pair_files):
+    model_dir = tiny_model_dir("llama")
+    common = ("dpo.preference_loss=bco_pair", "optim.sched.max_steps=4")
+    _, straight = run(tmp_path, "straight", model_dir, pair_files, "trainer.max_steps=4", *common)
+    run(tmp_path, "resumed", model_dir, pair_files, "trainer.max_steps=2", *common)
+    _, resumed = run(tmp_path, "resumed", model_dir, pair_files, "trainer.max_steps=4", *common)
+    a, b = records(straight, "train"), records(resumed, "train")
+    for step in a:
+        assert a[step]["train/loss"] == b[step]["train/loss"], step
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dpo.preference_loss=dpoo", "Did you mean 'dpo'"),
+        ("dpo.preference_loss=[dpo,simpo]", "cannot be mixed"),
+        ("dpo.preference_loss_weights=[0.5,0.5]", "2 weights for 1 losses"),
+    ],
+)
+def test_loss_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.path=m", "data.train=t", override])

@@ -1,0 +1,238 @@
+"""Packing and shared prompt: log-probs, loss and gradients equal the padded layout's; rows and masks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen3Config
+
+from preftune.config import load_config
+from preftune.data import dpo_custom_collate
+from preftune.model import DPOModel
+from preftune.packing import build_packed_collate, dense_mask, layout_rows, pair_length
+from preftune.tiny import EOS_ID, SLIDING_WINDOW, TINY_ARCHS, save_tiny
+
+LAYOUTS = {"packed": (True, False), "shared": (False, True), "packed+shared": (True, True)}
+BUDGET = 128
+
+
+def build(model_dir, *overrides: str) -> DPOModel:
+    model = DPOModel.from_config(
+        load_config(None, [f"model.path={model_dir}", "data.train=unused", *overrides])
+    )
+    return model.train(False)
+
+
+def examples(vocab: int, n: int = 10, seed: int = 0) -> list[dict]:
+    """Token-id pairs: the edge cases (one-token prompt and responses, empty prompt, a long prompt with
+    one-token responses), then random ones of up to 30 + 30 tokens, longer than the sliding window."""
+    rng = random.Random(seed)
+    lengths = [(1, 1, 1), (1, 30, 2), (0, 3, 20), (28, 1, 1)]
+    lengths += [(rng.randint(1, 30), rng.randint(1, 30), rng.randint(1, 30)) for _ in range(n)]
+    assert max(p + max(c, r) for p, c, r in lengths) > 2 * SLIDING_WINDOW
+
+    def tokens(k: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(k)]
+
+    return [
+        {"prompt_ids": tokens(p), "chosen_ids": tokens(c), "rejected_ids": tokens(r),
+         "chosen_reward": rng.random(), "rejected_reward": rng.random(), "index": i}
+        for i, (p, c, r) in enumerate(lengths)
+    ]  # fmt: skip
+
+
+def collate_for(model: DPOModel, layout: str, **kwargs):
+    pack, share = LAYOUTS[layout]
+    config = model.policy.config
+    kwargs = {"max_tokens_per_row": BUDGET, "rows_per_micro_batch": 2, **kwargs}
+    return build_packed_collate(eos_id=EOS_ID, model_config=config, attn_implementation=config._attn_implementation,
+                                pack=pack, share_prompt=share, **kwargs)  # fmt: skip
+
+
+def in_pair_order(micro_batches, values, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-micro-batch [2p] log-probs and counts back in the examples' order (chosen of all, then rejected)."""
+    logps, counts = torch.zeros(2 * num_pairs), torch.zeros(2 * num_pairs, dtype=torch.long)
+    for batch, (lp, count) in zip(micro_batches, values, strict=True):
+        order = torch.cat([batch["indices"], batch["indices"] + num_pairs])
+        logps[order], counts[order] = lp, count
+    return logps, counts
+
+
+def padded_and_packed(
+    model: DPOModel, exs: list[dict], layout: str, reference: DPOModel | None = None, **kwargs
+):
+    """(padded, packed) sequence log-probs and counts; the padded ones from ``reference`` if given."""
+    reference = reference or model
+    with torch.no_grad():
+        padded = reference.sequence_logprobs(reference.policy, dpo_custom_collate(exs, EOS_ID))
+        batches = collate_for(model, layout, **kwargs)(exs)
+        packed = in_pair_order(batches, [model.sequence_logprobs(model.policy, b) for b in batches], len(exs))
+    return padded, packed
+
+
+def assert_same_logprobs(padded, packed) -> None:
+    # sums of up to 60 fp32 log-probs of ~5.7 nats: one ulp is 1.5e-5, hence the relative term
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-6, atol=1e-5)
+    assert torch.equal(packed[1], padded[1])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_logprobs_match_padded(arch, layout, tiny_model_dir, tokenizer):
+    """Default attention (sdpa; gemma2: eager, alternating sliding/full layers, soft-capped)."""
+    assert_same_logprobs(*padded_and_packed(build(tiny_model_dir(arch)), examples(len(tokenizer)), layout))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_logprobs_match_padded_eager(arch, tiny_model_dir, tokenizer):
+    model = build(tiny_model_dir(arch), "model.attn_implementation=eager")
+    assert_same_logprobs(*padded_and_packed(model, examples(len(tokenizer)), "packed+shared"))
+
+
+def test_logprobs_match_padded_qwen3_mixed_layers(tmp_path, tokenizer):
+    """A per-layer-type dict of sdpa masks: one full and one sliding-window layer."""
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, use_sliding_window=True,
+                         sliding_window=SLIDING_WINDOW, max_window_layers=1, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = build(
+        save_tiny(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), tokenizer, tmp_path)
+    )
+    assert set(model.policy.config.layer_types) == {"full_attention", "sliding_attention"}
+    assert_same_logprobs(*padded_and_packed(model, examples(len(tokenizer)), "packed+shared"))
+
+
+def test_logprobs_match_padded_flex_attention(tiny_model_dir, tokenizer):
+    """flex_attention BlockMasks, a dict of them (gemma2's sliding and full layers) with soft-capping;
+    every micro-batch is padded to one [rows, multiple of 128] shape so flex_attention compiles once."""
+    model = build(tiny_model_dir("gemma2"), "model.attn_implementation=flex_attention")
+    exs = examples(len(tokenizer))
+    for layout in LAYOUTS:
+        padded, packed = padded_and_packed(model, exs, layout, reference=build(tiny_model_dir("gemma2")))
+        assert_same_logprobs(padded, packed)
+    batches = collate_for(model, "packed", max_tokens_per_row=100)(exs)
+    assert {tuple(b["input_ids"].shape) for b in batches} == {(2, 128)}
+
+
+@pytest.mark.parametrize("rows_per_micro_batch", [100, 1])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_loss_and_gradients_match_padded(arch, rows_per_micro_batch, tiny_model_dir, tokenizer):
+    """One packed+shared micro-batch (100 rows), or several accumulated as the trainer does (1 row each)."""
+    model = build(tiny_model_dir(arch), "dpo.sft_loss_weight=0.5")
+    with torch.no_grad():  # move the policy away from the reference so the rewards are not all zero
+        for p in model.policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    exs = examples(len(tokenizer))
+
+    def loss_and_grads(micro_batches) -> tuple[float, list[torch.Tensor]]:
+        model.policy.zero_grad(set_to_none=True)
+        total = 0.0
+        for batch in micro_batches:
+            loss, _ = model.get_loss_and_metrics(batch, forward_only=False)
+            weighted = loss * (len(batch["chosen_rewards"]) / len(exs))
+            weighted.backward()
+            total += weighted.item()
+        return total, [p.grad.clone() for p in model.policy.parameters()]
+
+    padded_loss, padded_grads = loss_and_grads([dpo_custom_collate(exs, EOS_ID)])
+    packed = collate_for(model, "packed+shared", rows_per_micro_batch=rows_per_micro_batch)(exs)
+    assert (len(packed) == 1) == (rows_per_micro_batch == 100)
+    packed_loss, packed_grads = loss_and_grads(packed)
+    assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
+    assert any(g.abs().max() > 1e-3 for g in padded_grads)
+    for name_grad in zip(dict(model.policy.named_parameters()), packed_grads, padded_grads, strict=True):
+        name, packed_grad, padded_grad = name_grad
+        torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rows_respect_budget_and_keep_pairs_whole(layout):
+    pack, share = LAYOUTS[layout]
+    rng = random.Random(1)
+    exs = [
+        {"prompt_ids": [5] * rng.randint(0, 40), "chosen_ids": [6] * rng.randint(1, 40),
+         "rejected_ids": [7] * rng.randint(1, 40), "chosen_reward": 1.0, "rejected_reward": 0.0, "index": 1000 + i}
+        for i in range(60)
+    ]  # fmt: skip
+    budget = 256
+    config = LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1)
+    collate = build_packed_collate(eos_id=EOS_ID, model_config=config, attn_implementation="sdpa", pack=pack,
+                                   share_prompt=share, max_tokens_per_row=budget)  # fmt: skip
+    micro_batches = collate(exs)
+    indices = torch.cat([b["indices"] for b in micro_batches]).tolist()
+    assert sorted(indices) == [ex["index"] for ex in exs]  # every pair exactly once, its index kept
+    by_index = {ex["index"]: ex for ex in exs}
+    fill = []
+    for batch in micro_batches:
+        rows, length = batch["input_ids"].shape
+        assert rows == 1 and length <= budget  # one row each: its length is its real token count
+        p = len(batch["indices"])
+        row_tokens = sum(pair_length(by_index[i], share) for i in batch["indices"].tolist())
+        assert int(batch["num_tokens"]) == row_tokens == length
+        fill.append(length)
+        assert batch["sequence_index"].max() < 2 * p
+        for i, index in enumerate(batch["indices"].tolist()):  # the targets are each pair's responses
+            ex = by_index[index]
+            for seq, side in ((i, "chosen_ids"), (p + i, "rejected_ids")):
+                targets = batch["target_ids"][batch["sequence_index"] == seq].tolist()
+                assert targets == ex[side][0 if ex["prompt_ids"] else 1 :]
+        assert torch.equal(batch["chosen_rewards"], torch.ones(p))
+    if pack:
+        assert sum(f <= budget // 2 for f in fill) <= 1  # first fit leaves at most one row half empty
+        assert len(fill) < len(exs) / 3
+    else:
+        assert len(fill) == len(exs)
+    with pytest.raises(ValueError, match="raise data.pack_length"):
+        collate([{**exs[0], "chosen_ids": [6] * budget}])
+
+
+def test_shared_prompt_mask_and_positions():
+    """prompt (3) + chosen (2) + rejected (2): rejected sees the prompt and itself at continued positions;
+    its first token is predicted by the prompt's last."""
+    ex = {"prompt_ids": [10, 11, 12], "chosen_ids": [20, 21], "rejected_ids": [30, 31], "chosen_reward": 1.0,
+          "rejected_reward": 0.0, "index": 0}  # fmt: skip
+    batch = layout_rows([[ex]], eos_id=EOS_ID, share_prompt=True)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4]]
+    assert batch["hidden_index"].tolist() == [2, 3, 2, 5]
+    assert batch["target_ids"].tolist() == [20, 21, 30, 31]
+    assert batch["sequence_index"].tolist() == [0, 0, 1, 1]
+    ids = (batch["segment"], batch["branch"], batch["position_ids"])
+    mask = dense_mask(ids, None)[0, 0].int().tolist()
+    assert mask[5] == [1, 1, 1, 0, 0, 1, 0]  # rejected's first token: prompt and itself, not chosen
+    assert mask[6] == [1, 1, 1, 0, 0, 1, 1]
+    windowed = dense_mask(ids, 2)[0, 0].int().tolist()  # the window counts positions, not row offsets
+    assert windowed[5] == [0, 0, 1, 0, 0, 1, 0]
+    assert windowed[6] == [0, 0, 0, 0, 0, 1, 1]
+
+
+def test_position_ids_alone_do_not_isolate(tiny_model_dir, tokenizer):
+    """Negative controls: the same rows with a wrong mask give different log-probs."""
+    llama, mistral = build(tiny_model_dir("llama")), build(tiny_model_dir("mistral"))
+    exs = examples(len(tokenizer))
+
+    def max_error(model: DPOModel, layout: str, **mask) -> float:
+        with torch.no_grad():
+            padded, _ = model.sequence_logprobs(model.policy, dpo_custom_collate(exs, EOS_ID))
+            batches = [{**b, **mask} for b in collate_for(model, layout)(exs)]
+            wrong = [model.sequence_logprobs(model.policy, b) for b in batches]
+        return (in_pair_order(batches, wrong, len(exs))[0] - padded).abs().max().item()
+
+    batch = collate_for(llama, "packed")(exs)[0]
+    assert max_error(llama, "packed", attention_mask=torch.ones_like(batch["input_ids"])) > 0.1
+    assert max_error(llama, "packed+shared", attention_mask=None) > 0.1  # rejected cut off from its prompt
+    full = collate_for(llama, "packed")(exs)[0]["attention_mask"]  # llama's mask: no window
+    assert max_error(mistral, "packed", attention_mask=full) > 0.1  # the window matters in these examples
+
+
+def test_unsupported_combinations_raise():
+    llama = LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1)
+    kwargs = {"eos_id": EOS_ID, "max_tokens_per_row": 64, "pack": True, "share_prompt": False}
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        build_packed_collate(model_config=llama, attn_implementation="flash_attention_2", **kwargs)
+    neox = GPTNeoXConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1)
+    with pytest.raises(ValueError, match="gpt_neox"):
+        build_packed_collate(model_config=neox, attn_implementation="sdpa", **kwargs)
+    with pytest.raises(ValueError, match="padded_micro_batches"):
+        build_packed_collate(model_config=llama, attn_implementation="sdpa", **{**kwargs, "pack": False})
