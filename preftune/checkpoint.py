@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,7 +29,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from preftune.distributed import barrier
-from preftune.model import DPOModel
+from preftune.model import DPOModel, is_peft
 
 # DCP warns that it assumes one process when no process group exists: that is exactly the intent here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -55,7 +56,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Checkpointer:
     """Saves and finds checkpoints under ``output_dir/checkpoints``.
 
-    ``model/`` is a plain Hugging Face directory written once by rank 0 (gathered from FSDP2 shards);
+    ``model/`` is a plain Hugging Face directory written once by rank 0 (gathered from FSDP2 shards), or
+    with LoRA the adapter in PEFT's format (``peft.PeftModel.from_pretrained(base, ckpt / "model")``);
     ``optimizer/`` is a ``torch.distributed.checkpoint`` directory keyed by parameter names, so a run
     resumes on the same or a different number of ranks.
     """
@@ -117,7 +119,12 @@ class Checkpointer:
 
     @staticmethod
     def load_weights(path: Path, policy: PreTrainedModel) -> None:
-        """Restore the policy's weights (before it is wrapped or sharded)."""
+        """Restore the policy's weights, or its LoRA adapter (before it is wrapped or sharded)."""
+        if is_peft(policy):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(policy, load_file(path / "model" / "adapter_model.safetensors"))
+            return
         saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=policy.dtype)
         policy.load_state_dict(saved.state_dict())
 

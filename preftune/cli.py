@@ -43,6 +43,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from preftune.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.output, merge=args.merge)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"preftune: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[preftune] exported {args.checkpoint} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="preftune", description="Preference optimisation (DPO family) for causal LMs"
@@ -59,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", help="also write the report as JSON to this path")
     inspect.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.format=trl")
     inspect.set_defaults(run=_inspect)
+    export = sub.add_parser("export", help="write a checkpoint's policy as a plain Hugging Face model")
+    export.add_argument(
+        "--checkpoint", required=True, help="a checkpoint directory, output_dir/checkpoints/step_N"
+    )
+    export.add_argument("--output", required=True, help="directory to write (must be new or empty)")
+    export.add_argument(
+        "--merge", action="store_true", help="merge a LoRA adapter into its base model's weights"
+    )
+    export.set_defaults(run=_export)
     demo = sub.add_parser(
         "demo", help="build a tiny local model and preference set, train, validate, checkpoint"
     )

@@ -43,7 +43,30 @@ def load_causal_lm(model_cfg: Mapping[str, Any]) -> PreTrainedModel:
     )
     if model_cfg["disable_dropout"]:
         disable_dropout(model)
+    lora = model_cfg["lora"]
+    if lora["r"] > 0:
+        model = add_lora(model, lora)
     return model
+
+
+def add_lora(model: PreTrainedModel, lora: Mapping[str, Any]) -> PreTrainedModel:
+    """Wrap ``model`` in PEFT LoRA adapters (the base weights are frozen)."""
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("model.lora.r > 0 needs peft: pip install 'preftune[lora]'") from None
+    config = peft.LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=list(lora["target_modules"]) if lora["target_modules"] else "all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, config)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
 def token_layout(batch: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -85,17 +108,18 @@ class SequenceLogprobs(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, layout: Mapping[str, Any], num_sequences: int) -> tuple[Tensor, Tensor]:
-        hidden = self.model.base_model(
+        lm = self.model.get_base_model() if is_peft(self.model) else self.model  # LoRA layers stay in place
+        hidden = lm.base_model(
             input_ids=layout["input_ids"],
             attention_mask=layout["attention_mask"],
             position_ids=layout["position_ids"],
             use_cache=False,
         ).last_hidden_state
         states = hidden.flatten(0, 1)[layout["hidden_index"]]
-        config = self.model.config
+        config = lm.config
         if getattr(config, "logit_scale", None) is not None:
             states = states * config.logit_scale
-        head = self.model.get_output_embeddings()
+        head = lm.get_output_embeddings()
         token_lp = token_logprobs(
             states,
             head.weight,
@@ -114,7 +138,8 @@ class DPOModel(nn.Module):
     """The policy being trained and the reference it is regularised towards.
 
     The reference is a frozen copy of the policy taken at construction (before any checkpoint is
-    restored), always in eval mode and run under ``no_grad``. When the batch carries precomputed
+    restored), always in eval mode and run under ``no_grad``; with LoRA it is the policy itself with its
+    adapters disabled (no second copy of the weights). When the batch carries precomputed
     ``ref_chosen_logps``/``ref_rejected_logps`` those are used instead.
     """
 
@@ -134,6 +159,7 @@ class DPOModel(nn.Module):
         self._reference: list[SequenceLogprobs] = []
         self.logprob_chunk_size = logprob_chunk_size
         self.dist = DistInfo()
+        self.adapter_reference = is_peft(policy)  # LoRA: the reference is the policy with adapters off
         if reference is not None:
             self.set_reference(reference)
         self.dpo_cfg = dict(dpo_cfg)
@@ -157,7 +183,9 @@ class DPOModel(nn.Module):
         policy = load_causal_lm(cfg["model"])
         dpo_cfg = OmegaConf.to_container(cfg["dpo"]) if isinstance(cfg["dpo"], DictConfig) else cfg["dpo"]
         model = cls(policy, None, dpo_cfg, logprob_chunk_size=cfg["model"]["logprob_chunk_size"])
-        if not model.reference_free:  # simpo/orpo: no reference model is built at all
+        if model.reference_free:  # simpo/orpo: no reference model is built at all
+            model.adapter_reference = False
+        elif not model.adapter_reference:
             model.set_reference(copy.deepcopy(policy))
         return model
 
@@ -165,9 +193,33 @@ class DPOModel(nn.Module):
         """Install the frozen reference (eval mode, no grad), or drop it (None) once its log-probs are cached."""
         if reference is not None:
             reference.eval().requires_grad_(False)
+        else:
+            self.adapter_reference = False
         self._reference = (
             [SequenceLogprobs(reference, self.logprob_chunk_size)] if reference is not None else []
         )
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether reference log-probs can be computed (a frozen copy, or the policy with adapters off)."""
+        return bool(self._reference) or self.adapter_reference
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``sequence_logprobs`` of the reference, in eval mode and without gradients."""
+        if self._reference:
+            return self.sequence_logprobs(self.reference, batch)
+        if not self.adapter_reference:
+            raise ValueError(
+                "this model has no reference (reference-free loss, or its log-probs were cached)"
+            )
+        training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.disable_adapter():
+                return self.policy_root(token_layout(batch), 2 * len(batch["chosen_rewards"]))
+        finally:
+            self.policy.train(training)
 
     @property
     def reference(self) -> PreTrainedModel | None:
@@ -180,6 +232,8 @@ class DPOModel(nn.Module):
         """
         self.dist = info
         self.policy_logprobs = wrap_trainable(self.policy_root, self.policy, strategy, info)
+        if strategy == "fsdp2" and info.distributed and is_peft(self.policy):
+            raise ValueError("LoRA with distributed.strategy=fsdp2 is not supported yet: use ddp")
         if strategy == "fsdp2" and info.distributed and self._reference:
             shard(self._reference[0], self._reference[0].model)
 
@@ -233,9 +287,8 @@ class DPOModel(nn.Module):
             logps, counts = self.sequence_logprobs(self.policy, batch)
         if "ref_chosen_logps" in batch:
             ref_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).float()
-        elif self.reference is not None:
-            with torch.no_grad():
-                ref_logps, _ = self.sequence_logprobs(self.reference, batch)
+        elif self.has_reference:
+            ref_logps, _ = self.reference_logprobs(batch)
         else:
             ref_logps = None
         counts = counts.clamp(min=1).float()

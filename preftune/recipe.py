@@ -12,9 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
+from preftune.chat import load_chat_template
 from preftune.checkpoint import Checkpointer
 from preftune.config import ConfigError, parse_max_time
-from preftune.data import GlobalBatchSampler, PreferenceDataset, padded_micro_batches
+from preftune.data import GlobalBatchSampler, PreferenceDataset, load_datasets, padded_micro_batches
 from preftune.distributed import DistInfo, barrier, env_rank, init_distributed
 from preftune.metrics import MetricsLogger
 from preftune.model import DPOModel
@@ -71,15 +72,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # Data: tokenized once (rank 0 first, the other ranks then read its cache).
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.data.chat_template:  # checkpoints then carry the template the model was trained with
+        tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
     cache_dir = cfg.data.cache_dir or output_dir / "cache" / "tokenized"
     if not info.is_main:
         barrier(info)
-    train_set = PreferenceDataset(cfg.data.train, tokenizer, cfg.data.max_seq_length, cache_dir)
-    log(train_set.stats.summary() + (" (from cache)" if train_set.from_cache else ""))
-    val_set = None
-    if cfg.data.validation:
-        val_set = PreferenceDataset(cfg.data.validation, tokenizer, cfg.data.max_seq_length, cache_dir)
-        log(val_set.stats.summary() + (" (from cache)" if val_set.from_cache else ""))
+    train_set, val_set = load_datasets(cfg.data, tokenizer, cache_dir)
+    for dataset in (train_set, val_set):
+        if dataset is not None:
+            log(dataset.stats.summary() + (" (from cache)" if dataset.from_cache else ""))
     if info.is_main:
         barrier(info)
     collate = partial(

@@ -67,12 +67,11 @@ def compute_reference_logps(
     """Reference log-probs [len(indices), 2] (chosen, rejected; fp32, summed over response tokens) of
     ``dataset[indices]``, in ``indices`` order. A rank of a distributed run can compute its slice and
     all-gather."""
-    reference = model.reference
-    if reference is None:
+    if not model.has_reference:
         raise ValueError("no reference model to precompute reference log-probs from")
-    if reference is model.policy:
+    if model.reference is model.policy:
         raise ValueError("the reference model is the policy being trained")
-    device = next(reference.parameters()).device
+    device = model.device
     row_of = {index: row for row, index in enumerate(indices)}
     out = torch.full((len(indices), 2), float("nan"))
     with tqdm(total=len(indices), desc="reference log-probs", unit=" pairs", disable=None) as progress:
@@ -80,7 +79,7 @@ def compute_reference_logps(
             pairs = [dataset[i] for i in indices[start : start + batch_pairs]]
             for batch in collate_fn(pairs):
                 on_device = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                logps, _ = model.sequence_logprobs(reference, on_device)
+                logps, _ = model.reference_logprobs(on_device)
                 rows = [row_of[i] for i in batch["indices"].tolist()]
                 out[rows] = logps.float().view(2, -1).t().cpu()
             progress.update(len(pairs))

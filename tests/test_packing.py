@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -144,7 +145,7 @@ def test_loss_and_gradients_match_padded(arch, rows_per_micro_batch, tiny_model_
     assert any(g.abs().max() > 1e-3 for g in padded_grads)
     for name_grad in zip(dict(model.policy.named_parameters()), packed_grads, padded_grads, strict=True):
         name, packed_grad, padded_grad = name_grad
-        torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(packed_grad, padded_grad, rtol=0, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -181,7 +182,7 @@ def test_rows_respect_budget_and_keep_pairs_whole(layout):
         assert torch.equal(batch["chosen_rewards"], torch.ones(p))
     if pack:
         assert sum(f <= budget // 2 for f in fill) <= 1  # first fit leaves at most one row half empty
-        assert len(fill) < len(exs) / 3
+        assert len(fill) <= math.ceil(sum(fill) / budget) + 1  # rows near the budget
     else:
         assert len(fill) == len(exs)
     with pytest.raises(ValueError, match="raise data.pack_length"):

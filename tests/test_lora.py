@@ -1,0 +1,103 @@
+"""LoRA: the reference is the policy with adapters off (no copy), resume, PEFT checkpoints, export."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from preftune.config import load_config
+from preftune.data import PairTokenizer, dpo_custom_collate, parse_record
+from preftune.model import DPOModel
+
+from conftest import make_pairs, records, run
+
+LORA = ("model.lora.r=4", "model.lora.alpha=8")
+
+
+def batch_for(tokenizer):
+    pair_tokenizer = PairTokenizer(tokenizer, max_seq_length=64)
+    pairs = [pair_tokenizer(parse_record(p, "nemo", "test")) for p in make_pairs(6, seed=9)]
+    return dpo_custom_collate(pairs, tokenizer.eos_token_id)
+
+
+def test_step_zero_without_a_second_copy(tiny_model_dir, tokenizer, monkeypatch):
+    real_deepcopy = copy.deepcopy
+
+    def no_model_copies(obj, *args, **kwargs):
+        assert not isinstance(obj, torch.nn.Module), "LoRA must not copy the model for its reference"
+        return real_deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
+    cfg = load_config(None, [f"model.path={tiny_model_dir('llama')}", "data.train=x", *LORA])
+    model = DPOModel.from_config(cfg)
+    assert model.reference is None and model.has_reference
+    trainable = [n for n, p in model.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    batch = batch_for(tokenizer)
+    loss, metrics = model.get_loss_and_metrics(batch, forward_only=False)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics["acc"].item() == 0.0
+    # once the adapter has moved, the reference (adapters off) equals the base model
+    with torch.no_grad():
+        for name, p in model.policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    ref_logps, _ = model.reference_logprobs(batch)
+    base_logps, _ = model.sequence_logprobs(base, batch)
+    torch.testing.assert_close(ref_logps, base_logps, atol=1e-5, rtol=0)
+    policy_logps, _ = model.sequence_logprobs(model.policy, batch)
+    assert not torch.allclose(policy_logps, base_logps, atol=1e-3)
+    assert model.policy.training, "the reference pass restores the policy's mode"
+
+
+def test_resume_accumulation_precompute_checkpoint_and_export(tmp_path, tiny_model_dir, pair_files):
+    model_dir = tiny_model_dir("qwen2")
+    common = (*LORA, "optim.lr=2e-2", "optim.sched.max_steps=4", "data.micro_batch_size=2")
+    _, straight = run(tmp_path, "straight", model_dir, pair_files, "trainer.max_steps=4", *common)
+    run(tmp_path, "resumed", model_dir, pair_files, "trainer.max_steps=2", "reference.mode=precompute", *common)
+    _, resumed = run(tmp_path, "resumed", model_dir, pair_files, "trainer.max_steps=4",
+                     "reference.mode=precompute", *common)
+    a, b = records(straight, "train"), records(resumed, "train")
+    assert a[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    for step in a:
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], abs=1e-5), step
+    assert a[4]["train/loss"] < a[1]["train/loss"], "the adapter should learn"
+
+    checkpoint = resumed / "checkpoints/step_4"
+    assert json.loads((checkpoint / "model/adapter_config.json").read_text())["r"] == 4
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    adapted = PeftModel.from_pretrained(base, checkpoint / "model").eval()
+    ids = torch.tensor([[0, 5, 17, 23, 42, 8, 9]])
+    with torch.no_grad():
+        expected = adapted(ids).logits
+    export = tmp_path / "export"
+    cmd = [sys.executable, "-m", "preftune", "export", "--checkpoint", str(checkpoint), "--output", str(export)]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--merge" in refused.stderr
+    done = subprocess.run([*cmd, "--merge"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    merged = AutoModelForCausalLM.from_pretrained(export).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_export_full_finetune_copies_model(tmp_path, tiny_model_dir, pair_files):
+    _, out = run(tmp_path, "full", tiny_model_dir("llama"), pair_files, "trainer.max_steps=1")
+    export = tmp_path / "export"
+    cmd = [sys.executable, "-m", "preftune", "export", "--checkpoint", str(out / "checkpoints/step_1"),
+           "--output", str(export)]
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    ids = torch.tensor([[0, 5, 17, 23]])
+    a = AutoModelForCausalLM.from_pretrained(export)(ids).logits
+    b = AutoModelForCausalLM.from_pretrained(out / "checkpoints/step_1/model")(ids).logits
+    assert torch.equal(a, b)
