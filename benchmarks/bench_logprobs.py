@@ -78,13 +78,16 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--vocab", type=int, nargs="+", default=[4096, 32000])
     p.add_argument("--chunks", type=int, nargs="+", default=[256, 1024, 4096])
-    p.add_argument("--reps", type=int, default=7, help="timed fwd+bwd per implementation")
+    p.add_argument("--reps", type=int, default=5, help="timed fwd+bwd per implementation")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output", type=Path)
     p.add_argument("--peak-of", type=int, nargs=2, metavar=("V", "CHUNK"), help=argparse.SUPPRESS)
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.peak_of:  # worker: peak memory of one case, on stdout
         print(peak_mib(args.n, args.hidden, *args.peak_of, args.device, dtype))
         return

@@ -155,6 +155,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"distributed.strategy={cfg.distributed.strategy}: use ddp or fsdp2")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype={cfg.model.dtype}: use float32, bfloat16 or float16")
+    if cfg.model.autocast not in (None, "bfloat16", "float16"):
+        raise ConfigError(f"model.autocast={cfg.model.autocast}: use null, bfloat16 or float16")
     if trainer.max_time is not None:
         parse_max_time(trainer.max_time)
 

@@ -15,84 +15,19 @@ from omegaconf import OmegaConf
 from preftune.tiny import build_tiny_model, save_tiny, train_tokenizer
 
 CATEGORIES = {
-    "fruits": (
-        "apple",
-        "banana",
-        "cherry",
-        "fig",
-        "grape",
-        "kiwi",
-        "lemon",
-        "mango",
-        "melon",
-        "peach",
-        "pear",
-        "plum",
-    ),
-    "animals": (
-        "bear",
-        "cat",
-        "dog",
-        "eagle",
-        "fox",
-        "horse",
-        "lion",
-        "mouse",
-        "owl",
-        "rabbit",
-        "tiger",
-        "wolf",
-    ),
-    "colors": (
-        "black",
-        "blue",
-        "brown",
-        "cyan",
-        "gold",
-        "gray",
-        "green",
-        "pink",
-        "purple",
-        "red",
-        "silver",
-        "white",
-    ),
-    "vegetables": (
-        "bean",
-        "beet",
-        "cabbage",
-        "carrot",
-        "corn",
-        "garlic",
-        "kale",
-        "leek",
-        "onion",
-        "potato",
-        "radish",
-        "spinach",
-    ),
-    "countries": (
-        "brazil",
-        "canada",
-        "chile",
-        "egypt",
-        "france",
-        "india",
-        "japan",
-        "kenya",
-        "mexico",
-        "norway",
-        "peru",
-        "spain",
-    ),
+    "fruits": "apple banana cherry fig grape kiwi lemon mango melon peach pear plum".split(),
+    "animals": "bear cat dog eagle fox horse lion mouse owl rabbit tiger wolf".split(),
+    "colors": "black blue brown cyan gold gray green pink purple red silver white".split(),
+    "vegetables": "bean beet cabbage carrot corn garlic kale leek onion potato radish spinach".split(),
+    "countries": "brazil canada chile egypt france india japan kenya mexico norway peru spain".split(),
 }
 CASES = {
     "lower": ("lowercase", "lower case", "small letters"),
     "upper": ("UPPERCASE", "upper case", "capital letters"),
 }
 ORDERS = {
-    "ascending": ("alphabetically", "from A to Z", "in ascending order"),
-    "descending": ("in reverse alphabetical order", "from Z to A", "in descending order"),
+    "ascending": ("alphabetically", "starting from A", "in ascending order"),
+    "descending": ("in reverse alphabetical order", "starting from Z", "in descending order"),
 }
 TEMPLATES = (
     "List {n} {category} in {case}, {order}.",
@@ -147,6 +82,7 @@ def make_preference_pairs(n: int, seed: int) -> list[dict]:
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object per line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

@@ -69,6 +69,11 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
+def causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The Hugging Face causal LM itself (inside a PEFT wrapper its LoRA layers stay in place)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 def token_layout(batch: Mapping[str, Tensor]) -> dict[str, Any]:
     """The model's view of a micro-batch of P pairs, whatever its layout (padded, packed, shared prompt).
 
@@ -102,19 +107,24 @@ class SequenceLogprobs(nn.Module):
     """Runs a causal LM on a token layout and returns per-sequence summed response log-probs and response
     token counts. It is the module DDP wraps and FSDP2 shards, so the forward goes through their hooks."""
 
-    def __init__(self, model: PreTrainedModel, chunk_size: int = 1024):
+    def __init__(self, model: PreTrainedModel, chunk_size: int = 1024, autocast: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.autocast = autocast
 
     def forward(self, layout: Mapping[str, Any], num_sequences: int) -> tuple[Tensor, Tensor]:
-        lm = self.model.get_base_model() if is_peft(self.model) else self.model  # LoRA layers stay in place
-        hidden = lm.base_model(
-            input_ids=layout["input_ids"],
-            attention_mask=layout["attention_mask"],
-            position_ids=layout["position_ids"],
-            use_cache=False,
-        ).last_hidden_state
+        lm = causal_lm(self.model)
+        device_type = layout["input_ids"].device.type
+        with torch.autocast(
+            device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
+        ):
+            hidden = lm.base_model(
+                input_ids=layout["input_ids"],
+                attention_mask=layout["attention_mask"],
+                position_ids=layout["position_ids"],
+                use_cache=False,
+            ).last_hidden_state
         states = hidden.flatten(0, 1)[layout["hidden_index"]]
         config = lm.config
         if getattr(config, "logit_scale", None) is not None:
@@ -150,10 +160,12 @@ class DPOModel(nn.Module):
         dpo_cfg: Mapping[str, Any],
         *,
         logprob_chunk_size: int = 1024,
+        autocast: torch.dtype | None = None,
     ):
         super().__init__()
         self.policy = policy
-        self.policy_root = SequenceLogprobs(policy, logprob_chunk_size)
+        self.autocast = autocast
+        self.policy_root = SequenceLogprobs(policy, logprob_chunk_size, autocast)
         self.policy_logprobs: nn.Module = self.policy_root  # DDP-wrapped or FSDP2-sharded by distribute()
         # Not registered as a submodule: the reference has no optimizer state, no checkpoint, no train().
         self._reference: list[SequenceLogprobs] = []
@@ -180,13 +192,25 @@ class DPOModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> DPOModel:
-        policy = load_causal_lm(cfg["model"])
+        model_cfg = cfg["model"]
+        policy = load_causal_lm(model_cfg)
         dpo_cfg = OmegaConf.to_container(cfg["dpo"]) if isinstance(cfg["dpo"], DictConfig) else cfg["dpo"]
-        model = cls(policy, None, dpo_cfg, logprob_chunk_size=cfg["model"]["logprob_chunk_size"])
+        autocast = DTYPES[model_cfg["autocast"]] if model_cfg["autocast"] else None
+        model = cls(
+            policy, None, dpo_cfg, logprob_chunk_size=model_cfg["logprob_chunk_size"], autocast=autocast
+        )
         if model.reference_free:  # simpo/orpo: no reference model is built at all
             model.adapter_reference = False
         elif not model.adapter_reference:
             model.set_reference(copy.deepcopy(policy))
+        if model_cfg["activation_checkpointing"]:  # the policy only: the reference keeps no activations
+            causal_lm(policy).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        if model_cfg["compile"]:
+            for lm in (policy, model.reference):
+                if lm is not None:
+                    causal_lm(lm).base_model.compile(dynamic=True)
         return model
 
     def set_reference(self, reference: PreTrainedModel | None) -> None:
@@ -196,7 +220,9 @@ class DPOModel(nn.Module):
         else:
             self.adapter_reference = False
         self._reference = (
-            [SequenceLogprobs(reference, self.logprob_chunk_size)] if reference is not None else []
+            [SequenceLogprobs(reference, self.logprob_chunk_size, self.autocast)]
+            if reference is not None
+            else []
         )
 
     @property
@@ -268,7 +294,7 @@ class DPOModel(nn.Module):
         elif model is self.reference:
             runner = self._reference[0]
         else:
-            runner = SequenceLogprobs(model, self.logprob_chunk_size)
+            runner = SequenceLogprobs(model, self.logprob_chunk_size, self.autocast)
         return runner(token_layout(batch), 2 * len(batch["chosen_rewards"]))
 
     def get_loss_and_metrics(

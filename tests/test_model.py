@@ -125,3 +125,32 @@ def test_precomputed_reference_logps_are_used(tiny_model_dir, tokenizer):
     beta = OmegaConf.to_container(load_config(None, ["model.path=x", "data.train=y"]).dpo)["ref_policy_kl_penalty"]
     assert metrics["rewards_chosen_mean"].item() == pytest.approx(-beta, abs=1e-5)
     assert metrics["rewards_rejected_mean"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_model_dir, tokenizer):
+    batch = dpo_custom_collate(examples(tokenizer), tokenizer.eos_token_id)
+    grads = []
+    for flag in ("false", "true"):
+        model = build(tiny_model_dir("llama"), f"model.activation_checkpointing={flag}")
+        with torch.no_grad():  # move the policy off the reference so the DPO gradient is not symmetric
+            for p in model.policy.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        model.train()
+        loss, _ = model.get_loss_and_metrics(batch, forward_only=False)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.policy.named_parameters()})
+        assert model.policy.is_gradient_checkpointing is (flag == "true")
+        assert not model.reference.is_gradient_checkpointing
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bf16_autocast_stays_close_and_fp32(tiny_model_dir, tokenizer):
+    batch = dpo_custom_collate(examples(tokenizer), tokenizer.eos_token_id)
+    exact = build(tiny_model_dir("llama"))
+    mixed = build(tiny_model_dir("llama"), "model.autocast=bfloat16")
+    with torch.no_grad():
+        a, _ = exact.sequence_logprobs(exact.policy, batch)
+        b, _ = mixed.sequence_logprobs(mixed.policy, batch)
+    assert b.dtype == torch.float32 and not torch.equal(a, b), "autocast should change the arithmetic"
+    torch.testing.assert_close(b, a, rtol=2e-2, atol=0.5)

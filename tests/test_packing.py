@@ -61,35 +61,38 @@ def in_pair_order(micro_batches, values, num_pairs: int) -> tuple[torch.Tensor, 
     return logps, counts
 
 
-def padded_and_packed(
-    model: DPOModel, exs: list[dict], layout: str, reference: DPOModel | None = None, **kwargs
-):
-    """(padded, packed) sequence log-probs and counts; the padded ones from ``reference`` if given."""
-    reference = reference or model
+def padded_logprobs(model: DPOModel, exs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        padded = reference.sequence_logprobs(reference.policy, dpo_custom_collate(exs, EOS_ID))
+        return model.sequence_logprobs(model.policy, dpo_custom_collate(exs, EOS_ID))
+
+
+def packed_logprobs(
+    model: DPOModel, exs: list[dict], layout: str, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
         batches = collate_for(model, layout, **kwargs)(exs)
-        packed = in_pair_order(batches, [model.sequence_logprobs(model.policy, b) for b in batches], len(exs))
-    return padded, packed
+        return in_pair_order(batches, [model.sequence_logprobs(model.policy, b) for b in batches], len(exs))
 
 
-def assert_same_logprobs(padded, packed) -> None:
+def assert_same_logprobs(packed, padded, layout: str) -> None:
     # sums of up to 60 fp32 log-probs of ~5.7 nats: one ulp is 1.5e-5, hence the relative term
-    torch.testing.assert_close(packed[0], padded[0], rtol=1e-6, atol=1e-5)
-    assert torch.equal(packed[1], padded[1])
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-6, atol=1e-5, msg=layout)
+    assert torch.equal(packed[1], padded[1]), layout
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_logprobs_match_padded(arch, layout, tiny_model_dir, tokenizer):
+def test_logprobs_match_padded(arch, tiny_model_dir, tokenizer):
     """Default attention (sdpa; gemma2: eager, alternating sliding/full layers, soft-capped)."""
-    assert_same_logprobs(*padded_and_packed(build(tiny_model_dir(arch)), examples(len(tokenizer)), layout))
+    model, exs = build(tiny_model_dir(arch)), examples(len(tokenizer))
+    padded = padded_logprobs(model, exs)
+    for layout in LAYOUTS:
+        assert_same_logprobs(packed_logprobs(model, exs, layout), padded, layout)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_logprobs_match_padded_eager(arch, tiny_model_dir, tokenizer):
-    model = build(tiny_model_dir(arch), "model.attn_implementation=eager")
-    assert_same_logprobs(*padded_and_packed(model, examples(len(tokenizer)), "packed+shared"))
+    model, exs = build(tiny_model_dir(arch), "model.attn_implementation=eager"), examples(len(tokenizer))
+    assert_same_logprobs(packed_logprobs(model, exs, "packed+shared"), padded_logprobs(model, exs), "eager")
 
 
 def test_logprobs_match_padded_qwen3_mixed_layers(tmp_path, tokenizer):
@@ -102,7 +105,8 @@ def test_logprobs_match_padded_qwen3_mixed_layers(tmp_path, tokenizer):
         save_tiny(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), tokenizer, tmp_path)
     )
     assert set(model.policy.config.layer_types) == {"full_attention", "sliding_attention"}
-    assert_same_logprobs(*padded_and_packed(model, examples(len(tokenizer)), "packed+shared"))
+    exs = examples(len(tokenizer))
+    assert_same_logprobs(packed_logprobs(model, exs, "packed+shared"), padded_logprobs(model, exs), "qwen3")
 
 
 def test_logprobs_match_padded_flex_attention(tiny_model_dir, tokenizer):
@@ -110,15 +114,16 @@ def test_logprobs_match_padded_flex_attention(tiny_model_dir, tokenizer):
     every micro-batch is padded to one [rows, multiple of 128] shape so flex_attention compiles once."""
     model = build(tiny_model_dir("gemma2"), "model.attn_implementation=flex_attention")
     exs = examples(len(tokenizer))
+    padded = padded_logprobs(
+        build(tiny_model_dir("gemma2")), exs
+    )  # eager: padded shapes would recompile flex
     for layout in LAYOUTS:
-        padded, packed = padded_and_packed(model, exs, layout, reference=build(tiny_model_dir("gemma2")))
-        assert_same_logprobs(padded, packed)
+        assert_same_logprobs(packed_logprobs(model, exs, layout), padded, layout)
     batches = collate_for(model, "packed", max_tokens_per_row=100)(exs)
     assert {tuple(b["input_ids"].shape) for b in batches} == {(2, 128)}
 
 
-@pytest.mark.parametrize("rows_per_micro_batch", [100, 1])
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize(("arch", "rows_per_micro_batch"), [("llama", 1), ("gemma2", 100)])
 def test_loss_and_gradients_match_padded(arch, rows_per_micro_batch, tiny_model_dir, tokenizer):
     """One packed+shared micro-batch (100 rows), or several accumulated as the trainer does (1 row each)."""
     model = build(tiny_model_dir(arch), "dpo.sft_loss_weight=0.5")
@@ -208,23 +213,25 @@ def test_shared_prompt_mask_and_positions():
     assert windowed[6] == [0, 0, 0, 0, 0, 1, 1]
 
 
-def test_position_ids_alone_do_not_isolate(tiny_model_dir, tokenizer):
-    """Negative controls: the same rows with a wrong mask give different log-probs."""
+def test_wrong_masks_give_different_logprobs(tiny_model_dir, tokenizer):
+    """Negative controls (the parity tests are sensitive): the same rows with a wrong mask."""
     llama, mistral = build(tiny_model_dir("llama")), build(tiny_model_dir("mistral"))
     exs = examples(len(tokenizer))
 
-    def max_error(model: DPOModel, layout: str, **mask) -> float:
+    def max_error(model: DPOModel, layout: str, wrong_mask) -> float:
+        padded, _ = padded_logprobs(model, exs)
         with torch.no_grad():
-            padded, _ = model.sequence_logprobs(model.policy, dpo_custom_collate(exs, EOS_ID))
-            batches = [{**b, **mask} for b in collate_for(model, layout)(exs)]
+            batches = [{**b, "attention_mask": wrong_mask(b)} for b in collate_for(model, layout)(exs)]
             wrong = [model.sequence_logprobs(model.policy, b) for b in batches]
         return (in_pair_order(batches, wrong, len(exs))[0] - padded).abs().max().item()
 
-    batch = collate_for(llama, "packed")(exs)[0]
-    assert max_error(llama, "packed", attention_mask=torch.ones_like(batch["input_ids"])) > 0.1
-    assert max_error(llama, "packed+shared", attention_mask=None) > 0.1  # rejected cut off from its prompt
-    full = collate_for(llama, "packed")(exs)[0]["attention_mask"]  # llama's mask: no window
-    assert max_error(mistral, "packed", attention_mask=full) > 0.1  # the window matters in these examples
+    # position_ids alone with a 2-D all-ones mask: sequences of a row see each other
+    assert max_error(llama, "packed", lambda b: torch.ones_like(b["input_ids"])) > 0.1
+    # no mask: transformers splits sequences where positions restart, cutting rejected off its prompt
+    assert max_error(llama, "packed+shared", lambda b: None) > 0.1
+    # llama's mask on mistral's rows (no window): the sliding window matters in these examples
+    full = {tuple(b["indices"].tolist()): b["attention_mask"] for b in collate_for(llama, "packed")(exs)}
+    assert max_error(mistral, "packed", lambda b: full[tuple(b["indices"].tolist())]) > 0.1
 
 
 def test_unsupported_combinations_raise():
