@@ -171,6 +171,7 @@ class DPOModel(nn.Module):
         self._reference: list[SequenceLogprobs] = []
         self.logprob_chunk_size = logprob_chunk_size
         self.dist = DistInfo()
+        self.reference_sharded = False  # FSDP2: reference forwards are collectives every rank must join
         self.adapter_reference = is_peft(policy)  # LoRA: the reference is the policy with adapters off
         if reference is not None:
             self.set_reference(reference)
@@ -262,6 +263,7 @@ class DPOModel(nn.Module):
             raise ValueError("LoRA with distributed.strategy=fsdp2 is not supported yet: use ddp")
         if strategy == "fsdp2" and info.distributed and self._reference:
             shard(self._reference[0], self._reference[0].model)
+            self.reference_sharded = True
 
     def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Context: skip the gradient reduction (all micro-batches of a step but the last)."""

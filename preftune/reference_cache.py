@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from preftune.data import PreferenceDataset
+from preftune.distributed import barrier, gather_objects
 from preftune.model import DPOModel
 
 CACHE_VERSION = 1  # bump when the computation changes: every cached file becomes stale
@@ -74,7 +75,8 @@ def compute_reference_logps(
     device = model.device
     row_of = {index: row for row, index in enumerate(indices)}
     out = torch.full((len(indices), 2), float("nan"))
-    with tqdm(total=len(indices), desc="reference log-probs", unit=" pairs", disable=None) as progress:
+    quiet = None if model.dist.is_main else True  # None: tqdm shows the bar on a terminal only
+    with tqdm(total=len(indices), desc="reference log-probs", unit=" pairs", disable=quiet) as progress:
         for start in range(0, len(indices), batch_pairs):
             pairs = [dataset[i] for i in indices[start : start + batch_pairs]]
             for batch in collate_fn(pairs):
@@ -116,18 +118,28 @@ class ReferenceCache(torch.utils.data.Dataset):
         path = Path(path_dir) / f"{dataset.fingerprint}-{model_fingerprint}.pt"
         if path.is_file():
             return cls(dataset, torch.load(path, weights_only=True), path, from_cache=True)
+        barrier(model.dist)  # every rank has looked before rank 0 writes the file
 
         def length(i: int) -> int:
             ex = dataset[i]
             return len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
 
         order = sorted(range(len(dataset)), key=length, reverse=True)
+        info = model.dist
+        # FSDP2's forwards are collectives, so every rank runs all of them; otherwise each rank takes a slice.
+        share = (
+            order if not info.distributed or model.reference_sharded else order[info.rank :: info.world_size]
+        )
+        part = compute_reference_logps(model, dataset, collate_fn, share, batch_pairs=batch_pairs)
         logps = torch.empty(len(dataset), 2)
-        logps[order] = compute_reference_logps(model, dataset, collate_fn, order, batch_pairs=batch_pairs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(logps, tmp)
-        os.replace(tmp, path)
+        for indices, values in gather_objects((share, part), info):
+            logps[indices] = values
+        if info.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(logps, tmp)
+            os.replace(tmp, path)
+        barrier(info)
         return cls(dataset, logps, path, from_cache=False)
 
     def __len__(self) -> int:

@@ -87,6 +87,17 @@ def test_two_processes_equal_one(strategy, single, tmp_path, tiny_model_dir, pai
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_precomputed_reference_under_two_processes(strategy, single, tmp_path, tiny_model_dir, pair_files):
+    multi = launch(tmp_path, "pre", 2, tiny_model_dir("llama"), pair_files, f"trainer.max_steps={STEPS}",
+                   f"distributed.strategy={strategy}", "reference.mode=precompute")
+    assert len(list((multi / "cache/reference").glob("*.pt"))) == 2, "one cache file per dataset"
+    a, b = train_records(single), train_records(multi)
+    for step in a:
+        for key in ("train/loss", "train/acc", "train/rewards_chosen_mean"):
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_process_checkpoint_resumes_on_one(strategy, single, tmp_path, tiny_model_dir, pair_files):
     model_dir = tiny_model_dir("llama")
     out = launch(tmp_path, "resume", 2, model_dir, pair_files, "trainer.max_steps=1",
