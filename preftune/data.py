@@ -486,8 +486,18 @@ def padded_micro_batches(
     eos_id: int,
     pad_to_multiple_of: int | None = None,
 ) -> list[dict[str, Tensor]]:
-    """A rank's share of a global batch as padded micro-batches of ``micro_batch_size`` pairs."""
+    """A rank's share of a global batch as padded micro-batches of ``micro_batch_size`` pairs.
+
+    Pairs are grouped by length (longest first) so each micro-batch pads little; the step's objective is the
+    same whatever the grouping, since each micro-batch's loss is weighted by its share of the pairs.
+    """
+    pairs = sorted(pairs, key=pair_length, reverse=True)
     return [
         dpo_custom_collate(pairs[i : i + micro_batch_size], eos_id, pad_to_multiple_of)
         for i in range(0, len(pairs), micro_batch_size)
     ]
+
+
+def pair_length(pair: dict[str, Any]) -> int:
+    """Tokens of prompt + the longer response: the padded length a pair needs."""
+    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))

@@ -19,6 +19,8 @@ from preftune.model import DPOModel
 
 from conftest import make_pairs, records, run
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the real recipe
+
 LORA = ("model.lora.r=4", "model.lora.alpha=8")
 
 

@@ -16,6 +16,8 @@ from preftune.checkpoint import Checkpointer
 
 from conftest import records, run
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the real recipe
+
 REQUIRED_METRICS = ("loss", "sft_loss", "preference_loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean")
 
 
