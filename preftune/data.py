@@ -204,8 +204,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
             pair_tokenizer.chat_template,
             completions,
         ]
+        # changes whenever the tokenized examples would (files' content, tokenizer, settings)
         self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
-        """Changes whenever the tokenized examples would (files' content, tokenizer, settings)."""
         name = self.sources[0].path.stem + (f"+{len(self.sources) - 1}" if len(self.sources) > 1 else "")
         cache_file = Path(cache_dir) / f"{name}-{self.fingerprint}.pt" if cache_dir is not None else None
         if cache_file is not None and cache_file.is_file():

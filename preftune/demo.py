@@ -140,7 +140,7 @@ def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: 
         "dpo": {"ref_policy_kl_penalty": 0.1, "preference_loss": "dpo", "sft_loss_weight": 0.02},
         "optim": {"lr": 1.0e-3, "weight_decay": 0.0, "sched": {"warmup_steps": 10, "min_lr": 1.0e-4}},
         "trainer": {
-            "max_epochs": 3,
+            "max_epochs": 2,
             "max_steps": -1,
             "val_check_interval": 50,
             "save_interval": 500,

@@ -148,8 +148,8 @@ def test_loss_and_gradients_match_padded(arch, rows_per_micro_batch, tiny_model_
     packed_loss, packed_grads = loss_and_grads(packed)
     assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
     assert any(g.abs().max() > 1e-3 for g in padded_grads)
-    for name_grad in zip(dict(model.policy.named_parameters()), packed_grads, padded_grads, strict=True):
-        name, packed_grad, padded_grad = name_grad
+    names = [name for name, _ in model.policy.named_parameters()]
+    for name, packed_grad, padded_grad in zip(names, packed_grads, padded_grads, strict=True):
         torch.testing.assert_close(packed_grad, padded_grad, rtol=0, atol=1e-5, msg=name)
 
 
@@ -190,6 +190,16 @@ def test_rows_respect_budget_and_keep_pairs_whole(layout):
         assert len(fill) <= math.ceil(sum(fill) / budget) + 1  # rows near the budget
     else:
         assert len(fill) == len(exs)
+    multi_row = build_packed_collate(eos_id=EOS_ID, model_config=config, attn_implementation="sdpa", pack=pack,
+                                     share_prompt=share, max_tokens_per_row=budget, rows_per_micro_batch=4)  # fmt: skip
+    for batch in multi_row(exs):  # a pair's chosen and rejected targets lie in one row
+        p, length = len(batch["indices"]), batch["input_ids"].shape[1]
+        row = batch["hidden_index"] // length
+        for i in range(p):
+            assert (
+                len(set(row[(batch["sequence_index"] == i) | (batch["sequence_index"] == p + i)].tolist()))
+                == 1
+            )
     with pytest.raises(ValueError, match="raise data.pack_length"):
         collate([{**exs[0], "chosen_ids": [6] * budget}])
 

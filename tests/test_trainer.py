@@ -156,3 +156,30 @@ def test_precomputed_reference_matches_online(tmp_path, tiny_model_dir, pair_fil
             assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
     for key in ("loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean"):
         assert cached_val[key] == pytest.approx(online_val[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("data.packing=true",),
+        ("data.share_prompt=true",),
+        ("data.packing=true", "data.share_prompt=true", "data.pack_length=160"),
+        ("data.packing=true", "data.share_prompt=true", "reference.mode=precompute"),
+    ],
+    ids=["packed", "shared", "packed+shared", "packed+shared+precompute"],
+)
+def test_packed_layouts_follow_the_padded_trajectory(layout, tmp_path, tiny_model_dir, pair_files):
+    model_dir = tiny_model_dir("mistral")  # sliding window 16: the masks must keep it per sequence
+    # Adam divides each gradient element by its own magnitude: with eps 1e-8 an element whose gradient is
+    # ~1e-9 turns summation-order noise into a full-size update, so weights are compared with eps 1e-4.
+    common = ("trainer.max_steps=3", "optim.eps=1e-4")
+    _, padded = run(tmp_path, "padded", model_dir, pair_files, *common)
+    _, packed = run(tmp_path, "packed", model_dir, pair_files, *common, *layout)
+    a, b = records(padded, "train"), records(packed, "train")
+    for step in a:
+        for key in ("train/loss", "train/acc", "train/rewards_chosen_mean", "train/grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
+    assert b[1]["train/tokens_per_sec"] > 0
+    wa, wb = weights(padded / "checkpoints/step_3"), weights(packed / "checkpoints/step_3")
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=key)
