@@ -491,13 +491,13 @@ def padded_micro_batches(
     Pairs are grouped by length (longest first) so each micro-batch pads little; the step's objective is the
     same whatever the grouping, since each micro-batch's loss is weighted by its share of the pairs.
     """
-    pairs = sorted(pairs, key=pair_length, reverse=True)
+    pairs = sorted(pairs, key=padded_length, reverse=True)
     return [
         dpo_custom_collate(pairs[i : i + micro_batch_size], eos_id, pad_to_multiple_of)
         for i in range(0, len(pairs), micro_batch_size)
     ]
 
 
-def pair_length(pair: dict[str, Any]) -> int:
+def padded_length(pair: dict[str, Any]) -> int:
     """Tokens of prompt + the longer response: the padded length a pair needs."""
     return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))

@@ -109,7 +109,7 @@ def attention_mask(
     return mask
 
 
-def pair_length(example: dict[str, Any], share_prompt: bool) -> int:
+def row_tokens(example: dict[str, Any], share_prompt: bool) -> int:
     """Tokens a pair takes in a row: prompt once (shared) or twice, plus both responses."""
     prompt = len(example["prompt_ids"])
     return (1 if share_prompt else 2) * prompt + len(example["chosen_ids"]) + len(example["rejected_ids"])
@@ -271,7 +271,7 @@ def build_packed_collate(
         return batch
 
     def collate(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        lengths = [pair_length(ex, share_prompt) for ex in pairs]
+        lengths = [row_tokens(ex, share_prompt) for ex in pairs]
         for ex, n in zip(pairs, lengths, strict=True):
             if n > max_tokens_per_row:
                 raise ValueError(

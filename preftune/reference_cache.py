@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from preftune.data import PreferenceDataset, pair_length
+from preftune.data import PreferenceDataset, padded_length
 from preftune.distributed import barrier, gather_objects
 from preftune.model import DPOModel
 
@@ -120,7 +120,7 @@ class ReferenceCache(torch.utils.data.Dataset):
             return cls(dataset, torch.load(path, weights_only=True), path, from_cache=True)
         barrier(model.dist)  # every rank has looked before rank 0 writes the file
 
-        order = sorted(range(len(dataset)), key=lambda i: pair_length(dataset[i]), reverse=True)
+        order = sorted(range(len(dataset)), key=lambda i: padded_length(dataset[i]), reverse=True)
         info = model.dist
         # FSDP2's forwards are collectives, so every rank runs all of them; otherwise each rank takes a slice.
         share = (

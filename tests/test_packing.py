@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen3
 from preftune.config import load_config
 from preftune.data import dpo_custom_collate
 from preftune.model import DPOModel
-from preftune.packing import build_packed_collate, dense_mask, layout_rows, pair_length
+from preftune.packing import build_packed_collate, dense_mask, layout_rows, row_tokens
 from preftune.tiny import EOS_ID, SLIDING_WINDOW, TINY_ARCHS, save_tiny
 
 LAYOUTS = {"packed": (True, False), "shared": (False, True), "packed+shared": (True, True)}
@@ -175,8 +175,8 @@ def test_rows_respect_budget_and_keep_pairs_whole(layout):
         rows, length = batch["input_ids"].shape
         assert rows == 1 and length <= budget  # one row each: its length is its real token count
         p = len(batch["indices"])
-        row_tokens = sum(pair_length(by_index[i], share) for i in batch["indices"].tolist())
-        assert int(batch["num_tokens"]) == row_tokens == length
+        used = sum(row_tokens(by_index[i], share) for i in batch["indices"].tolist())
+        assert int(batch["num_tokens"]) == used == length
         fill.append(length)
         assert batch["sequence_index"].max() < 2 * p
         for i, index in enumerate(batch["indices"].tolist()):  # the targets are each pair's responses
