@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 venv: $(VENV)/.installed
 
 demo: venv
+	rm -rf runs/demo
 	$(PY) -m preftune demo --output-dir runs/demo
 
 test: venv

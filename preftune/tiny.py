@@ -71,7 +71,7 @@ def build_tiny_model(
 ) -> PreTrainedModel:
     """A seeded random-init fp32 causal LM of family `arch`; `overrides` are extra config kwargs.
 
-    Everything not set here keeps the family's default (notably gpt2's dropout of 0.1).
+    The default special-token ids match `train_tokenizer`; gpt2 keeps its default dropout of 0.1.
     """
     inter = intermediate_size or 4 * hidden_size
     ids = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -87,37 +87,21 @@ def build_tiny_model(
         max_position_embeddings=max_position_embeddings,
         **ids,
     )
+    # Each family keeps its own defaults except for what is set here; comments name the trap it covers.
     if arch == "llama":  # untied head, RoPE, grouped-query attention
         config_cls, kwargs = LlamaConfig, dict(common, tie_word_embeddings=False)
     elif arch == "qwen2":  # q/k/v bias, tied embeddings
         config_cls, kwargs = Qwen2Config, dict(common, tie_word_embeddings=True)
     elif arch == "mistral":  # sliding-window attention on every layer
         config_cls, kwargs = MistralConfig, dict(common, sliding_window=SLIDING_WINDOW)
-    elif (
-        arch == "gemma2"
-    ):  # attention + final logit soft-capping, alternating sliding layers, sqrt(hidden) embeddings
-        config_cls, kwargs = (
-            Gemma2Config,
-            dict(
-                common,
-                query_pre_attn_scalar=head_dim,
-                sliding_window=SLIDING_WINDOW,
-                tie_word_embeddings=True,
-            ),
-        )
+    elif arch == "gemma2":  # attention + final-logit soft-capping, sliding layers, scaled embeddings
+        config_cls = Gemma2Config
+        kwargs = dict(common, query_pre_attn_scalar=head_dim, sliding_window=SLIDING_WINDOW)
+        kwargs.update(tie_word_embeddings=True)
     elif arch == "gpt2":  # learned absolute positions, LayerNorm, tied head, dropout 0.1
-        config_cls, kwargs = (
-            GPT2Config,
-            dict(
-                vocab_size=vocab_size,
-                n_embd=hidden_size,
-                n_layer=num_layers,
-                n_head=num_heads,
-                n_inner=inter,
-                n_positions=max_position_embeddings,
-                **ids,
-            ),
-        )
+        config_cls = GPT2Config
+        kwargs = dict(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, **ids)
+        kwargs.update(n_inner=inter, n_positions=max_position_embeddings)
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; choose one of {TINY_ARCHS}")
     config = config_cls(**{**kwargs, **overrides})

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from preftune.config import load_config
 from preftune.demo import CATEGORIES, make_preference_pairs, prepare_demo
 from preftune.tiny import TINY_ARCHS, build_tiny_model, save_tiny, train_tokenizer
 
@@ -147,6 +147,6 @@ def test_prepare_demo_writes_loadable_files(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     model = AutoModelForCausalLM.from_pretrained(paths["model"])
     assert model.config.model_type == "llama" and model.config.vocab_size == len(tokenizer)
-    cfg = OmegaConf.load(paths["config"])
+    cfg = load_config(paths["config"])  # only keys preftune knows
     assert cfg.model.path == str(paths["model"]) and cfg.data.train == str(paths["train"])
     assert cfg.output_dir == str(tmp_path.resolve() / "demo" / "run")
