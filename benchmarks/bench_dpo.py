@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -92,10 +93,13 @@ MODES = {
     "packed": ["data.packing=true"],
     "share_prompt": ["data.share_prompt=true"],
     "packed_share_prompt": ["data.packing=true", "data.share_prompt=true"],
+    # the switches combined: speed (prompt once, reference cached) and memory (plus activation checkpointing)
+    "fast": ["data.share_prompt=true", "reference.mode=precompute"],
+    "lean": ["data.share_prompt=true", "reference.mode=precompute", "model.activation_checkpointing=true"],
 }
 DEFAULT_MODES = {
     "small": list(MODES),
-    "bigvocab": ["padded", "precompute"],
+    "bigvocab": ["padded", "precompute", "fast", "lean"],
 }
 CHILD_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -516,7 +520,10 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
             tracker.after_step()
 
     clock = StepClock()
-    args = DPOConfig(**spec["trl_args"], output_dir=str(Path(spec["run_dir"]) / "trl"))
+    kwargs = dict(spec["trl_args"], dataloader_pin_memory=tracker.cuda)
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(DPOConfig)}:
+        kwargs["activation_checkpointing"] = False  # transformers 5's name of gradient_checkpointing
+    args = DPOConfig(**kwargs, output_dir=str(Path(spec["run_dir"]) / "trl"))
     trainer = DPOTrainer(
         model=spec["model_dir"],
         ref_model=None,  # TRL creates the separate frozen reference from the same directory
@@ -548,6 +555,10 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "wall_s": wall,
         "threads": torch.get_num_threads(),
         "reference_model_separate": trainer.ref_model is not None,
+        "activation_checkpointing_on": bool(
+            getattr(trainer.model, "is_activation_checkpointing", None)
+            or getattr(trainer.model, "is_gradient_checkpointing", False)
+        ),
         **tracker.report(),
     }
 
@@ -880,9 +891,15 @@ def main() -> None:
             if trl_run is not None and "s_per_step" in r and r is not trl_run:
                 r["x_trl_pairs_per_s"] = round(r["pairs_per_s"] / trl_run["pairs_per_s"], 3)
                 r["x_trl_memory"] = round(r["peak_mib"] / trl_run["peak_mib"], 3)
-        padded = next((r for r in model_runs if r.get("mode") == "padded" and "step1" in r), None)
+        # preftune's side of the check: the padded run, else the first preftune run with an online reference.
+        candidates = [r for r in model_runs if r["trainer"] == "preftune" and "step1" in r]
+        padded = next(
+            (r for r in candidates if r["mode"] == "padded"),
+            next((r for r in candidates if r["mode"] != "precompute"), candidates[0] if candidates else None),
+        )
         check: dict[str, Any] = {"log2": round(math.log(2), 6)}
         if padded is not None:
+            check["preftune_mode"] = padded["mode"]
             check["preftune_step1_loss"] = padded["step1"]["loss"]
             check["preftune_step1_logps_chosen_mean"] = padded["step1"]["logps_chosen_mean"]
         if trl_run is not None:

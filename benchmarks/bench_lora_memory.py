@@ -49,7 +49,11 @@ def main() -> None:
         data = {}
         for name, words in (("short", 12), ("long", 60)):
             pairs = [
-                {"prompt": sentence(rng, words), "chosen": sentence(rng, words), "rejected": sentence(rng, words)}
+                {
+                    "prompt": sentence(rng, words),
+                    "chosen": sentence(rng, words),
+                    "rejected": sentence(rng, words),
+                }
                 for _ in range(64)
             ]
             data[name] = root / f"{name}.jsonl"
@@ -80,7 +84,8 @@ def main() -> None:
         "steps": args.steps,
         "peak_rss_mib": peaks,
         "over_full_finetune": {
-            length: {run: round(mib / p["full_finetune"], 3) for run, mib in p.items()} for length, p in peaks.items()
+            length: {run: round(mib / p["full_finetune"], 3) for run, mib in p.items()}
+            for length, p in peaks.items()
         },
     }
     print(json.dumps(result, indent=2))
