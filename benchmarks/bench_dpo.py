@@ -86,6 +86,7 @@ ARCH = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size"
 # preftune modes: the config overrides of each (all keys must exist in preftune's default config).
 MODES = {
     "padded": [],
+    "grouped": ["data.micro_batch_size=2"],  # the same 8 pairs a step, in length-grouped micro-batches of 2
     "precompute": ["reference.mode=precompute"],
     "bf16_autocast": ["model.autocast=bfloat16"],
     "compile": ["model.compile=true"],
@@ -94,12 +95,17 @@ MODES = {
     "share_prompt": ["data.share_prompt=true"],
     "packed_share_prompt": ["data.packing=true", "data.share_prompt=true"],
     # the switches combined: speed (prompt once, reference cached) and memory (plus activation checkpointing)
-    "fast": ["data.share_prompt=true", "reference.mode=precompute"],
-    "lean": ["data.share_prompt=true", "reference.mode=precompute", "model.activation_checkpointing=true"],
+    "fast": ["data.share_prompt=true", "reference.mode=precompute", "data.micro_batch_size=2"],
+    "lean": [
+        "data.share_prompt=true",
+        "reference.mode=precompute",
+        "data.micro_batch_size=2",
+        "model.activation_checkpointing=true",
+    ],
 }
 DEFAULT_MODES = {
     "small": list(MODES),
-    "bigvocab": ["padded", "precompute", "fast", "lean"],
+    "bigvocab": ["padded", "grouped", "precompute", "fast", "lean"],
 }
 CHILD_ENV = {
     "HF_HUB_OFFLINE": "1",

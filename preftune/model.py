@@ -82,7 +82,7 @@ def token_layout(batch: Mapping[str, Tensor]) -> dict[str, Any]:
     predicted by the hidden state at flat position ``hidden_index[n]`` of the [R * L] rows, is the token
     ``target_ids[n]``, and belongs to sequence ``sequence_index[n]`` (pair i's chosen is i, its rejected
     P + i). A packed or shared-prompt batch carries these keys itself; a padded batch from
-    ``dpo_custom_collate`` is converted here (chosen rows, then rejected rows).
+    ``dpo_custom_collate`` is converted here (chosen rows, then rejected rows, run without a mask).
     """
     if "hidden_index" in batch:
         return dict(batch)
@@ -96,7 +96,9 @@ def token_layout(batch: Mapping[str, Tensor]) -> dict[str, Any]:
     return {
         "input_ids": input_ids,
         "position_ids": batch["position_ids"],
-        "attention_mask": batch["attention_mask"],
+        # Right padding: causal attention alone keeps every real token from seeing the padding after it, so
+        # no mask is needed, and without one SDPA takes its fused causal kernel instead of a masked one.
+        "attention_mask": None,
         "hidden_index": positions[selected],
         "target_ids": next_labels[selected],
         "sequence_index": row_index[selected],
