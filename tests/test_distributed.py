@@ -44,8 +44,19 @@ def launch(tmp_path: Path, name: str, nproc: int, model_dir: Path, files: dict, 
     if nproc == 1:
         cmd = [sys.executable, "-m", "preftune", "train", "--config", str(config), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={free_port()}", "-m", "preftune", "train", "--config", str(config), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}",
+            "-m",
+            "preftune",
+            "train",
+            "--config",
+            str(config),
+            *args,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -63,24 +74,47 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_model_dir, pair_files):
-    return launch(tmp_path_factory.mktemp("single"), "run", 1, tiny_model_dir("llama"), pair_files,
-                  f"trainer.max_steps={STEPS}")
+    return launch(
+        tmp_path_factory.mktemp("single"),
+        "run",
+        1,
+        tiny_model_dir("llama"),
+        pair_files,
+        f"trainer.max_steps={STEPS}",
+    )
 
 
 @pytest.mark.parametrize(
     "strategy, layout",
-    [("ddp", ()), ("fsdp2", ()), ("fsdp2", ("data.packing=true", "data.share_prompt=true", "data.pack_length=96"))],
+    [
+        ("ddp", ()),
+        ("fsdp2", ()),
+        ("fsdp2", ("data.packing=true", "data.share_prompt=true", "data.pack_length=96")),
+    ],
     ids=["ddp", "fsdp2", "fsdp2-packed"],
 )
 def test_two_processes_equal_one(strategy, layout, single, tmp_path, tiny_model_dir, pair_files):
     # packed rows differ per rank, so ranks run different numbers of micro-batches: FSDP2 must still agree
-    multi = launch(tmp_path, strategy, 2, tiny_model_dir("llama"), pair_files, f"trainer.max_steps={STEPS}",
-                   f"distributed.strategy={strategy}", *layout)
+    multi = launch(
+        tmp_path,
+        strategy,
+        2,
+        tiny_model_dir("llama"),
+        pair_files,
+        f"trainer.max_steps={STEPS}",
+        f"distributed.strategy={strategy}",
+        *layout,
+    )
     a, b = train_records(single), train_records(multi)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for step in a:
-        for key in ("train/loss", "train/acc", "train/preference_loss", "train/rewards_chosen_mean",
-                    "train/grad_norm"):
+        for key in (
+            "train/loss",
+            "train/acc",
+            "train/preference_loss",
+            "train/rewards_chosen_mean",
+            "train/grad_norm",
+        ):
             assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (strategy, step, key)
     assert b[1]["train/loss"] == pytest.approx(0.693147, abs=1e-5)
     wa, wb = final_weights(single), final_weights(multi)
@@ -93,8 +127,16 @@ def test_two_processes_equal_one(strategy, layout, single, tmp_path, tiny_model_
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_precomputed_reference_under_two_processes(strategy, single, tmp_path, tiny_model_dir, pair_files):
-    multi = launch(tmp_path, "pre", 2, tiny_model_dir("llama"), pair_files, f"trainer.max_steps={STEPS}",
-                   f"distributed.strategy={strategy}", "reference.mode=precompute")
+    multi = launch(
+        tmp_path,
+        "pre",
+        2,
+        tiny_model_dir("llama"),
+        pair_files,
+        f"trainer.max_steps={STEPS}",
+        f"distributed.strategy={strategy}",
+        "reference.mode=precompute",
+    )
     assert len(list((multi / "cache/reference").glob("*.pt"))) == 2, "one cache file per dataset"
     a, b = train_records(single), train_records(multi)
     for step in a:
@@ -105,8 +147,15 @@ def test_precomputed_reference_under_two_processes(strategy, single, tmp_path, t
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_process_checkpoint_resumes_on_one(strategy, single, tmp_path, tiny_model_dir, pair_files):
     model_dir = tiny_model_dir("llama")
-    out = launch(tmp_path, "resume", 2, model_dir, pair_files, "trainer.max_steps=1",
-                 f"distributed.strategy={strategy}")
+    out = launch(
+        tmp_path,
+        "resume",
+        2,
+        model_dir,
+        pair_files,
+        "trainer.max_steps=1",
+        f"distributed.strategy={strategy}",
+    )
     assert (out / "checkpoints/step_1/optimizer").is_dir()
     launch(tmp_path, "resume", 1, model_dir, pair_files, f"trainer.max_steps={STEPS}")
     a, b = train_records(single), train_records(out)

@@ -65,9 +65,24 @@ def test_resume_accumulation_precompute_checkpoint_and_export(tmp_path, tiny_mod
     model_dir = tiny_model_dir("qwen2")
     common = (*LORA, "optim.lr=2e-2", "optim.sched.max_steps=4", "data.micro_batch_size=2")
     _, straight = run(tmp_path, "straight", model_dir, pair_files, "trainer.max_steps=4", *common)
-    run(tmp_path, "resumed", model_dir, pair_files, "trainer.max_steps=2", "reference.mode=precompute", *common)
-    _, resumed = run(tmp_path, "resumed", model_dir, pair_files, "trainer.max_steps=4",
-                     "reference.mode=precompute", *common)
+    run(
+        tmp_path,
+        "resumed",
+        model_dir,
+        pair_files,
+        "trainer.max_steps=2",
+        "reference.mode=precompute",
+        *common,
+    )
+    _, resumed = run(
+        tmp_path,
+        "resumed",
+        model_dir,
+        pair_files,
+        "trainer.max_steps=4",
+        "reference.mode=precompute",
+        *common,
+    )
     a, b = records(straight, "train"), records(resumed, "train")
     assert a[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
     for step in a:
@@ -82,7 +97,16 @@ def test_resume_accumulation_precompute_checkpoint_and_export(tmp_path, tiny_mod
     with torch.no_grad():
         expected = adapted(ids).logits
     export = tmp_path / "export"
-    cmd = [sys.executable, "-m", "preftune", "export", "--checkpoint", str(checkpoint), "--output", str(export)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "preftune",
+        "export",
+        "--checkpoint",
+        str(checkpoint),
+        "--output",
+        str(export),
+    ]
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--merge" in refused.stderr
     done = subprocess.run([*cmd, "--merge"], capture_output=True, text=True, timeout=300)
@@ -96,8 +120,16 @@ def test_resume_accumulation_precompute_checkpoint_and_export(tmp_path, tiny_mod
 def test_export_full_finetune_copies_model(tmp_path, tiny_model_dir, pair_files):
     _, out = run(tmp_path, "full", tiny_model_dir("llama"), pair_files, "trainer.max_steps=1")
     export = tmp_path / "export"
-    cmd = [sys.executable, "-m", "preftune", "export", "--checkpoint", str(out / "checkpoints/step_1"),
-           "--output", str(export)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "preftune",
+        "export",
+        "--checkpoint",
+        str(out / "checkpoints/step_1"),
+        "--output",
+        str(export),
+    ]
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
     ids = torch.tensor([[0, 5, 17, 23]])
     a = AutoModelForCausalLM.from_pretrained(export)(ids).logits

@@ -49,8 +49,15 @@ def test_reference_free_losses_build_no_reference(name, tiny_model_dir, tokenize
 
 
 def test_reference_free_training_end_to_end(tmp_path, tiny_model_dir, pair_files):
-    _, out = run(tmp_path, "simpo", tiny_model_dir("llama"), pair_files, "trainer.max_steps=2",
-                 "dpo.preference_loss=simpo", "dpo.ref_policy_kl_penalty=2.0")
+    _, out = run(
+        tmp_path,
+        "simpo",
+        tiny_model_dir("llama"),
+        pair_files,
+        "trainer.max_steps=2",
+        "dpo.preference_loss=simpo",
+        "dpo.ref_policy_kl_penalty=2.0",
+    )
     recs = records(out, "train")
     assert sorted(recs) == [1, 2] and all(math.isfinite(r["train/loss"]) for r in recs.values())
 

@@ -25,8 +25,11 @@ def examples(tokenizer, n: int = 6, seed: int = 3) -> list[dict]:
     pair_tokenizer = PairTokenizer(tokenizer, max_seq_length=64)
     pairs = [pair_tokenizer(parse_record(p, "nemo", "test")) for p in make_pairs(n, seed=seed)]
     # include one-token responses and a one-token prompt
-    pairs.append(pair_tokenizer({"prompt": "", "chosen": "cat", "rejected": "dog", "chosen_reward": 1.0,
-                                 "rejected_reward": 0.0}))
+    pairs.append(
+        pair_tokenizer(
+            {"prompt": "", "chosen": "cat", "rejected": "dog", "chosen_reward": 1.0, "rejected_reward": 0.0}
+        )
+    )
     return pairs
 
 
@@ -71,12 +74,18 @@ def test_step_zero_is_log2_with_zero_rewards(arch, tiny_model_dir, tokenizer):
 
 
 def test_sft_and_weights_combine(tiny_model_dir, tokenizer):
-    model = build(tiny_model_dir("llama"), "dpo.sft_loss_weight=0.5", "dpo.preference_loss_weight=2.0",
-                  "dpo.sft_average_log_probs=true")
+    model = build(
+        tiny_model_dir("llama"),
+        "dpo.sft_loss_weight=0.5",
+        "dpo.preference_loss_weight=2.0",
+        "dpo.sft_average_log_probs=true",
+    )
     exs = examples(tokenizer)
     batch = dpo_custom_collate(exs, tokenizer.eos_token_id)
     loss, metrics = model.get_loss_and_metrics(batch, forward_only=True)
-    expected_sft = -sum(slow_logprobs(model.policy, ex, "chosen") / len(ex["chosen_ids"]) for ex in exs) / len(exs)
+    expected_sft = -sum(
+        slow_logprobs(model.policy, ex, "chosen") / len(ex["chosen_ids"]) for ex in exs
+    ) / len(exs)
     assert metrics["sft_loss"].item() == pytest.approx(expected_sft, rel=1e-5)
     assert loss.item() == pytest.approx(2.0 * math.log(2) + 0.5 * expected_sft, rel=1e-5)
 
@@ -111,7 +120,9 @@ def test_reference_is_frozen_copy(tiny_model_dir, tokenizer):
     for key, value in model.reference.state_dict().items():
         assert torch.equal(value, before[key]), key
     _, metrics = model.get_loss_and_metrics(batch, forward_only=True)
-    assert metrics["ref_logps_chosen_mean"].item() != pytest.approx(metrics["logps_chosen_mean"].item(), abs=1e-6)
+    assert metrics["ref_logps_chosen_mean"].item() != pytest.approx(
+        metrics["logps_chosen_mean"].item(), abs=1e-6
+    )
 
 
 def test_precomputed_reference_logps_are_used(tiny_model_dir, tokenizer):
@@ -122,7 +133,9 @@ def test_precomputed_reference_logps_are_used(tiny_model_dir, tokenizer):
     n = len(batch["chosen"])
     shifted = {**batch, "ref_chosen_logps": ref[:n] + 1.0, "ref_rejected_logps": ref[n:]}
     _, metrics = model.get_loss_and_metrics(shifted, forward_only=True)
-    beta = OmegaConf.to_container(load_config(None, ["model.path=x", "data.train=y"]).dpo)["ref_policy_kl_penalty"]
+    beta = OmegaConf.to_container(load_config(None, ["model.path=x", "data.train=y"]).dpo)[
+        "ref_policy_kl_penalty"
+    ]
     assert metrics["rewards_chosen_mean"].item() == pytest.approx(-beta, abs=1e-5)
     assert metrics["rewards_rejected_mean"].item() == pytest.approx(0.0, abs=1e-5)
 

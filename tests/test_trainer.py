@@ -18,7 +18,14 @@ from conftest import records, run
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the real recipe
 
-REQUIRED_METRICS = ("loss", "sft_loss", "preference_loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean")
+REQUIRED_METRICS = (
+    "loss",
+    "sft_loss",
+    "preference_loss",
+    "acc",
+    "rewards_chosen_mean",
+    "rewards_rejected_mean",
+)
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -44,7 +51,12 @@ def test_resume_is_identical_to_straight_run(tmp_path, tiny_model_dir, pair_file
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
     state = json.loads((resumed / "checkpoints/step_6/trainer_state.json").read_text())
-    assert state == {"step": 6, "consumed_samples": 48, "epoch": 0, "loss_state": {}}  # epoch of the last step
+    assert state == {
+        "step": 6,
+        "consumed_samples": 48,
+        "epoch": 0,
+        "loss_state": {},
+    }  # epoch of the last step
 
 
 def test_rerun_of_finished_run_changes_nothing(tmp_path, tiny_model_dir, pair_files):
@@ -74,15 +86,29 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, tiny_model_dir, pair
 def test_metrics_checkpoints_and_validation(tmp_path, tiny_model_dir, pair_files):
     model_dir = tiny_model_dir("qwen2")
     final, out = run(
-        tmp_path, "run", model_dir, pair_files, "trainer.max_epochs=2", "trainer.val_check_interval=0.5",
-        "trainer.save_interval=4", "trainer.limit_val_batches=1",
+        tmp_path,
+        "run",
+        model_dir,
+        pair_files,
+        "trainer.max_epochs=2",
+        "trainer.val_check_interval=0.5",
+        "trainer.save_interval=4",
+        "trainer.limit_val_batches=1",
     )
     train_recs, val_recs = records(out, "train"), records(out, "val")
     assert sorted(train_recs) == list(range(1, 13))  # 48 pairs / 8 per step = 6 steps per epoch, 2 epochs
     assert sorted(val_recs) == [3, 6, 9, 12]  # 0.5 of an epoch = every 3 steps
     first = train_recs[1]
-    for name in (*REQUIRED_METRICS, "grad_norm", "lr", "reward_margin_mean", "logps_chosen_mean",
-                 "logps_rejected_mean", "pairs_per_sec", "tokens_per_sec"):
+    for name in (
+        *REQUIRED_METRICS,
+        "grad_norm",
+        "lr",
+        "reward_margin_mean",
+        "logps_chosen_mean",
+        "logps_rejected_mean",
+        "pairs_per_sec",
+        "tokens_per_sec",
+    ):
         assert f"train/{name}" in first, name
         assert f"val/{name}" in val_recs[3] or name in ("grad_norm", "lr", "pairs_per_sec", "tokens_per_sec")
     assert first["train/loss"] == pytest.approx(0.693147, abs=1e-5)
@@ -116,7 +142,9 @@ def test_incomplete_checkpoints_are_ignored(tmp_path, tiny_model_dir, pair_files
 
 def test_max_time_validates_saves_and_stops(tmp_path, tiny_model_dir, pair_files):
     model_dir = tiny_model_dir("llama")
-    _, out = run(tmp_path, "timed", model_dir, pair_files, "trainer.max_steps=50", "trainer.max_time=00:00:00:00")
+    _, out = run(
+        tmp_path, "timed", model_dir, pair_files, "trainer.max_steps=50", "trainer.max_time=00:00:00:00"
+    )
     assert sorted(records(out, "train")) == [1]
     assert sorted(records(out, "val")) == [1]
     assert Checkpointer(out).latest().name == "step_1"
@@ -136,18 +164,34 @@ def test_cli_train_and_errors(tmp_path, tiny_model_dir, pair_files):
     bad = subprocess.run([*cmd, "trainer.max_step=1"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert "unknown config key 'trainer.max_step'" in bad.stderr and "trainer.max_steps" in bad.stderr
-    missing = subprocess.run([*cmd, "data.train=/nonexistent.jsonl"], capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [*cmd, "data.train=/nonexistent.jsonl"], capture_output=True, text=True, timeout=300
+    )
     assert missing.returncode == 2 and "/nonexistent.jsonl" in missing.stderr
 
 
 def test_precomputed_reference_matches_online(tmp_path, tiny_model_dir, pair_files, capsys):
     model_dir = tiny_model_dir("llama")
     online_val, online = run(tmp_path, "online", model_dir, pair_files, "trainer.max_steps=3")
-    cached_val, cached = run(tmp_path, "cached", model_dir, pair_files, "trainer.max_steps=2",
-                             "reference.mode=precompute", "optim.sched.max_steps=3")
+    cached_val, cached = run(
+        tmp_path,
+        "cached",
+        model_dir,
+        pair_files,
+        "trainer.max_steps=2",
+        "reference.mode=precompute",
+        "optim.sched.max_steps=3",
+    )
     assert "computed into" in capsys.readouterr().out
-    cached_val, cached = run(tmp_path, "cached", model_dir, pair_files, "trainer.max_steps=3",
-                             "reference.mode=precompute", "optim.sched.max_steps=3")
+    cached_val, cached = run(
+        tmp_path,
+        "cached",
+        model_dir,
+        pair_files,
+        "trainer.max_steps=3",
+        "reference.mode=precompute",
+        "optim.sched.max_steps=3",
+    )
     log = capsys.readouterr().out
     assert "resuming from" in log and "loaded from" in log and "computed into" not in log
     a, b = records(online, "train"), records(cached, "train")
