@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from preftune.config import load_config
+from preftune.data import PairTokenizer, dpo_custom_collate, parse_record
 from preftune.recipe import train
 from preftune.tiny import build_tiny_model, save_tiny, train_tokenizer
 
@@ -78,6 +81,25 @@ def records(output_dir: Path, prefix: str) -> dict[int, dict]:
             assert rec["step"] not in out, f"step {rec['step']} logged twice"
             out[rec["step"]] = rec
     return out
+
+
+def pair_batch(tokenizer, n: int = 6, seed: int = 5) -> dict:
+    """A padded micro-batch of ``n`` random pairs."""
+    pair_tokenizer = PairTokenizer(tokenizer, max_seq_length=64)
+    pairs = [pair_tokenizer(parse_record(p, "nemo", "test")) for p in make_pairs(n, seed=seed)]
+    return dpo_custom_collate(pairs, tokenizer.eos_token_id)
+
+
+@pytest.fixture
+def forbid_model_copies(monkeypatch):
+    """Fail if anything deep-copies a module (a reference model must not be built)."""
+    real_deepcopy = copy.deepcopy
+
+    def no_model_copies(obj, *args, **kwargs):
+        assert not isinstance(obj, torch.nn.Module), "no copy of the model may be made"
+        return real_deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import subprocess
@@ -14,36 +13,22 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from preftune.config import load_config
-from preftune.data import PairTokenizer, dpo_custom_collate, parse_record
 from preftune.model import DPOModel
 
-from conftest import make_pairs, records, run
+from conftest import pair_batch, records, run
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the real recipe
 
 LORA = ("model.lora.r=4", "model.lora.alpha=8")
 
 
-def batch_for(tokenizer):
-    pair_tokenizer = PairTokenizer(tokenizer, max_seq_length=64)
-    pairs = [pair_tokenizer(parse_record(p, "nemo", "test")) for p in make_pairs(6, seed=9)]
-    return dpo_custom_collate(pairs, tokenizer.eos_token_id)
-
-
-def test_step_zero_without_a_second_copy(tiny_model_dir, tokenizer, monkeypatch):
-    real_deepcopy = copy.deepcopy
-
-    def no_model_copies(obj, *args, **kwargs):
-        assert not isinstance(obj, torch.nn.Module), "LoRA must not copy the model for its reference"
-        return real_deepcopy(obj, *args, **kwargs)
-
-    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
+def test_step_zero_without_a_second_copy(tiny_model_dir, tokenizer, forbid_model_copies):
     cfg = load_config(None, [f"model.path={tiny_model_dir('llama')}", "data.train=x", *LORA])
     model = DPOModel.from_config(cfg)
     assert model.reference is None and model.has_reference
     trainable = [n for n, p in model.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    batch = batch_for(tokenizer)
+    batch = pair_batch(tokenizer, seed=9)
     loss, metrics = model.get_loss_and_metrics(batch, forward_only=False)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     assert metrics["acc"].item() == 0.0

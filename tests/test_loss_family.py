@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -10,16 +9,9 @@ import torch
 
 from preftune import losses
 from preftune.config import ConfigError, load_config
-from preftune.data import PairTokenizer, dpo_custom_collate, parse_record
 from preftune.model import DPOModel
 
-from conftest import make_pairs, records, run
-
-
-def batch_for(tokenizer, n: int = 6):
-    pair_tokenizer = PairTokenizer(tokenizer, max_seq_length=64)
-    pairs = [pair_tokenizer(parse_record(p, "nemo", "test")) for p in make_pairs(n, seed=5)]
-    return dpo_custom_collate(pairs, tokenizer.eos_token_id)
+from conftest import pair_batch, records, run
 
 
 def build(model_dir, *overrides: str) -> DPOModel:
@@ -27,17 +19,10 @@ def build(model_dir, *overrides: str) -> DPOModel:
 
 
 @pytest.mark.parametrize("name", sorted(losses.REFERENCE_FREE_LOSSES))
-def test_reference_free_losses_build_no_reference(name, tiny_model_dir, tokenizer, monkeypatch):
-    real_deepcopy = copy.deepcopy
-
-    def no_model_copies(obj, *args, **kwargs):
-        assert not isinstance(obj, torch.nn.Module), "a reference-free loss must not copy the policy"
-        return real_deepcopy(obj, *args, **kwargs)
-
-    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
+def test_reference_free_losses_build_no_reference(name, tiny_model_dir, tokenizer, forbid_model_copies):
     model = build(tiny_model_dir("llama"), f"dpo.preference_loss={name}")
     assert model.reference is None
-    batch = batch_for(tokenizer)
+    batch = pair_batch(tokenizer, seed=5)
     loss, metrics = model.get_loss_and_metrics(batch, forward_only=False)
     loss.backward()
     assert math.isfinite(loss.item()) and "ref_logps_chosen_mean" not in metrics
@@ -64,7 +49,7 @@ def test_reference_free_training_end_to_end(tmp_path, tiny_model_dir, pair_files
 
 def test_mixture_equals_weighted_parts(tiny_model_dir, tokenizer):
     model_dir = tiny_model_dir("llama")
-    batch = batch_for(tokenizer)
+    batch = pair_batch(tokenizer, seed=5)
     mixed = build(model_dir, "dpo.preference_loss=[dpo,hinge]", "dpo.preference_loss_weights=[0.8,0.2]")
     # move the policy away from the reference so both parts are non-trivial
     with torch.no_grad():
@@ -81,7 +66,7 @@ def test_mixture_equals_weighted_parts(tiny_model_dir, tokenizer):
 
 def test_rdpo_uses_response_lengths(tiny_model_dir, tokenizer):
     model_dir = tiny_model_dir("llama")
-    batch = batch_for(tokenizer)
+    batch = pair_batch(tokenizer, seed=5)
     model = build(model_dir, "dpo.preference_loss=rdpo", "dpo.rdpo_alpha=0.05")
     loss = model.get_loss_and_metrics(batch, forward_only=True)[0].item()
     length_gap = (batch["chosen_length"] - batch["rejected_length"]).float()  # prompt cancels out
