@@ -105,11 +105,22 @@ def token_layout(batch: Mapping[str, Tensor]) -> dict[str, Any]:
     }
 
 
+LOGITS_CHUNK_ELEMENTS = 2**25  # 128 MiB of fp32 logits per chunk
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Tokens per lm-head chunk when ``model.logprob_chunk_size`` is null: 1024, or fewer for vocabularies
+    above 32k so a chunk's logits stay within 128 MiB (e.g. 261 tokens for a 128,256 vocab)."""
+    return max(1, min(1024, LOGITS_CHUNK_ELEMENTS // vocab_size))
+
+
 class SequenceLogprobs(nn.Module):
     """Runs a causal LM on a token layout and returns per-sequence summed response log-probs and response
     token counts. It is the module DDP wraps and FSDP2 shards, so the forward goes through their hooks."""
 
-    def __init__(self, model: PreTrainedModel, chunk_size: int = 1024, autocast: torch.dtype | None = None):
+    def __init__(
+        self, model: PreTrainedModel, chunk_size: int | None = None, autocast: torch.dtype | None = None
+    ):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
@@ -137,7 +148,7 @@ class SequenceLogprobs(nn.Module):
             head.weight,
             layout["target_ids"],
             head.bias,
-            chunk_size=self.chunk_size,
+            chunk_size=auto_chunk_size(head.weight.shape[0]) if self.chunk_size is None else self.chunk_size,
             softcap=getattr(config, "final_logit_softcapping", None),
         )
         sequence = layout["sequence_index"]
@@ -161,7 +172,7 @@ class DPOModel(nn.Module):
         reference: PreTrainedModel | None,
         dpo_cfg: Mapping[str, Any],
         *,
-        logprob_chunk_size: int = 1024,
+        logprob_chunk_size: int | None = None,
         autocast: torch.dtype | None = None,
     ):
         super().__init__()

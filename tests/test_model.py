@@ -167,3 +167,12 @@ def test_bf16_autocast_stays_close_and_fp32(tiny_model_dir, tokenizer):
         b, _ = mixed.sequence_logprobs(mixed.policy, batch)
     assert b.dtype == torch.float32 and not torch.equal(a, b), "autocast should change the arithmetic"
     torch.testing.assert_close(b, a, rtol=2e-2, atol=0.5)
+
+
+def test_auto_chunk_bounds_logit_memory():
+    from preftune.model import LOGITS_CHUNK_ELEMENTS, auto_chunk_size
+
+    assert auto_chunk_size(4096) == auto_chunk_size(32768) == 1024
+    for vocab in (128_256, 151_936, 262_144):
+        chunk = auto_chunk_size(vocab)
+        assert chunk < 1024 and chunk * vocab <= LOGITS_CHUNK_ELEMENTS < (chunk + 1) * vocab
