@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,20 @@ from conftest import pair_batch, records, run
 pytestmark = pytest.mark.slow  # end-to-end runs of the real recipe
 
 LORA = ("model.lora.r=4", "model.lora.alpha=8")
+
+
+def run_export(checkpoint: Path, output: Path, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "preftune",
+        "export",
+        "--checkpoint",
+        str(checkpoint),
+        "--output",
+        str(output),
+    ]
+    return subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=300)
 
 
 def test_step_zero_without_a_second_copy(tiny_model_dir, tokenizer, forbid_model_copies):
@@ -82,19 +97,9 @@ def test_resume_accumulation_precompute_checkpoint_and_export(tmp_path, tiny_mod
     with torch.no_grad():
         expected = adapted(ids).logits
     export = tmp_path / "export"
-    cmd = [
-        sys.executable,
-        "-m",
-        "preftune",
-        "export",
-        "--checkpoint",
-        str(checkpoint),
-        "--output",
-        str(export),
-    ]
-    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    refused = run_export(checkpoint, export)
     assert refused.returncode == 2 and "--merge" in refused.stderr
-    done = subprocess.run([*cmd, "--merge"], capture_output=True, text=True, timeout=300)
+    done = run_export(checkpoint, export, "--merge")
     assert done.returncode == 0, done.stderr
     merged = AutoModelForCausalLM.from_pretrained(export).eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -105,17 +110,8 @@ def test_resume_accumulation_precompute_checkpoint_and_export(tmp_path, tiny_mod
 def test_export_full_finetune_copies_model(tmp_path, tiny_model_dir, pair_files):
     _, out = run(tmp_path, "full", tiny_model_dir("llama"), pair_files, "trainer.max_steps=1")
     export = tmp_path / "export"
-    cmd = [
-        sys.executable,
-        "-m",
-        "preftune",
-        "export",
-        "--checkpoint",
-        str(out / "checkpoints/step_1"),
-        "--output",
-        str(export),
-    ]
-    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    done = run_export(out / "checkpoints/step_1", export)
+    assert done.returncode == 0, done.stderr
     ids = torch.tensor([[0, 5, 17, 23]])
     a = AutoModelForCausalLM.from_pretrained(export)(ids).logits
     b = AutoModelForCausalLM.from_pretrained(out / "checkpoints/step_1/model")(ids).logits
