@@ -23,26 +23,30 @@ from preftune.timer import RunTimer
 
 class MetricsAccumulator:
     """Pair-weighted means of per-micro-batch metrics over micro-batches and ranks (a micro-batch of n pairs
-    counts n times, wherever it ran)."""
+    counts n times, wherever it ran), and the total of real tokens processed."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.pairs = 0
+        self.tokens = 0
 
-    def add(self, metrics: dict[str, torch.Tensor], num_pairs: int) -> None:
+    def add(self, metrics: dict[str, torch.Tensor], num_pairs: int, num_tokens: int = 0) -> None:
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + value.detach().double() * num_pairs
         self.pairs += num_pairs
+        self.tokens += num_tokens
 
-    def means(self, info: DistInfo) -> dict[str, float]:
-        local = ({key: value.item() for key, value in self.sums.items()}, self.pairs)
+    def reduce(self, info: DistInfo) -> tuple[dict[str, float], int]:
+        """(metric means, total tokens) over every rank, in one collective."""
+        local = ({key: value.item() for key, value in self.sums.items()}, self.pairs, self.tokens)
         totals: dict[str, float] = {}
-        pairs = 0
-        for sums, count in gather_objects(local, info):
+        pairs = tokens = 0
+        for sums, count, rank_tokens in gather_objects(local, info):
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value
             pairs += count
-        return {key: value / max(1, pairs) for key, value in totals.items()}
+            tokens += rank_tokens
+        return {key: value / max(1, pairs) for key, value in totals.items()}, tokens
 
 
 def resolve_max_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
@@ -163,7 +167,6 @@ class DPOTrainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         accumulator = MetricsAccumulator()
-        tokens = 0
         world = self.model.dist.world_size
         batches = self.micro_batches(global_batch)
         for i, (batch, counts) in enumerate(batches):
@@ -173,8 +176,7 @@ class DPOTrainer:
                 # DDP and FSDP2 average gradients over ranks: scale to the global batch's pair count.
                 (loss * (num_pairs * world / self.global_batch_size)).backward()
             if counts:
-                accumulator.add(metrics, num_pairs)
-                tokens += int(batch["num_tokens"])
+                accumulator.add(metrics, num_pairs, int(batch["num_tokens"]))
         params = [p for p in self.model.policy.parameters() if p.requires_grad]
         clip = self.cfg.trainer.gradient_clip_val
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
@@ -183,8 +185,8 @@ class DPOTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        metrics = accumulator.means(self.model.dist)
-        metrics.update(grad_norm=grad_norm.item(), lr=lr, tokens=sum(gather_objects(tokens, self.model.dist)))
+        metrics, tokens = accumulator.reduce(self.model.dist)
+        metrics.update(grad_norm=grad_norm.item(), lr=lr, tokens=tokens)
         return metrics
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -201,7 +203,7 @@ class DPOTrainer:
                 if counts:
                     accumulator.add(metrics, len(batch["chosen_rewards"]))
         self.model.train()
-        return accumulator.means(self.model.dist)
+        return accumulator.reduce(self.model.dist)[0]
 
     def run_validation(self) -> tuple[float, dict[str, float]]:
         """Pair-weighted mean loss and metrics over (up to ``limit_val_batches`` of) the validation set."""
