@@ -91,7 +91,9 @@ MODES = {
     "bf16_autocast": ["model.autocast=bfloat16"],
     "compile": ["model.compile=true"],
     "activation_checkpointing": ["model.activation_checkpointing=true"],
+    # packed and shared-prompt rows run segment-wise attention (preftune_varlen) unless an attention is named
     "packed": ["data.packing=true"],
+    "packed_masks": ["data.packing=true", "model.attn_implementation=sdpa"],  # one dense mask per row
     "share_prompt": ["data.share_prompt=true"],
     "packed_share_prompt": ["data.packing=true", "data.share_prompt=true"],
     # the switches combined: speed (prompt once, reference cached) and memory (plus activation checkpointing)
@@ -387,21 +389,41 @@ def batch_order(num_pairs: int) -> list[list[int]]:
 
 
 def step_workload(lengths: list[tuple[int, int, int]], batches: list[list[int]], model: dict) -> list[dict]:
-    """Real tokens and useful FLOPs (see the module docstring) of each step's batch."""
-    out = []
+    """Real tokens and useful FLOPs (see the module docstring) of each step's batch: ``flops`` for the standard
+    workload, ``flops_shared``/``flops_precompute``/``flops_shared_precompute`` for the work that a shared
+    prompt, a cached reference or both leave to do (the strict MFU's numerator)."""
     n_body, n_head = model["body_matmul_params"], model["lm_head_params"]
     attn = model["num_layers"] * model["attention_dim"]
-    for batch in batches:
-        tokens = flops = 0
-        longest = 0
+
+    def flops(batch: list[int], share_prompt: bool, reference: bool) -> int:
+        # (token, parameter) products and causal (query, key) pairs, x2 FLOPs per multiply-add: forward 2,
+        # forward + backward 6; attention forward = 2 matmuls (QK^T, AV) over the pairs, D wide.
+        tokens = responses = pairs = 0
         for i in batch:
             prompt, chosen, rejected = lengths[i]
-            for resp in (chosen, rejected):
-                t = prompt + resp
-                tokens += t
-                longest = max(longest, t)
-                flops += 8 * (n_body * t + n_head * resp + attn * t * t)
-        out.append({"tokens": tokens, "flops": flops, "max_len": longest})
+            responses += chosen + rejected
+            if share_prompt:  # prompt+chosen causal, rejected over the prompt and itself
+                tokens += prompt + chosen + rejected
+                pairs += (prompt + chosen) ** 2 / 2 + rejected * prompt + rejected**2 / 2
+            else:
+                tokens += 2 * prompt + chosen + rejected
+                pairs += (prompt + chosen) ** 2 / 2 + (prompt + rejected) ** 2 / 2
+        per_pass = n_body * tokens + n_head * responses + 2 * attn * pairs  # multiply-adds of one forward
+        return round(2 * per_pass * (3 + (1 if reference else 0)))
+
+    out = []
+    for batch in batches:
+        real = [lengths[i][0] + resp for i in batch for resp in lengths[i][1:]]
+        out.append(
+            {
+                "tokens": sum(real),
+                "max_len": max(real),
+                "flops": flops(batch, share_prompt=False, reference=True),
+                "flops_shared": flops(batch, share_prompt=True, reference=True),
+                "flops_precompute": flops(batch, share_prompt=False, reference=False),
+                "flops_shared_precompute": flops(batch, share_prompt=True, reference=False),
+            }
+        )
     return out
 
 
@@ -646,10 +668,24 @@ def child_main(spec_path: Path) -> None:
 
 
 # -- summary -----------------------------------------------------------------------------------------
+def performed_flops_key(overrides: list[str]) -> str:
+    """The ``step_workload`` key of the FLOPs a run with these overrides performs (its strict MFU)."""
+    shared, cached = "data.share_prompt=true" in overrides, "reference.mode=precompute" in overrides
+    return {(False, False): "flops", (True, False): "flops_shared", (False, True): "flops_precompute"}.get(
+        (shared, cached), "flops_shared_precompute"
+    )
+
+
 def summarize(
-    result: dict[str, Any], work: list[dict], warmup: int, peak_flops: float, fp32_peak: float
+    result: dict[str, Any],
+    work: list[dict],
+    warmup: int,
+    peak_flops: float,
+    fp32_peak: float,
+    performed: str = "flops",
 ) -> dict[str, Any]:
-    """Medians over the counted steps (the steps after the warm-up)."""
+    """Medians over the counted steps (the steps after the warm-up); ``performed``: the ``work`` key of the
+    FLOPs the run performs (strict MFU)."""
     times = result["step_times"]
     counted = list(range(warmup, min(len(times), len(work))))
     if not counted:
@@ -661,12 +697,14 @@ def summarize(
         "pairs_per_s": round(PAIRS_PER_STEP / med, 3),
         "tokens_per_s": round(statistics.median(work[i]["tokens"] / times[i] for i in counted), 1),
         "flops_per_s": round(statistics.median(work[i]["flops"] / times[i] for i in counted)),
+        "performed_flops_per_s": round(statistics.median(work[i][performed] / times[i] for i in counted)),
         "counted_steps": len(counted),
         "step_times": [round(t, 4) for t in times],
         "warmup_overhead_s": round(sum(warm) - len(warm) * med, 2) if warm else None,
     }
     out["mfu"] = round(out["flops_per_s"] / (peak_flops * 1e9), 4)
     out["mfu_vs_fp32_peak"] = round(out["flops_per_s"] / (fp32_peak * 1e9), 4)
+    out["mfu_strict"] = round(out["performed_flops_per_s"] / (peak_flops * 1e9), 4)
     tokens = result.get("trainer_tokens") or []
     out["trainer_counted_tokens"] = tokens
     out["tokens_match_trainer"] = (
@@ -680,12 +718,14 @@ def fmt(x: Any, spec: str) -> str:
 
 
 def print_table(runs: list[dict[str, Any]]) -> None:
-    header = ("model", "run", "pairs/s", "tokens/s", "s/step", "peak MiB", "MFU", "xTRL pairs/s", "xTRL mem")
+    header = (
+        "model", "run", "pairs/s", "tokens/s", "s/step", "peak MiB", "MFU", "strict MFU", "xTRL pairs/s", "xTRL mem"
+    )  # fmt: skip
     rows = []
     for r in runs:
         name = "trl" if r["trainer"] == "trl" else r["mode"]
         if r.get("error") or r.get("skipped"):
-            rows.append((r["model"], name, r.get("skipped") or r["error"], "", "", "", "", "", ""))
+            rows.append((r["model"], name, r.get("skipped") or r["error"], *[""] * (len(header) - 3)))
             continue
         rows.append(
             (
@@ -696,6 +736,7 @@ def print_table(runs: list[dict[str, Any]]) -> None:
                 fmt(r.get("s_per_step"), ".3f"),
                 fmt(r.get("peak_mib"), ".0f"),
                 fmt(100 * r["mfu"], ".1f") + "%" if r.get("mfu") is not None else "-",
+                fmt(100 * r["mfu_strict"], ".1f") + "%" if r.get("mfu_strict") is not None else "-",
                 fmt(r.get("x_trl_pairs_per_s"), ".2f"),
                 fmt(r.get("x_trl_memory"), ".2f"),
             )
@@ -872,7 +913,8 @@ def main() -> None:
             run.update(result)
             if "error" not in result:
                 peak = bf16_peak if mode == "bf16_autocast" else fp32_peak
-                summary = summarize(result, work, warmup, peak, fp32_peak)
+                performed = performed_flops_key(spec["overrides"])
+                summary = summarize(result, work, warmup, peak, fp32_peak, performed)
                 run.update(summary)
                 if mode == "compile":
                     run["compile_s"] = summary.get("warmup_overhead_s")

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from preftune import losses
+from preftune import attention, losses  # importing attention registers preftune_varlen with transformers
 from preftune.distributed import DistInfo, gradient_sync, shard, wrap_trainable
 from preftune.logprobs import token_logprobs
 
@@ -30,11 +30,11 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
-def load_causal_lm(model_cfg: Mapping[str, Any]) -> PreTrainedModel:
-    """The policy from ``model.path`` with the configured dtype and attention implementation."""
-    kwargs = (
-        {"attn_implementation": model_cfg["attn_implementation"]} if model_cfg["attn_implementation"] else {}
-    )
+def load_causal_lm(model_cfg: Mapping[str, Any], default_attention: str | None = None) -> PreTrainedModel:
+    """The policy from ``model.path`` with the configured dtype and attention implementation (when
+    ``model.attn_implementation`` is null: ``default_attention``, or transformers' choice if that is None)."""
+    attention = model_cfg["attn_implementation"] or default_attention
+    kwargs = {"attn_implementation": attention} if attention else {}
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg["path"],
         dtype=DTYPES[model_cfg["dtype"]],
@@ -137,6 +137,7 @@ class SequenceLogprobs(nn.Module):
                 attention_mask=layout["attention_mask"],
                 position_ids=layout["position_ids"],
                 use_cache=False,
+                **({"attention_blocks": layout["attention_blocks"]} if "attention_blocks" in layout else {}),
             ).last_hidden_state
         states = hidden.flatten(0, 1)[layout["hidden_index"]]
         config = lm.config
@@ -206,8 +207,15 @@ class DPOModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> DPOModel:
-        model_cfg = cfg["model"]
-        policy = load_causal_lm(model_cfg)
+        model_cfg, data_cfg = cfg["model"], cfg["data"]
+        # Packed and shared-prompt rows: segment-wise attention unless the user picks a masked implementation.
+        packed = data_cfg["packing"] or data_cfg["share_prompt"]
+        policy = load_causal_lm(model_cfg, default_attention=attention.VARLEN if packed else None)
+        if model_cfg["compile"] and policy.config._attn_implementation == attention.VARLEN:
+            raise ValueError(
+                f"model.compile does not support {attention.VARLEN} attention (its per-sequence loop would "
+                "recompile on every batch); set model.attn_implementation=sdpa or model.compile=false"
+            )
         dpo_cfg = OmegaConf.to_container(cfg["dpo"]) if isinstance(cfg["dpo"], DictConfig) else cfg["dpo"]
         autocast = DTYPES[model_cfg["autocast"]] if model_cfg["autocast"] else None
         model = cls(

@@ -6,7 +6,9 @@ chosen, rejected: rejected attends to the prompt and to itself, never to chosen,
 from the prompt's end. Either way every response token sees exactly the context, at exactly the positions, it
 would see in its own unpadded sequence, so the log-probs are those of the padded layout.
 
-Isolation is an explicit attention mask (transformers applies a prepared 4-D mask as is) built from three
+Isolation is either segment-wise attention (``preftune_varlen``, ``preftune.attention``: one fused-kernel call per
+sequence, so the cost does not grow with the row) or an explicit attention mask over the whole row
+(transformers applies a prepared 4-D mask as is) built from three
 per-token ids: the segment (a token attends only within its segment), the branch (0: seen by the whole segment;
 1: chosen; 2: rejected; a response never sees the other response) and the position (a sliding window is a
 distance in positions, as the unpacked model measures it). It takes the form the attention takes: a boolean
@@ -24,7 +26,9 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import PretrainedConfig
 
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+from preftune.attention import VARLEN
+
+ATTENTION_IMPLEMENTATIONS = (VARLEN, "sdpa", "eager", "flex_attention")
 FLEX_BLOCK_SIZE = 128
 ONE_MASK_FAMILIES = ("llama", "gpt2", "mistral")  # one mask for every layer (mistral: all layers sliding)
 LAYER_TYPE_FAMILIES = ("qwen2", "qwen3", "gemma2")  # a dict of masks keyed by config.layer_types
@@ -132,13 +136,15 @@ def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]
 
 
 class _Row:
-    """One row being filled: token ids and their position, segment and branch ids."""
+    """One row being filled: token ids, their position, segment and branch ids, and its attention blocks
+    (``preftune.attention.Block`` without the row index)."""
 
     def __init__(self) -> None:
         self.ids: list[int] = []
         self.pos: list[int] = []
         self.seg: list[int] = []
         self.branch: list[int] = []
+        self.blocks: list[tuple[int, int, int, int]] = []
 
     def put(self, tokens: list[int], first_pos: int, segment: int, branch: int) -> int:
         """Append ``tokens`` at positions from ``first_pos``; return the row offset of the first."""
@@ -160,7 +166,7 @@ def layout_rows(
     """Lay rows of pairs out as one micro-batch with the keys of ``preftune.model.token_layout``.
 
     Pair i (in row order) is sequence i (chosen) and P + i (rejected). Also returns the [R, L] ``segment`` and
-    ``branch`` ids the masks are built from. Padding (eos) ends each row in a segment of its own (-1), so no
+    ``branch`` ids the masks are built from, and the ``attention_blocks`` of ``preftune.attention``. Padding (eos) ends each row in a segment of its own (-1), so no
     real token sees it; ``shape`` pads to exactly [rows, length] (default: the rows given, the longest's length).
     """
     pairs = [ex for row in rows for ex in row]
@@ -191,11 +197,14 @@ def layout_rows(
                 start = row.put(prompt, 0, segment, CONTEXT)
                 last_prompt = start + n - 1 if n else None
                 predict(r, i, chosen, row.put(chosen, n, segment, CHOSEN), last_prompt)
-                predict(r, num_pairs + i, rejected, row.put(rejected, n, segment, REJECTED), last_prompt)
+                at = row.put(rejected, n, segment, REJECTED)
+                predict(r, num_pairs + i, rejected, at, last_prompt)
+                row.blocks += [(start, 0, start, n + len(chosen)), (start, n, at, len(rejected))]
             else:
                 for side, (sequence, response) in enumerate(((i, chosen), (num_pairs + i, rejected))):
                     start = row.put(prompt + response, 0, 2 * segment + side, CONTEXT)
                     predict(r, sequence, response, start + n, start + n - 1 if n else None)
+                    row.blocks.append((start, 0, start, n + len(response)))
             i += 1
         filled.append(row)
     real = [len(row.ids) for row in filled]
@@ -220,6 +229,7 @@ def layout_rows(
         "rejected_rewards": torch.tensor([ex["rejected_reward"] for ex in pairs], dtype=torch.float32),
         "indices": torch.tensor([ex["index"] for ex in pairs], dtype=torch.long),
         "num_tokens": torch.tensor(sum(real)),
+        "attention_blocks": tuple((r, *block) for r, row in enumerate(filled) for block in row.blocks),
     }
 
 
@@ -237,7 +247,8 @@ def build_packed_collate(
     """A collate turning a rank's share of a global batch into packed and/or shared-prompt micro-batches.
 
     ``pack``: pairs go into rows of at most ``max_tokens_per_row`` real tokens by first-fit-decreasing, and
-    ``rows_per_micro_batch`` rows make a micro-batch; otherwise each row holds one pair (``share_prompt``
+    ``rows_per_micro_batch`` rows make a micro-batch (laid end to end as one row under ``preftune_varlen``, which
+    needs no padding); otherwise each row holds one pair (``share_prompt``
     must then be set: the plain layout is ``data.padded_micro_batches``). Every pair of the global batch
     appears in exactly one micro-batch. The micro-batches are built on ``device`` (the masks included: the
     model cannot move a ``BlockMask`` or a per-layer-type dict) and carry the keys of
@@ -249,8 +260,9 @@ def build_packed_collate(
         )
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
-            f"packing / shared prompt needs an explicit attention mask, which attn_implementation "
-            f"{attn_implementation!r} does not take; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+            f"packing / shared prompt needs segment-wise attention or an explicit attention mask, which "
+            f"attn_implementation {attn_implementation!r} does not take; use one of "
+            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
         )
     windows = mask_windows(model_config)
     dtype = model_config.dtype
@@ -260,7 +272,15 @@ def build_packed_collate(
     shape = (rows_per_micro_batch, flex_length) if attn_implementation == "flex_attention" else None
 
     def micro_batch(rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
+        if attn_implementation == VARLEN:  # no mask: the rows can go end to end, with no padding at all
+            batch = layout_rows(
+                [[ex for row in rows for ex in row]], eos_id=eos_id, share_prompt=share_prompt
+            )
+            del batch["segment"], batch["branch"]
+            batch["attention_mask"] = None
+            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch = layout_rows(rows, eos_id=eos_id, share_prompt=share_prompt, shape=shape)
+        del batch["attention_blocks"]
         batch = {k: v.to(device) for k, v in batch.items()}
         ids = batch.pop("segment"), batch.pop("branch"), batch["position_ids"]
         batch["attention_mask"] = (

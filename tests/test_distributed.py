@@ -90,8 +90,9 @@ def single(tmp_path_factory, tiny_model_dir, pair_files):
         ("ddp", ()),
         ("fsdp2", ()),
         ("fsdp2", ("data.packing=true", "data.share_prompt=true", "data.pack_length=96")),
+        ("ddp", ("data.packing=true", "data.pack_length=96", "model.attn_implementation=sdpa")),
     ],
-    ids=["ddp", "fsdp2", "fsdp2-packed"],
+    ids=["ddp", "fsdp2", "fsdp2-packed", "ddp-packed-masks"],
 )
 def test_two_processes_equal_one(strategy, layout, single, tmp_path, tiny_model_dir, pair_files):
     # packed rows differ per rank, so ranks run different numbers of micro-batches: FSDP2 must still agree

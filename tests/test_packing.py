@@ -89,6 +89,35 @@ def test_logprobs_match_padded(arch, tiny_model_dir, tokenizer):
         assert_same_logprobs(packed_logprobs(model, exs, layout), padded, layout)
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_logprobs_match_padded_varlen(arch, tiny_model_dir, tokenizer):
+    """Segment-wise attention (preftune_varlen) against each family's default attention on padded rows: packed and
+    shared-prompt rows, and padded rows themselves (one block per row; mistral's window applied by varlen)."""
+    exs = examples(len(tokenizer))
+    padded = padded_logprobs(build(tiny_model_dir(arch)), exs)
+    model = build(tiny_model_dir(arch), "model.attn_implementation=preftune_varlen")
+    assert model.policy.config._attn_implementation == "preftune_varlen"
+    assert_same_logprobs(padded_logprobs(model, exs), padded, "padded")
+    for layout in LAYOUTS:
+        assert_same_logprobs(packed_logprobs(model, exs, layout), padded, layout)
+    batches = collate_for(model, "packed")(exs)  # a micro-batch's rows go end to end: no padding at all
+    assert all(b["input_ids"].shape == (1, int(b["num_tokens"])) for b in batches)
+    assert any(len(b["indices"]) > 2 for b in batches)
+
+
+def test_varlen_is_the_packing_default(tiny_model_dir):
+    llama = tiny_model_dir("llama")
+    for layout in ("data.packing=true", "data.share_prompt=true"):
+        assert build(llama, layout).policy.config._attn_implementation == "preftune_varlen"
+    assert build(llama).policy.config._attn_implementation == "sdpa"  # padded: transformers' pick
+    assert (
+        build(llama, "data.packing=true", "model.attn_implementation=sdpa").policy.config._attn_implementation
+        == "sdpa"
+    )
+    with pytest.raises(ValueError, match="model.compile does not support preftune_varlen"):
+        build(llama, "data.packing=true", "model.compile=true")
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_logprobs_match_padded_eager(arch, tiny_model_dir, tokenizer):
     model, exs = build(tiny_model_dir(arch), "model.attn_implementation=eager"), examples(len(tokenizer))
@@ -123,10 +152,19 @@ def test_logprobs_match_padded_flex_attention(tiny_model_dir, tokenizer):
     assert {tuple(b["input_ids"].shape) for b in batches} == {(2, 128)}
 
 
-@pytest.mark.parametrize(("arch", "rows_per_micro_batch"), [("llama", 1), ("gemma2", 100)])
-def test_loss_and_gradients_match_padded(arch, rows_per_micro_batch, tiny_model_dir, tokenizer):
-    """One packed+shared micro-batch (100 rows), or several accumulated as the trainer does (1 row each)."""
-    model = build(tiny_model_dir(arch), "dpo.sft_loss_weight=0.5")
+@pytest.mark.parametrize(
+    ("arch", "rows_per_micro_batch", "attention"),
+    [
+        ("llama", 1, "sdpa"),
+        ("gemma2", 100, "eager"),
+        ("mistral", 2, "preftune_varlen"),
+        ("gemma2", 1, "preftune_varlen"),
+    ],
+)
+def test_loss_and_gradients_match_padded(arch, rows_per_micro_batch, attention, tiny_model_dir, tokenizer):
+    """One packed+shared micro-batch (100 rows), or several accumulated as the trainer does; the padded side
+    always runs the family's default attention."""
+    model = build(tiny_model_dir(arch), "dpo.sft_loss_weight=0.5", f"model.attn_implementation={attention}")
     with torch.no_grad():  # move the policy away from the reference so the rewards are not all zero
         for p in model.policy.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -142,10 +180,12 @@ def test_loss_and_gradients_match_padded(arch, rows_per_micro_batch, tiny_model_
             total += weighted.item()
         return total, [p.grad.clone() for p in model.policy.parameters()]
 
-    padded_loss, padded_grads = loss_and_grads([dpo_custom_collate(exs, EOS_ID)])
     packed = collate_for(model, "packed+shared", rows_per_micro_batch=rows_per_micro_batch)(exs)
     assert (len(packed) == 1) == (rows_per_micro_batch == 100)
     packed_loss, packed_grads = loss_and_grads(packed)
+    default = "eager" if arch == "gemma2" else "sdpa"  # gemma2's soft-capped attention: no sdpa
+    model.policy.set_attn_implementation(default)
+    padded_loss, padded_grads = loss_and_grads([dpo_custom_collate(exs, EOS_ID)])
     assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
     assert any(g.abs().max() > 1e-3 for g in padded_grads)
     names = [name for name, _ in model.policy.named_parameters()]

@@ -209,8 +209,26 @@ def test_precomputed_reference_matches_online(tmp_path, tiny_model_dir, pair_fil
         ("data.share_prompt=true",),
         ("data.packing=true", "data.share_prompt=true", "data.pack_length=160"),
         ("data.packing=true", "data.share_prompt=true", "reference.mode=precompute"),
+        (
+            "data.packing=true",
+            "data.share_prompt=true",
+            "data.pack_length=160",
+            "model.attn_implementation=sdpa",
+        ),
+        (
+            "data.packing=true",
+            "data.share_prompt=true",
+            "model.activation_checkpointing=true",  # the blocks reach attention through checkpointed layers
+        ),
     ],
-    ids=["packed", "shared", "packed+shared", "packed+shared+precompute"],
+    ids=[
+        "packed",
+        "shared",
+        "packed+shared",
+        "packed+shared+precompute",
+        "packed+shared+masks",
+        "checkpointed",
+    ],
 )
 def test_packed_layouts_follow_the_padded_trajectory(layout, tmp_path, tiny_model_dir, pair_files):
     model_dir = tiny_model_dir("mistral")  # sliding window 16: the masks must keep it per sequence
@@ -227,3 +245,5 @@ def test_packed_layouts_follow_the_padded_trajectory(layout, tmp_path, tiny_mode
     wa, wb = weights(padded / "checkpoints/step_3"), weights(packed / "checkpoints/step_3")
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=key)
+    config = json.loads((packed / "checkpoints/step_3/model/config.json").read_text())
+    assert "preftune_varlen" not in json.dumps(config)  # the checkpoint loads without preftune

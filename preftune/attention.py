@@ -1,0 +1,137 @@
+"""Segment-wise attention for packed and shared-prompt rows (``model.attn_implementation: preftune_varlen``).
+
+A packed row holds several sequences; a mask over the whole row makes attention cost grow with the square of
+the row and keeps SDPA off its fused causal kernel. Here attention runs per block instead, the way varlen
+kernels do: each block is a span of queries that attend causally to themselves and, for a shared prompt's
+rejected response, fully to a context span (the prompt) laid out earlier in the row. Each block is one
+``scaled_dot_product_attention`` call on its own keys, so the work is the sum of the blocks' squares and the
+fused kernel is used (causal, or a bottom-right causal mask when there is a context or a sliding window).
+
+The blocks come from the collate (``preftune.packing``) and reach every attention layer as the forward's
+``attention_blocks`` keyword (transformers passes a model's extra keywords down to the attention function).
+Without blocks (padded micro-batches) each row is one block: right padding under causal attention is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface
+
+VARLEN = "preftune_varlen"  # no "sdpa" in the name: transformers would demand sdpa support (Gemma 2 lacks it)
+
+# (row, context start, context length, query start, query length): offsets in the row. The block's keys are
+# the context then the queries, at positions 0 .. context + queries - 1 (the queries continue the context).
+Block = tuple[int, int, int, int, int]
+
+
+def visible_keys(num_context: int, num_queries: int, window: int | None, device: torch.device) -> Tensor:
+    """Boolean [queries, context + queries] mask: query i (at position num_context + i) sees key j at
+    position j <= its own, and within ``window`` positions of it when there is a window."""
+    q = torch.arange(num_context, num_context + num_queries, device=device)[:, None]
+    k = torch.arange(num_context + num_queries, device=device)[None, :]
+    ok = k <= q
+    if window is not None:
+        ok = ok & (q - k < window)
+    return ok
+
+
+def block_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    num_context: int,
+    *,
+    groups: int,
+    scaling: float | None,
+    dropout: float,
+    window: int | None,
+    softcap: float | None,
+) -> Tensor:
+    """Attention of [B, H, Q, D] queries over [B, KV, C + Q, D] keys and values (the last Q are the
+    queries' own tokens), causal and windowed as ``visible_keys`` says; returns [B, H, Q, D]."""
+    num_queries = query.shape[2]
+    needs_mask = num_context > 0 or (window is not None and num_context + num_queries > window)
+    mask = visible_keys(num_context, num_queries, window, query.device) if needs_mask else None
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=groups > 1,
+        )
+    # Soft-capped logits (Gemma 2) have no fused kernel: the explicit form, one block at a time.
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:
+        mask = visible_keys(0, num_queries, None, query.device)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(query.dtype)
+    return F.dropout(probs, p=dropout, training=dropout > 0) @ value
+
+
+def preftune_varlen_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    attention_blocks: Sequence[Block] | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers attention function: [B, H, L, D] queries, [B, KV, L, D] keys/values -> [B, L, H, D]."""
+    if attention_mask is not None:
+        raise ValueError(f"{VARLEN} takes attention_blocks, not an attention mask")
+    if kwargs.get("output_attentions"):
+        raise ValueError(f"{VARLEN} cannot return attention weights")
+    options = {
+        "groups": query.shape[1] // key.shape[1],
+        "scaling": scaling,
+        "dropout": dropout,
+        "window": sliding_window,
+        "softcap": softcap,
+    }
+    if attention_blocks is None:  # padded rows: each row is one causal sequence
+        return block_attention(query, key, value, 0, **options).transpose(1, 2), None
+    length = query.shape[2]
+    by_row: dict[int, list[Block]] = {}
+    for block in attention_blocks:
+        by_row.setdefault(block[0], []).append(block)
+    out = []
+    for row in range(query.shape[0]):
+        blocks = by_row.get(row, [])
+        # Split (not slice) the row at the block boundaries: the backward of a split is one concatenation,
+        # where each slice's backward would write a row-sized tensor of zeros.
+        sizes, starts = [], {}
+        for i, (_, _, _, q_start, q_len) in enumerate(blocks):
+            if q_start != sum(sizes):
+                raise ValueError(f"{VARLEN}: the blocks of row {row} must tile it in order from offset 0")
+            sizes.append(q_len)
+            starts[q_start] = i
+        sizes.append(length - sum(sizes))  # padding after the last block: it attends to nothing (zeros below)
+        qs, ks, vs = (t[row : row + 1].split(sizes, dim=2) for t in (query, key, value))
+        pieces = []
+        for i, (_, ctx_start, ctx_len, _, _) in enumerate(blocks):
+            k, v = ks[i], vs[i]
+            if ctx_len:  # the context is the start of an earlier block (a shared prompt)
+                j = starts[ctx_start]
+                k = torch.cat([ks[j][:, :, :ctx_len], k], dim=2)
+                v = torch.cat([vs[j][:, :, :ctx_len], v], dim=2)
+            pieces.append(block_attention(qs[i], k, v, ctx_len, **options))
+        pieces.append(query.new_zeros(1, query.shape[1], sizes[-1], value.shape[-1]))
+        out.append(torch.cat(pieces, dim=2))
+    return torch.cat(out).transpose(1, 2), None
+
+
+AttentionInterface.register(VARLEN, preftune_varlen_forward)
