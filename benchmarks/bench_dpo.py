@@ -48,10 +48,18 @@ such as the precomputed reference, is still credited with it, so its MFU is an e
     L * D * T**2 = causal attention forward over L layers, D = heads x head dim: QK^T and AV at 2 FLOPs per
              multiply-add over the T**2 / 2 causal (query, key) pairs each, 2 * L * D * T**2 for a forward.
 
-A step's FLOPs are the sum over its 16 sequences; MFU = (FLOPs of the step / step time) / peak, the peak
-being this machine's matmul throughput measured in the same run with torch (square matmuls, 2048 on CPU,
-8192 on CUDA, all threads; the best of the repetitions): fp32 for every run, bf16 for ``bf16_autocast``
-(``mfu_vs_fp32_peak`` is also recorded for it).
+A step's FLOPs are the sum over its 16 sequences; MFU = (FLOPs of the step / step time) / peak.
+
+Strict MFU (``mfu_strict``) counts only the work a run performs: a shared prompt runs the prompt once (each
+pair: P + C + R tokens; attention over (P + C)**2 / 2 causal pairs for prompt and chosen, and R * P + R**2 / 2
+for rejected, which sees the prompt and itself), and a precomputed reference takes the reference forward out
+of the step; padding, activation recomputation and the chunked lm-head's recomputation are never counted.
+For runs that skip nothing it equals MFU.
+
+Peak: this machine's matmul throughput measured in the same run with torch (square matmuls, 2048 on CPU,
+8192 on CUDA, all threads; the best repetition): fp32 for every run, bf16 for ``bf16_autocast``
+(``mfu_vs_fp32_peak`` is also recorded for it). A shared host's speed drifts by 20% over minutes, so fp32 is
+measured at the start, before every run and at the end, and MFU divides by the best of all measurements.
 """
 
 from __future__ import annotations
@@ -440,7 +448,6 @@ def child_preftune(spec: dict[str, Any]) -> dict[str, Any]:
     overrides = [
         f"model.path={spec['model_dir']}",
         "model.dtype=float32",
-        "model.attn_implementation=sdpa",
         f"output_dir={out_dir}",
         f"data.train={spec['data_path']}",
         "data.format=trl",
@@ -677,12 +684,7 @@ def performed_flops_key(overrides: list[str]) -> str:
 
 
 def summarize(
-    result: dict[str, Any],
-    work: list[dict],
-    warmup: int,
-    peak_flops: float,
-    fp32_peak: float,
-    performed: str = "flops",
+    result: dict[str, Any], work: list[dict], warmup: int, performed: str = "flops"
 ) -> dict[str, Any]:
     """Medians over the counted steps (the steps after the warm-up); ``performed``: the ``work`` key of the
     FLOPs the run performs (strict MFU)."""
@@ -702,15 +704,21 @@ def summarize(
         "step_times": [round(t, 4) for t in times],
         "warmup_overhead_s": round(sum(warm) - len(warm) * med, 2) if warm else None,
     }
-    out["mfu"] = round(out["flops_per_s"] / (peak_flops * 1e9), 4)
-    out["mfu_vs_fp32_peak"] = round(out["flops_per_s"] / (fp32_peak * 1e9), 4)
-    out["mfu_strict"] = round(out["performed_flops_per_s"] / (peak_flops * 1e9), 4)
     tokens = result.get("trainer_tokens") or []
     out["trainer_counted_tokens"] = tokens
     out["tokens_match_trainer"] = (
         all(a == b["tokens"] for a, b in zip(tokens, work, strict=False)) if tokens else None
     )
     return out
+
+
+def add_mfu(run: dict[str, Any], peaks: dict[str, float]) -> None:
+    """MFU of a summarized run against the peak (GFLOP/s) of its compute dtype (bf16 for bf16_autocast)."""
+    dtype = "bfloat16" if run["mode"] == "bf16_autocast" else "float32"
+    run["peak_dtype"] = dtype
+    run["mfu"] = round(run["flops_per_s"] / (peaks[dtype] * 1e9), 4)
+    run["mfu_strict"] = round(run["performed_flops_per_s"] / (peaks[dtype] * 1e9), 4)
+    run["mfu_vs_fp32_peak"] = round(run["flops_per_s"] / (peaks["float32"] * 1e9), 4)
 
 
 def fmt(x: Any, spec: str) -> str:
@@ -794,10 +802,14 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"[bench_dpo] work directory {workdir}", flush=True)
     load_start = load_average()
-    peaks = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
-    fp32_peak = peaks["float32"]["best_gflops"]
-    bf16_peak = peaks["bfloat16"]["best_gflops"]
-    print(f"[bench_dpo] matmul peak: fp32 {fp32_peak} GFLOP/s, bf16 {bf16_peak} GFLOP/s (best)", flush=True)
+    # This machine's speed drifts (shared host): the peak is measured at the start, before every run and at
+    # the end, and MFU is taken against the best of all of them (the most demanding denominator).
+    peak_samples: dict[str, list[dict[str, Any]]] = {d: [matmul_peak(d)] for d in ("float32", "bfloat16")}
+    print(
+        "[bench_dpo] matmul peak: "
+        + ", ".join(f"{d} {v[0]['best_gflops']} GFLOP/s" for d, v in peak_samples.items()),
+        flush=True,
+    )
     ok_modes, skipped_modes = available_modes()
     trl_available = True
     if args.trl:
@@ -811,7 +823,7 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "machine": {**machine_info(), "load_average_start": load_start},
-        "peaks": peaks,
+        "peaks": peak_samples,
         "settings": {
             "pairs_per_step": PAIRS_PER_STEP,
             "micro_batch_pairs": PAIRS_PER_STEP,
@@ -904,7 +916,12 @@ def main() -> None:
                 spec["trl_args"] = trl_args(total)
                 report["settings"]["trl_args"] = spec["trl_args"]
             run_dir = workdir / name / "runs" / f"{trainer}_{mode}"
-            print(f"[bench_dpo] {name} {trainer} {mode} ...", flush=True)
+            peak_samples["float32"].append(matmul_peak("float32", seconds=1.5))
+            print(
+                f"[bench_dpo] {name} {trainer} {mode} (fp32 peak now "
+                f"{peak_samples['float32'][-1]['best_gflops']} GFLOP/s) ...",
+                flush=True,
+            )
             result = run_child(spec, run_dir, args.timeout)
             if not args.keep:
                 shutil.rmtree(run_dir / "preftune", ignore_errors=True)
@@ -912,13 +929,11 @@ def main() -> None:
                 shutil.rmtree(run_dir / "inductor", ignore_errors=True)
             run.update(result)
             if "error" not in result:
-                peak = bf16_peak if mode == "bf16_autocast" else fp32_peak
-                performed = performed_flops_key(spec["overrides"])
-                summary = summarize(result, work, warmup, peak, fp32_peak, performed)
+                performed = performed_flops_key(spec.get("overrides", []))
+                summary = summarize(result, work, warmup, performed)
                 run.update(summary)
                 if mode == "compile":
                     run["compile_s"] = summary.get("warmup_overhead_s")
-                run["peak_dtype"] = "bfloat16" if mode == "bf16_autocast" else "float32"
             model_runs.append(run)
             if run.get("error"):
                 print(f"[bench_dpo]   failed: {run['error']}", flush=True)
@@ -929,7 +944,7 @@ def main() -> None:
                 extra += f", compile {run['compile_s']:.1f} s" if run.get("compile_s") is not None else ""
                 print(
                     f"[bench_dpo]   {run['s_per_step']:.3f} s/step, {run['pairs_per_s']:.2f} pairs/s, "
-                    f"peak {run['peak_mib']:.0f} MiB, MFU {100 * run['mfu']:.1f}%, "
+                    f"peak {run['peak_mib']:.0f} MiB, {run['performed_flops_per_s'] / 1e9:.0f} GFLOP/s performed, "
                     f"step-1 loss {run['step1']['loss']}{extra} ({run['process_s']:.0f} s)",
                     flush=True,
                 )
@@ -962,6 +977,13 @@ def main() -> None:
         report["runs"].extend(model_runs)
         print(f"[bench_dpo] {name} step-1 check: {json.dumps(check)}", flush=True)
 
+    for d in peak_samples:
+        peak_samples[d].append(matmul_peak(d))
+    peaks = {d: max(x["best_gflops"] for x in v) for d, v in peak_samples.items()}
+    report["peak_gflops"] = peaks
+    for r in report["runs"]:
+        if "performed_flops_per_s" in r:
+            add_mfu(r, peaks)
     report["machine"]["load_average_end"] = load_average()
     report["total_s"] = round(time.time() - started, 1)
     report["note"] = (
@@ -977,7 +999,10 @@ def main() -> None:
             f"step-1 loss ({name}): preftune {check.get('preftune_step1_loss')}, "
             f"TRL {check.get('trl_step1_loss')} (log 2 = {check['log2']})"
         )
-    print(f"matmul peak: fp32 {fp32_peak} GFLOP/s, bf16 {bf16_peak} GFLOP/s; total {report['total_s']:.0f} s")
+    print(
+        f"matmul peak (best of {len(peak_samples['float32'])} measurements): fp32 {peaks['float32']} GFLOP/s, "
+        f"bf16 {peaks['bfloat16']} GFLOP/s; total {report['total_s']:.0f} s"
+    )
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=2) + "\n")
