@@ -77,7 +77,7 @@ def block_attention(
     return F.dropout(probs, p=dropout, training=dropout > 0) @ value
 
 
-def preftune_varlen_forward(
+def varlen_attention_forward(
     module: nn.Module,
     query: Tensor,
     key: Tensor,
@@ -134,4 +134,4 @@ def preftune_varlen_forward(
     return torch.cat(out).transpose(1, 2), None
 
 
-AttentionInterface.register(VARLEN, preftune_varlen_forward)
+AttentionInterface.register(VARLEN, varlen_attention_forward)

@@ -496,19 +496,20 @@ def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor | None, beta: float
 class RunningMean:
     """Mean of every value seen so far: BCO's reward shift δ.
 
-    The trainer calls `update` each step with the batch's implicit rewards of both responses,
-    `torch.cat([implicit_rewards(πc, refc, β), implicit_rewards(πr, refr, β)])` (gathered over ranks when
-    distributed), then passes `.value` as `bco_delta`. Keep it in the checkpoint via `state_dict`.
+    After each optimizer step the trainer folds in the mean implicit reward of both responses of all the
+    step's pairs (every micro-batch and rank), so the loss of step t uses δ over steps 1..t-1 (0 at the first
+    step): the same δ whatever the micro-batch size or number of ranks. Keep it in the checkpoint via
+    `state_dict`.
     """
 
     def __init__(self) -> None:
         self.total = 0.0
         self.count = 0
 
-    def update(self, values: Tensor) -> float:
-        """Fold in a batch of values (weighted by their number); return the new mean."""
-        self.total += values.detach().double().sum().item()
-        self.count += values.numel()
+    def update(self, mean: float, count: int) -> float:
+        """Fold in `count` values whose mean is `mean`; return the new mean."""
+        self.total += float(mean) * count
+        self.count += count
         return self.value
 
     @property

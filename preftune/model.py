@@ -353,8 +353,6 @@ class DPOModel(nn.Module):
         ref_chosen, ref_rejected = per_pair(ref_logps, self.average_preference_logps)
         rewards_chosen = losses.implicit_rewards(chosen, ref_chosen, self.beta).detach()
         rewards_rejected = losses.implicit_rewards(rejected, ref_rejected, self.beta).detach()
-        if self.bco_delta is not None and not forward_only:
-            self.bco_delta.update(torch.cat([rewards_chosen, rewards_rejected]))
         preference = losses.mixture_loss(
             self.loss_names,
             self.loss_weights,
@@ -391,6 +389,13 @@ class DPOModel(nn.Module):
             metrics["ref_logps_chosen_mean"] = ref_logps[:num_pairs].mean()
             metrics["ref_logps_rejected_mean"] = ref_logps[num_pairs:].mean()
         return total.mean(), metrics
+
+    def observe_step_rewards(self, chosen_mean: float, rejected_mean: float, num_pairs: int) -> None:
+        """Fold an optimizer step's mean implicit rewards (all its pairs, every micro-batch and rank) into
+        BCO's running mean: a step's loss uses the mean of the steps before it, whatever the micro-batch
+        size or the number of ranks."""
+        if self.bco_delta is not None:
+            self.bco_delta.update((chosen_mean + rejected_mean) / 2, 2 * num_pairs)
 
     def loss_state_dict(self) -> dict[str, Any]:
         """Loss state that must survive a resume (BCO's running reward mean)."""

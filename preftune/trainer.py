@@ -36,8 +36,8 @@ class MetricsAccumulator:
         self.pairs += num_pairs
         self.tokens += num_tokens
 
-    def reduce(self, info: DistInfo) -> tuple[dict[str, float], int]:
-        """(metric means, total tokens) over every rank, in one collective."""
+    def reduce(self, info: DistInfo) -> tuple[dict[str, float], int, int]:
+        """(metric means, total pairs, total tokens) over every rank, in one collective."""
         local = ({key: value.item() for key, value in self.sums.items()}, self.pairs, self.tokens)
         totals: dict[str, float] = {}
         pairs = tokens = 0
@@ -46,7 +46,7 @@ class MetricsAccumulator:
                 totals[key] = totals.get(key, 0.0) + value
             pairs += count
             tokens += rank_tokens
-        return {key: value / max(1, pairs) for key, value in totals.items()}, tokens
+        return {key: value / max(1, pairs) for key, value in totals.items()}, pairs, tokens
 
 
 def resolve_max_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
@@ -185,7 +185,10 @@ class DPOTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        metrics, tokens = accumulator.reduce(self.model.dist)
+        metrics, pairs, tokens = accumulator.reduce(self.model.dist)
+        self.model.observe_step_rewards(
+            metrics["rewards_chosen_mean"], metrics["rewards_rejected_mean"], pairs
+        )
         metrics.update(grad_norm=grad_norm.item(), lr=lr, tokens=tokens)
         return metrics
 

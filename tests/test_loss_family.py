@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -83,6 +84,27 @@ def test_bco_running_mean_survives_resume(tmp_path, tiny_model_dir, pair_files):
     a, b = records(straight, "train"), records(resumed, "train")
     for step in a:
         assert a[step]["train/loss"] == b[step]["train/loss"], step
+
+
+def test_bco_running_mean_is_independent_of_micro_batches(tmp_path, tiny_model_dir, pair_files):
+    """δ is folded in once per optimizer step from all its pairs: accumulation over micro-batches of 1 gives
+    the full batch's losses and δ (folding it in per micro-batch would shift δ within a step)."""
+    model_dir = tiny_model_dir("llama")
+    common = ("dpo.preference_loss=bco_pair", "trainer.max_steps=4", "optim.sched.warmup_steps=0")
+    _, full = run(tmp_path, "full", model_dir, pair_files, *common, "data.micro_batch_size=8")
+    _, accum = run(tmp_path, "accum", model_dir, pair_files, *common, "data.micro_batch_size=1")
+    a, b = records(full, "train"), records(accum, "train")
+    for step in a:
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], abs=1e-6), step
+    deltas = [
+        json.loads((out / "checkpoints/step_4/trainer_state.json").read_text())["loss_state"]["bco_delta"]
+        for out in (full, accum)
+    ]
+    assert deltas[0]["count"] == deltas[1]["count"] == 2 * 8 * 4
+    assert abs(deltas[0]["total"]) > 1e-2  # the policy moved: δ is not trivially 0
+    assert deltas[1]["total"] == pytest.approx(deltas[0]["total"], rel=1e-4)
+    expected = sum(a[s]["train/rewards_chosen_mean"] + a[s]["train/rewards_rejected_mean"] for s in a) * 8
+    assert deltas[0]["total"] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize(

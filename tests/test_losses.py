@@ -324,12 +324,12 @@ def test_bco_delta_is_a_constant_shift() -> None:
 def test_running_mean() -> None:
     mean = RunningMean()
     assert mean.value == 0.0
-    assert mean.update(torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(2.0)
-    assert mean.update(torch.tensor([6.0])) == pytest.approx(3.0)
+    assert mean.update(2.0, 3) == pytest.approx(2.0)  # values 1, 2, 3
+    assert mean.update(6.0, 1) == pytest.approx(3.0)
     restored = RunningMean()
     restored.load_state_dict(mean.state_dict())
     assert restored.value == mean.value
-    assert restored.update(torch.tensor([-3.0])) == pytest.approx(9 / 5)
+    assert restored.update(-3.0, 1) == pytest.approx(9 / 5)
 
 
 def test_sft_loss_and_implicit_rewards() -> None:

@@ -7,8 +7,10 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen3Config
 
+from preftune.attention import varlen_attention_forward, visible_keys
 from preftune.config import load_config
 from preftune.data import dpo_custom_collate
 from preftune.model import DPOModel
@@ -261,6 +263,23 @@ def test_shared_prompt_mask_and_positions():
     windowed = dense_mask(ids, 2)[0, 0].int().tolist()  # the window counts positions, not row offsets
     assert windowed[5] == [0, 0, 1, 0, 0, 1, 0]
     assert windowed[6] == [0, 0, 0, 0, 0, 1, 1]
+    # preftune_varlen: prompt+chosen is one causal block; rejected attends to the 3 prompt tokens, then itself
+    assert batch["attention_blocks"] == ((0, 0, 0, 0, 5), (0, 0, 3, 5, 2))
+    assert visible_keys(3, 2, None, torch.device("cpu")).int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert visible_keys(3, 2, 2, torch.device("cpu")).int().tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
+
+
+def test_varlen_blocks_must_tile_rows():
+    q = torch.randn(1, 2, 6, 4)
+    blocks = ((0, 0, 0, 0, 3), (0, 0, 0, 3, 3))
+    out, _ = varlen_attention_forward(torch.nn.Module(), q, q, q, None, attention_blocks=blocks)
+    for start in (0, 3):  # each block equals its sequence alone under causal attention
+        alone = F.scaled_dot_product_attention(*[q[:, :, start : start + 3]] * 3, is_causal=True)
+        torch.testing.assert_close(out[:, start : start + 3], alone.transpose(1, 2))
+    with pytest.raises(ValueError, match="tile it in order"):
+        varlen_attention_forward(torch.nn.Module(), q, q, q, None, attention_blocks=blocks[::-1])
+    with pytest.raises(ValueError, match="not an attention mask"):
+        varlen_attention_forward(torch.nn.Module(), q, q, q, torch.ones(1, 1, 6, 6, dtype=torch.bool))
 
 
 def test_wrong_masks_give_different_logprobs(tiny_model_dir, tokenizer):
