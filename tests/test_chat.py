@@ -146,7 +146,7 @@ def test_labels_are_exactly_the_final_turn_and_its_end_token(tmp_path, chat_tok,
 def test_every_conversational_format_gives_the_same_tokens(tmp_path, chat_tok):
     _, tok = chat_tok
     examples = [
-        PreferenceDataset(dump(tmp_path / f"{fmt}.jsonl", [records(fmt)]), tok, 512).examples
+        list(PreferenceDataset(dump(tmp_path / f"{fmt}.jsonl", [records(fmt)]), tok, 512).examples)
         for fmt in ("trl_conversational", "trl_implicit", "nemo_rl")
     ]
     assert examples[0] == examples[1] == examples[2]
@@ -186,7 +186,7 @@ def test_no_template_error_and_data_chat_template(tmp_path):
     template_file.write_text(CHATML)
     inline = PreferenceDataset(path, tok, 512, chat_template=CHATML)
     from_file = PreferenceDataset(path, tok, 512, chat_template=str(template_file))
-    assert inline.examples == from_file.examples
+    assert list(inline.examples) == list(from_file.examples)
     assert decode(tok, inline[0]["chosen_ids"]) == CHOSEN + "<|im_end|>"
     with pytest.raises(DataError, match="neither a Jinja template .* nor an existing file"):
         PreferenceDataset(path, tok, 512, chat_template=str(tmp_path / "absent.jinja"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.data import DataError, GlobalBatchSampler, PreferenceDataset, dpo_custom_collate
+from preftune.data import DataError, GlobalBatchSampler, PreferenceDataset, TokenizedPairs, dpo_custom_collate
 from preftune.tiny import BOS_ID, EOS_ID, train_tokenizer
 
 VOCAB = [
@@ -412,7 +412,7 @@ def test_cache_hit_and_misses(tmp_path, tok, other_tok):
     assert first.from_cache is False
     second = PreferenceDataset(path, tok, 64, cache)
     assert second.from_cache is True
-    assert second.examples == first.examples
+    assert list(second.examples) == list(first.examples)
     assert (second.stats.format, second.stats.kept) == (first.stats.format, first.stats.kept)
     assert dict(second.stats.dropped) == dict(first.stats.dropped)
     assert sum(second.stats.dropped.values()) == 1
@@ -426,7 +426,7 @@ def test_cache_hit_and_misses(tmp_path, tok, other_tok):
     other = PreferenceDataset(path, other_tok, 64, cache)
     assert other.from_cache is False
     assert other[0]["chosen_ids"] == [*enc(other_tok, PAIRS[0][1]), EOS_ID]
-    assert other.examples != first.examples
+    assert list(other.examples) != list(first.examples)
 
     # a changed file misses, and its new content is read
     dump(path, [*rows, nemo("new prompt", "new yes", "new no")])
@@ -621,3 +621,22 @@ def test_collate_on_a_real_dataset(tmp_path, tok):
             assert out["position_ids"][row_offset + i].tolist() == list(range(T))
             assert out[f"{side}_length"][i].item() == n
     assert out["indices"].tolist() == [4, 0, 2]
+
+
+def test_tokenized_pairs_store():
+    rng = random.Random(0)
+    examples = [
+        {name: [rng.randrange(50_000) for _ in range(rng.randint(0 if name == "prompt_ids" else 1, 9))]
+         for name in ("prompt_ids", "chosen_ids", "rejected_ids")} | {"chosen_reward": rng.random(),
+                                                                       "rejected_reward": -rng.random()}
+        for _ in range(40)
+    ]  # fmt: skip
+    store = TokenizedPairs.from_examples(iter(examples))  # filled from a stream, as tokenizing does
+    assert len(store) == 40 and list(store) == examples and store[-1] == examples[-1]
+    assert store.columns["chosen_ids"].dtype == torch.int32
+    picked = torch.tensor([7, 0, 39, 7])
+    assert list(store.select(picked)) == [examples[i] for i in picked.tolist()]
+    assert list(store.select(torch.tensor([], dtype=torch.long))) == []
+    with pytest.raises(IndexError):
+        store[40]
+    assert len(TokenizedPairs.from_examples([])) == 0

@@ -129,7 +129,7 @@ def test_columns_renaming_through_the_config(tmp_path, tok):
     train, val = load_datasets(cfg.data, tok, None)
     plain = PreferenceDataset(dump(tmp_path / "plain.jsonl", rows), tok, 1024)
     assert val is None and train.stats.format == "trl"
-    assert [{**e, "chosen_reward": 1.0} for e in train.examples] == plain.examples
+    assert [{**e, "chosen_reward": 1.0} for e in train.examples] == list(plain.examples)
     assert train.examples[0]["chosen_reward"] == 1.5
     with pytest.raises(ConfigError, match=r"Did you mean 'data\.columns\.prompt'"):
         load_config(None, ["model.path=x", f"data.train={path}", "data.columns.promt=question"])
@@ -159,14 +159,14 @@ def test_json_parquet_save_to_disk_and_lists_read_the_same(tmp_path, tok):
     assert ref.stats.format == "trl_conversational" and len(ref) == 4
     for source in (as_json, parquet, saved):
         ds = PreferenceDataset(source, tok, 128)
-        assert ds.examples == ref.examples, source
+        assert list(ds.examples) == list(ref.examples), source
         assert ds.stats.format == "trl_conversational"
     assert PreferenceDataset(parquet, tok, 128).where(0, 3) == f"{parquet}: row 3"
     # JSON records are located by the line they start on
     assert PreferenceDataset(as_json, tok, 128).origins[:, 2].tolist() == [2, 22, 42, 62]
 
     both = PreferenceDataset([jsonl, str(parquet), saved], tok, 128)
-    assert both.examples == ref.examples * 3
+    assert list(both.examples) == list(ref.examples) * 3
     assert both.origins[:, 0].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert [s.kept for s in both.file_stats] == [4, 4, 4]
     assert both.stats.kept == 12 and both.stats.path == f"{jsonl}, {parquet}, {saved}"
@@ -345,7 +345,7 @@ def test_validation_fraction_is_a_deterministic_split_of_records(tmp_path, tok):
 
     train, val = split()
     train_again, val_again = split()
-    assert val_again.from_cache and val.examples == val_again.examples
+    assert val_again.from_cache and list(val.examples) == list(val_again.examples)
     assert train.origins.tolist() == train_again.origins.tolist()
     records_val = {int(r) for r in val.origins[:, 1]} | {d[1] for d in val.drops}
     records_train = {int(r) for r in train.origins[:, 1]} | {d[1] for d in train.drops}
@@ -379,7 +379,7 @@ def test_cache_key_covers_template_and_settings(tmp_path, tok):
     other_template = CHATML.replace("{{ m.content }}<|im_end|>", "{{ m.content }} <|im_end|>")
     changed = PreferenceDataset(path, tok, 128, cache, chat_template=other_template)
     assert not changed.from_cache and changed.fingerprint != first.fingerprint
-    assert changed.examples != first.examples
+    assert list(changed.examples) != list(first.examples)
     fingerprints = {
         first.fingerprint,
         changed.fingerprint,
