@@ -226,9 +226,11 @@ class DPOModel(nn.Module):
         elif not model.adapter_reference:
             model.set_reference(copy.deepcopy(policy))
         if model_cfg["activation_checkpointing"]:  # the policy only: the reference keeps no activations
-            causal_lm(policy).gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            lm = causal_lm(policy)
+            if hasattr(lm, "activation_checkpointing_enable"):  # the newer 5.x name; the old one goes in v6
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model_cfg["compile"]:
             for lm in (policy, model.reference):
                 if lm is not None:
