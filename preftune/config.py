@@ -110,7 +110,7 @@ def validate(cfg: DictConfig) -> None:
     data, trainer = cfg.data, cfg.trainer
     if data.micro_batch_size < 1 or data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be >= 1")
-    if data.global_batch_size % data.micro_batch_size:
+    if not data.packing and data.global_batch_size % data.micro_batch_size:  # packing: rows, not pairs
         raise ConfigError(
             f"data.global_batch_size ({data.global_batch_size}) must be a multiple of "
             f"data.micro_batch_size ({data.micro_batch_size}) x the number of ranks"

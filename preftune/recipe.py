@@ -56,11 +56,16 @@ def build_dataloader(
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume) the run described by ``cfg``; return the last validation metrics."""
     info = init_distributed()
-    per_step = cfg.data.micro_batch_size * info.world_size
-    if cfg.data.global_batch_size % per_step:
+    # Each rank takes an equal share of the pairs; unpacked, in whole micro-batches (packing counts rows).
+    mbs, world = cfg.data.micro_batch_size, info.world_size
+    unit, why = (
+        (world, "the number of ranks")
+        if cfg.data.packing
+        else (mbs * world, f"micro-batch {mbs} x {world} ranks")
+    )
+    if cfg.data.global_batch_size % unit:
         raise ConfigError(
-            f"data.global_batch_size ({cfg.data.global_batch_size}) must be a multiple of "
-            f"data.micro_batch_size x ranks ({cfg.data.micro_batch_size} x {info.world_size})"
+            f"data.global_batch_size ({cfg.data.global_batch_size}) must be a multiple of {unit} ({why})"
         )
     timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)

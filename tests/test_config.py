@@ -185,6 +185,10 @@ def test_global_batch_must_be_multiple_of_micro_batch():
         load("data.micro_batch_size=4", "data.global_batch_size=6")
     cfg = load("data.micro_batch_size=4", "data.global_batch_size=12")
     assert cfg.data.global_batch_size == 12
+    packed = load(
+        "data.packing=true", "data.micro_batch_size=4", "data.global_batch_size=6"
+    )  # rows, not pairs
+    assert packed.data.micro_batch_size == 4
 
 
 @pytest.mark.parametrize("beta", ["0", "0.0", "-0.1"])

@@ -205,7 +205,7 @@ def test_precomputed_reference_matches_online(tmp_path, tiny_model_dir, pair_fil
 @pytest.mark.parametrize(
     "layout",
     [
-        ("data.packing=true",),
+        ("data.packing=true", "data.micro_batch_size=3"),  # rows per micro-batch: need not divide 8 pairs
         ("data.share_prompt=true",),
         ("data.packing=true", "data.share_prompt=true", "data.pack_length=160"),
         ("data.packing=true", "data.share_prompt=true", "reference.mode=precompute"),
