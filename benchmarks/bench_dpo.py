@@ -12,7 +12,8 @@ read by both trainers from the same JSONL file.
 Identical work for every run: fp32 weights, 8 pairs per optimizer step in one micro-batch (no gradient
 accumulation), beta 0.1, AdamW lr 1e-6 (betas 0.9/0.98, non-fused), grad clip 1.0, no gradient
 checkpointing (except the ``activation_checkpointing`` mode), a separate frozen reference model run every
-step (except ``precompute``), max length 1024 (prompt + response; nothing is truncated), sdpa attention.
+step (except ``precompute``), max length 1024 (prompt + response; nothing is truncated), sdpa attention
+(packed and shared-prompt modes: preftune's default there, ``preftune_varlen``; ``packed_masks``: sdpa).
 TRL reads the pairs sequentially in the order preftune's sampler draws them (same seed), so step k of every
 run trains on the same 8 pairs. Each trainer/mode runs in its own subprocess (the same script with
 ``--child``), so peak memory is isolated.
@@ -50,10 +51,11 @@ such as the precomputed reference, is still credited with it, so its MFU is an e
 
 A step's FLOPs are the sum over its 16 sequences; MFU = (FLOPs of the step / step time) / peak.
 
-Strict MFU (``mfu_strict``) counts only the work a run performs: a shared prompt runs the prompt once (each
+Strict MFU (``mfu_strict``) counts only the useful work a run performs: a shared prompt runs the prompt once (each
 pair: P + C + R tokens; attention over (P + C)**2 / 2 causal pairs for prompt and chosen, and R * P + R**2 / 2
 for rejected, which sees the prompt and itself), and a precomputed reference takes the reference forward out
-of the step; padding, activation recomputation and the chunked lm-head's recomputation are never counted.
+of the step; padding, attention to masked-out keys (``packed_masks`` computes whole rows), activation
+recomputation and the chunked lm-head's recomputation are never counted.
 For runs that skip nothing it equals MFU.
 
 Peak: this machine's matmul throughput measured in the same run with torch (square matmuls, 2048 on CPU,

@@ -4,8 +4,9 @@ A packed row holds several sequences; a mask over the whole row makes attention 
 the row and keeps SDPA off its fused causal kernel. Here attention runs per block instead, the way varlen
 kernels do: each block is a span of queries that attend causally to themselves and, for a shared prompt's
 rejected response, fully to a context span (the prompt) laid out earlier in the row. Each block is one
-``scaled_dot_product_attention`` call on its own keys, so the work is the sum of the blocks' squares and the
-fused kernel is used (causal, or a bottom-right causal mask when there is a context or a sliding window).
+``scaled_dot_product_attention`` call on its own keys, so the work is the sum of the blocks' squares (causal,
+or a bottom-right causal mask when there is a context or a sliding window). On CPU every call runs the flash
+kernel; on CUDA the causal calls do, the masked ones the memory-efficient kernel (not measured here: no GPU).
 
 The blocks come from the collate (``preftune.packing``) and reach every attention layer as the forward's
 ``attention_blocks`` keyword (transformers passes a model's extra keywords down to the attention function).
@@ -57,6 +58,11 @@ def block_attention(
     needs_mask = num_context > 0 or (window is not None and num_context + num_queries > window)
     mask = visible_keys(num_context, num_queries, window, query.device) if needs_mask else None
     if softcap is None:
+        # CPU's flash kernel takes a mask and grouped heads together; CUDA's masked (memory-efficient) kernel
+        # does not take grouped heads, so there the key/value heads are repeated rather than fall back to math.
+        native_groups = mask is None or query.device.type == "cpu"
+        if groups > 1 and not native_groups:
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(
             query,
             key,
@@ -65,7 +71,7 @@ def block_attention(
             is_causal=mask is None,
             dropout_p=dropout,
             scale=scaling,
-            enable_gqa=groups > 1,
+            enable_gqa=groups > 1 and native_groups,
         )
     # Soft-capped logits (Gemma 2) have no fused kernel: the explicit form, one block at a time.
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)

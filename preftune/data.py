@@ -155,8 +155,9 @@ class TokenizedPairs(Sequence[dict[str, Any]]):
     """Tokenized pairs held column-wise: each token field is one flat int32 tensor with [N + 1] offsets, the
     rewards are [N] float64. Indexing returns the example as a dict of lists and floats.
 
-    Four bytes a token instead of a Python int each (about 36 bytes with its list slot), and the tensors load
-    memory-mapped from the tokenization cache, so ranks on one machine share a single copy in the page cache.
+    Four bytes a token instead of a Python int each (about 36 bytes with its list slot); loaded from the
+    tokenization cache, the tensors are memory-mapped (pages shared with other processes reading the file).
+    DataLoader workers should fork (Linux's default): a spawned worker gets the columns copied to shared memory.
     """
 
     def __init__(self, columns: Mapping[str, Tensor]):

@@ -86,6 +86,24 @@ def test_bco_running_mean_survives_resume(tmp_path, tiny_model_dir, pair_files):
         assert a[step]["train/loss"] == b[step]["train/loss"], step
 
 
+def test_bco_loss_uses_the_running_mean(tiny_model_dir, tokenizer):
+    """The model shifts BCO's rewards by the running mean it keeps (observed steps), pair by pair."""
+    model = build(tiny_model_dir("llama"), "dpo.preference_loss=bco_pair")
+    with torch.no_grad():
+        for p in model.policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = pair_batch(tokenizer, n=1, seed=3)  # one pair: the reward metrics are that pair's rewards
+    model.observe_step_rewards(0.5, -0.1, 4)  # 8 rewards, mean 0.2
+    model.observe_step_rewards(0.2, 0.0, 4)  # 8 more, mean 0.1
+    delta = (0.2 * 8 + 0.1 * 8) / 16
+    assert model.bco_delta.value == pytest.approx(delta)
+    loss, metrics = model.get_loss_and_metrics(batch, forward_only=True)
+    rc, rr = metrics["rewards_chosen_mean"].item(), metrics["rewards_rejected_mean"].item()
+    assert abs(rc) > 1e-3 and abs(rr) > 1e-3
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert loss.item() == pytest.approx(-math.log(sig(rc - delta)) - math.log(sig(-(rr - delta))), rel=1e-5)
+
+
 def test_bco_running_mean_is_independent_of_micro_batches(tmp_path, tiny_model_dir, pair_files):
     """δ is folded in once per optimizer step from all its pairs: accumulation over micro-batches of 1 gives
     the full batch's losses and δ (folding it in per micro-batch would shift δ within a step)."""
