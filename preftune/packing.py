@@ -305,3 +305,48 @@ def build_packed_collate(
         ]
 
     return collate
+
+
+class DPOPackedDataset(torch.utils.data.Dataset):
+    """Preference pairs trained packed and/or with a shared prompt (NeMo Aligner's name for it).
+
+    Indexes like ``dataset``; ``global_collate_fn`` (``build_packed_collate`` for ``model_config`` and its
+    attention implementation) turns a rank's share of a global batch into packed micro-batches: give it to
+    ``DPOTrainer`` as ``collate_fn``. Packing happens inside each global batch, so every optimizer step sees
+    exactly the pairs it would see unpacked.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        model_config: PretrainedConfig,
+        *,
+        eos_id: int,
+        pack_length: int,
+        pack: bool = True,
+        share_prompt: bool = False,
+        rows_per_micro_batch: int = 1,
+        device: torch.device | str = "cpu",
+    ):
+        self.dataset = dataset
+        self.global_collate_fn = build_packed_collate(
+            eos_id=eos_id,
+            model_config=model_config,
+            attn_implementation=model_config._attn_implementation,
+            pack=pack,
+            share_prompt=share_prompt,
+            max_tokens_per_row=pack_length,
+            rows_per_micro_batch=rows_per_micro_batch,
+            device=device,
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """The wrapped pairs' fingerprint (the reference cache is keyed by the pairs, not their layout)."""
+        return self.dataset.fingerprint
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset[index]

@@ -20,7 +20,7 @@ from preftune.distributed import DistInfo, barrier, env_rank, init_distributed
 from preftune.metrics import MetricsLogger
 from preftune.model import DPOModel
 from preftune.optim import build_optimizer, build_scheduler
-from preftune.packing import build_packed_collate
+from preftune.packing import DPOPackedDataset
 from preftune.reference_cache import (
     ReferenceCache,
     model_fingerprint,
@@ -94,16 +94,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # restored), then the newest checkpoint's weights, then DDP/FSDP2, then the optimizer.
     model = DPOModel.from_config(cfg).to(info.device)
     if cfg.data.packing or cfg.data.share_prompt:  # several pairs per row and/or one prompt per pair
-        collate = build_packed_collate(
-            eos_id=tokenizer.eos_token_id,
-            model_config=model.policy.config,
-            attn_implementation=model.policy.config._attn_implementation,
-            pack=cfg.data.packing,
-            share_prompt=cfg.data.share_prompt,
-            max_tokens_per_row=cfg.data.pack_length or 2 * cfg.data.max_seq_length,
-            rows_per_micro_batch=cfg.data.micro_batch_size,
-            device=info.device,
+        train_set, val_set = (
+            DPOPackedDataset(
+                dataset,
+                model.policy.config,
+                eos_id=tokenizer.eos_token_id,
+                pack_length=cfg.data.pack_length or 2 * cfg.data.max_seq_length,
+                pack=cfg.data.packing,
+                share_prompt=cfg.data.share_prompt,
+                rows_per_micro_batch=cfg.data.micro_batch_size,
+                device=info.device,
+            )
+            if dataset is not None
+            else None
+            for dataset in (train_set, val_set)
         )
+        collate = train_set.global_collate_fn
     else:
         collate = partial(
             padded_micro_batches, micro_batch_size=cfg.data.micro_batch_size, eos_id=tokenizer.eos_token_id

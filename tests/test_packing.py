@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen3Config
 
+import preftune
 from preftune.attention import varlen_attention_forward, visible_keys
 from preftune.config import load_config
 from preftune.data import dpo_custom_collate
@@ -313,3 +314,19 @@ def test_unsupported_combinations_raise():
         build_packed_collate(model_config=neox, attn_implementation="sdpa", **kwargs)
     with pytest.raises(ValueError, match="padded_micro_batches"):
         build_packed_collate(model_config=llama, attn_implementation="sdpa", **{**kwargs, "pack": False})
+
+
+def test_dpo_packed_dataset(tiny_model_dir, tokenizer):
+    """NeMo Aligner's shape: a dataset whose global_collate_fn packs a global batch (here with preftune_varlen)."""
+    model = build(tiny_model_dir("llama"), "data.packing=true", "data.share_prompt=true")
+    exs = examples(len(tokenizer))
+    packed = preftune.DPOPackedDataset(
+        exs, model.policy.config, eos_id=EOS_ID, pack_length=BUDGET, share_prompt=True
+    )
+    assert len(packed) == len(exs) and packed[3] == exs[3]
+    batches = packed.global_collate_fn([packed[i] for i in range(len(packed))])
+    assert len(batches) > 1 and all(b["attention_mask"] is None and b["attention_blocks"] for b in batches)
+    with torch.no_grad():
+        values = [model.sequence_logprobs(model.policy, b) for b in batches]
+    padded = padded_logprobs(build(tiny_model_dir("llama")), exs)
+    assert_same_logprobs(in_pair_order(batches, values, len(exs)), padded, "DPOPackedDataset")
