@@ -168,7 +168,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if info.distributed
         else info.device
     )
-    log(f"training for {trainer.max_steps} steps of {cfg.data.global_batch_size} pairs on {where}")
+    layout = [
+        name for name, on in (("packed", cfg.data.packing), ("shared prompt", cfg.data.share_prompt)) if on
+    ]
+    layout.append(f"{model.policy.config._attn_implementation} attention")
+    log(
+        f"training for {trainer.max_steps} steps of {cfg.data.global_batch_size} pairs on {where} "
+        f"({', '.join(layout)})"
+    )
     trainer.fit()
     log(f"done: metrics in {logger.path}, checkpoints in {checkpointer.root}")
     return trainer.last_val_metrics
