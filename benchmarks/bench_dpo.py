@@ -680,9 +680,7 @@ def child_main(spec_path: Path) -> None:
 def performed_flops_key(overrides: list[str]) -> str:
     """The ``step_workload`` key of the FLOPs a run with these overrides performs (its strict MFU)."""
     shared, cached = "data.share_prompt=true" in overrides, "reference.mode=precompute" in overrides
-    return {(False, False): "flops", (True, False): "flops_shared", (False, True): "flops_precompute"}.get(
-        (shared, cached), "flops_shared_precompute"
-    )
+    return "flops" + "_shared" * shared + "_precompute" * cached
 
 
 def summarize(

@@ -119,13 +119,14 @@ def varlen_attention_forward(
         blocks = by_row.get(row, [])
         # Split (not slice) the row at the block boundaries: the backward of a split is one concatenation,
         # where each slice's backward would write a row-sized tensor of zeros.
-        sizes, starts = [], {}
+        sizes, starts, offset = [], {}, 0
         for i, (_, _, _, q_start, q_len) in enumerate(blocks):
-            if q_start != sum(sizes):
+            if q_start != offset:
                 raise ValueError(f"{VARLEN}: the blocks of row {row} must tile it in order from offset 0")
             sizes.append(q_len)
             starts[q_start] = i
-        sizes.append(length - sum(sizes))  # padding after the last block: it attends to nothing (zeros below)
+            offset += q_len
+        sizes.append(length - offset)  # padding after the last block: it attends to nothing (zeros below)
         qs, ks, vs = (t[row : row + 1].split(sizes, dim=2) for t in (query, key, value))
         pieces = []
         for i, (_, ctx_start, ctx_len, _, _) in enumerate(blocks):

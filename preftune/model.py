@@ -33,8 +33,8 @@ def disable_dropout(model: nn.Module) -> None:
 def load_causal_lm(model_cfg: Mapping[str, Any], default_attention: str | None = None) -> PreTrainedModel:
     """The policy from ``model.path`` with the configured dtype and attention implementation (when
     ``model.attn_implementation`` is null: ``default_attention``, or transformers' choice if that is None)."""
-    attention = model_cfg["attn_implementation"] or default_attention
-    kwargs = {"attn_implementation": attention} if attention else {}
+    implementation = model_cfg["attn_implementation"] or default_attention
+    kwargs = {"attn_implementation": implementation} if implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg["path"],
         dtype=DTYPES[model_cfg["dtype"]],

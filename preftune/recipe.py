@@ -94,22 +94,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # restored), then the newest checkpoint's weights, then DDP/FSDP2, then the optimizer.
     model = DPOModel.from_config(cfg).to(info.device)
     if cfg.data.packing or cfg.data.share_prompt:  # several pairs per row and/or one prompt per pair
-        train_set, val_set = (
-            DPOPackedDataset(
-                dataset,
-                model.policy.config,
-                eos_id=tokenizer.eos_token_id,
-                pack_length=cfg.data.pack_length or 2 * cfg.data.max_seq_length,
-                pack=cfg.data.packing,
-                share_prompt=cfg.data.share_prompt,
-                rows_per_micro_batch=cfg.data.micro_batch_size,
-                device=info.device,
-            )
-            if dataset is not None
-            else None
-            for dataset in (train_set, val_set)
+        train_set = DPOPackedDataset(
+            train_set,
+            model.policy.config,
+            eos_id=tokenizer.eos_token_id,
+            pack_length=cfg.data.pack_length or 2 * cfg.data.max_seq_length,
+            pack=cfg.data.packing,
+            share_prompt=cfg.data.share_prompt,
+            rows_per_micro_batch=cfg.data.micro_batch_size,
+            device=info.device,
         )
-        collate = train_set.global_collate_fn
+        collate = train_set.global_collate_fn  # validation batches are packed by the same collate
     else:
         collate = partial(
             padded_micro_batches, micro_batch_size=cfg.data.micro_batch_size, eos_id=tokenizer.eos_token_id
