@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_dpo.py --output runs/bench/bench_dpo.json          # the full run
     .venv/bin/python benchmarks/bench_dpo.py --models small --modes padded --steps 2     # a quick check
 
-Everything is built locally (``preftune.tiny``): Llama-style random-init models (hidden 256, 4 layers, 4
+Everything is built locally (``preftune.tools.tiny``): Llama-style random-init models (hidden 256, 4 layers, 4
 heads / 2 KV heads, MLP 720; "small": vocab 4,096, 5.1M parameters; "bigvocab": vocab 128,256 as Llama 3,
 68.7M), a byte-level BPE trained on the generated text, and synthetic preference pairs (prompts 40-200
 words, responses 20-200 words, fixed seed) in TRL's standard format (``prompt``/``chosen``/``rejected``),
@@ -337,7 +337,7 @@ def build_model_dir(
     name: str, vocab_size: int, pairs: list[dict[str, str]], corpus: list[str], out: Path
 ) -> dict[str, Any]:
     """Tokenizer (trained on the corpus and the pairs) and model, saved to ``out``; returns their sizes."""
-    from preftune.tiny import build_tiny_model, save_tiny, train_tokenizer
+    from preftune.tools.tiny import build_tiny_model, save_tiny, train_tokenizer
 
     texts = corpus + [p[k] for p in pairs for k in ("prompt", "chosen", "rejected")]
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
@@ -377,7 +377,7 @@ def pair_lengths(model_dir: Path, pairs: list[dict[str, str]]) -> list[tuple[int
     """(prompt, chosen, rejected) token counts of each pair, tokenized as preftune does."""
     from transformers import AutoTokenizer
 
-    from preftune.data import PairTokenizer
+    from preftune.data.tokenize import PairTokenizer
 
     pair_tokenizer = PairTokenizer(AutoTokenizer.from_pretrained(model_dir), MAX_LENGTH)
     out = []
@@ -391,7 +391,7 @@ def pair_lengths(model_dir: Path, pairs: list[dict[str, str]]) -> list[tuple[int
 
 def batch_order(num_pairs: int) -> list[list[int]]:
     """The global batches preftune's sampler draws in epoch 0 (what TRL is given, in order)."""
-    from preftune.data import GlobalBatchSampler
+    from preftune.data.sampler import GlobalBatchSampler
 
     sampler = GlobalBatchSampler(num_pairs, PAIRS_PER_STEP, seed=DATA_SEED, shuffle=True, drop_last=True)
     sampler.set_epoch(0)
@@ -442,9 +442,9 @@ def child_preftune(spec: dict[str, Any]) -> dict[str, Any]:
     tracker = PeakTracker()
     import torch
 
-    import preftune.recipe as recipe
+    import preftune.training.recipe as recipe
     from preftune.config import load_config
-    from preftune.trainer import DPOTrainer
+    from preftune.training.trainer import DPOTrainer
 
     out_dir = Path(spec["run_dir"]) / "preftune"
     overrides = [

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from preftune.tiny import build_tiny_model, save_tiny, train_tokenizer
+from preftune.tools.tiny import build_tiny_model, save_tiny, train_tokenizer
 
 WORDS = "alpha beta gamma delta river stone cloud green quick slow bright dark north south east west".split()
 

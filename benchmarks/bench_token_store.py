@@ -37,7 +37,7 @@ def pairs(n: int) -> Iterator[dict[str, Any]]:
 
 
 def child(layout: str, n: int) -> dict[str, Any]:
-    from preftune.data import TokenizedPairs
+    from preftune.data.dataset import TokenizedPairs
 
     base, start = rss_mib(), time.perf_counter()
     held = list(pairs(n)) if layout == "lists" else TokenizedPairs.from_examples(pairs(n))

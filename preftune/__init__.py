@@ -1,10 +1,12 @@
 """preftune: align causal language models to human preferences with DPO and its family."""
 
 from preftune import losses
-from preftune.data import GlobalBatchSampler, PreferenceDataset, dpo_custom_collate
-from preftune.model import DPOModel
-from preftune.packing import DPOPackedDataset
-from preftune.trainer import DPOTrainer
+from preftune.data.batch import dpo_custom_collate
+from preftune.data.dataset import PreferenceDataset
+from preftune.data.packing import DPOPackedDataset
+from preftune.data.sampler import GlobalBatchSampler
+from preftune.modeling.model import DPOModel
+from preftune.training.trainer import DPOTrainer
 
 __all__ = [
     "DPOModel",

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from preftune.config import ConfigError, load_config
-from preftune.data import DataError
+from preftune.data.formats import DataError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from preftune.distributed import shutdown
-    from preftune.recipe import train
+    from preftune.training.distributed import shutdown
+    from preftune.training.recipe import train
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -24,14 +24,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from preftune.inspect import run_inspect
+    from preftune.tools.inspect_data import run_inspect
 
     return run_inspect(load_config(args.config, args.overrides), args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from preftune.demo import prepare_demo
-    from preftune.recipe import log, train
+    from preftune.tools.demo import prepare_demo
+    from preftune.training.recipe import log, train
 
     paths = prepare_demo(Path(args.output_dir))
     cfg = load_config(paths["config"], args.overrides)
@@ -44,7 +44,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from preftune.export import export_checkpoint
+    from preftune.tools.export import export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.output, merge=args.merge)

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from tokenizers import processors
 
-from preftune.chat import BAD_END, BROKEN_PREFIX
-from preftune.data import DataError, PreferenceDataset, dpo_custom_collate
-from preftune.tiny import EOS_ID, train_tokenizer
+from preftune.data.batch import dpo_custom_collate
+from preftune.data.chat import BAD_END, BROKEN_PREFIX
+from preftune.data.dataset import PreferenceDataset
+from preftune.data.formats import DataError
+from preftune.tools.tiny import EOS_ID, train_tokenizer
 
 SPECIALS = (
     "<|im_start|>",

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.data import DataError, GlobalBatchSampler, PreferenceDataset, TokenizedPairs, dpo_custom_collate
-from preftune.tiny import BOS_ID, EOS_ID, train_tokenizer
+from preftune.data.batch import dpo_custom_collate
+from preftune.data.dataset import PreferenceDataset, TokenizedPairs
+from preftune.data.formats import DataError
+from preftune.data.sampler import GlobalBatchSampler
+from preftune.tools.tiny import BOS_ID, EOS_ID, train_tokenizer
 
 VOCAB = [
     "alpha",

@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from preftune.config import ConfigError, load_config
-from preftune.data import TIED, DataError, PreferenceDataset, load_datasets
-from preftune.sources import read_json_array
-from preftune.tiny import train_tokenizer
+from preftune.data.dataset import TIED, PreferenceDataset, load_datasets
+from preftune.data.formats import DataError
+from preftune.data.sources import read_json_array
+from preftune.tools.tiny import train_tokenizer
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

@@ -11,8 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from preftune.cli import main
-from preftune.data import IDENTICAL
-from preftune.tiny import train_tokenizer
+from preftune.data.tokenize import IDENTICAL
+from preftune.tools.tiny import train_tokenizer
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from preftune.logprobs import token_logprobs
+from preftune.modeling.logprobs import token_logprobs
 
 N, H, V = 37, 16, 50
 

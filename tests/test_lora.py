@@ -14,7 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from preftune.config import load_config
-from preftune.model import DPOModel
+from preftune.modeling.model import DPOModel
 
 from conftest import pair_batch, records, run
 

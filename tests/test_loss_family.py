@@ -10,7 +10,7 @@ import torch
 
 from preftune import losses
 from preftune.config import ConfigError, load_config
-from preftune.model import DPOModel
+from preftune.modeling.model import DPOModel
 
 from conftest import pair_batch, records, run
 

@@ -9,9 +9,11 @@ import torch
 from omegaconf import OmegaConf
 
 from preftune.config import load_config
-from preftune.data import PairTokenizer, dpo_custom_collate, parse_record
-from preftune.model import DPOModel
-from preftune.tiny import TINY_ARCHS
+from preftune.data.batch import dpo_custom_collate
+from preftune.data.formats import parse_record
+from preftune.data.tokenize import PairTokenizer
+from preftune.modeling.model import DPOModel
+from preftune.tools.tiny import TINY_ARCHS
 
 from conftest import make_pairs
 
@@ -170,7 +172,7 @@ def test_bf16_autocast_stays_close_and_fp32(tiny_model_dir, tokenizer):
 
 
 def test_auto_chunk_bounds_logit_memory():
-    from preftune.model import LOGITS_CHUNK_ELEMENTS, auto_chunk_size
+    from preftune.modeling.model import LOGITS_CHUNK_ELEMENTS, auto_chunk_size
 
     assert auto_chunk_size(4096) == auto_chunk_size(32768) == 1024
     for vocab in (128_256, 151_936, 262_144):

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen3Config
 
 import preftune
-from preftune.attention import varlen_attention_forward, visible_keys
 from preftune.config import load_config
-from preftune.data import dpo_custom_collate
-from preftune.model import DPOModel
-from preftune.packing import build_packed_collate, dense_mask, layout_rows, row_tokens
-from preftune.tiny import EOS_ID, SLIDING_WINDOW, TINY_ARCHS, save_tiny
+from preftune.data.batch import dpo_custom_collate
+from preftune.data.packing import build_packed_collate, dense_mask, layout_rows, row_tokens
+from preftune.modeling.attention import varlen_attention_forward, visible_keys
+from preftune.modeling.model import DPOModel
+from preftune.tools.tiny import EOS_ID, SLIDING_WINDOW, TINY_ARCHS, save_tiny
 
 LAYOUTS = {"packed": (True, False), "shared": (False, True), "packed+shared": (True, True)}
 BUDGET = 128

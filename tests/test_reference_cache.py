@@ -13,21 +13,23 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from preftune.checkpoint import Checkpointer
 from preftune.config import load_config
-from preftune.data import GlobalBatchSampler, PreferenceDataset, dpo_custom_collate, padded_micro_batches
-from preftune.metrics import MetricsLogger
-from preftune.model import DPOModel
-from preftune.optim import build_optimizer, build_scheduler
-from preftune.reference_cache import (
+from preftune.data.batch import dpo_custom_collate, padded_micro_batches
+from preftune.data.dataset import PreferenceDataset
+from preftune.data.sampler import GlobalBatchSampler
+from preftune.modeling.model import DPOModel
+from preftune.modeling.reference_cache import (
     ReferenceCache,
     model_fingerprint,
     precompute_reference,
     with_cached_reference,
 )
-from preftune.timer import RunTimer
-from preftune.tiny import build_tiny_model, save_tiny, train_tokenizer
-from preftune.trainer import DPOTrainer
+from preftune.tools.tiny import build_tiny_model, save_tiny, train_tokenizer
+from preftune.training.checkpoint import Checkpointer
+from preftune.training.metrics import MetricsLogger
+from preftune.training.optim import build_optimizer, build_scheduler
+from preftune.training.timer import RunTimer
+from preftune.training.trainer import DPOTrainer
 
 from conftest import make_pairs, sentence, write_jsonl
 

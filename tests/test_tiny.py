@@ -1,4 +1,4 @@
-"""Tiny tokenizers and models (preftune.tiny) and the demo preference set (preftune.demo)."""
+"""Tiny tokenizers and models (preftune.tools.tiny) and the demo preference set (preftune.tools.demo)."""
 
 import json
 
@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.config import load_config
-from preftune.demo import CATEGORIES, make_preference_pairs, prepare_demo
-from preftune.tiny import TINY_ARCHS, build_tiny_model, save_tiny, train_tokenizer
+from preftune.tools.demo import CATEGORIES, make_preference_pairs, prepare_demo
+from preftune.tools.tiny import TINY_ARCHS, build_tiny_model, save_tiny, train_tokenizer
 
 TEXTS = [
     "List 3 fruits in lowercase, starting from A.",

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from preftune.checkpoint import Checkpointer
+from preftune.training.checkpoint import Checkpointer
 
 from conftest import records, run
 

@@ -1,10 +1,7 @@
-"""Preference data: tokenizing pairs, the tokenization cache, the global-batch sampler and the padded collate.
+"""``PreferenceDataset``: preference files read, tokenized and cached as flat int32 token columns.
 
-Records come from ``preftune.sources`` (JSONL, JSON, Parquet, save_to_disk directories) and are turned into
-pairs by ``preftune.formats``. A text pair is tokenized as ``prompt`` and each response separately, then
-concatenated, so the prompt tokens are always an exact prefix of prompt+response: the prompt gets the
-tokenizer's BOS (once) if the tokenizer adds one; each response ends with exactly one EOS. A chat pair is
-rendered with the chat template (``preftune.chat``), which decides BOS and the end-of-turn token itself.
+Records come from ``preftune.data.sources`` (JSONL, JSON, Parquet, save_to_disk directories) and are turned
+into pairs by ``preftune.data.formats``, then tokenized by ``preftune.data.tokenize``.
 """
 
 from __future__ import annotations
@@ -13,7 +10,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 from array import array
 from collections import Counter
@@ -27,27 +23,26 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from preftune.chat import (
+from preftune.config import ConfigError
+from preftune.data.chat import (
     BAD_END,
     BROKEN_PREFIX,
-    NO_TEMPLATE,
-    ChatTemplate,
     load_chat_template,
-    tokenizer_template,
 )
-from preftune.config import ConfigError
-from preftune.formats import COMPLETION_PAIRINGS, FORMAT_NAMES, parse_pairs, rename_columns
-from preftune.formats import DataError as DataError
-from preftune.formats import detect_format as detect_format
-from preftune.formats import parse_record as parse_record
-from preftune.sources import Source, file_digest, resolve_sources
-from preftune.sources import read_jsonl as read_jsonl
+from preftune.data.formats import (
+    COMPLETION_PAIRINGS,
+    FORMAT_NAMES,
+    DataError,
+    detect_format,
+    parse_pairs,
+    rename_columns,
+)
+from preftune.data.sources import Source, file_digest, resolve_sources
+from preftune.data.tokenize import PairTokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 3
-IDENTICAL = "identical chosen and rejected"
-TRUNCATED_AWAY = "response truncated to zero tokens"
 TIED = "completions all ranked the same"
 LOGGED_DROPS = (BROKEN_PREFIX, BAD_END)  # drops that point at a template problem: logged with their pair
 MAX_LOGGED = 5  # per reason and file
@@ -66,85 +61,6 @@ class DatasetStats:
     def summary(self) -> str:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
         return f"{self.path}: {self.format} format, {self.kept} pairs kept, dropped: {reasons}"
-
-
-class PairTokenizer:
-    """Tokenizes a pair so the prompt is an exact prefix of prompt+chosen and of prompt+rejected.
-
-    ``chat_template`` (Jinja text) renders chat pairs in place of the tokenizer's own template.
-    """
-
-    def __init__(self, tokenizer: Any, max_seq_length: int, chat_template: str | None = None):
-        if tokenizer.eos_token_id is None:
-            raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
-        self.tokenizer = tokenizer
-        self.max_seq_length = max_seq_length
-        self.eos_id: int = tokenizer.eos_token_id
-        bos = tokenizer.bos_token_id
-        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-        self.bos_id: int | None = bos if bos is not None and probe[:1] == [bos] else None
-        self.chat_template = chat_template if chat_template is not None else tokenizer_template(tokenizer)
-        """The template chat pairs are rendered with (None: chat pairs are an error)."""
-        self._chat: ChatTemplate | None = None
-
-    @property
-    def chat(self) -> ChatTemplate:
-        if self._chat is None:
-            if self.chat_template is None:
-                raise DataError(NO_TEMPLATE)
-            self._chat = ChatTemplate(self.tokenizer, self.chat_template)
-        return self._chat
-
-    def encode_prompt(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if self.bos_id is not None and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id, *ids]
-        return ids
-
-    def encode_response(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ids[-1:] != [self.eos_id]:
-            ids.append(self.eos_id)
-        return ids
-
-    def __call__(self, pair: dict[str, Any]) -> dict[str, Any] | str:
-        """A tokenized example, or the reason it is dropped."""
-        if isinstance(pair["prompt"], list):
-            encoded = self.chat.encode_pair(pair["prompt"], pair["chosen"], pair["rejected"])
-            if isinstance(encoded, str):
-                return encoded
-            prompt, chosen, rejected = encoded
-        else:
-            prompt = self.encode_prompt(pair["prompt"])
-            chosen = self.encode_response(pair["chosen"])
-            rejected = self.encode_response(pair["rejected"])
-        prompt, chosen, rejected = truncate(prompt, chosen, rejected, self.max_seq_length, self.bos_id)
-        if not chosen or not rejected:
-            return TRUNCATED_AWAY
-        if chosen == rejected:
-            return IDENTICAL
-        return {
-            "prompt_ids": prompt,
-            "chosen_ids": chosen,
-            "rejected_ids": rejected,
-            "chosen_reward": pair["chosen_reward"],
-            "rejected_reward": pair["rejected_reward"],
-        }
-
-
-def truncate(
-    prompt: list[int], chosen: list[int], rejected: list[int], max_len: int, bos_id: int | None
-) -> tuple[list[int], list[int], list[int]]:
-    """Fit prompt + each response into ``max_len``: cut the prompt from the left first (keeping its BOS and
-    at least one token), then cut the responses from the right."""
-    excess = len(prompt) + max(len(chosen), len(rejected)) - max_len
-    if excess > 0:
-        keep_head = 1 if bos_id is not None and prompt[:1] == [bos_id] else 0
-        removable = max(0, len(prompt) - keep_head - 1)
-        cut = min(excess, removable)
-        prompt = prompt[:keep_head] + prompt[keep_head + cut :]
-    room = max_len - len(prompt)
-    return prompt, chosen[:room], rejected[:room]
 
 
 TOKEN_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -215,22 +131,8 @@ class TokenizedPairs(Sequence[dict[str, Any]]):
         return TokenizedPairs(columns)
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash that changes whenever the tokenizer would produce different ids."""
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(
-        json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer("a")["input_ids"]]).encode()
-    )
-    return h.hexdigest()
-
-
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenized preference pairs from one source or a list of them (see ``preftune.sources``).
+    """Tokenized preference pairs from one source or a list of them (see ``preftune.data.sources``).
 
     Each file's format is ``format`` or, with ``auto``, detected from its first record. ``columns`` maps
     preftune's column names to the file's; ``chat_template`` (Jinja text or a file) replaces the tokenizer's
@@ -455,121 +357,3 @@ def load_datasets(
             data["validation"], tokenizer, data["max_seq_length"], cache_dir, **options
         )
     return train, None
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Yields this rank's share of each global batch.
-
-    The order of the global batches depends only on (seed, epoch), and a resumed run starts at a batch
-    offset, so the sample order is independent of the number of ranks and of the micro-batch size.
-    Rank ``r`` takes the ``r``-th contiguous slice of every global batch.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        global_batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if global_batch_size % world_size:
-            raise ValueError(f"global batch size {global_batch_size} is not divisible by {world_size} ranks")
-        self.num_samples = num_samples
-        self.global_batch_size = global_batch_size
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.rank, self.world_size = rank, world_size
-        full, rest = divmod(num_samples, global_batch_size)
-        self.batches_per_epoch = full + (1 if rest and not drop_last else 0)
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return max(0, self.batches_per_epoch - self.start_batch)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_samples))
-        for b in range(self.start_batch, self.batches_per_epoch):
-            batch = order[b * self.global_batch_size : (b + 1) * self.global_batch_size]
-            per_rank = math.ceil(len(batch) / self.world_size)
-            yield batch[self.rank * per_rank : (self.rank + 1) * per_rank]
-
-
-def dpo_custom_collate(
-    batch: Sequence[dict[str, Any]], eos_id: int, pad_to_multiple_of: int | None = None
-) -> dict[str, Tensor]:
-    """Right-pad prompt+chosen and prompt+rejected of a micro-batch to one length.
-
-    Returns ``chosen``, ``rejected`` ([B, T] token ids, padded with ``eos_id``), ``chosen_length``,
-    ``rejected_length`` ([B] real lengths), ``chosen_labels``, ``rejected_labels`` ([B, T], -100 on the
-    prompt and the padding), ``attention_mask`` and ``position_ids`` ([2B, T]: chosen rows then rejected
-    rows, the order of the single policy forward), ``chosen_rewards``, ``rejected_rewards`` ([B]),
-    ``indices`` ([B] dataset indices) and ``num_tokens`` (real tokens in the batch).
-    """
-    chosen = [ex["prompt_ids"] + ex["chosen_ids"] for ex in batch]
-    rejected = [ex["prompt_ids"] + ex["rejected_ids"] for ex in batch]
-    length = max(len(s) for s in chosen + rejected)
-    if pad_to_multiple_of:
-        length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
-
-    def pad(seqs: list[list[int]], value: int) -> Tensor:
-        return torch.tensor([s + [value] * (length - len(s)) for s in seqs], dtype=torch.long)
-
-    def labels(seqs: list[list[int]]) -> Tensor:
-        return pad(
-            [
-                [-100] * len(ex["prompt_ids"]) + s[len(ex["prompt_ids"]) :]
-                for ex, s in zip(batch, seqs, strict=True)
-            ],
-            -100,
-        )
-
-    lengths = torch.tensor([len(s) for s in chosen + rejected])
-    positions = torch.arange(length)
-    return {
-        "chosen": pad(chosen, eos_id),
-        "rejected": pad(rejected, eos_id),
-        "chosen_length": lengths[: len(batch)],
-        "rejected_length": lengths[len(batch) :],
-        "chosen_labels": labels(chosen),
-        "rejected_labels": labels(rejected),
-        "attention_mask": (positions[None, :] < lengths[:, None]).long(),
-        "position_ids": positions.expand(len(lengths), length).clone(),
-        "chosen_rewards": torch.tensor([ex["chosen_reward"] for ex in batch], dtype=torch.float32),
-        "rejected_rewards": torch.tensor([ex["rejected_reward"] for ex in batch], dtype=torch.float32),
-        "indices": torch.tensor([ex.get("index", -1) for ex in batch], dtype=torch.long),
-        "num_tokens": lengths.sum(),
-    }
-
-
-def padded_micro_batches(
-    pairs: Sequence[dict[str, Any]],
-    *,
-    micro_batch_size: int,
-    eos_id: int,
-    pad_to_multiple_of: int | None = None,
-) -> list[dict[str, Tensor]]:
-    """A rank's share of a global batch as padded micro-batches of ``micro_batch_size`` pairs.
-
-    Pairs are grouped by length (longest first) so each micro-batch pads little; the step's objective is the
-    same whatever the grouping, since each micro-batch's loss is weighted by its share of the pairs.
-    """
-    pairs = sorted(pairs, key=padded_length, reverse=True)
-    return [
-        dpo_custom_collate(pairs[i : i + micro_batch_size], eos_id, pad_to_multiple_of)
-        for i in range(0, len(pairs), micro_batch_size)
-    ]
-
-
-def padded_length(pair: dict[str, Any]) -> int:
-    """Tokens of prompt + the longer response: the padded length a pair needs."""
-    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))

@@ -14,11 +14,11 @@ from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from preftune.checkpoint import Checkpointer
-from preftune.distributed import DistInfo, any_rank, gather_objects
-from preftune.metrics import MetricsLogger
-from preftune.model import DPOModel
-from preftune.timer import RunTimer
+from preftune.modeling.model import DPOModel
+from preftune.training.checkpoint import Checkpointer
+from preftune.training.distributed import DistInfo, any_rank, gather_objects
+from preftune.training.metrics import MetricsLogger
+from preftune.training.timer import RunTimer
 
 
 class MetricsAccumulator:

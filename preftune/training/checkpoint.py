@@ -28,8 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from preftune.distributed import barrier
-from preftune.model import DPOModel, is_peft
+from preftune.modeling.model import DPOModel, is_peft
+from preftune.training.distributed import barrier
 
 # DCP warns that it assumes one process when no process group exists: that is exactly the intent here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

@@ -12,9 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from preftune import attention, losses  # importing attention registers preftune_varlen with transformers
-from preftune.distributed import DistInfo, gradient_sync, shard, wrap_trainable
-from preftune.logprobs import token_logprobs
+from preftune import losses
+from preftune.modeling import attention  # importing it registers preftune_varlen with transformers
+from preftune.modeling.logprobs import token_logprobs
+from preftune.training.distributed import DistInfo, gradient_sync, shard, wrap_trainable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -312,7 +313,7 @@ class DPOModel(nn.Module):
         any causal LM), [2P] each: chosen of every pair, then rejected.
 
         One forward over the whole micro-batch (see ``token_layout``); the lm-head runs only on the hidden
-        states that predict a response token, in chunks (see ``preftune.logprobs``).
+        states that predict a response token, in chunks (see ``preftune.modeling.logprobs``).
         """
         if model is self.policy:
             runner = self.policy_logprobs

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preftune.formats import DataError
+from preftune.data.formats import DataError
 
 ROW_BATCH = 1024  # Parquet rows converted to Python at a time
 MAX_JSON_RECORD = 64 << 20  # characters one JSON-array record may span before it is called invalid

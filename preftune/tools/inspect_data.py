@@ -16,8 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from preftune.chat import tokenizer_template
-from preftune.data import PreferenceDataset, dpo_custom_collate, load_datasets
+from preftune.data.batch import dpo_custom_collate
+from preftune.data.chat import tokenizer_template
+from preftune.data.dataset import PreferenceDataset, load_datasets
 
 PERCENTILES = (50, 90, 99, 100)
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the trained (labelled) tokens in the rendered first pair

@@ -16,7 +16,7 @@ from typing import Any
 
 import jinja2
 
-from preftune.formats import DataError
+from preftune.data.formats import DataError
 
 logger = logging.getLogger(__name__)
 

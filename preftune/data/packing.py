@@ -6,7 +6,7 @@ chosen, rejected: rejected attends to the prompt and to itself, never to chosen,
 from the prompt's end. Either way every response token sees exactly the context, at exactly the positions, it
 would see in its own unpadded sequence, so the log-probs are those of the padded layout.
 
-Isolation is either segment-wise attention (``preftune_varlen``, ``preftune.attention``: one fused-kernel call per
+Isolation is either segment-wise attention (``preftune_varlen``, ``preftune.modeling.attention``: one fused-kernel call per
 sequence, so the cost does not grow with the row) or an explicit attention mask over the whole row
 (transformers applies a prepared 4-D mask as is) built from three
 per-token ids: the segment (a token attends only within its segment), the branch (0: seen by the whole segment;
@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import PretrainedConfig
 
-from preftune.attention import VARLEN
+from preftune.modeling.attention import VARLEN
 
 ATTENTION_IMPLEMENTATIONS = (VARLEN, "sdpa", "eager", "flex_attention")
 FLEX_BLOCK_SIZE = 128
@@ -137,7 +137,7 @@ def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]
 
 class _Row:
     """One row being filled: token ids, their position, segment and branch ids, and its attention blocks
-    (``preftune.attention.Block`` without the row index)."""
+    (``preftune.modeling.attention.Block`` without the row index)."""
 
     def __init__(self) -> None:
         self.ids: list[int] = []
@@ -163,10 +163,10 @@ def layout_rows(
     share_prompt: bool,
     shape: tuple[int, int] | None = None,
 ) -> dict[str, Tensor]:
-    """Lay rows of pairs out as one micro-batch with the keys of ``preftune.model.token_layout``.
+    """Lay rows of pairs out as one micro-batch with the keys of ``preftune.modeling.model.token_layout``.
 
     Pair i (in row order) is sequence i (chosen) and P + i (rejected). Also returns the [R, L] ``segment`` and
-    ``branch`` ids the masks are built from, and the ``attention_blocks`` of ``preftune.attention``. Padding (eos) ends each row in a segment of its own (-1), so no
+    ``branch`` ids the masks are built from, and the ``attention_blocks`` of ``preftune.modeling.attention``. Padding (eos) ends each row in a segment of its own (-1), so no
     real token sees it; ``shape`` pads to exactly [rows, length] (default: the rows given, the longest's length).
     """
     pairs = [ex for row in rows for ex in row]
@@ -252,7 +252,7 @@ def build_packed_collate(
     must then be set: the plain layout is ``data.padded_micro_batches``). Every pair of the global batch
     appears in exactly one micro-batch. The micro-batches are built on ``device`` (the masks included: the
     model cannot move a ``BlockMask`` or a per-layer-type dict) and carry the keys of
-    ``preftune.model.token_layout`` plus ``chosen_rewards``, ``rejected_rewards``, ``indices``, ``num_tokens``.
+    ``preftune.modeling.model.token_layout`` plus ``chosen_rewards``, ``rejected_rewards``, ``indices``, ``num_tokens``.
     """
     if not (pack or share_prompt):
         raise ValueError(

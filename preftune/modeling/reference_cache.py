@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from preftune.data import PreferenceDataset, padded_length
-from preftune.distributed import barrier, gather_objects
-from preftune.model import DPOModel
+from preftune.data.batch import padded_length
+from preftune.data.dataset import PreferenceDataset
+from preftune.modeling.model import DPOModel
+from preftune.training.distributed import barrier, gather_objects
 
 CACHE_VERSION = 1  # bump when the computation changes: every cached file becomes stale
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

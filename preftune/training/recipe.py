@@ -12,23 +12,25 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from preftune.chat import load_chat_template
-from preftune.checkpoint import Checkpointer
 from preftune.config import ConfigError, parse_max_time
-from preftune.data import GlobalBatchSampler, PreferenceDataset, load_datasets, padded_micro_batches
-from preftune.distributed import DistInfo, barrier, env_rank, init_distributed
-from preftune.metrics import MetricsLogger
-from preftune.model import DPOModel
-from preftune.optim import build_optimizer, build_scheduler
-from preftune.packing import DPOPackedDataset
-from preftune.reference_cache import (
+from preftune.data.batch import padded_micro_batches
+from preftune.data.chat import load_chat_template
+from preftune.data.dataset import PreferenceDataset, load_datasets
+from preftune.data.packing import DPOPackedDataset
+from preftune.data.sampler import GlobalBatchSampler
+from preftune.modeling.model import DPOModel
+from preftune.modeling.reference_cache import (
     ReferenceCache,
     model_fingerprint,
     precompute_reference,
     with_cached_reference,
 )
-from preftune.timer import RunTimer
-from preftune.trainer import DPOTrainer, resolve_max_steps
+from preftune.training.checkpoint import Checkpointer
+from preftune.training.distributed import DistInfo, barrier, env_rank, init_distributed
+from preftune.training.metrics import MetricsLogger
+from preftune.training.optim import build_optimizer, build_scheduler
+from preftune.training.timer import RunTimer
+from preftune.training.trainer import DPOTrainer, resolve_max_steps
 
 
 def log(message: str) -> None:

@@ -8,7 +8,7 @@ rejected response, fully to a context span (the prompt) laid out earlier in the 
 or a bottom-right causal mask when there is a context or a sliding window). On CPU every call runs the flash
 kernel; on CUDA the causal calls do, the masked ones the memory-efficient kernel (not measured here: no GPU).
 
-The blocks come from the collate (``preftune.packing``) and reach every attention layer as the forward's
+The blocks come from the collate (``preftune.data.packing``) and reach every attention layer as the forward's
 ``attention_blocks`` keyword (transformers passes a model's extra keywords down to the attention function).
 Without blocks (padded micro-batches) each row is one block: right padding under causal attention is exact.
 """

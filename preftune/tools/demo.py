@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from preftune.tiny import build_tiny_model, save_tiny, train_tokenizer
+from preftune.tools.tiny import build_tiny_model, save_tiny, train_tokenizer
 
 CATEGORIES = {
     "fruits": "apple banana cherry fig grape kiwi lemon mango melon peach pear plum".split(),

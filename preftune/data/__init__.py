@@ -1,0 +1,1 @@
+"""Preference data: sources, formats, chat templates, tokenization, the dataset, sampler, batches and packing."""

@@ -1,0 +1,115 @@
+"""Tokenizing one preference pair so the prompt is an exact prefix of prompt+response.
+
+A text pair is tokenized as ``prompt`` and each response separately, then concatenated: the prompt gets the
+tokenizer's BOS (once) if the tokenizer adds one; each response ends with exactly one EOS. A chat pair is
+rendered with the chat template (``preftune.data.chat``), which decides BOS and the end-of-turn token itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from preftune.data.chat import (
+    NO_TEMPLATE,
+    ChatTemplate,
+    tokenizer_template,
+)
+from preftune.data.formats import DataError
+
+IDENTICAL = "identical chosen and rejected"
+TRUNCATED_AWAY = "response truncated to zero tokens"
+
+
+class PairTokenizer:
+    """Tokenizes a pair so the prompt is an exact prefix of prompt+chosen and of prompt+rejected.
+
+    ``chat_template`` (Jinja text) renders chat pairs in place of the tokenizer's own template.
+    """
+
+    def __init__(self, tokenizer: Any, max_seq_length: int, chat_template: str | None = None):
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.eos_id: int = tokenizer.eos_token_id
+        bos = tokenizer.bos_token_id
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.bos_id: int | None = bos if bos is not None and probe[:1] == [bos] else None
+        self.chat_template = chat_template if chat_template is not None else tokenizer_template(tokenizer)
+        """The template chat pairs are rendered with (None: chat pairs are an error)."""
+        self._chat: ChatTemplate | None = None
+
+    @property
+    def chat(self) -> ChatTemplate:
+        if self._chat is None:
+            if self.chat_template is None:
+                raise DataError(NO_TEMPLATE)
+            self._chat = ChatTemplate(self.tokenizer, self.chat_template)
+        return self._chat
+
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def encode_response(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids[-1:] != [self.eos_id]:
+            ids.append(self.eos_id)
+        return ids
+
+    def __call__(self, pair: dict[str, Any]) -> dict[str, Any] | str:
+        """A tokenized example, or the reason it is dropped."""
+        if isinstance(pair["prompt"], list):
+            encoded = self.chat.encode_pair(pair["prompt"], pair["chosen"], pair["rejected"])
+            if isinstance(encoded, str):
+                return encoded
+            prompt, chosen, rejected = encoded
+        else:
+            prompt = self.encode_prompt(pair["prompt"])
+            chosen = self.encode_response(pair["chosen"])
+            rejected = self.encode_response(pair["rejected"])
+        prompt, chosen, rejected = truncate(prompt, chosen, rejected, self.max_seq_length, self.bos_id)
+        if not chosen or not rejected:
+            return TRUNCATED_AWAY
+        if chosen == rejected:
+            return IDENTICAL
+        return {
+            "prompt_ids": prompt,
+            "chosen_ids": chosen,
+            "rejected_ids": rejected,
+            "chosen_reward": pair["chosen_reward"],
+            "rejected_reward": pair["rejected_reward"],
+        }
+
+
+def truncate(
+    prompt: list[int], chosen: list[int], rejected: list[int], max_len: int, bos_id: int | None
+) -> tuple[list[int], list[int], list[int]]:
+    """Fit prompt + each response into ``max_len``: cut the prompt from the left first (keeping its BOS and
+    at least one token), then cut the responses from the right."""
+    excess = len(prompt) + max(len(chosen), len(rejected)) - max_len
+    if excess > 0:
+        keep_head = 1 if bos_id is not None and prompt[:1] == [bos_id] else 0
+        removable = max(0, len(prompt) - keep_head - 1)
+        cut = min(excess, removable)
+        prompt = prompt[:keep_head] + prompt[keep_head + cut :]
+    room = max_len - len(prompt)
+    return prompt, chosen[:room], rejected[:room]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash that changes whenever the tokenizer would produce different ids."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(
+        json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer("a")["input_ids"]]).encode()
+    )
+    return h.hexdigest()

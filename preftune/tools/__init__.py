@@ -1,0 +1,1 @@
+"""The commands around a run: data inspection, export, the demo and tiny local models."""
