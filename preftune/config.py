@@ -151,6 +151,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("optim.betas must be a list of two floats")
     if cfg.reference.mode not in ("online", "precompute"):
         raise ConfigError(f"reference.mode={cfg.reference.mode}: use online or precompute")
+    if cfg.reference.path is not None and free == {True}:
+        raise ConfigError(
+            f"reference.path is set but dpo.preference_loss ({', '.join(names)}) uses no reference: "
+            "remove reference.path"
+        )
     if cfg.distributed.strategy not in ("ddp", "fsdp2"):
         raise ConfigError(f"distributed.strategy={cfg.distributed.strategy}: use ddp or fsdp2")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):

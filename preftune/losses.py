@@ -14,6 +14,8 @@ counterparts (summed or length-averaged over the response: the caller decides, s
     Δgt = gt_reward_scale · (rc − rr)         margin of the ground-truth rewards (RPO family)
 """
 
+from __future__ import annotations
+
 import difflib
 import math
 from collections.abc import Callable
@@ -522,3 +524,56 @@ class RunningMean:
 
     def load_state_dict(self, state: dict[str, float | int]) -> None:
         self.total, self.count = float(state["total"]), int(state["count"])
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The ``dpo.*`` config, parsed once: what ``DPOModel`` computes its objective from."""
+
+    names: tuple[str, ...]
+    """The preference loss, or the parts of a mixture."""
+    weights: tuple[float, ...]
+    """One weight per name."""
+    beta: float
+    """β (``dpo.ref_policy_kl_penalty``)."""
+    average_logps: bool
+    """Length-average the response log-probs in the preference loss (else sum)."""
+    sft_average_logps: bool
+    """Length-average the chosen log-probs in the SFT loss (else sum)."""
+    preference_weight: float
+    sft_weight: float
+    gt_reward_scale: float
+    label_smoothing: float
+    simpo_gamma: float
+    rdpo_alpha: float
+
+    @classmethod
+    def from_config(cls, dpo: Any) -> LossSettings:
+        """From the ``dpo`` section (a mapping; names and weights are checked by ``preftune.config``)."""
+        names = dpo["preference_loss"]
+        names = (names,) if isinstance(names, str) else tuple(names)
+        average = dpo["preference_average_log_probs"]
+        return cls(
+            names=names,
+            weights=tuple(dpo["preference_loss_weights"] or [1.0] * len(names)),
+            beta=float(dpo["ref_policy_kl_penalty"]),
+            average_logps=(
+                any(n in LENGTH_AVERAGED_LOSSES for n in names) if average is None else bool(average)
+            ),
+            sft_average_logps=bool(dpo["sft_average_log_probs"]),
+            preference_weight=float(dpo["preference_loss_weight"]),
+            sft_weight=float(dpo["sft_loss_weight"]),
+            gt_reward_scale=float(dpo["gt_reward_scale"]),
+            label_smoothing=float(dpo["label_smoothing"]),
+            simpo_gamma=float(dpo["simpo_gamma"]),
+            rdpo_alpha=float(dpo["rdpo_alpha"]),
+        )
+
+    @property
+    def reference_free(self) -> bool:
+        """No reference log-probs are needed (simpo, orpo)."""
+        return all(n in REFERENCE_FREE_LOSSES for n in self.names)
+
+    @property
+    def uses_bco_delta(self) -> bool:
+        return "bco_pair" in self.names

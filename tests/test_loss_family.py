@@ -11,6 +11,7 @@ import torch
 from preftune import losses
 from preftune.config import ConfigError, load_config
 from preftune.modeling.model import DPOModel
+from preftune.modeling.reference import NoReference
 
 from conftest import pair_batch, records, run
 
@@ -22,7 +23,7 @@ def build(model_dir, *overrides: str) -> DPOModel:
 @pytest.mark.parametrize("name", sorted(losses.REFERENCE_FREE_LOSSES))
 def test_reference_free_losses_build_no_reference(name, tiny_model_dir, tokenizer, forbid_model_copies):
     model = build(tiny_model_dir("llama"), f"dpo.preference_loss={name}")
-    assert model.reference is None
+    assert isinstance(model.reference, NoReference)
     batch = pair_batch(tokenizer, seed=5)
     loss, metrics = model.get_loss_and_metrics(batch, forward_only=False)
     loss.backward()

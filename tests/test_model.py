@@ -13,6 +13,7 @@ from preftune.data.batch import dpo_custom_collate
 from preftune.data.formats import parse_record
 from preftune.data.tokenize import PairTokenizer
 from preftune.modeling.model import DPOModel
+from preftune.modeling.reference import FrozenReference
 from preftune.tools.tiny import TINY_ARCHS
 
 from conftest import make_pairs
@@ -106,20 +107,22 @@ def test_dropout_disabled_by_default(tiny_model_dir, tokenizer):
 
 def test_reference_is_frozen_copy(tiny_model_dir, tokenizer):
     model = build(tiny_model_dir("llama"), "optim.lr=0.01")
-    assert model.reference is not model.policy
-    assert not any(p.requires_grad for p in model.reference.parameters())
-    assert not model.reference.training
-    ref_ids = {id(p) for p in model.reference.parameters()}
+    assert isinstance(model.reference, FrozenReference)
+    reference = model.reference.model
+    assert reference is not model.policy
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert not reference.training
+    ref_ids = {id(p) for p in reference.parameters()}
     assert not ref_ids & {id(p) for p in model.parameters()}, "reference weights must not be trainable params"
-    before = {k: v.clone() for k, v in model.reference.state_dict().items()}
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batch = dpo_custom_collate(examples(tokenizer), tokenizer.eos_token_id)
     loss, _ = model.get_loss_and_metrics(batch, forward_only=False)
     loss.backward()
     optimizer.step()
     model.train()
-    assert not model.reference.training
-    for key, value in model.reference.state_dict().items():
+    assert not reference.training
+    for key, value in reference.state_dict().items():
         assert torch.equal(value, before[key]), key
     _, metrics = model.get_loss_and_metrics(batch, forward_only=True)
     assert metrics["ref_logps_chosen_mean"].item() != pytest.approx(
@@ -131,7 +134,7 @@ def test_precomputed_reference_logps_are_used(tiny_model_dir, tokenizer):
     model = build(tiny_model_dir("llama"))
     batch = dpo_custom_collate(examples(tokenizer), tokenizer.eos_token_id)
     with torch.no_grad():
-        ref, _ = model.sequence_logprobs(model.reference, batch)
+        ref = model.reference_logprobs(batch)
     n = len(batch["chosen"])
     shifted = {**batch, "ref_chosen_logps": ref[:n] + 1.0, "ref_rejected_logps": ref[n:]}
     _, metrics = model.get_loss_and_metrics(shifted, forward_only=True)
@@ -155,7 +158,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_model_dir, token
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.policy.named_parameters()})
         assert model.policy.is_gradient_checkpointing is (flag == "true")
-        assert not model.reference.is_gradient_checkpointing
+        assert not model.reference.model.is_gradient_checkpointing
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -172,7 +175,7 @@ def test_bf16_autocast_stays_close_and_fp32(tiny_model_dir, tokenizer):
 
 
 def test_auto_chunk_bounds_logit_memory():
-    from preftune.modeling.model import LOGITS_CHUNK_ELEMENTS, auto_chunk_size
+    from preftune.modeling.logprobs import LOGITS_CHUNK_ELEMENTS, auto_chunk_size
 
     assert auto_chunk_size(4096) == auto_chunk_size(32768) == 1024
     for vocab in (128_256, 151_936, 262_144):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen3
 
 import preftune
 from preftune.config import load_config
-from preftune.data.batch import dpo_custom_collate
-from preftune.data.packing import build_packed_collate, dense_mask, layout_rows, row_tokens
+from preftune.data.batch import dpo_custom_collate, pair_length
+from preftune.data.packing import build_packed_collate, dense_mask, layout_rows
 from preftune.modeling.attention import varlen_attention_forward, visible_keys
 from preftune.modeling.model import DPOModel
 from preftune.tools.tiny import EOS_ID, SLIDING_WINDOW, TINY_ARCHS, save_tiny
@@ -59,7 +60,7 @@ def in_pair_order(micro_batches, values, num_pairs: int) -> tuple[torch.Tensor, 
     """Per-micro-batch [2p] log-probs and counts back in the examples' order (chosen of all, then rejected)."""
     logps, counts = torch.zeros(2 * num_pairs), torch.zeros(2 * num_pairs, dtype=torch.long)
     for batch, (lp, count) in zip(micro_batches, values, strict=True):
-        order = torch.cat([batch["indices"], batch["indices"] + num_pairs])
+        order = torch.cat([batch.indices, batch.indices + num_pairs])
         logps[order], counts[order] = lp, count
     return logps, counts
 
@@ -104,8 +105,8 @@ def test_logprobs_match_padded_varlen(arch, tiny_model_dir, tokenizer):
     for layout in LAYOUTS:
         assert_same_logprobs(packed_logprobs(model, exs, layout), padded, layout)
     batches = collate_for(model, "packed")(exs)  # a micro-batch's rows go end to end: no padding at all
-    assert all(b["input_ids"].shape == (1, int(b["num_tokens"])) for b in batches)
-    assert any(len(b["indices"]) > 2 for b in batches)
+    assert all(b.input_ids.shape == (1, int(b.num_tokens)) for b in batches)
+    assert any(len(b.indices) > 2 for b in batches)
 
 
 def test_varlen_is_the_packing_default(tiny_model_dir):
@@ -152,7 +153,7 @@ def test_logprobs_match_padded_flex_attention(tiny_model_dir, tokenizer):
     for layout in LAYOUTS:
         assert_same_logprobs(packed_logprobs(model, exs, layout), padded, layout)
     batches = collate_for(model, "packed", max_tokens_per_row=100)(exs)
-    assert {tuple(b["input_ids"].shape) for b in batches} == {(2, 128)}
+    assert {tuple(b.input_ids.shape) for b in batches} == {(2, 128)}
 
 
 @pytest.mark.parametrize(
@@ -178,7 +179,7 @@ def test_loss_and_gradients_match_padded(arch, rows_per_micro_batch, attention, 
         total = 0.0
         for batch in micro_batches:
             loss, _ = model.get_loss_and_metrics(batch, forward_only=False)
-            weighted = loss * (len(batch["chosen_rewards"]) / len(exs))
+            weighted = loss * (batch.num_pairs / len(exs))
             weighted.backward()
             total += weighted.item()
         return total, [p.grad.clone() for p in model.policy.parameters()]
@@ -210,24 +211,24 @@ def test_rows_respect_budget_and_keep_pairs_whole(layout):
     collate = build_packed_collate(eos_id=EOS_ID, model_config=config, attn_implementation="sdpa", pack=pack,
                                    share_prompt=share, max_tokens_per_row=budget)  # fmt: skip
     micro_batches = collate(exs)
-    indices = torch.cat([b["indices"] for b in micro_batches]).tolist()
+    indices = torch.cat([b.indices for b in micro_batches]).tolist()
     assert sorted(indices) == [ex["index"] for ex in exs]  # every pair exactly once, its index kept
     by_index = {ex["index"]: ex for ex in exs}
     fill = []
     for batch in micro_batches:
-        rows, length = batch["input_ids"].shape
+        rows, length = batch.input_ids.shape
         assert rows == 1 and length <= budget  # one row each: its length is its real token count
-        p = len(batch["indices"])
-        used = sum(row_tokens(by_index[i], share) for i in batch["indices"].tolist())
-        assert int(batch["num_tokens"]) == used == length
+        p = len(batch.indices)
+        used = sum(pair_length(by_index[i], "shared" if share else "packed") for i in batch.indices.tolist())
+        assert batch.num_tokens == used == length
         fill.append(length)
-        assert batch["sequence_index"].max() < 2 * p
-        for i, index in enumerate(batch["indices"].tolist()):  # the targets are each pair's responses
+        assert batch.sequence_index.max() < 2 * p
+        for i, index in enumerate(batch.indices.tolist()):  # the targets are each pair's responses
             ex = by_index[index]
             for seq, side in ((i, "chosen_ids"), (p + i, "rejected_ids")):
-                targets = batch["target_ids"][batch["sequence_index"] == seq].tolist()
+                targets = batch.target_ids[batch.sequence_index == seq].tolist()
                 assert targets == ex[side][0 if ex["prompt_ids"] else 1 :]
-        assert torch.equal(batch["chosen_rewards"], torch.ones(p))
+        assert torch.equal(batch.chosen_rewards, torch.ones(p))
     if pack:
         assert sum(f <= budget // 2 for f in fill) <= 1  # first fit leaves at most one row half empty
         assert len(fill) <= math.ceil(sum(fill) / budget) + 1  # rows near the budget
@@ -236,11 +237,11 @@ def test_rows_respect_budget_and_keep_pairs_whole(layout):
     multi_row = build_packed_collate(eos_id=EOS_ID, model_config=config, attn_implementation="sdpa", pack=pack,
                                      share_prompt=share, max_tokens_per_row=budget, rows_per_micro_batch=4)  # fmt: skip
     for batch in multi_row(exs):  # a pair's chosen and rejected targets lie in one row
-        p, length = len(batch["indices"]), batch["input_ids"].shape[1]
-        row = batch["hidden_index"] // length
+        p, length = len(batch.indices), batch.input_ids.shape[1]
+        row = batch.hidden_index // length
         for i in range(p):
             assert (
-                len(set(row[(batch["sequence_index"] == i) | (batch["sequence_index"] == p + i)].tolist()))
+                len(set(row[(batch.sequence_index == i) | (batch.sequence_index == p + i)].tolist()))
                 == 1
             )
     with pytest.raises(ValueError, match="raise data.pack_length"):
@@ -252,12 +253,11 @@ def test_shared_prompt_mask_and_positions():
     its first token is predicted by the prompt's last."""
     ex = {"prompt_ids": [10, 11, 12], "chosen_ids": [20, 21], "rejected_ids": [30, 31], "chosen_reward": 1.0,
           "rejected_reward": 0.0, "index": 0}  # fmt: skip
-    batch = layout_rows([[ex]], eos_id=EOS_ID, share_prompt=True)
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4]]
-    assert batch["hidden_index"].tolist() == [2, 3, 2, 5]
-    assert batch["target_ids"].tolist() == [20, 21, 30, 31]
-    assert batch["sequence_index"].tolist() == [0, 0, 1, 1]
-    ids = (batch["segment"], batch["branch"], batch["position_ids"])
+    batch, ids = layout_rows([[ex]], eos_id=EOS_ID, share_prompt=True)
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4]]
+    assert batch.hidden_index.tolist() == [2, 3, 2, 5]
+    assert batch.target_ids.tolist() == [20, 21, 30, 31]
+    assert batch.sequence_index.tolist() == [0, 0, 1, 1]
     mask = dense_mask(ids, None)[0, 0].int().tolist()
     assert mask[5] == [1, 1, 1, 0, 0, 1, 0]  # rejected's first token: prompt and itself, not chosen
     assert mask[6] == [1, 1, 1, 0, 0, 1, 1]
@@ -265,7 +265,7 @@ def test_shared_prompt_mask_and_positions():
     assert windowed[5] == [0, 0, 1, 0, 0, 1, 0]
     assert windowed[6] == [0, 0, 0, 0, 0, 1, 1]
     # preftune_varlen: prompt+chosen is one causal block; rejected attends to the 3 prompt tokens, then itself
-    assert batch["attention_blocks"] == ((0, 0, 0, 0, 5), (0, 0, 3, 5, 2))
+    assert batch.attention_blocks == ((0, 0, 0, 0, 5), (0, 0, 3, 5, 2))
     assert visible_keys(3, 2, None, torch.device("cpu")).int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert visible_keys(3, 2, 2, torch.device("cpu")).int().tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
 
@@ -291,17 +291,17 @@ def test_wrong_masks_give_different_logprobs(tiny_model_dir, tokenizer):
     def max_error(model: DPOModel, layout: str, wrong_mask) -> float:
         padded, _ = padded_logprobs(model, exs)
         with torch.no_grad():
-            batches = [{**b, "attention_mask": wrong_mask(b)} for b in collate_for(model, layout)(exs)]
+            batches = [replace(b, attention_mask=wrong_mask(b)) for b in collate_for(model, layout)(exs)]
             wrong = [model.sequence_logprobs(model.policy, b) for b in batches]
         return (in_pair_order(batches, wrong, len(exs))[0] - padded).abs().max().item()
 
     # position_ids alone with a 2-D all-ones mask: sequences of a row see each other
-    assert max_error(llama, "packed", lambda b: torch.ones_like(b["input_ids"])) > 0.1
+    assert max_error(llama, "packed", lambda b: torch.ones_like(b.input_ids)) > 0.1
     # no mask: transformers splits sequences where positions restart, cutting rejected off its prompt
     assert max_error(llama, "packed+shared", lambda b: None) > 0.1
     # llama's mask on mistral's rows (no window): the sliding window matters in these examples
-    full = {tuple(b["indices"].tolist()): b["attention_mask"] for b in collate_for(llama, "packed")(exs)}
-    assert max_error(mistral, "packed", lambda b: full[tuple(b["indices"].tolist())]) > 0.1
+    full = {tuple(b.indices.tolist()): b.attention_mask for b in collate_for(llama, "packed")(exs)}
+    assert max_error(mistral, "packed", lambda b: full[tuple(b.indices.tolist())]) > 0.1
 
 
 def test_unsupported_combinations_raise():
@@ -325,7 +325,7 @@ def test_dpo_packed_dataset(tiny_model_dir, tokenizer):
     )
     assert len(packed) == len(exs) and packed[3] == exs[3]
     batches = packed.global_collate_fn([packed[i] for i in range(len(packed))])
-    assert len(batches) > 1 and all(b["attention_mask"] is None and b["attention_blocks"] for b in batches)
+    assert len(batches) > 1 and all(b.attention_mask is None and b.attention_blocks for b in batches)
     with torch.no_grad():
         values = [model.sequence_logprobs(model.policy, b) for b in batches]
     padded = padded_logprobs(build(tiny_model_dir("llama")), exs)

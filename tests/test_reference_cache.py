@@ -17,7 +17,9 @@ from preftune.config import load_config
 from preftune.data.batch import dpo_custom_collate, padded_micro_batches
 from preftune.data.dataset import PreferenceDataset
 from preftune.data.sampler import GlobalBatchSampler
+from preftune.modeling.logprobs import SequenceLogprobs
 from preftune.modeling.model import DPOModel
+from preftune.modeling.reference import CachedReference, FrozenReference, NoReference
 from preftune.modeling.reference_cache import (
     ReferenceCache,
     model_fingerprint,
@@ -94,7 +96,7 @@ def test_cached_logps_equal_online_reference(tmp_path, tiny_model_dir, pair_file
         pairs = [cache[i] for i in range(start, min(start + 4, len(dataset)))]
         batch = dpo_custom_collate(pairs, tokenizer.eos_token_id)
         with torch.no_grad():
-            online, _ = model.sequence_logprobs(model.reference, batch)
+            online = model.reference_logprobs(batch)
             policy, _ = model.sequence_logprobs(model.policy, batch)
         n = len(pairs)
         cached = torch.tensor([p["ref_logps"] for p in pairs])
@@ -172,7 +174,7 @@ def assert_same_metrics(online: dict[str, float], precompute: dict[str, float]) 
 
 def test_training_with_cache_matches_online_reference(runs):
     online, precompute = runs
-    assert precompute["model"].reference is None, "the reference model must be freed once cached"
+    assert isinstance(precompute["model"].reference, CachedReference), "the reference model must be freed"
     assert len(online["train"]) == len(precompute["train"]) == 3
     assert online["train"][2]["rewards_chosen_mean"] != pytest.approx(0.0, abs=1e-4), "the policy should move"
     for a, b in zip(online["train"], precompute["train"], strict=True):
@@ -205,7 +207,7 @@ def test_stale_cache_is_rebuilt_and_current_one_loaded(tmp_path, tiny_model_dir,
     mtime = first.path.stat().st_mtime_ns
     # same inputs: loaded, not recomputed (there is no reference model to recompute with)
     no_reference = build(model_dir, pair_files, tmp_path)
-    no_reference.set_reference(None)
+    no_reference.reference = NoReference()
     again = build_cache(no_reference, dataset, tokenizer, cache_dir, model_dir)
     assert again.from_cache and again.path == first.path and first.path.stat().st_mtime_ns == mtime
     assert torch.equal(again.logps, first.logps)
@@ -256,10 +258,10 @@ def test_misuse_raises(tmp_path, tiny_model_dir, pair_files, tokenizer):
     model_dir = tiny_model_dir("llama")
     dataset = PreferenceDataset(pair_files["validation"], tokenizer, MAX_LEN)
     model = build(model_dir, pair_files, tmp_path)
-    model.set_reference(None)
+    model.reference = NoReference()
     with pytest.raises(ValueError, match="no reference model"):
         build_cache(model, dataset, tokenizer, tmp_path / "ref", model_dir)
-    model.set_reference(model.policy)
+    model.reference = FrozenReference(SequenceLogprobs(model.policy))
     with pytest.raises(ValueError, match="is the policy"):
         build_cache(model, dataset, tokenizer, tmp_path / "ref", model_dir)
     with pytest.raises(ValueError, match="carry no cached reference"):

@@ -19,20 +19,21 @@ them by layer type for models that mix full and sliding-window layers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import PretrainedConfig
 
-from preftune.modeling.attention import VARLEN
+from preftune.data.batch import Block, MicroBatch, pad_right, pair_length
+from preftune.modeling.attention import CHOSEN, CONTEXT, REJECTED, VARLEN, visible
 
 ATTENTION_IMPLEMENTATIONS = (VARLEN, "sdpa", "eager", "flex_attention")
 FLEX_BLOCK_SIZE = 128
 ONE_MASK_FAMILIES = ("llama", "gpt2", "mistral")  # one mask for every layer (mistral: all layers sliding)
 LAYER_TYPE_FAMILIES = ("qwen2", "qwen3", "gemma2")  # a dict of masks keyed by config.layer_types
-CONTEXT, CHOSEN, REJECTED = 0, 1, 2  # branches
 
 
 def mask_windows(config: PretrainedConfig) -> int | dict[str, int | None] | None:
@@ -68,26 +69,25 @@ def mask_windows(config: PretrainedConfig) -> int | dict[str, int | None] | None
     )
 
 
-def visible(
-    query: Sequence[Tensor], key: Sequence[Tensor], q: Tensor, k: Tensor, window: int | None
-) -> Tensor:
-    """Whether query token q may attend to key token k, elementwise (the one rule of every mask form);
-    ``query`` and ``key`` are the tokens' (segment, branch, position) ids."""
-    (seg_q, branch_q, pos_q), (seg_k, branch_k, pos_k) = query, key
-    ok = (seg_q == seg_k) & (k <= q) & ((branch_k == CONTEXT) | (branch_k == branch_q))
-    if window is not None:
-        ok = ok & (pos_q - pos_k < window)
-    return ok
+class RowIds(NamedTuple):
+    """[R, L] per-token ids of a micro-batch's rows that the explicit masks are built from (see ``visible``)."""
+
+    segment: Tensor
+    """The segment (a token attends only within its segment; padding: -1)."""
+    branch: Tensor
+    """CONTEXT (seen by the whole segment), CHOSEN or REJECTED (a response never sees the other one)."""
+    position: Tensor
+    """The position in the token's own sequence (a sliding window is a distance in positions)."""
 
 
-def dense_mask(ids: Sequence[Tensor], window: int | None) -> Tensor:
+def dense_mask(ids: RowIds, window: int | None) -> Tensor:
     """Boolean [R, 1, L, L] mask (True: attend) from the [R, L] (segment, branch, position) ids."""
     idx = torch.arange(ids[0].shape[1], device=ids[0].device)
     query, key = [t[:, :, None] for t in ids], [t[:, None, :] for t in ids]
     return visible(query, key, idx[:, None], idx[None, :], window)[:, None]
 
 
-def block_mask(ids: Sequence[Tensor], window: int | None) -> BlockMask:
+def block_mask(ids: RowIds, window: int | None) -> BlockMask:
     """flex_attention ``BlockMask`` from the [R, L] (segment, branch, position) ids."""
 
     def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
@@ -100,7 +100,7 @@ def block_mask(ids: Sequence[Tensor], window: int | None) -> BlockMask:
 
 
 def attention_mask(
-    ids: Sequence[Tensor], window: int | None, attn_implementation: str, dtype: torch.dtype
+    ids: RowIds, window: int | None, attn_implementation: str, dtype: torch.dtype
 ) -> Tensor | BlockMask:
     """The mask in the form ``attn_implementation`` takes (eager: additive, 0 or the dtype's minimum)."""
     if attn_implementation == "flex_attention":
@@ -111,12 +111,6 @@ def attention_mask(
             ~mask, torch.finfo(dtype).min
         )
     return mask
-
-
-def row_tokens(example: dict[str, Any], share_prompt: bool) -> int:
-    """Tokens a pair takes in a row: prompt once (shared) or twice, plus both responses."""
-    prompt = len(example["prompt_ids"])
-    return (1 if share_prompt else 2) * prompt + len(example["chosen_ids"]) + len(example["rejected_ids"])
 
 
 def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -137,7 +131,7 @@ def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]
 
 class _Row:
     """One row being filled: token ids, their position, segment and branch ids, and its attention blocks
-    (``preftune.modeling.attention.Block`` without the row index)."""
+    (``Block`` without the row index)."""
 
     def __init__(self) -> None:
         self.ids: list[int] = []
@@ -162,12 +156,13 @@ def layout_rows(
     eos_id: int,
     share_prompt: bool,
     shape: tuple[int, int] | None = None,
-) -> dict[str, Tensor]:
-    """Lay rows of pairs out as one micro-batch with the keys of ``preftune.modeling.model.token_layout``.
+) -> tuple[MicroBatch, RowIds]:
+    """Lay rows of pairs out as one ``MicroBatch`` (its ``attention_blocks`` set, no mask) and the ids its
+    explicit masks are built from.
 
-    Pair i (in row order) is sequence i (chosen) and P + i (rejected). Also returns the [R, L] ``segment`` and
-    ``branch`` ids the masks are built from, and the ``attention_blocks`` of ``preftune.modeling.attention``. Padding (eos) ends each row in a segment of its own (-1), so no
-    real token sees it; ``shape`` pads to exactly [rows, length] (default: the rows given, the longest's length).
+    Pair i (in row order) is sequence i (chosen) and P + i (rejected). Padding (eos) ends each row in a
+    segment of its own (-1), so no real token sees it; ``shape`` pads to exactly [rows, length] (default: the
+    rows given, the longest's length).
     """
     pairs = [ex for row in rows for ex in row]
     num_pairs = len(pairs)
@@ -212,25 +207,28 @@ def layout_rows(
     if num_rows < len(filled) or length < max(real):
         raise ValueError(f"{len(filled)} rows of up to {max(real)} tokens do not fit in shape {shape}")
     filled += [_Row() for _ in range(num_rows - len(filled))]
-
-    def padded(values: list[list[int]], fill: int) -> Tensor:
-        return torch.tensor([v + [fill] * (length - len(v)) for v in values], dtype=torch.long)
-
-    return {
-        "input_ids": padded([row.ids for row in filled], eos_id),
-        "position_ids": padded([row.pos for row in filled], 0),
-        "segment": padded([row.seg for row in filled], -1),
-        "branch": padded([row.branch for row in filled], CONTEXT),
-        "hidden_index": torch.tensor(hidden_row, dtype=torch.long) * length
+    position_ids = pad_right([row.pos for row in filled], length, 0)
+    batch = MicroBatch(
+        input_ids=pad_right([row.ids for row in filled], length, eos_id),
+        position_ids=position_ids,
+        attention_mask=None,
+        hidden_index=torch.tensor(hidden_row, dtype=torch.long) * length
         + torch.tensor(hidden, dtype=torch.long),
-        "target_ids": torch.tensor(targets, dtype=torch.long),
-        "sequence_index": torch.tensor(sequences, dtype=torch.long),
-        "chosen_rewards": torch.tensor([ex["chosen_reward"] for ex in pairs], dtype=torch.float32),
-        "rejected_rewards": torch.tensor([ex["rejected_reward"] for ex in pairs], dtype=torch.float32),
-        "indices": torch.tensor([ex["index"] for ex in pairs], dtype=torch.long),
-        "num_tokens": torch.tensor(sum(real)),
-        "attention_blocks": tuple((r, *block) for r, row in enumerate(filled) for block in row.blocks),
-    }
+        target_ids=torch.tensor(targets, dtype=torch.long),
+        sequence_index=torch.tensor(sequences, dtype=torch.long),
+        chosen_rewards=torch.tensor([ex["chosen_reward"] for ex in pairs], dtype=torch.float32),
+        rejected_rewards=torch.tensor([ex["rejected_reward"] for ex in pairs], dtype=torch.float32),
+        indices=torch.tensor([ex["index"] for ex in pairs], dtype=torch.long),
+        num_tokens=sum(real),
+        num_pairs=num_pairs,
+        attention_blocks=tuple(Block(r, *block) for r, row in enumerate(filled) for block in row.blocks),
+    )
+    ids = RowIds(
+        segment=pad_right([row.seg for row in filled], length, -1),
+        branch=pad_right([row.branch for row in filled], length, CONTEXT),
+        position=position_ids,
+    )
+    return batch, ids
 
 
 def build_packed_collate(
@@ -243,7 +241,7 @@ def build_packed_collate(
     max_tokens_per_row: int,
     rows_per_micro_batch: int = 1,
     device: torch.device | str = "cpu",
-) -> Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]]:
+) -> Callable[[Sequence[dict[str, Any]]], list[MicroBatch]]:
     """A collate turning a rank's share of a global batch into packed and/or shared-prompt micro-batches.
 
     ``pack``: pairs go into rows of at most ``max_tokens_per_row`` real tokens by first-fit-decreasing, and
@@ -251,8 +249,8 @@ def build_packed_collate(
     needs no padding); otherwise each row holds one pair (``share_prompt``
     must then be set: the plain layout is ``data.padded_micro_batches``). Every pair of the global batch
     appears in exactly one micro-batch. The micro-batches are built on ``device`` (the masks included: the
-    model cannot move a ``BlockMask`` or a per-layer-type dict) and carry the keys of
-    ``preftune.modeling.model.token_layout`` plus ``chosen_rewards``, ``rejected_rewards``, ``indices``, ``num_tokens``.
+    model cannot move a ``BlockMask`` or a per-layer-type dict): ``MicroBatch``es with ``attention_blocks``
+    under ``preftune_varlen``, else with an ``attention_mask``.
     """
     if not (pack or share_prompt):
         raise ValueError(
@@ -271,27 +269,23 @@ def build_packed_collate(
     flex_length = -(-max_tokens_per_row // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
     shape = (rows_per_micro_batch, flex_length) if attn_implementation == "flex_attention" else None
 
-    def micro_batch(rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    def micro_batch(rows: list[list[dict[str, Any]]]) -> MicroBatch:
         if attn_implementation == VARLEN:  # no mask: the rows can go end to end, with no padding at all
-            batch = layout_rows(
+            batch, _ = layout_rows(
                 [[ex for row in rows for ex in row]], eos_id=eos_id, share_prompt=share_prompt
             )
-            del batch["segment"], batch["branch"]
-            batch["attention_mask"] = None
-            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        batch = layout_rows(rows, eos_id=eos_id, share_prompt=share_prompt, shape=shape)
-        del batch["attention_blocks"]
-        batch = {k: v.to(device) for k, v in batch.items()}
-        ids = batch.pop("segment"), batch.pop("branch"), batch["position_ids"]
-        batch["attention_mask"] = (
+            return batch.to(device)
+        batch, ids = layout_rows(rows, eos_id=eos_id, share_prompt=share_prompt, shape=shape)
+        ids = RowIds(*(t.to(device) for t in ids))
+        mask = (
             {t: attention_mask(ids, w, attn_implementation, dtype) for t, w in windows.items()}
             if isinstance(windows, dict)
             else attention_mask(ids, windows, attn_implementation, dtype)
         )
-        return batch
+        return replace(batch.to(device), attention_mask=mask, attention_blocks=None)
 
-    def collate(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        lengths = [row_tokens(ex, share_prompt) for ex in pairs]
+    def collate(pairs: Sequence[dict[str, Any]]) -> list[MicroBatch]:
+        lengths = [pair_length(ex, "shared" if share_prompt else "packed") for ex in pairs]
         for ex, n in zip(pairs, lengths, strict=True):
             if n > max_tokens_per_row:
                 raise ValueError(

@@ -22,22 +22,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
+from preftune.data.batch import Block
+
 VARLEN = "preftune_varlen"  # no "sdpa" in the name: transformers would demand sdpa support (Gemma 2 lacks it)
 
-# (row, context start, context length, query start, query length): offsets in the row. The block's keys are
-# the context then the queries, at positions 0 .. context + queries - 1 (the queries continue the context).
-Block = tuple[int, int, int, int, int]
+CONTEXT, CHOSEN, REJECTED = 0, 1, 2  # branches: the context is seen by both responses, a response by itself
+
+
+def visible(
+    query: Sequence[Tensor], key: Sequence[Tensor], q: Tensor, k: Tensor, window: int | None
+) -> Tensor:
+    """Whether query token q may attend to key token k, elementwise: the one rule of every mask and block.
+    ``query`` and ``key`` are the tokens' (segment, branch, position) ids, ``q`` and ``k`` their offsets in
+    the row: same segment, not after the query, context or the query's own branch, within the window."""
+    (seg_q, branch_q, pos_q), (seg_k, branch_k, pos_k) = query, key
+    ok = (seg_q == seg_k) & (k <= q) & ((branch_k == CONTEXT) | (branch_k == branch_q))
+    if window is not None:
+        ok = ok & (pos_q - pos_k < window)
+    return ok
 
 
 def visible_keys(num_context: int, num_queries: int, window: int | None, device: torch.device) -> Tensor:
-    """Boolean [queries, context + queries] mask: query i (at position num_context + i) sees key j at
-    position j <= its own, and within ``window`` positions of it when there is a window."""
-    q = torch.arange(num_context, num_context + num_queries, device=device)[:, None]
-    k = torch.arange(num_context + num_queries, device=device)[None, :]
-    ok = k <= q
-    if window is not None:
-        ok = ok & (q - k < window)
-    return ok
+    """Boolean [queries, context + queries] mask of one block: its context, then its queries (a response)."""
+    offsets = torch.arange(num_context + num_queries, device=device)
+    ids = (torch.zeros_like(offsets), (offsets >= num_context).long() * CHOSEN, offsets)
+    query = [t[num_context:, None] for t in ids]
+    key = [t[None, :] for t in ids]
+    return visible(query, key, query[2], key[2], window)
 
 
 def block_attention(
@@ -113,7 +124,7 @@ def varlen_attention_forward(
     length = query.shape[2]
     by_row: dict[int, list[Block]] = {}
     for block in attention_blocks:
-        by_row.setdefault(block[0], []).append(block)
+        by_row.setdefault(block.row, []).append(block)
     out = []
     for row in range(query.shape[0]):
         blocks = by_row.get(row, [])

@@ -1,13 +1,19 @@
-"""Per-token log-probs under the LM head, chunked over tokens.
+"""Log-probs of the responses: per token under the LM head, chunked over tokens, and per sequence.
 
 `token_logprobs(hidden, weight, labels)` returns log p(label | hidden) without ever holding the full
 [tokens x vocab] logits: a custom autograd function computes each chunk's logits in forward, keeps
 only the inputs (plus an [N] logsumexp), and recomputes the chunk's logits in backward.
+`SequenceLogprobs` runs a causal LM on a `MicroBatch` and sums them per response.
 """
 
+from __future__ import annotations
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from transformers import PreTrainedModel
+
+from preftune.data.batch import MicroBatch
 
 
 def _buffers(rows: int, weight: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -133,3 +139,71 @@ def token_logprobs(
     if torch.is_grad_enabled() and needs_grad:
         return _TokenLogprobs.apply(hidden, weight, bias, labels, step, softcap)
     return _forward(hidden, weight, bias, labels, step, softcap)[0]
+
+
+LOGITS_CHUNK_ELEMENTS = 2**25  # 128 MiB of fp32 logits per chunk
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Tokens per lm-head chunk when ``model.logprob_chunk_size`` is null: 1024, or fewer for vocabularies
+    above 32k so a chunk's logits stay within 128 MiB (e.g. 261 tokens for a 128,256 vocab)."""
+    return max(1, min(1024, LOGITS_CHUNK_ELEMENTS // vocab_size))
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The Hugging Face causal LM itself (inside a PEFT wrapper its LoRA layers stay in place)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+class SequenceLogprobs(nn.Module):
+    """Runs a causal LM on a ``MicroBatch`` and returns per-sequence summed response log-probs and response
+    token counts, [2P] each (chosen of every pair, then rejected). It is the module DDP wraps and FSDP2
+    shards, so the forward goes through their hooks.
+
+    One forward over the whole micro-batch; the lm-head runs only on the hidden states that predict a
+    response token, in chunks of ``chunk_size`` tokens (None: ``auto_chunk_size``).
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, chunk_size: int | None = None, autocast: torch.dtype | None = None
+    ):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.autocast = autocast
+
+    def forward(self, batch: MicroBatch) -> tuple[Tensor, Tensor]:
+        lm = causal_lm(self.model)
+        device_type = batch.input_ids.device.type
+        blocks = {"attention_blocks": batch.attention_blocks} if batch.attention_blocks is not None else {}
+        with torch.autocast(
+            device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
+        ):
+            hidden = lm.base_model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                **blocks,
+            ).last_hidden_state
+        states = hidden.flatten(0, 1)[batch.hidden_index]
+        config = lm.config
+        if getattr(config, "logit_scale", None) is not None:
+            states = states * config.logit_scale
+        head = lm.get_output_embeddings()
+        token_lp = token_logprobs(
+            states,
+            head.weight,
+            batch.target_ids,
+            head.bias,
+            chunk_size=auto_chunk_size(head.weight.shape[0]) if self.chunk_size is None else self.chunk_size,
+            softcap=getattr(config, "final_logit_softcapping", None),
+        )
+        num_sequences = 2 * batch.num_pairs
+        logps = torch.zeros(num_sequences, device=token_lp.device, dtype=torch.float32)
+        logps = logps.index_add(0, batch.sequence_index, token_lp)
+        return logps, torch.bincount(batch.sequence_index, minlength=num_sequences)

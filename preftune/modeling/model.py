@@ -1,4 +1,4 @@
-"""``DPOModel``: a Hugging Face causal LM (the policy) and its frozen reference, and the DPO-family loss."""
+"""``DPOModel``: a Hugging Face causal LM (the policy), its reference, and the DPO-family loss."""
 
 from __future__ import annotations
 
@@ -8,14 +8,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from preftune import losses
+from preftune.data.batch import MicroBatch, as_micro_batch
+from preftune.losses import LossSettings
 from preftune.modeling import attention  # importing it registers preftune_varlen with transformers
-from preftune.modeling.logprobs import token_logprobs
-from preftune.training.distributed import DistInfo, gradient_sync, shard, wrap_trainable
+from preftune.modeling.logprobs import SequenceLogprobs, causal_lm, is_peft
+from preftune.modeling.reference import (
+    AdaptersOffReference,
+    FrozenReference,
+    NoReference,
+    Reference,
+)
+from preftune.training.distributed import DistInfo, gradient_sync, unwrap, wrap_trainable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,145 +73,42 @@ def add_lora(model: PreTrainedModel, lora: Mapping[str, Any]) -> PreTrainedModel
     return peft.get_peft_model(model, config)
 
 
-def is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
-
-
-def causal_lm(model: nn.Module) -> PreTrainedModel:
-    """The Hugging Face causal LM itself (inside a PEFT wrapper its LoRA layers stay in place)."""
-    return model.get_base_model() if is_peft(model) else model
-
-
-def token_layout(batch: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The model's view of a micro-batch of P pairs, whatever its layout (padded, packed, shared prompt).
-
-    ``input_ids``, ``position_ids`` [R, L] and ``attention_mask`` (anything the model accepts: [R, L], a 4-D
-    mask, a per-layer-type dict, a flex-attention BlockMask) go to the forward; each trained token n is
-    predicted by the hidden state at flat position ``hidden_index[n]`` of the [R * L] rows, is the token
-    ``target_ids[n]``, and belongs to sequence ``sequence_index[n]`` (pair i's chosen is i, its rejected
-    P + i). A packed or shared-prompt batch carries these keys itself; a padded batch from
-    ``dpo_custom_collate`` is converted here (chosen rows, then rejected rows, run without a mask).
-    """
-    if "hidden_index" in batch:
-        return dict(batch)
-    input_ids = torch.cat([batch["chosen"], batch["rejected"]])
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    rows, length = labels.shape
-    next_labels = labels[:, 1:]
-    selected = next_labels != -100
-    positions = torch.arange(rows * length, device=labels.device).view(rows, length)[:, :-1]
-    row_index = torch.arange(rows, device=labels.device)[:, None].expand_as(next_labels)
-    return {
-        "input_ids": input_ids,
-        "position_ids": batch["position_ids"],
-        # Right padding: causal attention alone keeps every real token from seeing the padding after it, so
-        # no mask is needed, and without one SDPA takes its fused causal kernel instead of a masked one.
-        "attention_mask": None,
-        "hidden_index": positions[selected],
-        "target_ids": next_labels[selected],
-        "sequence_index": row_index[selected],
-    }
-
-
-LOGITS_CHUNK_ELEMENTS = 2**25  # 128 MiB of fp32 logits per chunk
-
-
-def auto_chunk_size(vocab_size: int) -> int:
-    """Tokens per lm-head chunk when ``model.logprob_chunk_size`` is null: 1024, or fewer for vocabularies
-    above 32k so a chunk's logits stay within 128 MiB (e.g. 261 tokens for a 128,256 vocab)."""
-    return max(1, min(1024, LOGITS_CHUNK_ELEMENTS // vocab_size))
-
-
-class SequenceLogprobs(nn.Module):
-    """Runs a causal LM on a token layout and returns per-sequence summed response log-probs and response
-    token counts. It is the module DDP wraps and FSDP2 shards, so the forward goes through their hooks."""
-
-    def __init__(
-        self, model: PreTrainedModel, chunk_size: int | None = None, autocast: torch.dtype | None = None
-    ):
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-        self.autocast = autocast
-
-    def forward(self, layout: Mapping[str, Any], num_sequences: int) -> tuple[Tensor, Tensor]:
-        lm = causal_lm(self.model)
-        device_type = layout["input_ids"].device.type
-        with torch.autocast(
-            device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
-        ):
-            hidden = lm.base_model(
-                input_ids=layout["input_ids"],
-                attention_mask=layout["attention_mask"],
-                position_ids=layout["position_ids"],
-                use_cache=False,
-                **({"attention_blocks": layout["attention_blocks"]} if "attention_blocks" in layout else {}),
-            ).last_hidden_state
-        states = hidden.flatten(0, 1)[layout["hidden_index"]]
-        config = lm.config
-        if getattr(config, "logit_scale", None) is not None:
-            states = states * config.logit_scale
-        head = lm.get_output_embeddings()
-        token_lp = token_logprobs(
-            states,
-            head.weight,
-            layout["target_ids"],
-            head.bias,
-            chunk_size=auto_chunk_size(head.weight.shape[0]) if self.chunk_size is None else self.chunk_size,
-            softcap=getattr(config, "final_logit_softcapping", None),
-        )
-        sequence = layout["sequence_index"]
-        logps = torch.zeros(num_sequences, device=token_lp.device, dtype=torch.float32)
-        logps = logps.index_add(0, sequence, token_lp)
-        return logps, torch.bincount(sequence, minlength=num_sequences)
-
-
 class DPOModel(nn.Module):
-    """The policy being trained and the reference it is regularised towards.
+    """The policy being trained, the reference it is regularised towards, and the DPO-family objective.
 
-    The reference is a frozen copy of the policy taken at construction (before any checkpoint is
-    restored), always in eval mode and run under ``no_grad``; with LoRA it is the policy itself with its
-    adapters disabled (no second copy of the weights). When the batch carries precomputed
-    ``ref_chosen_logps``/``ref_rejected_logps`` those are used instead.
+    Supports: full fine-tunes and PEFT (LoRA) policies; every loss of ``preftune.losses`` alone or as a
+    weighted mixture, plus an SFT term; padded, packed and shared-prompt micro-batches (``MicroBatch``, or a
+    ``dpo_custom_collate`` dict); one process, DDP or FSDP2 (``distribute``); bf16 autocast.
+
+    Assumes: the reference (a ``preftune.modeling.reference.Reference``) was built from the starting weights,
+    before any checkpoint is restored; ``distribute`` is called after moving to the device and restoring the
+    policy's weights, before the optimizer is built.
+
+    Raises: ``ValueError`` when a batch has no reference log-probs to use (``CachedReference`` without cached
+    ones), or from ``distribute`` for LoRA under multi-process FSDP2.
+
+    Handles: ``policy`` is the Hugging Face model (parameters, checkpoints, config); ``policy_logprobs`` is the
+    module its forward runs through (``SequenceLogprobs``, DDP-wrapped or FSDP2-sharded by ``distribute``).
     """
 
     def __init__(
         self,
         policy: PreTrainedModel,
-        reference: PreTrainedModel | None,
-        dpo_cfg: Mapping[str, Any],
+        reference: Reference | None,
+        loss: LossSettings,
         *,
         logprob_chunk_size: int | None = None,
         autocast: torch.dtype | None = None,
     ):
+        """``reference`` None: the default for ``policy`` and ``loss`` (``default_reference``)."""
         super().__init__()
         self.policy = policy
-        self.autocast = autocast
-        self.policy_root = SequenceLogprobs(policy, logprob_chunk_size, autocast)
-        self.policy_logprobs: nn.Module = self.policy_root  # DDP-wrapped or FSDP2-sharded by distribute()
-        # Not registered as a submodule: the reference has no optimizer state, no checkpoint, no train().
-        self._reference: list[SequenceLogprobs] = []
-        self.logprob_chunk_size = logprob_chunk_size
+        self.policy_logprobs: nn.Module = SequenceLogprobs(policy, logprob_chunk_size, autocast)
+        self.loss = loss
+        # Not an nn.Module attribute: the reference has no optimizer state, no checkpoint, no train().
+        self.reference: Reference = reference or default_reference(self.policy_logprobs, loss)
         self.dist = DistInfo()
-        self.reference_sharded = False  # FSDP2: reference forwards are collectives every rank must join
-        self.adapter_reference = is_peft(policy)  # LoRA: the reference is the policy with adapters off
-        if reference is not None:
-            self.set_reference(reference)
-        self.dpo_cfg = dict(dpo_cfg)
-        self.beta = float(self.dpo_cfg["ref_policy_kl_penalty"])
-        names = self.dpo_cfg["preference_loss"]
-        self.loss_names: list[str] = [names] if isinstance(names, str) else list(names)
-        self.loss_weights: list[float] = list(
-            self.dpo_cfg.get("preference_loss_weights") or [1.0] * len(self.loss_names)
-        )
-        self.reference_free = all(n in losses.REFERENCE_FREE_LOSSES for n in self.loss_names)
-        average = self.dpo_cfg.get("preference_average_log_probs")
-        self.average_preference_logps: bool = (
-            any(n in losses.LENGTH_AVERAGED_LOSSES for n in self.loss_names)
-            if average is None
-            else bool(average)
-        )
-        self.bco_delta = losses.RunningMean() if "bco_pair" in self.loss_names else None
+        self.bco_delta = losses.RunningMean() if loss.uses_bco_delta else None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> DPOModel:
@@ -217,15 +121,16 @@ class DPOModel(nn.Module):
                 f"model.compile does not support {attention.VARLEN} attention (its per-sequence loop would "
                 "recompile on every batch); set model.attn_implementation=sdpa or model.compile=false"
             )
-        dpo_cfg = OmegaConf.to_container(cfg["dpo"]) if isinstance(cfg["dpo"], DictConfig) else cfg["dpo"]
+        chunk_size = model_cfg["logprob_chunk_size"]
         autocast = DTYPES[model_cfg["autocast"]] if model_cfg["autocast"] else None
-        model = cls(
-            policy, None, dpo_cfg, logprob_chunk_size=model_cfg["logprob_chunk_size"], autocast=autocast
-        )
-        if model.reference_free:  # simpo/orpo: no reference model is built at all
-            model.adapter_reference = False
-        elif not model.adapter_reference:
-            model.set_reference(copy.deepcopy(policy))
+        loss = LossSettings.from_config(cfg["dpo"])
+        reference_path = cfg["reference"]["path"]
+        reference = None
+        if reference_path is not None and not loss.reference_free:
+            reference_cfg = {**model_cfg, "path": reference_path, "lora": {**model_cfg["lora"], "r": 0}}
+            reference_lm = load_causal_lm(reference_cfg, default_attention=policy.config._attn_implementation)
+            reference = FrozenReference(SequenceLogprobs(reference_lm, chunk_size, autocast))
+        model = cls(policy, reference, loss, logprob_chunk_size=chunk_size, autocast=autocast)
         if model_cfg["activation_checkpointing"]:  # the policy only: the reference keeps no activations
             lm = causal_lm(policy)
             if hasattr(lm, "activation_checkpointing_enable"):  # the newer 5.x name; the old one goes in v6
@@ -233,48 +138,10 @@ class DPOModel(nn.Module):
             else:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model_cfg["compile"]:
-            for lm in (policy, model.reference):
-                if lm is not None:
-                    causal_lm(lm).base_model.compile(dynamic=True)
+            causal_lm(policy).base_model.compile(dynamic=True)
+            if isinstance(model.reference, FrozenReference):
+                causal_lm(model.reference.model).base_model.compile(dynamic=True)
         return model
-
-    def set_reference(self, reference: PreTrainedModel | None) -> None:
-        """Install the frozen reference (eval mode, no grad), or drop it (None) once its log-probs are cached."""
-        if reference is not None:
-            reference.eval().requires_grad_(False)
-        else:
-            self.adapter_reference = False
-        self._reference = (
-            [SequenceLogprobs(reference, self.logprob_chunk_size, self.autocast)]
-            if reference is not None
-            else []
-        )
-
-    @property
-    def has_reference(self) -> bool:
-        """Whether reference log-probs can be computed (a frozen copy, or the policy with adapters off)."""
-        return bool(self._reference) or self.adapter_reference
-
-    @torch.no_grad()
-    def reference_logprobs(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``sequence_logprobs`` of the reference, in eval mode and without gradients."""
-        if self._reference:
-            return self.sequence_logprobs(self.reference, batch)
-        if not self.adapter_reference:
-            raise ValueError(
-                "this model has no reference (reference-free loss, or its log-probs were cached)"
-            )
-        training = self.policy.training
-        self.policy.eval()
-        try:
-            with self.policy.disable_adapter():
-                return self.policy_root(token_layout(batch), 2 * len(batch["chosen_rewards"]))
-        finally:
-            self.policy.train(training)
-
-    @property
-    def reference(self) -> PreTrainedModel | None:
-        return self._reference[0].model if self._reference else None
 
     def distribute(self, strategy: str, info: DistInfo) -> None:
         """Wrap the policy for data parallelism (DDP) or shard policy and reference (FSDP2).
@@ -282,12 +149,11 @@ class DPOModel(nn.Module):
         Call after moving to the device and restoring checkpoint weights, before building the optimizer.
         """
         self.dist = info
-        self.policy_logprobs = wrap_trainable(self.policy_root, self.policy, strategy, info)
         if strategy == "fsdp2" and info.distributed and is_peft(self.policy):
             raise ValueError("LoRA with distributed.strategy=fsdp2 is not supported yet: use ddp")
-        if strategy == "fsdp2" and info.distributed and self._reference:
-            shard(self._reference[0], self._reference[0].model)
-            self.reference_sharded = True
+        self.policy_logprobs = wrap_trainable(self.policy_logprobs, self.policy, strategy, info)
+        if strategy == "fsdp2" and isinstance(self.reference, FrozenReference):
+            self.reference.shard(info)
 
     def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Context: skip the gradient reduction (all micro-batches of a step but the last)."""
@@ -300,31 +166,35 @@ class DPOModel(nn.Module):
     def to(self, *args: Any, **kwargs: Any) -> DPOModel:
         """Move the policy and the reference."""
         super().to(*args, **kwargs)
-        if self.reference is not None:
-            self.reference.to(*args, **kwargs)
+        self.reference.to(*args, **kwargs)
         return self
 
     def train(self, mode: bool = True) -> DPOModel:
         self.policy.train(mode)
         return self
 
-    def sequence_logprobs(self, model: PreTrainedModel, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Summed response log-probs and response token counts of ``model`` (the policy, the reference or
-        any causal LM), [2P] each: chosen of every pair, then rejected.
+    def sequence_logprobs(
+        self, model: PreTrainedModel, batch: MicroBatch | Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Summed response log-probs and response token counts of ``model`` (the policy, through its wrapped
+        module, or any causal LM), [2P] each: chosen of every pair, then rejected."""
+        runner = (
+            self.policy_logprobs if model is self.policy else SequenceLogprobs(model, **self._runner_options)
+        )
+        return runner(as_micro_batch(batch))
 
-        One forward over the whole micro-batch (see ``token_layout``); the lm-head runs only on the hidden
-        states that predict a response token, in chunks (see ``preftune.modeling.logprobs``).
-        """
-        if model is self.policy:
-            runner = self.policy_logprobs
-        elif model is self.reference:
-            runner = self._reference[0]
-        else:
-            runner = SequenceLogprobs(model, self.logprob_chunk_size, self.autocast)
-        return runner(token_layout(batch), 2 * len(batch["chosen_rewards"]))
+    @property
+    def _runner_options(self) -> dict[str, Any]:
+        root = unwrap(self.policy_logprobs)
+        return {"chunk_size": root.chunk_size, "autocast": root.autocast}
+
+    def reference_logprobs(self, batch: MicroBatch | Mapping[str, Tensor]) -> Tensor | None:
+        """[2P] reference log-probs: the batch's cached ones if it carries them, else the reference's."""
+        batch = as_micro_batch(batch)
+        return batch.ref_logps.float() if batch.ref_logps is not None else self.reference.logprobs(batch)
 
     def get_loss_and_metrics(
-        self, batch: Mapping[str, Tensor], forward_only: bool
+        self, batch: MicroBatch | Mapping[str, Tensor], forward_only: bool
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean loss over the micro-batch's pairs and per-pair-mean metrics (detached 0-d tensors).
 
@@ -332,19 +202,13 @@ class DPOModel(nn.Module):
         beta included, on the same (summed or averaged) log-probs as the preference loss; ``acc`` is the
         fraction of pairs with chosen reward strictly above rejected.
         """
-        device = self.device
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        num_pairs = len(batch["chosen_rewards"])
+        batch = as_micro_batch(batch).to(self.device)
+        num_pairs = batch.num_pairs
         with torch.set_grad_enabled(not forward_only and torch.is_grad_enabled()):
-            logps, counts = self.sequence_logprobs(self.policy, batch)
-        if "ref_chosen_logps" in batch:
-            ref_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).float()
-        elif self.has_reference:
-            ref_logps, _ = self.reference_logprobs(batch)
-        else:
-            ref_logps = None
+            logps, counts = self.policy_logprobs(batch)
+        ref_logps = self.reference_logprobs(batch)
         counts = counts.clamp(min=1).float()
-        cfg = self.dpo_cfg
+        loss = self.loss
 
         def per_pair(values: Tensor | None, average: bool) -> tuple[Tensor | None, Tensor | None]:
             if values is None:
@@ -352,31 +216,31 @@ class DPOModel(nn.Module):
             values = values / counts if average else values
             return values[:num_pairs], values[num_pairs:]
 
-        chosen, rejected = per_pair(logps, self.average_preference_logps)
-        ref_chosen, ref_rejected = per_pair(ref_logps, self.average_preference_logps)
-        rewards_chosen = losses.implicit_rewards(chosen, ref_chosen, self.beta).detach()
-        rewards_rejected = losses.implicit_rewards(rejected, ref_rejected, self.beta).detach()
+        chosen, rejected = per_pair(logps, loss.average_logps)
+        ref_chosen, ref_rejected = per_pair(ref_logps, loss.average_logps)
+        rewards_chosen = losses.implicit_rewards(chosen, ref_chosen, loss.beta).detach()
+        rewards_rejected = losses.implicit_rewards(rejected, ref_rejected, loss.beta).detach()
         preference = losses.mixture_loss(
-            self.loss_names,
-            self.loss_weights,
+            list(loss.names),
+            list(loss.weights),
             chosen,
             rejected,
             ref_chosen,
             ref_rejected,
-            beta=self.beta,
-            chosen_rewards=batch["chosen_rewards"],
-            rejected_rewards=batch["rejected_rewards"],
-            gt_reward_scale=cfg["gt_reward_scale"],
+            beta=loss.beta,
+            chosen_rewards=batch.chosen_rewards,
+            rejected_rewards=batch.rejected_rewards,
+            gt_reward_scale=loss.gt_reward_scale,
             chosen_lengths=counts[:num_pairs],
             rejected_lengths=counts[num_pairs:],
-            label_smoothing=cfg["label_smoothing"],
-            simpo_gamma=cfg["simpo_gamma"],
-            rdpo_alpha=cfg["rdpo_alpha"],
+            label_smoothing=loss.label_smoothing,
+            simpo_gamma=loss.simpo_gamma,
+            rdpo_alpha=loss.rdpo_alpha,
             bco_delta=self.bco_delta.value if self.bco_delta is not None else None,
         )
-        sft_chosen, _ = per_pair(logps, cfg["sft_average_log_probs"])
+        sft_chosen, _ = per_pair(logps, loss.sft_average_logps)
         sft = losses.sft_loss(sft_chosen)
-        total = cfg["preference_loss_weight"] * preference + cfg["sft_loss_weight"] * sft
+        total = loss.preference_weight * preference + loss.sft_weight * sft
         metrics = {
             "loss": total.detach().mean(),
             "sft_loss": sft.detach().mean(),
@@ -407,3 +271,16 @@ class DPOModel(nn.Module):
     def load_loss_state_dict(self, state: dict[str, Any]) -> None:
         if self.bco_delta is not None and "bco_delta" in state:
             self.bco_delta.load_state_dict(state["bco_delta"])
+
+
+def default_reference(policy_runner: SequenceLogprobs, loss: LossSettings) -> Reference:
+    """The reference when ``reference.path`` is not set: none for reference-free losses, the policy with its
+    adapters off for a PEFT policy, else a frozen copy of the policy's starting weights."""
+    if loss.reference_free:
+        return NoReference()
+    if is_peft(policy_runner.model):
+        return AdaptersOffReference(policy_runner)
+    copy_runner = SequenceLogprobs(
+        copy.deepcopy(policy_runner.model), policy_runner.chunk_size, policy_runner.autocast
+    )
+    return FrozenReference(copy_runner)

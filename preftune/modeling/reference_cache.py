@@ -5,9 +5,9 @@ policy) over each dataset gives every pair's summed response log-probs (chosen, 
 are saved as ``<dir>/<dataset fingerprint>-<model fingerprint>.pt``, so a changed data file, tokenizer,
 ``max_seq_length``, weights, model config or dtype selects a new file (rebuilt), and a resumed run loads
 the existing one. The reference model is then freed. A ``ReferenceCache`` is the dataset with each pair
-carrying its ``ref_logps``; ``with_cached_reference`` turns those into the micro-batches'
-``ref_chosen_logps``/``ref_rejected_logps``, which ``DPOModel.get_loss_and_metrics`` uses (averaging them
-over its own token counts when the loss averages).
+carrying its ``ref_logps``; ``with_cached_reference`` puts those into the micro-batches'
+``MicroBatch.ref_logps``, which ``DPOModel.get_loss_and_metrics`` uses (averaging them over its own token
+counts when the loss averages); the model's reference becomes a ``CachedReference``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from preftune.data.batch import padded_length
+from preftune.data.batch import MicroBatch, as_micro_batch, pair_length
 from preftune.data.dataset import PreferenceDataset
 from preftune.modeling.model import DPOModel
+from preftune.modeling.reference import CachedReference, FrozenReference, NoReference
 from preftune.training.distributed import barrier, gather_objects
 
 CACHE_VERSION = 1  # bump when the computation changes: every cached file becomes stale
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-Collate = Callable[[Sequence[dict[str, Any]]], list[dict[str, Tensor]]]
+Collate = Callable[[Sequence[dict[str, Any]]], list[MicroBatch]]
 
 
 def model_fingerprint(model_path: str | Path, dtype: str) -> str:
@@ -69,9 +71,9 @@ def compute_reference_logps(
     """Reference log-probs [len(indices), 2] (chosen, rejected; fp32, summed over response tokens) of
     ``dataset[indices]``, in ``indices`` order. A rank of a distributed run can compute its slice and
     all-gather."""
-    if not model.has_reference:
-        raise ValueError("no reference model to precompute reference log-probs from")
-    if model.reference is model.policy:
+    if isinstance(model.reference, (NoReference, CachedReference)):
+        raise ValueError(f"no reference model to precompute reference log-probs from ({model.reference})")
+    if isinstance(model.reference, FrozenReference) and model.reference.model is model.policy:
         raise ValueError("the reference model is the policy being trained")
     device = model.device
     row_of = {index: row for row, index in enumerate(indices)}
@@ -81,10 +83,9 @@ def compute_reference_logps(
         for start in range(0, len(indices), batch_pairs):
             pairs = [dataset[i] for i in indices[start : start + batch_pairs]]
             for batch in collate_fn(pairs):
-                on_device = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                logps, _ = model.reference_logprobs(on_device)
-                rows = [row_of[i] for i in batch["indices"].tolist()]
-                out[rows] = logps.float().view(2, -1).t().cpu()
+                logps = model.reference.logprobs(batch.to(device))
+                rows = [row_of[i] for i in batch.indices.tolist()]
+                out[rows] = logps.view(2, -1).t().cpu()
             progress.update(len(pairs))
     if out.isnan().any():
         raise RuntimeError(f"collate_fn left {int(out.isnan().any(1).sum())} pairs without log-probs")
@@ -121,11 +122,13 @@ class ReferenceCache(torch.utils.data.Dataset):
             return cls(dataset, torch.load(path, weights_only=True), path, from_cache=True)
         barrier(model.dist)  # every rank has looked before rank 0 writes the file
 
-        order = sorted(range(len(dataset)), key=lambda i: padded_length(dataset[i]), reverse=True)
+        order = sorted(range(len(dataset)), key=lambda i: pair_length(dataset[i], "padded"), reverse=True)
         info = model.dist
         # FSDP2's forwards are collectives, so every rank runs all of them; otherwise each rank takes a slice.
         share = (
-            order if not info.distributed or model.reference_sharded else order[info.rank :: info.world_size]
+            order
+            if not info.distributed or model.reference.collective
+            else order[info.rank :: info.world_size]
         )
         part = compute_reference_logps(model, dataset, collate_fn, share, batch_pairs=batch_pairs)
         logps = torch.empty(len(dataset), 2)
@@ -155,7 +158,8 @@ def precompute_reference(
     model_fingerprint: str,
     batch_pairs: int,
 ) -> list[ReferenceCache | None]:
-    """``ReferenceCache.load_or_build`` for each dataset (None stays None), then free the reference model."""
+    """``ReferenceCache.load_or_build`` for each dataset (None stays None), then free the reference model: the
+    model's reference becomes a ``CachedReference``."""
     caches = [
         ReferenceCache.load_or_build(
             model, d, collate_fn, path_dir, model_fingerprint=model_fingerprint, batch_pairs=batch_pairs
@@ -164,15 +168,15 @@ def precompute_reference(
         else None
         for d in datasets
     ]
-    model.set_reference(None)
+    model.reference = CachedReference()
     return caches
 
 
 def with_cached_reference(collate_fn: Collate) -> Collate:
-    """``collate_fn`` whose micro-batches also carry ``ref_chosen_logps``/``ref_rejected_logps`` [P], taken
-    by dataset index from the pairs' ``ref_logps`` (pairs from a ``ReferenceCache``)."""
+    """``collate_fn`` whose micro-batches also carry ``ref_logps`` [2P], taken by dataset index from the
+    pairs' ``ref_logps`` (pairs from a ``ReferenceCache``)."""
 
-    def collate(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Tensor]]:
+    def collate(pairs: Sequence[dict[str, Any]]) -> list[MicroBatch]:
         missing = [pair["index"] for pair in pairs if "ref_logps" not in pair]
         if missing:
             raise ValueError(
@@ -181,9 +185,11 @@ def with_cached_reference(collate_fn: Collate) -> Collate:
             )
         by_index = {pair["index"]: pair["ref_logps"] for pair in pairs}
         batches = []
-        for batch in collate_fn(pairs):
-            ref = torch.tensor([by_index[i] for i in batch["indices"].tolist()], dtype=torch.float32)
-            batches.append({**batch, "ref_chosen_logps": ref[:, 0], "ref_rejected_logps": ref[:, 1]})
+        for batch in map(as_micro_batch, collate_fn(pairs)):
+            ref = torch.tensor([by_index[i] for i in batch.indices.tolist()], dtype=torch.float32)
+            batches.append(
+                replace(batch, ref_logps=torch.cat([ref[:, 0], ref[:, 1]]).to(batch.indices.device))
+            )
         return batches
 
     return collate

@@ -28,8 +28,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from preftune.modeling.model import DPOModel, is_peft
-from preftune.training.distributed import barrier
+from preftune.modeling.logprobs import is_peft
+from preftune.modeling.model import DPOModel
+from preftune.training.distributed import barrier, unwrap
 
 # DCP warns that it assumes one process when no process group exists: that is exactly the intent here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -83,9 +84,10 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(info)
-        if isinstance(model.policy_root, FSDPModule):
+        if isinstance(unwrap(model.policy_logprobs), FSDPModule):
             full = get_model_state_dict(
-                model.policy_root, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+                unwrap(model.policy_logprobs),
+                options=StateDictOptions(full_state_dict=True, cpu_offload=True),
             )
             weights = {k.removeprefix("model."): v for k, v in full.items()}
         else:
@@ -97,7 +99,10 @@ class Checkpointer:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_state(), tmp / "rng.pt")
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-        dcp.save(get_optimizer_state_dict(model.policy_root, optimizer), checkpoint_id=tmp / "optimizer")
+        dcp.save(
+            get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer),
+            checkpoint_id=tmp / "optimizer",
+        )
         barrier(info)
         if info.is_main:
             if final.exists():
@@ -133,9 +138,9 @@ class Checkpointer:
         path: Path, *, model: DPOModel, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> dict[str, Any]:
         """Restore optimizer (resharded to this run's ranks), scheduler and RNG; return the trainer state."""
-        state = get_optimizer_state_dict(model.policy_root, optimizer)
+        state = get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer)
         dcp.load(state, checkpoint_id=path / "optimizer")
-        set_optimizer_state_dict(model.policy_root, optimizer, state)
+        set_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer, state)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(path / "rng.pt", weights_only=False))
         return json.loads((path / STATE_FILE).read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from preftune.data.chat import load_chat_template
 from preftune.data.dataset import PreferenceDataset, load_datasets
 from preftune.data.packing import DPOPackedDataset
 from preftune.data.sampler import GlobalBatchSampler
+from preftune.data.tokenize import tokenizer_fingerprint
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference_cache import (
     ReferenceCache,
@@ -37,6 +39,16 @@ def log(message: str) -> None:
     """Print on rank 0 only."""
     if env_rank() == 0:
         print(f"[preftune] {message}", flush=True)
+
+
+def check_same_tokenizer(tokenizer: Any, reference_path: str, trust_remote_code: bool) -> None:
+    """``reference.path`` must tokenize exactly as ``model.path``: the reference scores the same token ids."""
+    reference = AutoTokenizer.from_pretrained(reference_path, trust_remote_code=trust_remote_code)
+    if tokenizer_fingerprint(reference) != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(
+            f"reference.path={reference_path} has a different tokenizer than model.path: the reference must "
+            "score the policy's token ids; use a reference trained with the same tokenizer"
+        )
 
 
 def build_dataloader(
@@ -82,6 +94,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.data.chat_template:  # checkpoints then carry the template the model was trained with
         tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
+    if cfg.reference.path is not None:
+        check_same_tokenizer(tokenizer, cfg.reference.path, cfg.model.trust_remote_code)
     cache_dir = cfg.data.cache_dir or output_dir / "cache" / "tokenized"
     if not info.is_main:
         barrier(info)
@@ -119,13 +133,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # Reference log-probs: one pass of the reference over train and validation, cached per (data, model) in
     # output_dir/cache/reference (a resumed run loads them); the reference model is then freed.
-    if cfg.reference.mode == "precompute" and not model.reference_free:
+    if cfg.reference.mode == "precompute" and not model.loss.reference_free:
         train_set, val_set = precompute_reference(
             model,
             [train_set, val_set],
             collate,
             output_dir / "cache" / "reference",
-            model_fingerprint=model_fingerprint(cfg.model.path, cfg.model.dtype),
+            model_fingerprint=model_fingerprint(cfg.reference.path or cfg.model.path, cfg.model.dtype),
             batch_pairs=cfg.data.global_batch_size,
         )
         for cache in (c for c in (train_set, val_set) if c is not None):

@@ -14,10 +14,12 @@ from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from preftune.data.batch import MicroBatch
 from preftune.modeling.model import DPOModel
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.distributed import DistInfo, any_rank, gather_objects
 from preftune.training.metrics import MetricsLogger
+from preftune.training.progress import after_step
 from preftune.training.timer import RunTimer
 
 
@@ -83,7 +85,7 @@ class DPOTrainer:
         train_dataloader: Iterable[list[dict]],
         val_dataloader: Iterable[list[dict]] | None,
         test_dataloader: Iterable[list[dict]] | None,
-        collate_fn: Callable[[Sequence[dict]], list[dict[str, torch.Tensor]]],
+        collate_fn: Callable[[Sequence[dict]], list[MicroBatch]],
         logger: MetricsLogger,
         ckpt_callback: Checkpointer,
         run_timer: RunTimer,
@@ -150,18 +152,18 @@ class DPOTrainer:
         self._slowest_val_and_save = max(self._slowest_val_and_save, time.monotonic() - start)
 
     # -- one optimizer step --------------------------------------------------------------------------
-    def micro_batches(self, pairs: list[dict]) -> list[tuple[dict[str, torch.Tensor], bool]]:
-        """This rank's micro-batches as (batch, counts); every rank gets the same number, padded with
-        repeats of a real micro-batch that count for nothing, because FSDP2 gathers weights per forward."""
+    def micro_batches(self, pairs: list[dict]) -> list[tuple[MicroBatch, bool]]:
+        """This rank's micro-batches as (batch, is_filler); every rank gets the same number, made up with
+        filler repeats of a real micro-batch that count for nothing, because FSDP2 gathers weights per
+        forward and every rank must join each one."""
         batches = self.collate_fn(pairs)
         needed = len(batches)
         if self.model.dist.distributed:
-            counts = gather_objects(len(batches), self.model.dist)
-            needed = max(counts)
+            needed = max(gather_objects(len(batches), self.model.dist))
             if not batches and needed:
                 batches = self.collate_fn([self.filler_pair])
-                return [(batches[0], False)] * needed
-        return [(b, True) for b in batches] + [(batches[0], False)] * (needed - len(batches))
+                return [(batches[0], True)] * needed
+        return [(b, False) for b in batches] + [(batches[0], True)] * (needed - len(batches))
 
     def train_single_step(self, global_batch: list[dict]) -> dict[str, float]:
         self.model.train()
@@ -169,14 +171,14 @@ class DPOTrainer:
         accumulator = MetricsAccumulator()
         world = self.model.dist.world_size
         batches = self.micro_batches(global_batch)
-        for i, (batch, counts) in enumerate(batches):
-            num_pairs = len(batch["chosen_rewards"]) if counts else 0
+        for i, (batch, is_filler) in enumerate(batches):
+            num_pairs = 0 if is_filler else batch.num_pairs
             with self.model.gradient_sync(i == len(batches) - 1):
                 loss, metrics = self.model.get_loss_and_metrics(batch, forward_only=False)
                 # DDP and FSDP2 average gradients over ranks: scale to the global batch's pair count.
                 (loss * (num_pairs * world / self.global_batch_size)).backward()
-            if counts:
-                accumulator.add(metrics, num_pairs, int(batch["num_tokens"]))
+            if not is_filler:
+                accumulator.add(metrics, num_pairs, batch.num_tokens)
         params = [p for p in self.model.policy.parameters() if p.requires_grad]
         clip = self.cfg.trainer.gradient_clip_val
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
@@ -201,10 +203,10 @@ class DPOTrainer:
         for i, global_batch in enumerate(dataloader):
             if i >= num_batches:
                 break
-            for batch, counts in self.micro_batches(global_batch):
+            for batch, is_filler in self.micro_batches(global_batch):
                 _, metrics = self.model.get_loss_and_metrics(batch, forward_only=True)
-                if counts:
-                    accumulator.add(metrics, len(batch["chosen_rewards"]))
+                if not is_filler:
+                    accumulator.add(metrics, batch.num_pairs)
         self.model.train()
         return accumulator.reduce(self.model.dist)[0]
 
@@ -258,8 +260,8 @@ class DPOTrainer:
                 signal.signal(signum, self._request_stop)
         validated_at = -1
         saved_at = self.step if self.step > 0 else -1  # a resumed run starts from a saved checkpoint
-        out_of_time = False  # or a stop signal: every rank agrees before acting on it
-        while self.step < self.max_steps and not out_of_time:
+        actions = None
+        while self.step < self.max_steps and not (actions and actions.stop):
             start_batch = (self.consumed_samples - self.epoch * samples_per_epoch) // self.global_batch_size
             if start_batch >= self.steps_per_epoch:
                 self.epoch += 1
@@ -287,21 +289,28 @@ class DPOTrainer:
                     acc=f"{metrics['acc']:.2f}",
                     pairs_s=f"{metrics['pairs_per_sec']:.1f}",
                 )
-                done = self.step >= self.max_steps
                 budget = 2 * self._slowest_step + self._slowest_val_and_save
-                out_of_time = any_rank(
+                # every rank agrees before acting on a stop signal or the time limit
+                stop_early = any_rank(
                     self.stop_requested or not self.run_timer.is_within_limit(budget), self.model.dist
                 )
-                if self.step % self.val_check_interval == 0 or done or out_of_time:
+                actions = after_step(
+                    self.step,
+                    max_steps=self.max_steps,
+                    val_check_interval=self.val_check_interval,
+                    save_interval=tcfg.save_interval,
+                    stop_early=stop_early,
+                )
+                if actions.validate:
                     self._validate_and_log()
                     validated_at = self.step
-                if self.step % tcfg.save_interval == 0 or done or out_of_time:
+                if actions.save:
                     self.save()
                     saved_at = self.step
-                if done or out_of_time:
+                if actions.stop:
                     break
         progress.close()
-        if out_of_time:
+        if actions and actions.stopping_early:
             why = (
                 "a stop signal was received" if self.stop_requested else "trainer.max_time is nearly reached"
             )
