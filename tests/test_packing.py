@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen3
 
 import preftune
 from preftune.config import load_config
-from preftune.data.batch import dpo_custom_collate, pair_length
+from preftune.data.batch import as_micro_batch, dpo_custom_collate, pair_length
 from preftune.data.packing import build_packed_collate, dense_mask, layout_rows
 from preftune.modeling.attention import varlen_attention_forward, visible_keys
 from preftune.modeling.model import DPOModel
@@ -179,7 +179,7 @@ def test_loss_and_gradients_match_padded(arch, rows_per_micro_batch, attention, 
         total = 0.0
         for batch in micro_batches:
             loss, _ = model.get_loss_and_metrics(batch, forward_only=False)
-            weighted = loss * (batch.num_pairs / len(exs))
+            weighted = loss * (as_micro_batch(batch).num_pairs / len(exs))
             weighted.backward()
             total += weighted.item()
         return total, [p.grad.clone() for p in model.policy.parameters()]

@@ -150,6 +150,56 @@ class _Row:
         return at
 
 
+class _Targets:
+    """The trained tokens of a micro-batch as they are laid out: which hidden state predicts each (row and
+    row offset), the token, and its sequence."""
+
+    def __init__(self) -> None:
+        self.row: list[int] = []
+        self.offset: list[int] = []
+        self.token: list[int] = []
+        self.sequence: list[int] = []
+
+    def add(self, row: int, sequence: int, response: list[int], at: int, first_hidden: int | None) -> None:
+        """The response sits at row offset ``at``; its first token is predicted by the prompt's last token
+        (``first_hidden``), or by nothing when the prompt is empty (as in the padded layout)."""
+        offsets = [first_hidden, *range(at, at + len(response) - 1)]
+        skip = 1 if first_hidden is None else 0
+        self.offset.extend(offsets[skip:])
+        self.token.extend(response[skip:])
+        self.row.extend([row] * (len(response) - skip))
+        self.sequence.extend([sequence] * (len(response) - skip))
+
+
+def _put_pair(
+    row: _Row,
+    targets: _Targets,
+    r: int,
+    segment: int,
+    pair: dict,
+    i: int,
+    num_pairs: int,
+    *,
+    share_prompt: bool,
+) -> None:
+    """Lay pair ``i`` out in ``row`` (row index ``r``): prompt, chosen, rejected with a shared prompt, else
+    prompt+chosen and prompt+rejected as two sequences of their own."""
+    prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
+    n = len(prompt)
+    if share_prompt:
+        start = row.put(prompt, 0, segment, CONTEXT)
+        last_prompt = start + n - 1 if n else None
+        targets.add(r, i, chosen, row.put(chosen, n, segment, CHOSEN), last_prompt)
+        at = row.put(rejected, n, segment, REJECTED)
+        targets.add(r, num_pairs + i, rejected, at, last_prompt)
+        row.blocks += [(start, 0, start, n + len(chosen)), (start, n, at, len(rejected))]
+        return
+    for side, (sequence, response) in enumerate(((i, chosen), (num_pairs + i, rejected))):
+        start = row.put(prompt + response, 0, 2 * segment + side, CONTEXT)
+        targets.add(r, sequence, response, start + n, start + n - 1 if n else None)
+        row.blocks.append((start, 0, start, n + len(response)))
+
+
 def layout_rows(
     rows: Sequence[Sequence[dict[str, Any]]],
     *,
@@ -164,44 +214,13 @@ def layout_rows(
     segment of its own (-1), so no real token sees it; ``shape`` pads to exactly [rows, length] (default: the
     rows given, the longest's length).
     """
-    pairs = [ex for row in rows for ex in row]
-    num_pairs = len(pairs)
-    filled: list[_Row] = []
-    hidden: list[int] = []  # (row, row offset) of the hidden state predicting each target, flattened below
-    hidden_row: list[int] = []
-    targets: list[int] = []
-    sequences: list[int] = []
-
-    def predict(row: int, sequence: int, response: list[int], at: int, first_hidden: int | None) -> None:
-        """The response sits at row offset ``at``; its first token is predicted by the prompt's last token
-        (``first_hidden``), or by nothing when the prompt is empty (as in the padded layout)."""
-        offsets = [first_hidden, *range(at, at + len(response) - 1)]
-        skip = 1 if first_hidden is None else 0
-        hidden.extend(offsets[skip:])
-        targets.extend(response[skip:])
-        hidden_row.extend([row] * (len(response) - skip))
-        sequences.extend([sequence] * (len(response) - skip))
-
+    pairs = [pair for row in rows for pair in row]
+    filled, targets = [_Row() for _ in rows], _Targets()
     i = 0
     for r, pairs_in_row in enumerate(rows):
-        row = _Row()
-        for segment, ex in enumerate(pairs_in_row):
-            prompt, chosen, rejected = ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]
-            n = len(prompt)
-            if share_prompt:
-                start = row.put(prompt, 0, segment, CONTEXT)
-                last_prompt = start + n - 1 if n else None
-                predict(r, i, chosen, row.put(chosen, n, segment, CHOSEN), last_prompt)
-                at = row.put(rejected, n, segment, REJECTED)
-                predict(r, num_pairs + i, rejected, at, last_prompt)
-                row.blocks += [(start, 0, start, n + len(chosen)), (start, n, at, len(rejected))]
-            else:
-                for side, (sequence, response) in enumerate(((i, chosen), (num_pairs + i, rejected))):
-                    start = row.put(prompt + response, 0, 2 * segment + side, CONTEXT)
-                    predict(r, sequence, response, start + n, start + n - 1 if n else None)
-                    row.blocks.append((start, 0, start, n + len(response)))
+        for segment, pair in enumerate(pairs_in_row):
+            _put_pair(filled[r], targets, r, segment, pair, i, len(pairs), share_prompt=share_prompt)
             i += 1
-        filled.append(row)
     real = [len(row.ids) for row in filled]
     num_rows, length = shape or (len(filled), max(real))
     if num_rows < len(filled) or length < max(real):
@@ -212,15 +231,15 @@ def layout_rows(
         input_ids=pad_right([row.ids for row in filled], length, eos_id),
         position_ids=position_ids,
         attention_mask=None,
-        hidden_index=torch.tensor(hidden_row, dtype=torch.long) * length
-        + torch.tensor(hidden, dtype=torch.long),
-        target_ids=torch.tensor(targets, dtype=torch.long),
-        sequence_index=torch.tensor(sequences, dtype=torch.long),
-        chosen_rewards=torch.tensor([ex["chosen_reward"] for ex in pairs], dtype=torch.float32),
-        rejected_rewards=torch.tensor([ex["rejected_reward"] for ex in pairs], dtype=torch.float32),
-        indices=torch.tensor([ex["index"] for ex in pairs], dtype=torch.long),
+        hidden_index=torch.tensor(targets.row, dtype=torch.long) * length
+        + torch.tensor(targets.offset, dtype=torch.long),
+        target_ids=torch.tensor(targets.token, dtype=torch.long),
+        sequence_index=torch.tensor(targets.sequence, dtype=torch.long),
+        chosen_rewards=torch.tensor([pair["chosen_reward"] for pair in pairs], dtype=torch.float32),
+        rejected_rewards=torch.tensor([pair["rejected_reward"] for pair in pairs], dtype=torch.float32),
+        indices=torch.tensor([pair["index"] for pair in pairs], dtype=torch.long),
         num_tokens=sum(real),
-        num_pairs=num_pairs,
+        num_pairs=len(pairs),
         attention_blocks=tuple(Block(r, *block) for r, row in enumerate(filled) for block in row.blocks),
     )
     ids = RowIds(
