@@ -124,7 +124,7 @@ def varlen_attention_forward(
     length = query.shape[2]
     by_row: dict[int, list[Block]] = {}
     for block in attention_blocks:
-        by_row.setdefault(block.row, []).append(block)
+        by_row.setdefault(block[0], []).append(block)
     out = []
     for row in range(query.shape[0]):
         blocks = by_row.get(row, [])
