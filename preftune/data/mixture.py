@@ -32,12 +32,12 @@ def source_seed(seed: int, source_index: int) -> int:
 
 def mixture_indices(source_of: Tensor, weights: Sequence[float], seed: int) -> Tensor:
     """The pair indices of one epoch: pairs of source ``s`` (``source_of[i] == s``) ``floor(w)`` times each,
-    then ``round(frac(w) * n)`` of them drawn without replacement; sources in order, pairs in order."""
+    then ``frac(w) * n`` of them (rounded half up) drawn without replacement; sources in order, pairs in order."""
     parts = []
     for s, weight in enumerate(weights):
         members = (source_of == s).nonzero().squeeze(1)
         whole = math.floor(weight)
-        extra = round((weight - whole) * len(members))
+        extra = math.floor((weight - whole) * len(members) + 0.5)  # rounded half up
         parts.append(members.repeat(whole))
         if extra:
             generator = torch.Generator().manual_seed(source_seed(seed, s))
