@@ -33,9 +33,11 @@ def hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read from the environment at import
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
 
-    def lay_out(repo: str, split: str, rows: list[dict], commit: str, mtime: float | None = None) -> Path:
+    def lay_out(
+        repo: str, split: str, rows: list[dict], commit: str, mtime: float | None = None, config="default"
+    ) -> Path:
         namespace, name = repo.split("/")
-        directory = cache / f"{namespace}___{name}" / "default" / "0.0.0" / commit
+        directory = cache / f"{namespace}___{name}" / config / "0.0.0" / commit
         directory.mkdir(parents=True)
         table = datasets.Dataset.from_list(rows)
         arrow = table.data.table
@@ -46,7 +48,7 @@ def hub_cache(tmp_path, monkeypatch):
             writer.write_table(arrow)
         splits = datasets.SplitDict()
         splits.add(datasets.SplitInfo(split, num_examples=len(rows), dataset_name=name))
-        info = datasets.DatasetInfo(features=table.features, config_name="default", splits=splits)
+        info = datasets.DatasetInfo(features=table.features, config_name=config, splits=splits)
         info.write_to_directory(str(directory))
         if mtime is not None:  # datasets picks the newest cached revision
             os.utime(directory, (mtime, mtime))
@@ -103,14 +105,27 @@ def test_cache_keyed_by_revision(tmp_path, tokenizer, hub_cache):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
+def test_dataset_config_by_name(tmp_path, tokenizer, hub_cache):
+    hub_cache(REPO, "train", trl_rows(3, seed=1), commit="c0ffee1", config="small")
+    hub_cache(REPO, "train", trl_rows(5, seed=2), commit="c0ffee1", config="large")
+    small = PreferenceDataset({"hub": REPO, "name": "small"}, tokenizer, 1024)  # split: train by default
+    large = PreferenceDataset({"hub": REPO, "name": "large"}, tokenizer, 1024)
+    assert (len(small), len(large)) == (3, 5) and small.stats.path == f"{REPO}/small[train]"
+    with pytest.raises(DataError, match=f"dataset {REPO}/medium\\[train\\]: cannot load it: .*offline"):
+        PreferenceDataset({"hub": REPO, "name": "medium"}, tokenizer, 1024)
+
+
 def test_errors_name_dataset_split_and_row(tmp_path, tokenizer, hub_cache):
     rows = trl_rows(4, seed=1)
     rows[2] = {"prompt": "a", "chosen": "b", "rejected": None}
     hub_cache(REPO, "train_prefs", rows, commit="c0ffee1")
     with pytest.raises(DataError, match=rf"^{REPO}\[train_prefs\]: row 3: "):
         PreferenceDataset({"hub": REPO, "split": "train_prefs"}, tokenizer, 1024)
-    with pytest.raises(DataError, match=r"Unknown split \"test\""):
+    with pytest.raises(DataError) as info:
         PreferenceDataset({"hub": REPO, "split": "test"}, tokenizer, 1024)
+    assert str(info.value) == (
+        f"dataset {REPO}[test]: cannot load it: Unknown split \"test\". Should be one of ['train_prefs']."
+    )
     with pytest.raises(DataError, match="unknown key 'splt'; a {hub: ...} entry takes hub, split"):
         PreferenceDataset({"hub": REPO, "splt": "train"}, tokenizer, 1024)
 

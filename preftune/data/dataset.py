@@ -39,7 +39,7 @@ from preftune.data.formats import (
 )
 from preftune.data.hub import HubSource
 from preftune.data.mixture import WeightedPairs, weighted
-from preftune.data.sources import Source, resolve_sources
+from preftune.data.sources import Source, SourceSpec, resolve_sources
 from preftune.data.tokenize import PairTokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        path: str | Path | Sequence[str | Path],
+        path: SourceSpec | Sequence[SourceSpec],
         tokenizer: Any,
         max_seq_length: int,
         cache_dir: str | Path | None = None,

@@ -83,8 +83,8 @@ class HubSource:
     def _load_error(self, error: Exception) -> DataError:
         message = " ".join(str(error).split()) or type(error).__name__
         hint = ""
-        offline = _datasets().config.HF_HUB_OFFLINE
-        if offline and isinstance(error, (ConnectionError, FileNotFoundError, ValueError)):
+        missing = isinstance(error, (ConnectionError, FileNotFoundError)) or "find cache" in message
+        if missing and _datasets().config.HF_HUB_OFFLINE:
             hint = (
                 f"; offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) a dataset must already be in the datasets "
                 f"cache ({_datasets().config.HF_DATASETS_CACHE}): load it once online"
@@ -126,7 +126,7 @@ def hub_source(entry: Mapping[str, Any], weight: float) -> HubSource:
     return HubSource(
         dataset=entry["hub"],
         split=str(entry.get("split") or "train"),
-        name=entry.get("name"),
+        name=None if entry.get("name") is None else str(entry["name"]),
         revision=None if entry.get("revision") is None else str(entry["revision"]),
         data_files=data_files,
         streaming=streaming,
