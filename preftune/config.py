@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A config key or value the user must fix."""
 
 
+# Free-form values (a path, a mapping, a list of them): a later layer replaces them whole, never merges.
+SOURCE_KEYS = ("data.train", "data.validation")
+
+
 def default_config() -> DictConfig:
     """Every key preftune reads, with its default (``preftune/configs/default.yaml``)."""
     text = resources.files("preftune").joinpath("configs/default.yaml").read_text()
@@ -70,7 +74,7 @@ def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     for key, value in cfg.items_ex(resolve=False):
         path = f"{prefix}{key}"
         keys.append(path)
-        if isinstance(value, DictConfig):
+        if isinstance(value, DictConfig) and path not in SOURCE_KEYS:
             keys.extend(_leaf_keys(value, path + "."))
     return keys
 
@@ -97,6 +101,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         layers.append((f"override '{item}'", _parse_override(item)))
     for source, layer in layers:
         _check_known(layer, cfg, source)
+        for key in SOURCE_KEYS:  # a later value replaces the whole entry (a list never merges into a mapping)
+            if OmegaConf.select(layer, key, default=None) is not None:
+                OmegaConf.update(cfg, key, None, merge=False)
         cfg = OmegaConf.merge(cfg, layer)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:

@@ -11,6 +11,7 @@ message's content, e.g. ``<|im_end|>`` or ``<|eot_id|>``); text the template wri
 from __future__ import annotations
 
 import logging
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ logger = logging.getLogger(__name__)
 
 BROKEN_PREFIX = "chat template breaks the prefix property"
 BAD_END = "response does not end with exactly one end-of-turn token"
+# Chat formats shipped as preftune/data/templates/<name>.jinja, usable as data.chat_template=<name>
+NAMED_TEMPLATES = ("chatml", "gemma", "llama3", "mistral", "qwen", "zephyr")
 NO_TEMPLATE = (
-    "conversational data needs a chat template and the tokenizer has none: set data.chat_template to a "
-    "Jinja template, inline or as a file (e.g. data.chat_template=chatml.jinja), or set the tokenizer's "
-    "chat_template in its tokenizer_config.json"
+    "conversational data needs a chat template and the tokenizer has none: set data.chat_template to the "
+    f"format the model was trained with, one of {', '.join(NAMED_TEMPLATES)} (e.g. data.chat_template=chatml), "
+    "or to a Jinja template (inline or a file), or set the tokenizer's chat_template in its tokenizer_config.json"
 )
 _PROBE_USER = "preftune probe question"
 _PROBE_REPLY = "preftune probe reply"
@@ -33,13 +36,18 @@ _PROBE_SYSTEM = "preftune probe system"
 
 
 def load_chat_template(setting: str | None) -> str | None:
-    """``data.chat_template``: a Jinja string (it contains ``{{`` or ``{%``) or the path of a file holding one."""
+    """``data.chat_template``: a Jinja string (it contains ``{{`` or ``{%``), a shipped template's name
+    (``NAMED_TEMPLATES``) or the path of a file holding one."""
     if setting is None or "{{" in setting or "{%" in setting:
         return setting
+    if setting in NAMED_TEMPLATES:
+        template = resources.files("preftune").joinpath(f"data/templates/{setting}.jinja")
+        return template.read_text(encoding="utf-8")
     path = Path(setting)
     if not path.is_file():
         raise DataError(
-            f"data.chat_template={setting!r} is neither a Jinja template (no {{{{ or {{%) nor an existing file"
+            f"data.chat_template={setting!r} is neither a Jinja template (no {{{{ or {{%) nor an existing file; "
+            f"shipped templates: {', '.join(NAMED_TEMPLATES)}"
         )
     return path.read_text(encoding="utf-8")
 

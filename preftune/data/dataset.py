@@ -37,7 +37,9 @@ from preftune.data.formats import (
     parse_pairs,
     rename_columns,
 )
-from preftune.data.sources import Source, file_digest, resolve_sources
+from preftune.data.hub import HubSource
+from preftune.data.mixture import WeightedPairs, weighted
+from preftune.data.sources import Source, SourceSpec, resolve_sources
 from preftune.data.tokenize import PairTokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -146,7 +148,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        path: str | Path | Sequence[str | Path],
+        path: SourceSpec | Sequence[SourceSpec],
         tokenizer: Any,
         max_seq_length: int,
         cache_dir: str | Path | None = None,
@@ -162,13 +164,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ConfigError(
                 f"data.completions={completions!r}: use one of {', '.join(COMPLETION_PAIRINGS)}"
             )
-        self.sources: list[Source] = resolve_sources(path)
+        self.sources: list[Source | HubSource] = resolve_sources(path)
         self.split_name: str | None = None
         columns = dict(columns or {})
         pair_tokenizer = PairTokenizer(tokenizer, max_seq_length, load_chat_template(chat_template))
         key = [
             CACHE_VERSION,
-            [[file_digest(f) for f in source.files()] for source in self.sources],
+            [source.cache_key() for source in self.sources],
             tokenizer_fingerprint(tokenizer),
             max_seq_length,
             format,
@@ -340,9 +342,10 @@ def dataset_options(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def load_datasets(
     data: Mapping[str, Any], tokenizer: Any, cache_dir: str | Path | None
-) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+) -> tuple[PreferenceDataset | WeightedPairs, PreferenceDataset | None]:
     """The train and validation sets the ``data.*`` config describes: ``data.validation`` files, a
-    ``data.validation_fraction`` split of ``data.train`` drawn with ``data.seed``, or none."""
+    ``data.validation_fraction`` split of ``data.train`` drawn with ``data.seed``, or none. Train is drawn
+    by its sources' weights (``preftune.data.mixture``) after any split."""
     fraction = data["validation_fraction"]
     if fraction is not None and data["validation"]:
         raise ConfigError("set data.validation or data.validation_fraction, not both")
@@ -350,10 +353,11 @@ def load_datasets(
         raise ConfigError(f"data.validation_fraction={fraction}: must be between 0 and 1")
     options = dataset_options(data)
     train = PreferenceDataset(data["train"], tokenizer, data["max_seq_length"], cache_dir, **options)
+    val = None
     if fraction is not None:
-        return train.split(fraction, data["seed"])
-    if data["validation"]:
-        return train, PreferenceDataset(
-            data["validation"], tokenizer, data["max_seq_length"], cache_dir, **options
-        )
-    return train, None
+        train, val = train.split(fraction, data["seed"])
+    elif data["validation"]:
+        val = PreferenceDataset(data["validation"], tokenizer, data["max_seq_length"], cache_dir, **options)
+        if any(source.weight != 1 for source in val.sources):
+            raise ConfigError("data.validation: weights apply to data.train only; drop them from validation")
+    return weighted(train, data["seed"]), val

@@ -3,7 +3,8 @@
 JSONL and JSON arrays are parsed incrementally; Parquet is read in row batches; a ``datasets``
 ``save_to_disk`` directory is read from its memory-mapped Arrow files (``datasets`` is not needed).
 Records are numbered from 1 by line (JSONL: the line; JSON: the line the record starts on) or by row
-(Parquet, Arrow), so every error names where it is.
+(Parquet, Arrow), so every error names where it is. Entries naming a dataset by id (``{hub: ...}``) are
+read by ``preftune.data.hub``; an entry's ``weight`` is used by ``preftune.data.mixture``.
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preftune.data.formats import DataError
+from preftune.data.hub import HubSource, hub_source
 
 ROW_BATCH = 1024  # Parquet rows converted to Python at a time
 MAX_JSON_RECORD = 64 << 20  # characters one JSON-array record may span before it is called invalid
 _WHITESPACE = " \t\r\n"
+SourceSpec = str | Path | Mapping[str, Any]  # a path, {path: P, weight: W} or {hub: ID, ...}
 
 
 def _one_line(error: Exception) -> str:
@@ -156,6 +160,7 @@ class Source:
 
     path: Path
     kind: str  # jsonl | json | parquet | arrow
+    weight: float = 1.0  # times each of its pairs is drawn per epoch (``preftune.data.mixture``)
 
     def where(self, n: int) -> str:
         return f"{self.path}:{n}" if self.kind in ("jsonl", "json") else f"{self.path}: row {n}"
@@ -172,6 +177,10 @@ class Source:
                 f"{state}: not a datasets state.json ({_one_line(e)}); save the dataset again"
             ) from None
         return [state, *(self.path / name for name in names)]
+
+    def cache_key(self) -> list[str]:
+        """The digests of its files: the tokenization cache is keyed by their content."""
+        return [file_digest(f) for f in self.files()]
 
     def num_records(self) -> int | None:
         """The record count where the file says it without being read (Parquet, Arrow)."""
@@ -232,37 +241,60 @@ class Source:
                 yield row, record
 
 
-def resolve_sources(spec: str | Path | Sequence[str | Path]) -> list[Source]:
-    """``data.train`` / ``data.validation``: one path or a list of them."""
-    paths = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    if not paths:
+def resolve_sources(spec: SourceSpec | Sequence[SourceSpec]) -> list[Source | HubSource]:
+    """``data.train`` / ``data.validation``: one entry or a list of them. An entry is a path, ``{path: P}``
+    or ``{hub: ID, ...}`` (``preftune.data.hub``), each mapping with an optional ``weight``."""
+    entries = [spec] if isinstance(spec, (str, Path, Mapping)) else list(spec)
+    if not entries:
         raise DataError("no data files given: set data.train to a file, a directory or a list of them")
-    sources = []
-    for item in paths:
-        path = Path(item)
-        if path.is_dir():
-            if (path / "dataset_dict.json").is_file():
-                splits = sorted(p.name for p in path.iterdir() if p.is_dir())
-                raise DataError(
-                    f"{path} holds a DatasetDict (splits: {', '.join(splits)}); point data.train / "
-                    f"data.validation at one split's directory, e.g. {path / (splits or ['train'])[0]}"
-                )
-            if not (path / "state.json").is_file():
-                raise DataError(
-                    f"{path}: a directory must be written by datasets' Dataset.save_to_disk (it has no "
-                    f"state.json); otherwise list its .jsonl, .json or .parquet files"
-                )
-            sources.append(Source(path, "arrow"))
-        elif not path.is_file():
-            raise DataError(f"data file not found: {path}")
-        elif path.suffix in (".jsonl", ".json", ".parquet"):
-            sources.append(Source(path, path.suffix[1:]))
+    sources: list[Source | HubSource] = []
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            sources.append(_file_source(Path(entry), 1.0))
+            continue
+        weight = _weight(entry)
+        if "hub" in entry:
+            sources.append(hub_source(entry, weight))
+        elif set(entry) <= {"path", "weight"} and "path" in entry:
+            sources.append(_file_source(Path(entry["path"]), weight))
         else:
             raise DataError(
-                f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json (an array of records), "
-                f".parquet or a datasets save_to_disk directory"
+                f"data source {dict(entry)}: give a path, {{path: FILE, weight: W}} or "
+                f"{{hub: DATASET, split: SPLIT, weight: W}}"
             )
     return sources
+
+
+def _weight(entry: Mapping[str, Any]) -> float:
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise DataError(f"data source {dict(entry)}: weight must be a number >= 0 (times drawn per epoch)")
+    return float(weight)
+
+
+def _file_source(path: Path, weight: float) -> Source:
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise DataError(
+                f"{path} holds a DatasetDict (splits: {', '.join(splits)}); point data.train / "
+                f"data.validation at one split's directory, e.g. {path / (splits or ['train'])[0]}"
+            )
+        if not (path / "state.json").is_file():
+            raise DataError(
+                f"{path}: a directory must be written by datasets' Dataset.save_to_disk (it has no "
+                f"state.json); otherwise list its .jsonl, .json or .parquet files, or load it with "
+                f"{{hub: {path}, split: train}}"
+            )
+        return Source(path, "arrow", weight)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        return Source(path, path.suffix[1:], weight)
+    raise DataError(
+        f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json (an array of records), "
+        f".parquet or a datasets save_to_disk directory"
+    )
 
 
 def file_digest(path: Path) -> str:

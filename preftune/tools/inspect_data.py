@@ -1,8 +1,8 @@
 """``preftune inspect``: read and tokenize the configured data exactly as training would, and report it.
 
-Per file: the detected format, pairs kept, pairs dropped and why (with the first place each reason
-occurred), token-length percentiles of prompts and responses, duplicate prompts, and the first pair with
-the tokens the loss trains on marked. ``--json`` writes the same report as JSON.
+Per file: the detected format, pairs kept (in a weighted mixture: and drawn per epoch), pairs dropped and
+why (with the first place each reason occurred), token-length percentiles of prompts and responses,
+duplicate prompts, and the first pair with the tokens the loss trains on marked. ``--json`` writes the same report as JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.chat import tokenizer_template
 from preftune.data.dataset import PreferenceDataset, load_datasets
+from preftune.data.mixture import WeightedPairs
 
 PERCENTILES = (50, 90, 99, 100)
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the trained (labelled) tokens in the rendered first pair
@@ -102,6 +103,10 @@ def _text(report: dict[str, Any]) -> str:
             lines.append(
                 f"  format {f['format']}: {f['records']} records, {f['kept']} pairs kept, {dropped} dropped"
             )
+            if "weight" in f:
+                lines.append(
+                    f"  weight {f['weight']:g}: {f['kept']} pairs -> {f['weighted']} drawn per epoch"
+                )
             for reason, n in f["dropped"].items():
                 lines.append(f"    {n} {reason} (first at {f['first_dropped_at'][reason]})")
             if f["tokens"]:
@@ -130,18 +135,15 @@ def inspect_data(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
         template = "data.chat_template"
     else:
         template = "the tokenizer's" if tokenizer_template(tokenizer) is not None else None
+    train_files = file_reports(train.dataset if isinstance(train, WeightedPairs) else train, tokenizer)
+    if isinstance(train, WeightedPairs):  # each source's pairs before and after weighting
+        for report_of_file, count in zip(train_files, train.counts, strict=True):
+            report_of_file.update(weight=count.weight, weighted=count.drawn)
     report: dict[str, Any] = {
         "model": str(cfg.model.path),
         "max_seq_length": data.max_seq_length,
         "chat_template": template,
-        "datasets": [
-            {
-                "name": "train",
-                "source": "data.train",
-                "pairs": len(train),
-                "files": file_reports(train, tokenizer),
-            }
-        ],
+        "datasets": [{"name": "train", "source": "data.train", "pairs": len(train), "files": train_files}],
     }
     if val is not None:
         source = (
