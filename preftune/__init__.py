@@ -1,7 +1,7 @@
 """preftune: align causal language models to human preferences with DPO and its family."""
 
 from preftune import losses
-from preftune.data.batch import dpo_custom_collate
+from preftune.data.batch import MicroBatch, dpo_custom_collate
 from preftune.data.dataset import PreferenceDataset
 from preftune.data.packing import DPOPackedDataset
 from preftune.data.sampler import GlobalBatchSampler
@@ -13,6 +13,7 @@ __all__ = [
     "DPOPackedDataset",
     "DPOTrainer",
     "GlobalBatchSampler",
+    "MicroBatch",
     "PreferenceDataset",
     "dpo_custom_collate",
     "losses",

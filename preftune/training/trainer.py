@@ -67,13 +67,25 @@ def limit_batches(limit: int | float, available: int) -> int:
 
 
 class DPOTrainer:
-    """Trains a ``DPOModel`` on global batches of preference pairs.
+    """Trains a ``DPOModel`` on global batches of preference pairs (NeMo Aligner's ``DPOTrainer`` API:
+    ``fit()``, ``run_validation() -> (loss, metrics)``, ``state_dict()`` / ``load_state_dict()``).
 
-    ``cfg`` is the full run config (the ``trainer`` and ``data`` sections are read). The dataloaders yield
-    this rank's share of a global batch as a list of tokenized pairs (see ``GlobalBatchSampler``);
-    ``collate_fn`` turns that list into micro-batches (padded: ``data.padded_micro_batches``). Each
-    micro-batch's loss is weighted by its share of the global batch's pairs, so gradient accumulation
-    reproduces the full-batch objective whatever the split; metrics are averaged by pair count.
+    Supports: gradient accumulation (micro-batches of any layout: ``collate_fn`` turns this rank's share of a
+    global batch into ``MicroBatch``es, e.g. ``padded_micro_batches`` or ``DPOPackedDataset.global_collate_fn``);
+    one process, DDP or FSDP2 (ranks whose share has fewer micro-batches run filler ones that count for
+    nothing); validation every ``trainer.val_check_interval`` steps, checkpoints every ``save_interval``, and
+    a clean stop (validate, save) at ``max_steps``/``max_epochs``, before ``trainer.max_time`` or on
+    SIGTERM/SIGUSR1 (the decision: ``preftune.training.progress.after_step``); exact resume from
+    ``state_dict`` (step, consumed samples, epoch, loss state).
+
+    Assumes: the train dataloader's ``batch_sampler`` is a ``GlobalBatchSampler`` (its ``set_epoch`` positions
+    a resumed run) and yields lists of tokenized pairs; every rank calls ``fit`` together.
+
+    Each micro-batch's loss is weighted by its share of the global batch's pairs, so gradient accumulation
+    reproduces the full-batch objective whatever the split; metrics are averaged by pair count over
+    micro-batches and ranks, never summed.
+
+    Raises: ``ValueError`` when the training set holds fewer pairs than one global batch.
     """
 
     def __init__(
