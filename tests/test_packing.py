@@ -240,10 +240,7 @@ def test_rows_respect_budget_and_keep_pairs_whole(layout):
         p, length = len(batch.indices), batch.input_ids.shape[1]
         row = batch.hidden_index // length
         for i in range(p):
-            assert (
-                len(set(row[(batch.sequence_index == i) | (batch.sequence_index == p + i)].tolist()))
-                == 1
-            )
+            assert len(set(row[(batch.sequence_index == i) | (batch.sequence_index == p + i)].tolist())) == 1
     with pytest.raises(ValueError, match="raise data.pack_length"):
         collate([{**exs[0], "chosen_ids": [6] * budget}])
 
