@@ -18,6 +18,7 @@ from preftune.data.chat import load_chat_template
 from preftune.data.dataset import PreferenceDataset, load_datasets
 from preftune.data.packing import DPOPackedDataset
 from preftune.data.sampler import GlobalBatchSampler
+from preftune.modeling.hub import check_model_source
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference_cache import (
     ReferenceCache,
@@ -79,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(cfg.trainer.seed)
 
     # Data: tokenized once (rank 0 first, the other ranks then read its cache).
+    check_model_source(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.data.chat_template:  # checkpoints then carry the template the model was trained with
         tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
@@ -125,7 +127,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             [train_set, val_set],
             collate,
             output_dir / "cache" / "reference",
-            model_fingerprint=model_fingerprint(cfg.model.path, cfg.model.dtype),
+            model_fingerprint=model_fingerprint(
+                cfg.model.path, cfg.model.dtype + "+nf4" * cfg.model.load_in_4bit
+            ),
             batch_pairs=cfg.data.global_batch_size,
         )
         for cache in (c for c in (train_set, val_set) if c is not None):
