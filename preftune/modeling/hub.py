@@ -7,12 +7,15 @@ wrong path or id is one clear line rather than a traceback from deep inside ``fr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from huggingface_hub import constants
 from transformers.utils import cached_file
 
 from preftune.config import ConfigError
+
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # name or org/name
 
 
 def check_model_source(path: str, key: str = "model.path") -> None:
@@ -22,9 +25,11 @@ def check_model_source(path: str, key: str = "model.path") -> None:
         if not (local / "config.json").is_file():
             raise ConfigError(f"{key}={path}: the directory has no config.json (not a Hugging Face model)")
         return
+    if not HUB_ID.match(str(path)):
+        raise ConfigError(f"{key}={path}: no such directory (and not a Hub id of the form org/name)")
     try:
         cached_file(str(path), "config.json")
-    except (OSError, ValueError) as e:  # ValueError: huggingface_hub's HFValidationError (a malformed id)
+    except (OSError, ValueError) as e:  # ValueError: huggingface_hub rejects the id (e.g. "a..b")
         where = (
             "in the local Hub cache (HF_HUB_OFFLINE=1 is set)"
             if constants.HF_HUB_OFFLINE
