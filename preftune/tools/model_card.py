@@ -24,8 +24,9 @@ class ModelCard:
     steps: int
     pairs_seen: int
     learning_rate: float
-    datasets: list[str] = field(default_factory=list)  # Hub dataset ids (front matter)
-    data_files: list[str] = field(default_factory=list)  # local sources (body only)
+    datasets: list[str] = field(default_factory=list)  # training sets' Hub ids (front matter)
+    data_files: list[str] = field(default_factory=list)  # training sets read from local files (body only)
+    validation_data: list[str] = field(default_factory=list)
     adapter: str | None = None  # e.g. "LoRA r=16 (merged)"
     validation: dict[str, float] = field(default_factory=dict)  # the last val/ metrics at or before `steps`
     validation_step: int | None = None
@@ -34,7 +35,7 @@ class ModelCard:
     def from_run(cls, checkpoint: Path, run_cfg: DictConfig, *, merged: bool) -> ModelCard:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         model, lora = run_cfg.model, run_cfg.model.lora
-        sources = _sources(run_cfg.data.train) + _sources(run_cfg.data.validation)
+        sources = _sources(run_cfg.data.train)
         adapter = None
         if lora.r > 0 or lora.init_from:
             kind = "DoRA" if lora.use_dora else "LoRA"
@@ -51,6 +52,7 @@ class ModelCard:
             learning_rate=float(run_cfg.optim.lr),
             datasets=[s for kind, s in sources if kind == "hub"],
             data_files=[s for kind, s in sources if kind == "local"],
+            validation_data=[s for _, s in _sources(run_cfg.data.validation)],
             adapter=adapter,
         )
         card.validation_step, card.validation = _last_validation(checkpoint.parent.parent, card.steps)
@@ -76,6 +78,8 @@ class ModelCard:
             rows.append(("adapters", self.adapter))
         if self.datasets or self.data_files:
             rows.append(("training data", ", ".join(self.datasets + self.data_files)))
+        if self.validation_data:
+            rows.append(("validation data", ", ".join(self.validation_data)))
         lines = [
             "---",
             yaml.safe_dump(meta, sort_keys=False).rstrip(),
@@ -83,7 +87,7 @@ class ModelCard:
             "",
             f"# {Path(load_from).name}",
             "",
-            f"Preference-tuned from `{self.base_model}` with [preftune](https://pypi.org/project/preftune/).",
+            f"Preference-tuned from `{self.base_model}` with preftune.",
             "",
             "| | |",
             "| --- | --- |",
