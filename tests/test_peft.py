@@ -120,6 +120,7 @@ def test_dora_trains_and_export_merges_it(tmp_path, tiny_model_dir, pair_files):
         expected = adapted.eval()(IDS).logits
     export_checkpoint(checkpoint, tmp_path / "export", merge=True)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert "| adapters | DoRA r=4, merged |" in (tmp_path / "export/README.md").read_text()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS).logits, expected, atol=1e-5, rtol=0)

@@ -37,10 +37,12 @@ class ModelCard:
         model, lora = run_cfg.model, run_cfg.model.lora
         sources = _sources(run_cfg.data.train)
         adapter = None
-        if lora.r > 0 or lora.init_from:
-            kind = "DoRA" if lora.use_dora else "LoRA"
+        adapter_config = checkpoint / "model" / "adapter_config.json"
+        if adapter_config.is_file():  # rank and DoRA as saved (with init_from they come from that adapter)
+            saved = json.loads(adapter_config.read_text())
+            kind = "DoRA" if saved.get("use_dora") else "LoRA"
             base = ", 4-bit NF4 base (QLoRA) de-quantised before merging" if model.load_in_4bit else ""
-            adapter = f"{kind}{f' r={lora.r}' if lora.r else ''}{base}{', merged' if merged else ''}"
+            adapter = f"{kind} r={saved['r']}{base}{', merged' if merged else ''}"
             if lora.init_from:
                 adapter += f", continued from the adapter {lora.init_from}"
         card = cls(
