@@ -1,6 +1,6 @@
 """Hub model ids: ``model.path: org/name`` resolves through the normal Hugging Face cache (laid out here,
-read with HF_HUB_OFFLINE=1), training and the LoRA merge on export both find the base by its id, and a
-missing id is one clear line."""
+read with HF_HUB_OFFLINE=1), training, the reference cache and the LoRA merge on export find the model by
+its id, and a missing id is one clear line."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from huggingface_hub import constants
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from preftune.config import ConfigError
-from preftune.modeling.hub import check_model_source
+from preftune.modeling.hub import check_model_source, local_model_dir
+from preftune.modeling.reference_cache import model_fingerprint
 
 from conftest import records
 
@@ -53,6 +55,15 @@ def test_a_local_path_that_is_not_a_model_is_one_line(tmp_path):
         check_model_source(str(tmp_path))
     with pytest.raises(ConfigError, match="no such directory"):
         check_model_source(str(tmp_path / "missing" / "model"))
+
+
+def test_precompute_fingerprints_a_hub_id_by_its_cached_files(tmp_path, tiny_model_dir, monkeypatch):
+    model_dir = tiny_model_dir("llama")
+    snapshot = lay_out_hub_cache(tmp_path / "hub", REPO, model_dir)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert local_model_dir(REPO) == snapshot and local_model_dir(str(model_dir)) == model_dir
+    assert model_fingerprint(local_model_dir(REPO), "float32") == model_fingerprint(model_dir, "float32")
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from huggingface_hub import constants
+from huggingface_hub import constants, snapshot_download
 from transformers.utils import cached_file
 
 from preftune.config import ConfigError
@@ -39,3 +39,9 @@ def check_model_source(path: str, key: str = "model.path") -> None:
         raise ConfigError(
             f"{key}={path}: not a local directory, and no model with that id was found {where}: {reason}"
         ) from None
+
+
+def local_model_dir(path: str) -> Path:
+    """The directory holding ``path``'s files: ``path`` itself, or a Hub id's snapshot in the Hub cache (the
+    files loaded so far; call after the model is loaded)."""
+    return Path(path) if Path(path).is_dir() else Path(snapshot_download(str(path), local_files_only=True))

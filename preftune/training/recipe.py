@@ -18,7 +18,7 @@ from preftune.data.chat import load_chat_template
 from preftune.data.dataset import PreferenceDataset, load_datasets
 from preftune.data.packing import DPOPackedDataset
 from preftune.data.sampler import GlobalBatchSampler
-from preftune.modeling.hub import check_model_source
+from preftune.modeling.hub import check_model_source, local_model_dir
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference_cache import (
     ReferenceCache,
@@ -128,7 +128,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             collate,
             output_dir / "cache" / "reference",
             model_fingerprint=model_fingerprint(
-                cfg.model.path, cfg.model.dtype + "+nf4" * cfg.model.load_in_4bit
+                local_model_dir(cfg.model.path), cfg.model.dtype + "+nf4" * cfg.model.load_in_4bit
             ),
             batch_pairs=cfg.data.global_batch_size,
         )
