@@ -78,8 +78,10 @@ def test_hub_id_trains_exports_and_is_named_in_the_card(tmp_path, tiny_model_dir
         *("train", "--config", "preset:llama3.1-8b-lora", f"model.path={REPO}", f"output_dir={out}"),
         *(f"data.train={pair_files['train']}", f"data.validation={pair_files['validation']}"),
         *(*sizes, "model.lora.r=4", "trainer.max_steps=2", "optim.lr=1e-2", "optim.sched.warmup_steps=0"),
+        "reference.mode=precompute",
     )
     assert done.returncode == 0, done.stderr
+    assert "reference log-probs computed into" in done.stdout
     checkpoint = out / "checkpoints/step_2"
     assert (
         json.loads((checkpoint / "model/adapter_config.json").read_text())["base_model_name_or_path"] == REPO
