@@ -45,13 +45,28 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from preftune.tools.export import export_checkpoint
+    from preftune.tools.hub_upload import PushError, check_can_push, push_folder
 
     try:
-        out = export_checkpoint(args.checkpoint, args.output, merge=args.merge)
+        if args.push_to_hub:
+            check_can_push(args.push_to_hub)
+        out = export_checkpoint(args.checkpoint, args.output, merge=args.merge, hub_repo=args.push_to_hub)
+        print(f"[preftune] exported {args.checkpoint} to {out}")
+        if args.push_to_hub:
+            print(f"[preftune] pushed {out} to {push_folder(out, args.push_to_hub, private=args.private)}")
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"preftune: error: {e}", file=sys.stderr)
         return 2
-    print(f"[preftune] exported {args.checkpoint} to {out}")
+    except PushError as e:
+        print(f"preftune: error: {e}", file=sys.stderr)
+        return 2 if e.user_fixable else 1
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from preftune.tools.presets import describe_presets
+
+    print(describe_presets())
     return 0
 
 
@@ -61,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train (or resume) from a YAML config")
-    train.add_argument("--config", required=True, help="YAML config file")
+    train.add_argument("--config", required=True, help="YAML config file, or preset:NAME (preftune presets)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-6")
     train.set_defaults(run=_train)
     inspect = sub.add_parser(
@@ -79,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--merge", action="store_true", help="merge a LoRA adapter into its base model's weights"
     )
+    export.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this Hub model repo")
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     export.set_defaults(run=_export)
+    presets = sub.add_parser("presets", help="list the packaged configs usable as --config preset:NAME")
+    presets.set_defaults(run=_presets)
     demo = sub.add_parser(
         "demo", help="build a tiny local model and preference set, train, validate, checkpoint"
     )

@@ -89,10 +89,15 @@ def _check_known(user: DictConfig, defaults: DictConfig, source: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides (OmegaConf dotlist syntax)."""
+    """Defaults, then the YAML file at ``path`` (or ``preset:NAME``, a packaged preset), then ``key=value``
+    overrides (OmegaConf dotlist syntax)."""
     cfg = default_config()
     layers: list[tuple[str, DictConfig]] = []
-    if path is not None:
+    if path is not None and str(path).startswith("preset:"):  # a packaged config: preftune presets
+        from preftune.tools.presets import preset_text
+
+        layers.append((str(path), _parse_yaml(preset_text(str(path).removeprefix("preset:")), str(path))))
+    elif path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")

@@ -79,7 +79,14 @@ def test_tiny_model_forward_save_reload(arch, tokenizer, tmp_path):
 
 def test_tiny_model_family_traits():
     tied = {arch: build_tiny_model(arch, 300).config.tie_word_embeddings for arch in TINY_ARCHS}
-    assert tied == {"llama": False, "qwen2": True, "mistral": False, "gemma2": True, "gpt2": True}
+    assert tied == {
+        "llama": False,
+        "qwen2": True,
+        "qwen3": False,
+        "mistral": False,
+        "gemma2": True,
+        "gpt2": True,
+    }
     gemma2 = build_tiny_model("gemma2", 300).config
     assert gemma2.final_logit_softcapping and gemma2.attn_logit_softcapping
     assert "sliding_attention" in gemma2.layer_types and gemma2.sliding_window == 16

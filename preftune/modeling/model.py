@@ -16,6 +16,7 @@ from preftune.data.batch import MicroBatch, as_micro_batch
 from preftune.losses import LossSettings
 from preftune.modeling import attention  # importing it registers preftune_varlen with transformers
 from preftune.modeling.logprobs import SequenceLogprobs, causal_lm, is_peft
+from preftune.modeling.peft_setup import add_adapters, quantization_config, uses_adapters
 from preftune.modeling.reference import (
     AdaptersOffReference,
     FrozenReference,
@@ -40,9 +41,14 @@ def disable_dropout(model: nn.Module) -> None:
 
 def load_causal_lm(model_cfg: Mapping[str, Any], default_attention: str | None = None) -> PreTrainedModel:
     """The policy from ``model.path`` with the configured dtype and attention implementation (when
-    ``model.attn_implementation`` is null: ``default_attention``, or transformers' choice if that is None)."""
+    ``model.attn_implementation`` is null: ``default_attention``, or transformers' choice if that is None),
+    in 4 bits with ``model.load_in_4bit``, wrapped in adapters per ``model.lora`` (see ``peft_setup``)."""
     implementation = model_cfg["attn_implementation"] or default_attention
-    kwargs = {"attn_implementation": implementation} if implementation else {}
+    kwargs: dict[str, Any] = {"attn_implementation": implementation} if implementation else {}
+    quantization = quantization_config(model_cfg)
+    if quantization is not None:  # quantized as it loads, straight onto this rank's device
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg["path"],
         dtype=DTYPES[model_cfg["dtype"]],
@@ -51,26 +57,11 @@ def load_causal_lm(model_cfg: Mapping[str, Any], default_attention: str | None =
     )
     if model_cfg["disable_dropout"]:
         disable_dropout(model)
-    lora = model_cfg["lora"]
-    if lora["r"] > 0:
-        model = add_lora(model, lora)
+    if uses_adapters(model_cfg["lora"]):
+        model = add_adapters(model, model_cfg["lora"])
     return model
 
 
-def add_lora(model: PreTrainedModel, lora: Mapping[str, Any]) -> PreTrainedModel:
-    """Wrap ``model`` in PEFT LoRA adapters (the base weights are frozen)."""
-    try:
-        import peft
-    except ImportError:
-        raise ImportError("model.lora.r > 0 needs peft: pip install 'preftune[lora]'") from None
-    config = peft.LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=list(lora["target_modules"]) if lora["target_modules"] else "all-linear",
-        task_type="CAUSAL_LM",
-    )
-    return peft.get_peft_model(model, config)
 
 
 class DPOModel(nn.Module):
@@ -127,7 +118,9 @@ class DPOModel(nn.Module):
         reference_path = cfg["reference"]["path"]
         reference = None
         if reference_path is not None and not loss.reference_free:
-            reference_cfg = {**model_cfg, "path": reference_path, "lora": {**model_cfg["lora"], "r": 0}}
+            # the reference at full precision and without adapters, whatever the policy's
+            no_adapters = {**model_cfg["lora"], "r": 0, "init_from": None}
+            reference_cfg = {**model_cfg, "path": reference_path, "lora": no_adapters, "load_in_4bit": False}
             reference_lm = load_causal_lm(reference_cfg, default_attention=policy.config._attn_implementation)
             reference = FrozenReference(SequenceLogprobs(reference_lm, chunk_size, autocast))
         model = cls(policy, reference, loss, logprob_chunk_size=chunk_size, autocast=autocast)

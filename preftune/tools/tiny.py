@@ -18,11 +18,12 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")  # ids 0, 1, 2, 3 in every tokenizer built here
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
-TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma2", "gpt2")
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2")
 SLIDING_WINDOW = 16  # small enough to matter on the short sequences of tests and the demo
 
 
@@ -92,6 +93,8 @@ def build_tiny_model(
         config_cls, kwargs = LlamaConfig, dict(common, tie_word_embeddings=False)
     elif arch == "qwen2":  # q/k/v bias, tied embeddings
         config_cls, kwargs = Qwen2Config, dict(common, tie_word_embeddings=True)
+    elif arch == "qwen3":  # per-head RMSNorm on queries and keys, no q/k/v bias
+        config_cls, kwargs = Qwen3Config, dict(common, tie_word_embeddings=False)
     elif arch == "mistral":  # sliding-window attention on every layer
         config_cls, kwargs = MistralConfig, dict(common, sliding_window=SLIDING_WINDOW)
     elif arch == "gemma2":  # attention + final-logit soft-capping, sliding layers, scaled embeddings

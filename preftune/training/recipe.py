@@ -20,6 +20,7 @@ from preftune.data.dataset import PreferenceDataset, load_datasets
 from preftune.data.packing import DPOPackedDataset
 from preftune.data.sampler import GlobalBatchSampler
 from preftune.data.tokenize import tokenizer_fingerprint
+from preftune.modeling.hub import check_model_source, local_model_dir
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference_cache import (
     ReferenceCache,
@@ -91,10 +92,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(cfg.trainer.seed)
 
     # Data: tokenized once (rank 0 first, the other ranks then read its cache).
+    check_model_source(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.data.chat_template:  # checkpoints then carry the template the model was trained with
         tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
     if cfg.reference.path is not None:
+        check_model_source(cfg.reference.path, "reference.path")
         check_same_tokenizer(tokenizer, cfg.reference.path, cfg.model.trust_remote_code)
     cache_dir = cfg.data.cache_dir or output_dir / "cache" / "tokenized"
     if not info.is_main:
@@ -139,7 +142,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             [train_set, val_set],
             collate,
             output_dir / "cache" / "reference",
-            model_fingerprint=model_fingerprint(cfg.reference.path or cfg.model.path, cfg.model.dtype),
+            model_fingerprint=model_fingerprint(
+                local_model_dir(cfg.reference.path or cfg.model.path),
+                cfg.model.dtype + "+nf4" * (cfg.model.load_in_4bit and cfg.reference.path is None),
+            ),
             batch_pairs=cfg.data.global_batch_size,
         )
         for cache in (c for c in (train_set, val_set) if c is not None):

@@ -1,0 +1,47 @@
+"""Where a model comes from: ``model.path`` names a local directory or a Hugging Face Hub repository id.
+
+Hub ids go through transformers' normal resolution (the Hub cache, ``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1``
+reads only that cache), so nothing here downloads anything itself. The check runs before the first load so a
+wrong path or id is one clear line rather than a traceback from deep inside ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from huggingface_hub import constants, snapshot_download
+from transformers.utils import cached_file
+
+from preftune.config import ConfigError
+
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # name or org/name
+
+
+def check_model_source(path: str, key: str = "model.path") -> None:
+    """Raise ``ConfigError`` unless ``path`` is a model directory or a Hub id whose ``config.json`` resolves."""
+    local = Path(path)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{key}={path}: the directory has no config.json (not a Hugging Face model)")
+        return
+    if not HUB_ID.match(str(path)):
+        raise ConfigError(f"{key}={path}: no such directory (and not a Hub id of the form org/name)")
+    try:
+        cached_file(str(path), "config.json")
+    except (OSError, ValueError) as e:  # ValueError: huggingface_hub rejects the id (e.g. "a..b")
+        where = (
+            "in the local Hub cache (HF_HUB_OFFLINE=1 is set)"
+            if constants.HF_HUB_OFFLINE
+            else "on the Hugging Face Hub (check the id, the network, and HF_TOKEN for gated or private models)"
+        )
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{key}={path}: not a local directory, and no model with that id was found {where}: {reason}"
+        ) from None
+
+
+def local_model_dir(path: str) -> Path:
+    """The directory holding ``path``'s files: ``path`` itself, or a Hub id's snapshot in the Hub cache (the
+    files loaded so far; call after the model is loaded)."""
+    return Path(path) if Path(path).is_dir() else Path(snapshot_download(str(path), local_files_only=True))
