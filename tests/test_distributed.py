@@ -37,6 +37,10 @@ def launch(tmp_path: Path, name: str, nproc: int, model_dir: Path, files: dict, 
         "data.micro_batch_size=2",
         "data.global_batch_size=8",
         "optim.lr=5e-3",
+        # Adam's eps well above float32 gradient noise (~2e-8 here): with the default 1e-8 the first step is
+        # lr * sign(g), blind to the gradient's scale, and a weight whose gradient is ~1e-8 moves by up to
+        # ~3e-5 on reduction-order noise alone; at 1e-4 the weights check the gradients' values to ~1e-7.
+        "optim.eps=1e-4",
         f"optim.sched.max_steps={STEPS}",
         "trainer.val_check_interval=100",
         *overrides,
