@@ -9,24 +9,32 @@ from pathlib import Path
 
 from preftune.config import ConfigError, load_config
 from preftune.data.formats import DataError
+from preftune.training.stop_signals import EXIT_INTERRUPTED
+
+# Exit statuses (README "Failures and recovery"): a finished run, a mistake to fix, a run that stopped
+# early and resumes with the same command (SIGTERM/SIGUSR1, Ctrl-C, trainer.max_time: requeue on it).
+EXIT_FINISHED, EXIT_MISTAKE, EXIT_STOPPED = 0, 2, 75
 
 
 def _train(args: argparse.Namespace) -> int:
     from preftune.training.distributed import shutdown
-    from preftune.training.recipe import train
+    from preftune.training.recipe import run_training
 
     cfg = load_config(args.config, args.overrides)
     try:
-        train(cfg)
+        result = run_training(cfg)
     finally:
         shutdown()
-    return 0
+    return EXIT_FINISHED if result.finished else EXIT_STOPPED
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from preftune.config_checks import check_environment
     from preftune.tools.inspect_data import run_inspect
 
-    return run_inspect(load_config(args.config, args.overrides), args.json)
+    cfg = load_config(args.config, args.overrides)
+    check_environment(cfg)
+    return run_inspect(cfg, args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -50,7 +58,7 @@ def _export(args: argparse.Namespace) -> int:
         out = export_checkpoint(args.checkpoint, args.output, merge=args.merge)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"preftune: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_MISTAKE
     print(f"[preftune] exported {args.checkpoint} to {out}")
     return 0
 
@@ -94,5 +102,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ConfigError, DataError) as e:
-        print(f"preftune: error: {e}", file=sys.stderr)
-        return 2
+        if _rank() == 0:  # every rank finds the same mistake: one of them says so
+            print(f"preftune: error: {e}", file=sys.stderr)
+        return EXIT_MISTAKE
+    except KeyboardInterrupt:  # Ctrl-C before training started (during it, the trainer stops cleanly)
+        if _rank() == 0:
+            print("\npreftune: interrupted before training started; nothing was saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _rank() -> int:
+    from preftune.training.distributed import env_rank
+
+    return env_rank()

@@ -212,11 +212,6 @@ class DPOModel(nn.Module):
         # Packed and shared-prompt rows: segment-wise attention unless the user picks a masked implementation.
         packed = data_cfg["packing"] or data_cfg["share_prompt"]
         policy = load_causal_lm(model_cfg, default_attention=attention.VARLEN if packed else None)
-        if model_cfg["compile"] and policy.config._attn_implementation == attention.VARLEN:
-            raise ValueError(
-                f"model.compile does not support {attention.VARLEN} attention (its per-sequence loop would "
-                "recompile on every batch); set model.attn_implementation=sdpa or model.compile=false"
-            )
         dpo_cfg = OmegaConf.to_container(cfg["dpo"]) if isinstance(cfg["dpo"], DictConfig) else cfg["dpo"]
         autocast = DTYPES[model_cfg["autocast"]] if model_cfg["autocast"] else None
         model = cls(
@@ -283,8 +278,6 @@ class DPOModel(nn.Module):
         """
         self.dist = info
         self.policy_logprobs = wrap_trainable(self.policy_root, self.policy, strategy, info)
-        if strategy == "fsdp2" and info.distributed and is_peft(self.policy):
-            raise ValueError("LoRA with distributed.strategy=fsdp2 is not supported yet: use ddp")
         if strategy == "fsdp2" and info.distributed and self._reference:
             shard(self._reference[0], self._reference[0].model)
             self.reference_sharded = True

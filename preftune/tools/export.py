@@ -35,7 +35,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, merge: bool
     from peft import PeftModel
 
     base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-    base = AutoModelForCausalLM.from_pretrained(base_path)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_path)
+    except OSError as e:  # a moved base model, or an adapter saved with a relative path
+        raise ValueError(
+            f"the adapter's base model {base_path!r} ({adapter_config}: base_model_name_or_path) cannot be "
+            f"loaded ({str(e).strip().splitlines()[0]}); set it to the base model's directory"
+        ) from None
     merged = PeftModel.from_pretrained(base, source).merge_and_unload()
     merged.save_pretrained(output, safe_serialization=True)
     AutoTokenizer.from_pretrained(source).save_pretrained(output)
