@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from preftune.training.stop_signals import EXIT_INTERRUPTED
 # Exit statuses (README "Failures and recovery"): a finished run, a mistake to fix, a run that stopped
 # early and resumes with the same command (SIGTERM/SIGUSR1, Ctrl-C, trainer.max_time: requeue on it).
 EXIT_FINISHED, EXIT_MISTAKE, EXIT_STOPPED = 0, 2, 75
+TORCHRUN_GRACE_S = 10  # how long other ranks wait for torchrun to stop them once rank 0 reported a mistake
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -23,8 +27,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         result = run_training(cfg)
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(wait=False)
+        raise
+    shutdown()
     return EXIT_FINISHED if result.finished else EXIT_STOPPED
 
 
@@ -102,13 +108,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ConfigError, DataError) as e:
-        if _rank() == 0:  # every rank finds the same mistake: one of them says so
-            print(f"preftune: error: {e}", file=sys.stderr)
+        _report_mistake(f"preftune: error: {e}")
         return EXIT_MISTAKE
     except KeyboardInterrupt:  # Ctrl-C before training started (during it, the trainer stops cleanly)
         if _rank() == 0:
             print("\npreftune: interrupted before training started; nothing was saved", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _report_mistake(line: str) -> None:
+    """Print a user's mistake once: every rank finds the same one, rank 0 says so. Under torchrun rank 0
+    also leaves it in its error file and exits first (the others wait to be stopped), so torchrun's failure
+    report names the line as its root cause instead of a traceback."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if _rank() != 0:
+        if error_file:
+            time.sleep(TORCHRUN_GRACE_S)
+        return
+    print(line, file=sys.stderr)
+    if error_file:
+        record = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+        Path(error_file).write_text(json.dumps({"message": record}))
 
 
 def _rank() -> int:

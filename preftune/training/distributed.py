@@ -73,10 +73,12 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
-def shutdown() -> None:
-    """Leave the process group once every rank is done."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group once every rank is done (``wait=False``: at once, after an error, when the
+    other ranks may never reach the barrier)."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -92,12 +92,14 @@ def run_training(cfg: DictConfig) -> TrainResult:
     cache_dir = cfg.data.cache_dir or output_dir / "cache" / "tokenized"
     if not info.is_main:
         barrier(info)
-    train_set, val_set = load_datasets(cfg.data, tokenizer, cache_dir)
+    try:
+        train_set, val_set = load_datasets(cfg.data, tokenizer, cache_dir)
+    finally:  # a mistake in the data: the other ranks go on to find it too, and all stop together
+        if info.is_main:
+            barrier(info)
     for dataset in (train_set, val_set):
         if dataset is not None:
             log(dataset.stats.summary() + (" (from cache)" if dataset.from_cache else ""))
-    if info.is_main:
-        barrier(info)
     if len(train_set) < cfg.data.global_batch_size:
         raise DataError(
             f"the training set has {len(train_set)} pairs, fewer than one global batch "
