@@ -121,10 +121,10 @@ def test_every_mistake_is_one_line_and_exit_2(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["train", "inspect"])
-def test_real_cli_subprocess(command, tmp_path, tiny_model_dir, pair_files, neox_dir, empty_config):
+def test_real_cli_subprocess(tmp_path, tiny_model_dir, pair_files, neox_dir, empty_config):
     base = base_args(tiny_model_dir("llama"), pair_files, tmp_path / "out")
-    cmd = [sys.executable, "-m", "preftune", command, "--config", str(empty_config), *base]
+    # inspect here; train runs as a real subprocess in test_torchrun_* and test_stop_and_resume
+    cmd = [sys.executable, "-m", "preftune", "inspect", "--config", str(empty_config), *base]
     done = subprocess.run(
         [*cmd, f"model.path={neox_dir}", "data.share_prompt=true", "optim.lr=1e-5"],
         capture_output=True,
