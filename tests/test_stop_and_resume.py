@@ -82,6 +82,7 @@ def test_first_ctrl_c_validates_saves_and_stops(tmp_path, tiny_model_dir, pair_f
 
 def test_second_ctrl_c_stops_at_once(tmp_path, tiny_model_dir, pair_files):
     process = start_training(tmp_path, tiny_model_dir("llama"), pair_files)
+    time.sleep(1)  # inside the training loop (the log line comes just before it)
     process.send_signal(signal.SIGINT)
     wait_for(process, "interrupted: validating")
     process.send_signal(signal.SIGINT)
