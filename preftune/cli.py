@@ -39,7 +39,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from preftune.tools.inspect_data import run_inspect
 
     cfg = load_config(args.config, args.overrides)
-    check_environment(cfg)
+    check_environment(cfg, tokenizer_only=True)  # inspect reads the tokenizer, not the model
     return run_inspect(cfg, args.json)
 
 

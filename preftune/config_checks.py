@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from preftune.config import ConfigError
+from preftune.config import ConfigError, _leaf_keys
 from preftune.training.distributed import env_world_size
 
 NUMBER = (int, float)
@@ -76,7 +76,8 @@ def _matches(value: Any, types: tuple[type, ...]) -> bool:
 def check_types(layer: DictConfig, defaults: DictConfig, source: str) -> None:
     """Every value ``layer`` sets has the type its key takes (``optim.lr=abc``, ``trainer.max_steps=two``,
     ``data.train=null`` and ``model=abc`` are refused)."""
-    for key, value in _flatten(layer):
+    for key in _leaf_keys(layer):
+        value = OmegaConf.select(layer, key, throw_on_missing=False)
         default = OmegaConf.select(defaults, key, default=None, throw_on_missing=False)
         if isinstance(default, DictConfig):
             if not isinstance(value, DictConfig):
@@ -93,15 +94,6 @@ def check_types(layer: DictConfig, defaults: DictConfig, source: str) -> None:
                 raise ConfigError(f"{source}: {key} cannot be null: set it to {_describe(types)}")
         elif not _matches(value, types):
             raise ConfigError(f"{source}: {key}={value!r}: expected {_describe(types)}")
-
-
-def _flatten(cfg: DictConfig, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key, value in cfg.items_ex(resolve=False):
-        out.append((f"{prefix}{key}", value))
-        if isinstance(value, DictConfig):
-            out.extend(_flatten(value, f"{prefix}{key}."))
-    return out
 
 
 def _describe(types: tuple[type, ...]) -> str:
@@ -171,13 +163,14 @@ def check_settings(cfg: DictConfig) -> None:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def check_environment(cfg: DictConfig) -> None:
+def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
     """What the config points at exists and fits: a writable ``output_dir``, a model at ``model.path`` (a
     directory with ``config.json`` and weights, or a Hub id) of a family the chosen layout supports, and
-    a launcher with what ``torch.distributed`` needs. Runs before the model or data is loaded."""
+    a launcher with what ``torch.distributed`` needs. Runs before the model or data is loaded.
+    ``tokenizer_only`` (``inspect``): a local ``model.path`` may hold just a tokenizer."""
     _check_output_dir(Path(cfg.output_dir))
-    model_config = _model_config(cfg.model)
-    if cfg.data.packing or cfg.data.share_prompt:
+    model_config = _model_config(cfg.model, tokenizer_only)
+    if model_config is not None and (cfg.data.packing or cfg.data.share_prompt):
         from preftune.data.packing import mask_windows
 
         try:
@@ -217,8 +210,9 @@ def _check_output_dir(output_dir: Path) -> None:
         ) from None
 
 
-def _model_config(model_cfg: DictConfig) -> Any:
-    """The ``transformers`` config of the model at ``model.path`` (a local directory, else a Hub id)."""
+def _model_config(model_cfg: DictConfig, tokenizer_only: bool) -> Any:
+    """The ``transformers`` config of the model at ``model.path`` (a local directory, else a Hub id); None
+    for a local directory without ``config.json`` when ``tokenizer_only``."""
     from transformers import AutoConfig
 
     path = str(model_cfg.path)
@@ -228,12 +222,14 @@ def _model_config(model_cfg: DictConfig) -> Any:
             raise ConfigError(
                 f"model.path={path} is a file: point it at a model directory (config.json, weights)"
             )
+        if tokenizer_only and not (local / "config.json").is_file():
+            return None
         if not (local / "config.json").is_file():
             raise ConfigError(
                 f"model.path={path} holds no model (no config.json): point it at a directory written by "
                 "save_pretrained, e.g. a checkpoint's model/"
             )
-        if not any(p.suffix in (".safetensors", ".bin") for p in local.iterdir()):
+        if not tokenizer_only and not any(p.suffix in (".safetensors", ".bin") for p in local.iterdir()):
             raise ConfigError(f"model.path={path} holds no weights (no *.safetensors or *.bin files)")
     elif not HUB_ID.match(path):
         raise ConfigError(f"model.path={path} does not exist: point it at a model directory or a Hub id")

@@ -112,8 +112,8 @@ def test_every_mistake_is_one_line_and_exit_2(
     cases = mistakes(tmp_path, tiny_model_dir("llama"), neox_dir)
     capsys.readouterr()  # what building the fixtures' models printed
     for name, (overrides, expected) in cases.items():
-        if command == "inspect" and name == "too-few-pairs":
-            continue  # inspect reports the data; it does not train
+        if command == "inspect" and name in ("too-few-pairs", "model-empty-dir"):
+            continue  # inspect reports the data (it does not train) and needs only a tokenizer
         code = main([command, "--config", str(empty_config), *base, *overrides])
         captured = capsys.readouterr()
         assert code == 2, (name, captured.err)
