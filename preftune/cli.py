@@ -3,30 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from preftune.config import ConfigError, load_config
 from preftune.data.formats import DataError
+from preftune.training.stop_signals import EXIT_INTERRUPTED
+
+# Exit statuses (README "Failures and recovery"): a finished run, a mistake to fix, a run that stopped
+# early and resumes with the same command (SIGTERM/SIGUSR1, Ctrl-C, trainer.max_time: requeue on it).
+EXIT_FINISHED, EXIT_MISTAKE, EXIT_STOPPED = 0, 2, 75
+TORCHRUN_GRACE_S = 10  # how long other ranks wait for torchrun to stop them once rank 0 reported a mistake
 
 
 def _train(args: argparse.Namespace) -> int:
     from preftune.training.distributed import shutdown
-    from preftune.training.recipe import train
+    from preftune.training.recipe import run_training
 
     cfg = load_config(args.config, args.overrides)
     try:
-        train(cfg)
-    finally:
-        shutdown()
-    return 0
+        result = run_training(cfg)
+    except BaseException:
+        shutdown(wait=False)
+        raise
+    shutdown()
+    return EXIT_FINISHED if result.finished else EXIT_STOPPED
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from preftune.config_checks import check_environment
     from preftune.tools.inspect_data import run_inspect
 
-    return run_inspect(load_config(args.config, args.overrides), args.json)
+    cfg = load_config(args.config, args.overrides)
+    check_environment(cfg, tokenizer_only=True)  # inspect reads the tokenizer, not the model
+    return run_inspect(cfg, args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -56,10 +70,10 @@ def _export(args: argparse.Namespace) -> int:
             print(f"[preftune] pushed {out} to {push_folder(out, args.push_to_hub, private=args.private)}")
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"preftune: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_MISTAKE
     except PushError as e:
         print(f"preftune: error: {e}", file=sys.stderr)
-        return 2 if e.user_fixable else 1
+        return EXIT_MISTAKE if e.user_fixable else 1
     return 0
 
 
@@ -113,5 +127,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ConfigError, DataError) as e:
-        print(f"preftune: error: {e}", file=sys.stderr)
-        return 2
+        _report_mistake(f"preftune: error: {e}")
+        return EXIT_MISTAKE
+    except KeyboardInterrupt:  # Ctrl-C before training started (during it, the trainer stops cleanly)
+        if _rank() == 0:
+            print("\npreftune: interrupted before training started; nothing was saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _report_mistake(line: str) -> None:
+    """Print a user's mistake once: every rank finds the same one, rank 0 says so. Under torchrun rank 0
+    also leaves it in its error file and exits first (the others wait to be stopped), so torchrun's failure
+    report names the line as its root cause instead of a traceback."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if _rank() != 0:
+        if error_file:
+            time.sleep(TORCHRUN_GRACE_S)
+        return
+    print(line, file=sys.stderr)
+    if error_file:
+        record = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+        Path(error_file).write_text(json.dumps({"message": record}))
+
+
+def _rank() -> int:
+    from preftune.training.distributed import env_rank
+
+    return env_rank()

@@ -91,7 +91,9 @@ def _check_known(user: DictConfig, defaults: DictConfig, source: str) -> None:
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults, then the YAML file at ``path`` (or ``preset:NAME``, a packaged preset), then ``key=value``
     overrides (OmegaConf dotlist syntax)."""
-    cfg = default_config()
+    from preftune.config_checks import check_types
+
+    defaults = cfg = default_config()
     layers: list[tuple[str, DictConfig]] = []
     if path is not None and str(path).startswith("preset:"):  # a packaged config: preftune presets
         from preftune.tools.presets import preset_text
@@ -106,6 +108,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         layers.append((f"override '{item}'", _parse_override(item)))
     for source, layer in layers:
         _check_known(layer, cfg, source)
+        check_types(layer, defaults, source)
         for key in SOURCE_KEYS:  # a later value replaces the whole entry (a list never merges into a mapping)
             if OmegaConf.select(layer, key, default=None) is not None:
                 OmegaConf.update(cfg, key, None, merge=False)
@@ -118,15 +121,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def validate(cfg: DictConfig) -> None:
-    """Value checks that would otherwise fail deep inside training."""
+    """Value checks that would otherwise fail deep inside training (and ``config_checks.check_settings``)."""
+    from preftune.config_checks import check_settings
+
     data, trainer = cfg.data, cfg.trainer
     if data.micro_batch_size < 1 or data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be >= 1")
-    if not data.packing and data.global_batch_size % data.micro_batch_size:  # packing: rows, not pairs
-        raise ConfigError(
-            f"data.global_batch_size ({data.global_batch_size}) must be a multiple of "
-            f"data.micro_batch_size ({data.micro_batch_size}) x the number of ranks"
-        )
     if data.max_seq_length < 2:
         raise ConfigError("data.max_seq_length must be >= 2 (one prompt token and one response token)")
     interval = trainer.val_check_interval
@@ -143,6 +143,8 @@ def validate(cfg: DictConfig) -> None:
     if unknown:
         nearest = difflib.get_close_matches(unknown[0], losses.LOSS_NAMES, n=1)
         hint = f" Did you mean '{nearest[0]}'?" if nearest else ""
+        if unknown[0] == "sft":
+            hint = " The SFT term is not a preference loss: set dpo.sft_loss_weight (e.g. 1.0) instead."
         raise ConfigError(
             f"dpo.preference_loss: unknown loss '{unknown[0]}'.{hint} Valid: {', '.join(losses.LOSS_NAMES)}"
         )
@@ -176,6 +178,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.autocast={cfg.model.autocast}: use null, bfloat16 or float16")
     if trainer.max_time is not None:
         parse_max_time(trainer.max_time)
+    check_settings(cfg)
 
 
 def loss_names(dpo_cfg: DictConfig) -> list[str]:

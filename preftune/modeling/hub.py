@@ -26,7 +26,9 @@ def check_model_source(path: str, key: str = "model.path") -> None:
             raise ConfigError(f"{key}={path}: the directory has no config.json (not a Hugging Face model)")
         return
     if not HUB_ID.match(str(path)):
-        raise ConfigError(f"{key}={path}: no such directory (and not a Hub id of the form org/name)")
+        raise ConfigError(
+            f"{key}={path} does not exist (no such directory, and not a Hub id of the form org/name)"
+        )
     try:
         cached_file(str(path), "config.json")
     except (OSError, ValueError) as e:  # ValueError: huggingface_hub rejects the id (e.g. "a..b")

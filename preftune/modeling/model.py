@@ -62,8 +62,6 @@ def load_causal_lm(model_cfg: Mapping[str, Any], default_attention: str | None =
     return model
 
 
-
-
 class DPOModel(nn.Module):
     """The policy being trained, the reference it is regularised towards, and the DPO-family objective.
 
@@ -107,11 +105,6 @@ class DPOModel(nn.Module):
         # Packed and shared-prompt rows: segment-wise attention unless the user picks a masked implementation.
         packed = data_cfg["packing"] or data_cfg["share_prompt"]
         policy = load_causal_lm(model_cfg, default_attention=attention.VARLEN if packed else None)
-        if model_cfg["compile"] and policy.config._attn_implementation == attention.VARLEN:
-            raise ValueError(
-                f"model.compile does not support {attention.VARLEN} attention (its per-sequence loop would "
-                "recompile on every batch); set model.attn_implementation=sdpa or model.compile=false"
-            )
         chunk_size = model_cfg["logprob_chunk_size"]
         autocast = DTYPES[model_cfg["autocast"]] if model_cfg["autocast"] else None
         loss = LossSettings.from_config(cfg["dpo"])
@@ -142,8 +135,6 @@ class DPOModel(nn.Module):
         Call after moving to the device and restoring checkpoint weights, before building the optimizer.
         """
         self.dist = info
-        if strategy == "fsdp2" and info.distributed and is_peft(self.policy):
-            raise ValueError("LoRA with distributed.strategy=fsdp2 is not supported yet: use ddp")
         self.policy_logprobs = wrap_trainable(self.policy_logprobs, self.policy, strategy, info)
         if strategy == "fsdp2" and isinstance(self.reference, FrozenReference):
             self.reference.shard(info)

@@ -22,14 +22,20 @@ def load_base(base_path: str, run_cfg: DictConfig | None) -> PreTrainedModel:
     """The adapter's base model in full precision. A QLoRA base (``model.load_in_4bit``) is loaded in 4 bits
     exactly as in training and de-quantised, so the merge adds the adapter to the weights it was trained on
     (the 4-bit values), not to the original ones."""
-    if run_cfg is None or not run_cfg.model.get("load_in_4bit", False):
-        return AutoModelForCausalLM.from_pretrained(base_path)
-    from preftune.modeling.peft_setup import quantization_config
+    quantized = run_cfg is not None and run_cfg.model.get("load_in_4bit", False)
+    try:
+        if not quantized:
+            return AutoModelForCausalLM.from_pretrained(base_path)
+        from preftune.modeling.peft_setup import quantization_config
 
-    quantized = AutoModelForCausalLM.from_pretrained(
-        base_path, quantization_config=quantization_config(run_cfg.model), dtype="float32"
-    )
-    return quantized.dequantize()
+        return AutoModelForCausalLM.from_pretrained(
+            base_path, quantization_config=quantization_config(run_cfg.model), dtype="float32"
+        ).dequantize()
+    except OSError as e:  # a moved base model, or an adapter saved with a relative path
+        raise ValueError(
+            f"the adapter's base model {base_path!r} (adapter_config.json: base_model_name_or_path) cannot be "
+            f"loaded ({str(e).strip().splitlines()[0]}); set it to the base model's directory"
+        ) from None
 
 
 def export_checkpoint(

@@ -47,10 +47,15 @@ def env_rank() -> int:
     return _env_int("RANK", "SLURM_PROCID") or 0
 
 
+def env_world_size() -> int:
+    """The number of ranks the launcher started (1 without a launcher)."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+
+
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     """Join the process group described by torchrun's (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or SLURM's
     (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``) variables: nccl on CUDA, gloo on CPU."""
-    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+    world_size = env_world_size()
     rank = env_rank()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     if torch.cuda.is_available():
@@ -59,11 +64,6 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        for name in ("MASTER_ADDR", "MASTER_PORT"):
-            if name not in os.environ:
-                raise RuntimeError(
-                    f"{name} is not set: launch with torchrun, or export it in the SLURM script"
-                )
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             rank=rank,
@@ -73,10 +73,12 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
-def shutdown() -> None:
-    """Leave the process group once every rank is done."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group once every rank is done (``wait=False``: at once, after an error, when the
+    other ranks may never reach the barrier)."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

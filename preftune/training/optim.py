@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+OPTIMIZERS = ("adamw",)  # the names optim.name takes (checked at config load)
+SCHEDULES = ("cosine_with_warmup",)  # the names optim.sched.name takes
+
 
 def build_optimizer(model: nn.Module, optim_cfg: Mapping[str, Any]) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
-    if optim_cfg["name"] != "adamw":
-        raise ValueError(f"optim.name={optim_cfg['name']!r}: only 'adamw' is supported")
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim_cfg["weight_decay"]},
@@ -39,8 +40,6 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, optim_cfg: Mapping[str, Any], max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     sched = optim_cfg["sched"]
-    if sched["name"] != "cosine_with_warmup":
-        raise ValueError(f"optim.sched.name={sched['name']!r}: only 'cosine_with_warmup' is supported")
     total = sched["max_steps"] if sched["max_steps"] is not None else max_steps
     min_ratio = sched["min_lr"] / optim_cfg["lr"] if optim_cfg["lr"] > 0 else 0.0
 

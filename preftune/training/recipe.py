@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,15 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from preftune.config import ConfigError, parse_max_time
+from preftune.config_checks import absolute_paths, check_environment
 from preftune.data.batch import padded_micro_batches
 from preftune.data.chat import load_chat_template
 from preftune.data.dataset import PreferenceDataset, load_datasets
+from preftune.data.formats import DataError
 from preftune.data.packing import DPOPackedDataset
 from preftune.data.sampler import GlobalBatchSampler
 from preftune.data.tokenize import tokenizer_fingerprint
-from preftune.modeling.hub import check_model_source, local_model_dir
+from preftune.modeling.hub import local_model_dir
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference_cache import (
     ReferenceCache,
@@ -32,6 +35,7 @@ from preftune.training.checkpoint import Checkpointer
 from preftune.training.distributed import DistInfo, barrier, env_rank, init_distributed
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
+from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
 from preftune.training.timer import RunTimer
 from preftune.training.trainer import DPOTrainer, resolve_max_steps
 
@@ -68,22 +72,25 @@ def build_dataloader(
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers)
 
 
+@dataclass(frozen=True)
+class TrainResult:
+    val_metrics: dict[str, float]  # the last validation's metrics ({} without validation data)
+    finished: bool  # False: stopped early (a stop signal or trainer.max_time), to be resumed
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume) the run described by ``cfg``; return the last validation metrics."""
+    return run_training(cfg).val_metrics
+
+
+def run_training(cfg: DictConfig) -> TrainResult:
+    """Train (or resume) the run described by ``cfg``."""
+    check_environment(cfg)  # before anything is loaded
+    cfg = absolute_paths(cfg)
     info = init_distributed()
-    # Each rank takes an equal share of the pairs; unpacked, in whole micro-batches (packing counts rows).
-    mbs, world = cfg.data.micro_batch_size, info.world_size
-    unit, why = (
-        (world, "the number of ranks")
-        if cfg.data.packing
-        else (mbs * world, f"micro-batch {mbs} x {world} ranks")
-    )
-    if cfg.data.global_batch_size % unit:
-        raise ConfigError(
-            f"data.global_batch_size ({cfg.data.global_batch_size}) must be a multiple of {unit} ({why})"
-        )
     timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)
+    saved_cfg = saved_config(output_dir)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml")
@@ -92,22 +99,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(cfg.trainer.seed)
 
     # Data: tokenized once (rank 0 first, the other ranks then read its cache).
-    check_model_source(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.data.chat_template:  # checkpoints then carry the template the model was trained with
         tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
     if cfg.reference.path is not None:
-        check_model_source(cfg.reference.path, "reference.path")
         check_same_tokenizer(tokenizer, cfg.reference.path, cfg.model.trust_remote_code)
     cache_dir = cfg.data.cache_dir or output_dir / "cache" / "tokenized"
     if not info.is_main:
         barrier(info)
-    train_set, val_set = load_datasets(cfg.data, tokenizer, cache_dir)
+    try:
+        train_set, val_set = load_datasets(cfg.data, tokenizer, cache_dir)
+    finally:  # a mistake in the data: the other ranks go on to find it too, and all stop together
+        if info.is_main:
+            barrier(info)
     for dataset in (train_set, val_set):
         if dataset is not None:
             log(dataset.stats.summary() + (" (from cache)" if dataset.from_cache else ""))
-    if info.is_main:
-        barrier(info)
+    if len(train_set) < cfg.data.global_batch_size:
+        raise DataError(
+            f"the training set has {len(train_set)} pairs, fewer than one global batch "
+            f"(data.global_batch_size={cfg.data.global_batch_size}): lower it or add data"
+        )
+    if val_set is None:
+        log("no validation data (data.validation and data.validation_fraction are null): no val/ metrics")
+    finished = finished_run(output_dir, cfg.trainer, len(train_set) // cfg.data.global_batch_size)
+    if finished is not None:
+        log(finished.message())
+        return TrainResult(finished.val_metrics, finished=True)
 
     # Model: the policy and its reference, both from model.path (the reference before any checkpoint is
     # restored), then the newest checkpoint's weights, then DDP/FSDP2, then the optimizer.
@@ -178,6 +196,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         trainer.load_state_dict(state)
         log(f"resuming from {latest} (step {state['step']}, {state['consumed_samples']} pairs consumed)")
+        change = saved_cfg is not None and schedule_change(
+            saved_cfg, cfg, trainer.step, trainer.steps_per_epoch
+        )
+        if change:
+            restart_schedule(scheduler, cfg.optim.lr)
+            log(change)
     logger.truncate_after(trainer.step)
 
     where = (
@@ -194,5 +218,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         f"({', '.join(layout)})"
     )
     trainer.fit()
-    log(f"done: metrics in {logger.path}, checkpoints in {checkpointer.root}")
-    return trainer.last_val_metrics
+    finished = trainer.step >= trainer.max_steps
+    if finished:
+        log(f"done: metrics in {logger.path}, checkpoints in {checkpointer.root}")
+    else:
+        log(f"stopped early at step {trainer.step} of {trainer.max_steps}: the same command resumes it")
+    return TrainResult(trainer.last_val_metrics, finished)

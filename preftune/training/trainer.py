@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -16,6 +14,7 @@ from tqdm.auto import tqdm
 
 from preftune.data.batch import MicroBatch
 from preftune.modeling.model import DPOModel
+from preftune.training import stop_signals
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.distributed import DistInfo, any_rank, gather_objects
 from preftune.training.metrics import MetricsLogger
@@ -119,11 +118,6 @@ class DPOTrainer:
         self.epoch = 0
         self.sampler = train_dataloader.batch_sampler
         self.steps_per_epoch: int = self.sampler.batches_per_epoch
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the training set has {self.sampler.num_samples} pairs, fewer than one global batch "
-                f"(data.global_batch_size={self.global_batch_size})"
-            )
         tcfg = cfg.trainer
         self.max_steps = resolve_max_steps(tcfg, self.steps_per_epoch)
         interval = tcfg.val_check_interval
@@ -133,7 +127,7 @@ class DPOTrainer:
         self.last_val_metrics: dict[str, float] = {}
         # a real pair to run on a rank whose share of a (last, partial) validation batch is empty
         self.filler_pair: dict = train_dataloader.dataset[0]
-        self.stop_requested = False  # set by SIGTERM/SIGUSR1 (e.g. SLURM preemption)
+        self.stop_requested = False  # set by SIGTERM/SIGUSR1 (e.g. SLURM preemption) or Ctrl-C
         self._slowest_step = 0.0
         self._slowest_val_and_save = 0.0
 
@@ -250,13 +244,14 @@ class DPOTrainer:
             tqdm.write(message)
 
     def _request_stop(self, signum: int, frame: Any) -> None:
+        stop_signals.on_stop_signal(signum, again=self.stop_requested, announce=self.model.dist.is_main)
         self.stop_requested = True
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> None:
         """Train until ``max_steps`` (or ``max_epochs``), validating every ``val_check_interval`` steps,
         saving every ``save_interval`` steps and at the end; stop cleanly (validate, save) before
-        ``max_time`` or on SIGTERM/SIGUSR1."""
+        ``max_time`` or on SIGTERM/SIGUSR1/SIGINT (see ``stop_signals``)."""
         tcfg = self.cfg.trainer
         samples_per_epoch = self.steps_per_epoch * self.global_batch_size
         progress = tqdm(
@@ -267,9 +262,7 @@ class DPOTrainer:
             dynamic_ncols=True,
             disable=not self.model.dist.is_main,
         )
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(signum, self._request_stop)
+        handlers = stop_signals.install(self._request_stop)
         validated_at = -1
         saved_at = self.step if self.step > 0 else -1  # a resumed run starts from a saved checkpoint
         actions = None
@@ -331,3 +324,4 @@ class DPOTrainer:
             self._validate_and_log()
         if saved_at != self.step and self.step > 0:
             self.save()
+        stop_signals.restore(handlers)
