@@ -159,6 +159,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.autocast={cfg.model.autocast}: use null, bfloat16 or float16")
     if trainer.max_time is not None:
         parse_max_time(trainer.max_time)
+    from preftune.training.retention import Retention
+
+    Retention.from_config(trainer)  # trainer.keep_last, trainer.keep_best
+    skips = trainer.max_skipped_steps
+    if isinstance(skips, bool) or not isinstance(skips, int) or skips < 1:
+        raise ConfigError(f"trainer.max_skipped_steps={skips}: use a number of steps >= 1")
 
 
 def loss_names(dpo_cfg: DictConfig) -> list[str]:

@@ -29,6 +29,8 @@ from preftune.training.checkpoint import Checkpointer
 from preftune.training.distributed import DistInfo, barrier, env_rank, init_distributed
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
+from preftune.training.retention import Retention
+from preftune.training.run_lock import lock_output_dir
 from preftune.training.timer import RunTimer
 from preftune.training.trainer import DPOTrainer, resolve_max_steps
 
@@ -73,6 +75,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.output_dir)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_output_dir(output_dir, info)  # one run per output_dir
+    if info.is_main:
         OmegaConf.save(cfg, output_dir / "config.yaml")
     random.seed(cfg.trainer.seed)
     np.random.seed(cfg.trainer.seed)
@@ -111,8 +115,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         collate = partial(
             padded_micro_batches, micro_batch_size=cfg.data.micro_batch_size, eos_id=tokenizer.eos_token_id
         )
-    checkpointer = Checkpointer(output_dir, tokenizer)
-    latest = checkpointer.latest()
+    checkpointer = Checkpointer(output_dir, tokenizer, Retention.from_config(cfg.trainer))
+    latest = checkpointer.resume_point(warn=log)
     if latest is not None:
         checkpointer.load_weights(latest, model.policy)
     model.distribute(cfg.distributed.strategy, info)
@@ -174,5 +178,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         f"({', '.join(layout)})"
     )
     trainer.fit()
+    lock.release()
     log(f"done: metrics in {logger.path}, checkpoints in {checkpointer.root}")
     return trainer.last_val_metrics
