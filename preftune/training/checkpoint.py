@@ -171,7 +171,8 @@ class Checkpointer:
                 main_error = e
         if any_rank(main_error is not None, info):  # the other ranks must not wait in dcp.save
             raise main_error or OSError(errno.EIO, "failed on rank 0")
-        dcp.save(get_optimizer_state_dict(model.policy_root, optimizer), checkpoint_id=tmp / "optimizer")
+        if optimizer.state:  # empty until a step is applied (every step so far skipped): nothing to save
+            dcp.save(get_optimizer_state_dict(model.policy_root, optimizer), checkpoint_id=tmp / "optimizer")
         barrier(info)
         if info.is_main:
             try:
@@ -273,10 +274,14 @@ class Checkpointer:
         path: Path, *, model: DPOModel, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> dict[str, Any]:
         """Restore optimizer (resharded to this run's ranks), scheduler and RNG; return the trainer state."""
-        state = get_optimizer_state_dict(model.policy_root, optimizer)
-        dcp.load(state, checkpoint_id=path / "optimizer")
-        set_optimizer_state_dict(model.policy_root, optimizer, state)
+        if (path / "optimizer").is_dir():  # absent: saved before any step was applied (a fresh optimizer)
+            state = get_optimizer_state_dict(model.policy_root, optimizer)
+            dcp.load(state, checkpoint_id=path / "optimizer")
+            set_optimizer_state_dict(model.policy_root, optimizer, state)
         scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
+        if not (path / "optimizer").is_dir():  # the learning rate is otherwise restored with the optimizer
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
         set_rng_state(load_plain(path / "rng.pt"))
         return json.loads((path / STATE_FILE).read_text())
 

@@ -9,11 +9,17 @@ saved from non-finite weights (``nonfinite_parameters`` is checked before every 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 
 from preftune.config import ConfigError
+
+# A skipped first step steps the scheduler before the optimizer has ever stepped: intended here.
+warnings.filterwarnings(
+    "ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
+)
 
 ADVICE = (
     "try a lower optim.lr, trainer.gradient_clip_val (e.g. 1.0), float32 instead of bfloat16/float16 "
