@@ -115,7 +115,7 @@ class Checkpointer:
         except OSError as e:
             error = e
         except dcp.api.CheckpointException as e:  # DCP gathers every rank's failure
-            error = next((f for f in e.failures.values() if isinstance(f, OSError)), None)
+            error = next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), None)
             if error is None:
                 raise
         if any_rank(error is not None, info):
