@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from preftune.config import load_config
 from preftune.tools.demo import prepare_demo
 from preftune.training import recipe
@@ -34,8 +36,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--early", type=int, default=100, help="the first reading, after this step")
     parser.add_argument("--global-batch-size", type=int, default=8)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (the demo model gains nothing from more)"
+    )
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     readings: dict[int, float] = {}
     train_step = DPOTrainer.train_single_step
@@ -70,6 +76,7 @@ def main() -> None:
     result = {
         "steps": args.steps,
         "global_batch_size": args.global_batch_size,
+        "threads": args.threads,
         f"rss_mib_after_step_{args.early}": round(early, 1),
         f"rss_mib_after_step_{args.steps}": round(late, 1),
         "growth_percent": round(100 * (late - early) / early, 2),

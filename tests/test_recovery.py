@@ -23,6 +23,7 @@ from preftune.cli import main
 from preftune.config import ConfigError, load_config
 from preftune.data.batch import padded_micro_batches
 from preftune.data.dataset import PreferenceDataset
+from preftune.data.sampler import GlobalBatchSampler
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference_cache import ReferenceCache, model_fingerprint
 from preftune.training.checkpoint import Checkpointer, CheckpointError
@@ -176,56 +177,48 @@ def test_keep_last_and_best_across_resume(tmp_path, tiny_model_dir, pair_files):
 
 
 @pytest.mark.slow
-def test_nonfinite_step_is_skipped_and_resume_stays_exact(
+def test_nonfinite_steps_are_skipped_and_resume_stays_exact(
     tmp_path, tiny_model_dir, pair_files, straight, capsys
 ):
-    """One pair's reward overflows float32: the step holding it has an infinite RPO loss and is not applied,
-    under 8-way gradient accumulation; the other steps train, and a run resumed right after the skipped
-    step ends equal to a straight one."""
+    """A pair whose reward overflows float32 gives its step an infinite RPO loss: the step is not applied,
+    under 4-way gradient accumulation. Steps 1 (no optimizer state yet) and 4 hold one each; the other steps
+    train, and a run stopped right after each skipped step and resumed ends equal to a straight one."""
+    order = GlobalBatchSampler(48, 8, seed=1234)  # data.seed: the pairs of each step
+    batches = list(order)
     pairs = make_pairs(48, seed=1)
-    pairs[5].update(chosen_reward=1e39, rejected_reward=0.0)  # finite in the file, inf in float32
+    for step in (1, 4):
+        pairs[batches[step - 1][3]].update(chosen_reward=1e39, rejected_reward=0.0)  # float32: inf
     files = {"train": write_jsonl(tmp_path / "train.jsonl", pairs), "validation": pair_files["validation"]}
-    settings = ("dpo.preference_loss=rpo_sq", "data.micro_batch_size=1", "trainer.save_interval=1")
+    settings = ("dpo.preference_loss=rpo_sq", "data.micro_batch_size=2", "trainer.save_interval=1")
     model_dir = tiny_model_dir("llama")
     capsys.readouterr()
-    straight_clean = straight
-    _, straight = run(tmp_path, "straight", model_dir, files, "trainer.max_steps=6", *settings)
+    _, skipping = run(tmp_path, "straight", model_dir, files, "trainer.max_steps=6", *settings)
     log = capsys.readouterr().out
-    recs = records(straight, "train")
-    skipped = [step for step, rec in recs.items() if rec["train/skipped"]]
-    assert len(skipped) == 1, recs
-    bad = skipped[0]
-    assert recs[bad]["train/loss"] in ("inf", "nan")
-    assert f"step {bad} skipped" in log and log.count("skipped (loss") == 1
-    before = (
-        weights(straight / f"checkpoints/step_{bad - 1}")
-        if bad > 1
-        else load_file(model_dir / "model.safetensors")
-    )
-    after = weights(straight / f"checkpoints/step_{bad}")
-    assert all(torch.equal(before[k], after[k]) for k in before)  # not applied
-    for step in range(2, 7):
-        if step != bad:  # every other step changed the weights
-            a, b = (
-                weights(straight / f"checkpoints/step_{step - 1}"),
-                weights(straight / f"checkpoints/step_{step}"),
-            )
-            assert any(not torch.equal(a[k], b[k]) for k in a), step
-        assert all(torch.isfinite(t).all() for t in weights(straight / f"checkpoints/step_{step}").values())
-    clean = records(straight_clean, "train")  # the schedule advanced through the skipped step
+    recs = records(skipping, "train")
+    assert [step for step, rec in recs.items() if rec["train/skipped"]] == [1, 4]
+    assert log.count("skipped (loss") == 2 and "step 1 skipped" in log and "step 4 skipped" in log
+    assert recs[1]["train/loss"] in ("inf", "nan") and recs[4]["train/loss"] in ("inf", "nan")
+    states = [load_file(model_dir / "model.safetensors")]
+    states += [weights(skipping / f"checkpoints/step_{step}") for step in range(1, 7)]
+    for step in range(1, 7):
+        before, after = states[step - 1], states[step]
+        unchanged = all(torch.equal(before[k], after[k]) for k in after)
+        assert unchanged == (step in (1, 4)), step  # skipped steps change nothing, the others train
+        assert all(torch.isfinite(t).all() for t in after.values())
+    clean = records(straight, "train")  # the schedule advanced through the skipped steps
     assert [recs[s]["train/lr"] for s in range(1, 7)] == [clean[s]["train/lr"] for s in range(1, 7)]
 
-    run(
-        tmp_path,
-        "resumed",
-        model_dir,
-        files,
-        f"trainer.max_steps={bad}",
-        "optim.sched.max_steps=6",
-        *settings,
-    )
-    run(tmp_path, "resumed", model_dir, files, "trainer.max_steps=6", "optim.sched.max_steps=6", *settings)
-    assert_same_run(tmp_path / "resumed", straight)
+    for stop in (1, 4, 6):  # stopped right after each skipped step, then resumed
+        run(
+            tmp_path,
+            "resumed",
+            model_dir,
+            files,
+            f"trainer.max_steps={stop}",
+            "optim.sched.max_steps=6",
+            *settings,
+        )
+    assert_same_run(tmp_path / "resumed", skipping)
 
 
 @pytest.fixture
