@@ -179,6 +179,12 @@ def validate(cfg: DictConfig) -> None:
     if trainer.max_time is not None:
         parse_max_time(trainer.max_time)
     check_settings(cfg)
+    from preftune.training.retention import Retention
+
+    Retention.from_config(trainer)  # trainer.keep_last, trainer.keep_best
+    skips = trainer.max_skipped_steps
+    if isinstance(skips, bool) or not isinstance(skips, int) or skips < 1:
+        raise ConfigError(f"trainer.max_skipped_steps={skips}: use a number of steps >= 1")
 
 
 def loss_names(dpo_cfg: DictConfig) -> list[str]:

@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ from preftune.data.chat import (
     BROKEN_PREFIX,
     load_chat_template,
 )
+from preftune.data.checked_file import load_checked, save_checked
 from preftune.data.formats import (
     COMPLETION_PAIRINGS,
     FORMAT_NAMES,
@@ -182,8 +182,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
         name = self.sources[0].path.stem + (f"+{len(self.sources) - 1}" if len(self.sources) > 1 else "")
         cache_file = Path(cache_dir) / f"{name}-{self.fingerprint}.pt" if cache_dir is not None else None
-        if cache_file is not None and cache_file.is_file():
-            cached = torch.load(cache_file, weights_only=True, mmap=True)
+        cached = load_checked(cache_file, mmap=True) if cache_file is not None else None
+        if cached is not None:
             self.examples, self.origins = TokenizedPairs(cached["examples"]), cached["origins"]
             self.drops = [tuple(d) for d in cached["drops"]]
             self.formats, self.records = cached["formats"], cached["records"]
@@ -196,8 +196,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if not len(self.examples):
             raise DataError(f"{self.stats.summary()}; nothing left to train on (raise data.max_seq_length?)")
         if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
             payload = {
                 "examples": self.examples.columns,
                 "origins": self.origins,
@@ -205,8 +203,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 "formats": self.formats,
                 "records": self.records,
             }
-            torch.save(payload, tmp)
-            os.replace(tmp, cache_file)
+            save_checked(payload, cache_file)
 
     def _tokenize(
         self, pair_tokenizer: PairTokenizer, format: str, columns: dict[str, str], completions: str

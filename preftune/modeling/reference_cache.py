@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from preftune.data.batch import MicroBatch, as_micro_batch, pair_length
+from preftune.data.checked_file import load_checked, save_checked
 from preftune.data.dataset import PreferenceDataset
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference import CachedReference, FrozenReference, NoReference
@@ -118,8 +118,9 @@ class ReferenceCache(torch.utils.data.Dataset):
         """Load ``<path_dir>/<dataset fingerprint>-<model fingerprint>.pt``, or compute it with the reference
         model (longest pairs first, so running out of memory shows at once) and save it atomically."""
         path = Path(path_dir) / f"{dataset.fingerprint}-{model_fingerprint}.pt"
-        if path.is_file():
-            return cls(dataset, torch.load(path, weights_only=True), path, from_cache=True)
+        cached = load_checked(path)
+        if cached is not None:
+            return cls(dataset, cached, path, from_cache=True)
         barrier(model.dist)  # every rank has looked before rank 0 writes the file
 
         order = sorted(range(len(dataset)), key=lambda i: pair_length(dataset[i], "padded"), reverse=True)
@@ -135,10 +136,7 @@ class ReferenceCache(torch.utils.data.Dataset):
         for indices, values in gather_objects((share, part), info):
             logps[indices] = values
         if info.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(logps, tmp)
-            os.replace(tmp, path)
+            save_checked(logps, path)
         barrier(info)
         return cls(dataset, logps, path, from_cache=False)
 

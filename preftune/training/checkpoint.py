@@ -1,17 +1,24 @@
 """Checkpoints: ``output_dir/checkpoints/step_N/`` with a Hugging Face ``model/`` and the training state.
 
-A checkpoint is written under a temporary name and renamed when complete, so a crash mid-save never
-leaves a directory that looks like a checkpoint.
+A checkpoint is written under a temporary name, its manifest (sizes, checksums) last, and renamed when
+complete, so a crash mid-save never leaves a directory that looks like a checkpoint. A save that fails
+(full disk, quota, I/O error) removes its partial files and stops the run with one line; retention
+(``trainer.keep_last``/``keep_best``) deletes older checkpoints only after the new one is complete. A
+resume verifies the newest checkpoint against its manifest and falls back to the previous one if it is
+damaged. Only tensors and plain values are ever loaded (``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +35,31 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from preftune.config import ConfigError
 from preftune.modeling.logprobs import is_peft
 from preftune.modeling.model import DPOModel
-from preftune.training.distributed import barrier, unwrap
+from preftune.training.distributed import any_rank, barrier, unwrap
+from preftune.training.manifest import MANIFEST, manifest_bytes, problem, write_manifest
+from preftune.training.nonfinite import NonFiniteError, nonfinite_parameters
+from preftune.training.retention import Retention, SavedCheckpoint, checkpoints_to_delete
 
 # DCP warns that it assumes one process when no process group exists: that is exactly the intent here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
+VAL_METRICS_FILE = "val_metrics.json"  # the validation metrics of the checkpoint's step, if validated there
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint could not be written or read; the message says what to do."""
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (loadable with ``weights_only=True``)."""
+    name, keys, *rest = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), *rest]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -48,7 +67,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -63,9 +83,11 @@ class Checkpointer:
     resumes on the same or a different number of ranks.
     """
 
-    def __init__(self, output_dir: str | Path, tokenizer: Any = None):
+    def __init__(self, output_dir: str | Path, tokenizer: Any = None, retention: Retention | None = None):
         self.root = Path(output_dir) / "checkpoints"
         self.tokenizer = tokenizer
+        self.retention = retention or Retention()
+        self.resumed_from: int | None = None  # the step resumed from: retention never deletes it
 
     def save(
         self,
@@ -75,15 +97,60 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         trainer_state: dict,
+        val_metrics: dict[str, float] | None = None,
     ) -> Path:
-        """Collective: every rank calls it."""
+        """Collective: every rank calls it. ``val_metrics``: the validation of this step, if any."""
         info = model.dist
+        bad = nonfinite_parameters(model.policy)
+        if any_rank(bool(bad), info):
+            raise NonFiniteError(
+                f"step {step}: the weights are no longer finite ({', '.join(bad[:3]) or 'on another rank'}), "
+                f"not saved; the last checkpoint in {self.root} holds finite ones: lower optim.lr or set "
+                "trainer.gradient_clip_val"
+            )
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"
+        error: OSError | None = None
+        try:
+            self._write(tmp, model, optimizer, scheduler, trainer_state, val_metrics)
+        except OSError as e:
+            error = e
+        except dcp.api.CheckpointException as e:  # DCP gathers every rank's failure
+            error = next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), None)
+            if error is None:
+                raise
+        if any_rank(error is not None, info):
+            if info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise self._save_failed(step, error, model, optimizer) from None
+        if info.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._apply_retention(step)
+        barrier(info)
+        return final
+
+    def _write(
+        self,
+        tmp: Path,
+        model: DPOModel,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        trainer_state: dict,
+        val_metrics: dict[str, float] | None,
+    ) -> None:
+        """Write every file of the checkpoint into ``tmp``, the manifest last (collective)."""
+        info = model.dist
+        main_error: OSError | None = None
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier(info)
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                main_error = e
+        if any_rank(main_error is not None, info):
+            raise main_error or OSError(errno.EIO, "failed on rank 0")
         if isinstance(unwrap(model.policy_logprobs), FSDPModule):
             full = get_model_state_dict(
                 unwrap(model.policy_logprobs),
@@ -93,34 +160,108 @@ class Checkpointer:
         else:
             weights = None  # save_pretrained reads the (replicated) parameters itself
         if info.is_main:
-            model.policy.save_pretrained(tmp / "model", state_dict=weights, safe_serialization=True)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp / "model")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rng_state(), tmp / "rng.pt")
-            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-        dcp.save(
-            get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer),
-            checkpoint_id=tmp / "optimizer",
-        )
+            try:
+                model.policy.save_pretrained(tmp / "model", state_dict=weights, safe_serialization=True)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp / "model")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(rng_state(), tmp / "rng.pt")
+                (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+                if val_metrics is not None:
+                    (tmp / VAL_METRICS_FILE).write_text(json.dumps(val_metrics, indent=2))
+            except OSError as e:
+                main_error = e
+        if any_rank(main_error is not None, info):  # the other ranks must not wait in dcp.save
+            raise main_error or OSError(errno.EIO, "failed on rank 0")
+        if optimizer.state:  # empty until a step is applied (every step so far skipped): nothing to save
+            dcp.save(
+                get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer),
+                checkpoint_id=tmp / "optimizer",
+            )
         barrier(info)
         if info.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        barrier(info)
-        return final
+            try:
+                write_manifest(tmp)
+            except OSError as e:
+                main_error = e
+        if any_rank(main_error is not None, info):
+            raise main_error or OSError(errno.EIO, "failed on rank 0")
+
+    def _save_failed(
+        self, step: int, error: OSError | None, model: DPOModel, optimizer: torch.optim.Optimizer
+    ) -> CheckpointError:
+        """The one line a failed save ends the run with: where, why, how many bytes a checkpoint needs."""
+        previous = self.complete()
+        if previous:
+            needed = f"about {manifest_bytes(previous[-1][1]):,} bytes (the size of {previous[-1][1].name})"
+        else:
+            tensors = [*model.policy.state_dict().values()]
+            tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+            needed = (
+                f"at least {sum(t.numel() * t.element_size() for t in tensors):,} bytes (weights + optimizer)"
+            )
+        try:
+            free = f"{shutil.disk_usage(self.root).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        why = error.strerror or str(error) if error is not None else "failed on another rank"
+        last = f"resumes from {previous[-1][1].name}" if previous else "starts over"
+        return CheckpointError(
+            f"could not save checkpoint step_{step} in {self.root}: {why} ({free}); a checkpoint needs "
+            f"{needed}. The partial checkpoint was removed; free space and run the same command (it {last})"
+        )
+
+    def _apply_retention(self, step: int) -> None:
+        """Delete the checkpoints ``self.retention`` no longer keeps, now that step ``step``'s is complete."""
+        metric = self.retention.best_metric
+        saved = []
+        for ckpt_step, path in self.complete():
+            value = None
+            if metric is not None and (path / VAL_METRICS_FILE).is_file():
+                values = json.loads((path / VAL_METRICS_FILE).read_text())
+                if metric not in values:
+                    raise CheckpointError(
+                        f"trainer.keep_best.metric={metric}: validation logs none such; use one of "
+                        f"{', '.join(sorted(values))}"
+                    )
+                value = values[metric]
+            saved.append(SavedCheckpoint(ckpt_step, value))
+        protected = [self.resumed_from] if self.resumed_from is not None else []
+        for old in checkpoints_to_delete(saved, step, self.retention, protected):
+            shutil.rmtree(self.root / f"step_{old}")
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of every checkpoint whose save finished (it has a manifest), oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            (int(m.group(1)), p)
+            for p in self.root.iterdir()
+            if (m := STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()
+        )
 
     def latest(self) -> Path | None:
         """The complete checkpoint with the highest step, if any."""
-        if not self.root.is_dir():
-            return None
-        found = [
-            (int(m.group(1)), p)
-            for p in self.root.iterdir()
-            if (m := STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()
-        ]
-        return max(found)[1] if found else None
+        found = self.complete()
+        return found[-1][1] if found else None
+
+    def resume_point(self, warn: Callable[[str], None]) -> Path | None:
+        """The newest checkpoint that matches its manifest (``warn`` says which newer ones are damaged);
+        retention will not delete it. Raises ``CheckpointError`` if every checkpoint is damaged."""
+        damaged = []
+        for step, path in reversed(self.complete()):
+            why = problem(path)
+            if why is None:
+                if damaged:
+                    warn(f"warning: {'; '.join(damaged)}; resuming from {path.name} instead")
+                self.resumed_from = step
+                return path
+            damaged.append(f"checkpoint {path} is damaged: {why}")
+        if damaged:
+            raise CheckpointError(
+                f"{'; '.join(damaged)}. No complete checkpoint to resume from: move them away to start over"
+            )
+        return None
 
     @staticmethod
     def load_weights(path: Path, policy: PreTrainedModel) -> None:
@@ -138,9 +279,25 @@ class Checkpointer:
         path: Path, *, model: DPOModel, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> dict[str, Any]:
         """Restore optimizer (resharded to this run's ranks), scheduler and RNG; return the trainer state."""
-        state = get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer)
-        dcp.load(state, checkpoint_id=path / "optimizer")
-        set_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer, state)
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        if (path / "optimizer").is_dir():  # absent: saved before any step was applied (a fresh optimizer)
+            state = get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer)
+            dcp.load(state, checkpoint_id=path / "optimizer")
+            set_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer, state)
+        scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
+        if not (path / "optimizer").is_dir():  # the learning rate is otherwise restored with the optimizer
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+        set_rng_state(load_plain(path / "rng.pt"))
         return json.loads((path / STATE_FILE).read_text())
+
+
+def load_plain(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: a file holding anything but tensors and plain values (a pickle
+    that could run code) is refused, never executed."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds Python objects, not only tensors and plain values (was the "
+            "checkpoint replaced or written by other software?); resume from a checkpoint you trust"
+        ) from None

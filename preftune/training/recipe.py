@@ -36,6 +36,8 @@ from preftune.training.distributed import DistInfo, barrier, env_rank, init_dist
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
+from preftune.training.retention import Retention
+from preftune.training.run_lock import lock_output_dir
 from preftune.training.timer import RunTimer
 from preftune.training.trainer import DPOTrainer, resolve_max_steps
 
@@ -84,27 +86,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def run_training(cfg: DictConfig) -> TrainResult:
-    """Train (or resume) the run described by ``cfg``."""
+    """Train (or resume) the run described by ``cfg``, holding ``output_dir``'s lock throughout."""
     check_environment(cfg)  # before anything is loaded
     cfg = absolute_paths(cfg)
     info = init_distributed()
-    timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)
-    saved_cfg = saved_config(output_dir)
+    saved_cfg = saved_config(output_dir)  # the previous run's, before this one's replaces it
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, output_dir / "config.yaml")
-    random.seed(cfg.trainer.seed)
-    np.random.seed(cfg.trainer.seed)
-    torch.manual_seed(cfg.trainer.seed)
+    lock = lock_output_dir(output_dir, info)  # one run per output_dir
+    try:
+        if info.is_main:
+            OmegaConf.save(cfg, output_dir / "config.yaml")
+        return _train_locked(cfg, info, saved_cfg)
+    finally:
+        lock.release()
 
-    # Data: tokenized once (rank 0 first, the other ranks then read its cache).
+
+def load_training_data(
+    cfg: DictConfig, info: DistInfo
+) -> tuple[Any, PreferenceDataset, PreferenceDataset | None]:
+    """The tokenizer and the tokenized train and validation sets: tokenized once (rank 0 first, the other
+    ranks then read its cache)."""
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.data.chat_template:  # checkpoints then carry the template the model was trained with
         tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
     if cfg.reference.path is not None:
         check_same_tokenizer(tokenizer, cfg.reference.path, cfg.model.trust_remote_code)
-    cache_dir = cfg.data.cache_dir or output_dir / "cache" / "tokenized"
+    cache_dir = cfg.data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
     if not info.is_main:
         barrier(info)
     try:
@@ -122,6 +131,17 @@ def run_training(cfg: DictConfig) -> TrainResult:
         )
     if val_set is None:
         log("no validation data (data.validation and data.validation_fraction are null): no val/ metrics")
+    return tokenizer, train_set, val_set
+
+
+def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None) -> TrainResult:
+    timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
+    output_dir = Path(cfg.output_dir)
+    random.seed(cfg.trainer.seed)
+    np.random.seed(cfg.trainer.seed)
+    torch.manual_seed(cfg.trainer.seed)
+
+    tokenizer, train_set, val_set = load_training_data(cfg, info)
     finished = finished_run(output_dir, cfg.trainer, len(train_set) // cfg.data.global_batch_size)
     if finished is not None:
         log(finished.message())
@@ -146,8 +166,8 @@ def run_training(cfg: DictConfig) -> TrainResult:
         collate = partial(
             padded_micro_batches, micro_batch_size=cfg.data.micro_batch_size, eos_id=tokenizer.eos_token_id
         )
-    checkpointer = Checkpointer(output_dir, tokenizer)
-    latest = checkpointer.latest()
+    checkpointer = Checkpointer(output_dir, tokenizer, Retention.from_config(cfg.trainer))
+    latest = checkpointer.resume_point(warn=log)
     if latest is not None:
         checkpointer.load_weights(latest, model.policy)
     model.distribute(cfg.distributed.strategy, info)

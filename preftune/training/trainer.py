@@ -18,6 +18,7 @@ from preftune.training import stop_signals
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.distributed import DistInfo, any_rank, gather_objects
 from preftune.training.metrics import MetricsLogger
+from preftune.training.nonfinite import SkipGuard
 from preftune.training.progress import after_step
 from preftune.training.timer import RunTimer
 
@@ -125,6 +126,8 @@ class DPOTrainer:
             max(1, round(interval * self.steps_per_epoch)) if isinstance(interval, float) else int(interval)
         )
         self.last_val_metrics: dict[str, float] = {}
+        self.last_val_step = -1
+        self.skip_guard = SkipGuard(tcfg.max_skipped_steps, self.print)
         # a real pair to run on a rank whose share of a (last, partial) validation batch is empty
         self.filler_pair: dict = train_dataloader.dataset[0]
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 (e.g. SLURM preemption) or Ctrl-C
@@ -154,6 +157,11 @@ class DPOTrainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             trainer_state=self.state_dict(),
+            val_metrics=(
+                {f"val/{k}": v for k, v in self.last_val_metrics.items()}
+                if self.last_val_step == self.step
+                else None
+            ),
         )
         self._slowest_val_and_save = max(self._slowest_val_and_save, time.monotonic() - start)
 
@@ -191,13 +199,16 @@ class DPOTrainer:
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
         metrics, pairs, tokens = accumulator.reduce(self.model.dist)
-        self.model.observe_step_rewards(
-            metrics["rewards_chosen_mean"], metrics["rewards_rejected_mean"], pairs
-        )
-        metrics.update(grad_norm=grad_norm.item(), lr=lr, tokens=tokens)
+        # a NaN/inf loss or gradient norm: not applied (the scheduler and data position still advance)
+        skipped = self.skip_guard.skip(self.step + 1, metrics["loss"], grad_norm.item())
+        if not skipped:
+            self.optimizer.step()
+            self.model.observe_step_rewards(
+                metrics["rewards_chosen_mean"], metrics["rewards_rejected_mean"], pairs
+            )
+        self.scheduler.step()
+        metrics.update(grad_norm=grad_norm.item(), lr=lr, tokens=tokens, skipped=int(skipped))
         return metrics
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -234,6 +245,7 @@ class DPOTrainer:
         _, metrics = self.run_validation()
         self.logger.log_metrics(metrics, self.step, prefix="val")
         self.last_val_metrics = metrics
+        self.last_val_step = self.step
         self.print(
             f"step {self.step}: val loss {metrics['loss']:.4f}, acc {metrics['acc']:.3f}, "
             f"margin {metrics['reward_margin_mean']:.3f}"
