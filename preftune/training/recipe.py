@@ -30,6 +30,7 @@ from preftune.training.distributed import DistInfo, barrier, env_rank, init_dist
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.timer import RunTimer
+from preftune.training.trackers import open_trackers
 from preftune.training.trainer import DPOTrainer, resolve_max_steps
 
 
@@ -159,6 +160,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.load_state_dict(state)
         log(f"resuming from {latest} (step {state['step']}, {state['consumed_samples']} pairs consumed)")
     logger.truncate_after(trainer.step)
+    if info.is_main:  # a tracker that cannot start stops the run here, before any training
+        logger.attach(*open_trackers(cfg, output_dir, trainer.step))
 
     where = (
         f"{info.world_size} x {info.device.type} ({cfg.distributed.strategy})"
@@ -173,6 +176,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         f"training for {trainer.max_steps} steps of {cfg.data.global_batch_size} pairs on {where} "
         f"({', '.join(layout)})"
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        logger.close()
     log(f"done: metrics in {logger.path}, checkpoints in {checkpointer.root}")
     return trainer.last_val_metrics
