@@ -26,6 +26,7 @@ from preftune.modeling.reference_cache import (
     with_cached_reference,
 )
 from preftune.training.checkpoint import Checkpointer
+from preftune.training.console import parameter_summary, quiet_libraries
 from preftune.training.distributed import DistInfo, barrier, env_rank, init_distributed
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
@@ -59,6 +60,7 @@ def build_dataloader(
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume) the run described by ``cfg``; return the last validation metrics."""
     info = init_distributed()
+    quiet_libraries()
     # Each rank takes an equal share of the pairs; unpacked, in whole micro-batches (packing counts rows).
     mbs, world = cfg.data.micro_batch_size, info.world_size
     unit, why = (
@@ -172,10 +174,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         name for name, on in (("packed", cfg.data.packing), ("shared prompt", cfg.data.share_prompt)) if on
     ]
     layout.append(f"{model.policy.config._attn_implementation} attention")
-    log(
-        f"training for {trainer.max_steps} steps of {cfg.data.global_batch_size} pairs on {where} "
-        f"({', '.join(layout)})"
+    steps = (
+        f"{trainer.max_steps - trainer.step} steps left of {trainer.max_steps}"
+        if trainer.step
+        else f"{trainer.max_steps} steps"
     )
+    log(f"training for {steps} of {cfg.data.global_batch_size} pairs on {where} ({', '.join(layout)})")
+    log(parameter_summary(model, cfg.reference.mode))
     try:
         trainer.fit()
     finally:

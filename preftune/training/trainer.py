@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from preftune.modeling.model import DPOModel
 from preftune.training.checkpoint import Checkpointer
+from preftune.training.console import ChosenLogprobWatch, step_line
 from preftune.training.distributed import DistInfo, any_rank, gather_objects
 from preftune.training.metrics import MetricsLogger
 from preftune.training.timer import RunTimer
@@ -122,6 +124,7 @@ class DPOTrainer:
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 (e.g. SLURM preemption)
         self._slowest_step = 0.0
         self._slowest_val_and_save = 0.0
+        self.chosen_watch = ChosenLogprobWatch()
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -245,13 +248,16 @@ class DPOTrainer:
         ``max_time`` or on SIGTERM/SIGUSR1."""
         tcfg = self.cfg.trainer
         samples_per_epoch = self.steps_per_epoch * self.global_batch_size
+        if self.step == 0 and tcfg.val_before_training:
+            self._validate_and_log()  # the baseline, logged as step 0
+        terminal = sys.stdout.isatty()  # else (a log file, SLURM) one plain line per logged step
         progress = tqdm(
             total=self.max_steps,
             initial=self.step,
             desc="training",
             unit="step",
             dynamic_ncols=True,
-            disable=not self.model.dist.is_main,
+            disable=not self.model.dist.is_main or not terminal,
         )
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGUSR1):
@@ -281,9 +287,15 @@ class DPOTrainer:
                 )
                 if self.step % tcfg.log_every_n_steps == 0:
                     self.logger.log_metrics(metrics, self.step, prefix="train")
+                    if not terminal:
+                        self.print(step_line(self.step, self.max_steps, metrics))
+                warning = self.chosen_watch.observe(metrics)
+                if warning:
+                    self.print(f"[preftune] {warning}")
                 progress.update(1)
                 progress.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
+                    pref=f"{metrics['preference_loss']:.4f}",
                     acc=f"{metrics['acc']:.2f}",
                     pairs_s=f"{metrics['pairs_per_sec']:.1f}",
                 )
