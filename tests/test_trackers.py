@@ -17,16 +17,16 @@ pytest.importorskip("tensorboard")
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
 
-from mlflow.tracking import MlflowClient  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from preftune.cli import main  # noqa: E402
-from preftune.config import load_config  # noqa: E402
-from preftune.training.metrics import MetricsLogger  # noqa: E402
-from preftune.training.trackers import MlflowTracker, TrackerState  # noqa: E402
+from preftune.cli import main
+from preftune.config import load_config
+from preftune.training.metrics import MetricsLogger
+from preftune.training.trackers import MlflowTracker, TrackerState
 
-from conftest import run  # noqa: E402
+from conftest import run
 
 KEYS = ("train/loss", "train/acc", "train/lr", "train/grad_norm", "val/loss", "val/acc")
 
@@ -89,7 +89,9 @@ def mlflow_series(client: MlflowClient, run_id: str) -> dict[str, dict[int, floa
     return series
 
 
-def assert_same(tracked: dict[str, dict[int, float]], expected: dict[str, dict[int, float]], name: str) -> None:
+def assert_same(
+    tracked: dict[str, dict[int, float]], expected: dict[str, dict[int, float]], name: str
+) -> None:
     for key in KEYS:
         assert sorted(tracked[key]) == sorted(expected[key]), (name, key)
         for step, value in expected[key].items():
@@ -160,7 +162,9 @@ def test_tracker_that_cannot_start_stops_the_run_with_one_line(tmp_path, tiny_mo
 
 
 def test_tracker_failing_mid_run_is_reported_once(tmp_path, capsys):
-    cfg = load_config(None, ["model.path=m", "data.train=t", f"logger.mlflow.tracking_uri=file://{tmp_path}/mlruns"])
+    cfg = load_config(
+        None, ["model.path=m", "data.train=t", f"logger.mlflow.tracking_uri=file://{tmp_path}/mlruns"]
+    )
     state = TrackerState()
     logger = MetricsLogger(tmp_path / "out")
     logger.attach([MlflowTracker(cfg.logger.mlflow, cfg, state, skip=0)], state)

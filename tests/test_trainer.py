@@ -114,7 +114,9 @@ def test_metrics_checkpoints_and_validation(tmp_path, tiny_model_dir, pair_files
     assert first["train/loss"] == pytest.approx(0.693147, abs=1e-5)
     assert first["train/acc"] == 0.0
     assert train_recs[7]["train/epoch"] == 1
-    assert final == {k.removeprefix("val/"): v for k, v in val_recs[12].items() if k not in ("step", "timestamp")}
+    assert final == {
+        k.removeprefix("val/"): v for k, v in val_recs[12].items() if k not in ("step", "timestamp")
+    }
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_12", "step_4", "step_8"]
     # the checkpoint is a plain Hugging Face model directory

@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from preftune.config import ConfigError
 
-
 STATE_FILE = "trackers.json"
 
 
@@ -203,10 +202,16 @@ def open_trackers(cfg: DictConfig, output_dir: Path, resume_step: int) -> tuple[
     openers = []
     if lcfg.tensorboard:
         openers.append(
-            ("logger.tensorboard", "tensorboard", lambda: TensorBoardTracker(output_dir / "tensorboard", cfg, resume_step))
+            (
+                "logger.tensorboard",
+                "tensorboard",
+                lambda: TensorBoardTracker(output_dir / "tensorboard", cfg, resume_step),
+            )
         )
     if lcfg.wandb.project is not None:
-        openers.append(("logger.wandb", "wandb", lambda: WandbTracker(lcfg.wandb, output_dir, cfg, state, skip)))
+        openers.append(
+            ("logger.wandb", "wandb", lambda: WandbTracker(lcfg.wandb, output_dir, cfg, state, skip))
+        )
     if lcfg.mlflow.tracking_uri is not None:
         openers.append(("logger.mlflow", "mlflow", lambda: MlflowTracker(lcfg.mlflow, cfg, state, skip)))
     trackers: list[Tracker] = []
@@ -214,7 +219,9 @@ def open_trackers(cfg: DictConfig, output_dir: Path, resume_step: int) -> tuple[
         try:
             trackers.append(opener())
         except ImportError as e:
-            raise ConfigError(f"{key} is set but {e.name} is not installed: pip install 'preftune[{extra}]'") from None
+            raise ConfigError(
+                f"{key} is set but {e.name} is not installed: pip install 'preftune[{extra}]'"
+            ) from None
         except Exception as e:
             for tracker in trackers:
                 tracker.close()
