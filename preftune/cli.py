@@ -1,4 +1,4 @@
-"""``preftune`` command line: ``train``, ``inspect`` and ``demo``."""
+"""``preftune`` command line: ``train``, ``inspect``, ``eval``, ``export`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from preftune.tools.evaluate import run_eval
+
+    return run_eval(load_config(args.config, args.overrides), args.checkpoint, args.json)
+
+
 def _export(args: argparse.Namespace) -> int:
     from preftune.tools.export import export_checkpoint
 
@@ -71,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", help="also write the report as JSON to this path")
     inspect.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.format=trl")
     inspect.set_defaults(run=_inspect)
+    evaluate = sub.add_parser(
+        "eval", help="validation metrics of a checkpoint (or of model.path) on the configured validation data"
+    )
+    evaluate.add_argument("--config", required=True, help="YAML config file (the run's config.yaml works)")
+    evaluate.add_argument("--checkpoint", help="output_dir/checkpoints/step_N; omitted: model.path itself")
+    evaluate.add_argument("--json", help="also write the metrics as JSON to this path")
+    evaluate.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. data.validation=f.jsonl"
+    )
+    evaluate.set_defaults(run=_eval)
     export = sub.add_parser("export", help="write a checkpoint's policy as a plain Hugging Face model")
     export.add_argument(
         "--checkpoint", required=True, help="a checkpoint directory, output_dir/checkpoints/step_N"
