@@ -30,6 +30,7 @@ from preftune.training.console import parameter_summary, quiet_libraries
 from preftune.training.distributed import DistInfo, barrier, env_rank, init_distributed
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
+from preftune.training.samples import append_samples, generate_samples, truncate_samples_after
 from preftune.training.timer import RunTimer
 from preftune.training.trackers import open_trackers
 from preftune.training.trainer import DPOTrainer, resolve_max_steps
@@ -164,6 +165,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     logger.truncate_after(trainer.step)
     if info.is_main:  # a tracker that cannot start stops the run here, before any training
         logger.attach(*open_trackers(cfg, output_dir, trainer.step))
+        truncate_samples_after(output_dir, trainer.step)
+    num_prompts = min(cfg.trainer.samples.num_prompts, len(val_set) if val_set is not None else 0)
+    if num_prompts > 0:
+        prompts = [val_set[i] for i in range(num_prompts)]
+
+        def sample(step: int) -> None:  # every rank generates; rank 0 writes
+            rows = generate_samples(model, tokenizer, prompts, cfg.trainer.samples.max_new_tokens, step)
+            if info.is_main:
+                append_samples(output_dir, rows)
+                logger.send("log_samples", rows, step)
+
+        trainer.on_validation = sample
 
     where = (
         f"{info.world_size} x {info.device.type} ({cfg.distributed.strategy})"

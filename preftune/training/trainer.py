@@ -125,6 +125,7 @@ class DPOTrainer:
         self._slowest_step = 0.0
         self._slowest_val_and_save = 0.0
         self.chosen_watch = ChosenLogprobWatch()
+        self.on_validation: Callable[[int], None] | None = None  # e.g. sample generations, given the step
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -233,6 +234,8 @@ class DPOTrainer:
             f"step {self.step}: val loss {metrics['loss']:.4f}, acc {metrics['acc']:.3f}, "
             f"margin {metrics['reward_margin_mean']:.3f}"
         )
+        if self.on_validation is not None:
+            self.on_validation(self.step)
 
     def print(self, message: str) -> None:
         if self.model.dist.is_main:
