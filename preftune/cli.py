@@ -1,4 +1,4 @@
-"""``preftune`` command line: ``train``, ``inspect``, ``eval``, ``export`` and ``demo``."""
+"""``preftune`` command line: ``train``, ``inspect``, ``eval``, ``report``, ``export`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval(load_config(args.config, args.overrides), args.checkpoint, args.json)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from preftune.tools.report import write_report
+
+    page = write_report(args.run_dirs, args.output)
+    print(f"[preftune] report: {page}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from preftune.tools.export import export_checkpoint
 
@@ -87,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted key=value overrides, e.g. data.validation=f.jsonl"
     )
     evaluate.set_defaults(run=_eval)
+    report = sub.add_parser("report", help="an HTML page of curves, final metrics and samples of runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run output directories")
+    report.add_argument("--output", help="the page to write (default: RUN_DIR/report.html, the first)")
+    report.set_defaults(run=_report)
     export = sub.add_parser("export", help="write a checkpoint's policy as a plain Hugging Face model")
     export.add_argument(
         "--checkpoint", required=True, help="a checkpoint directory, output_dir/checkpoints/step_N"
