@@ -30,16 +30,28 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from preftune.tools.demo import prepare_demo
+    from preftune.tools.demo import prepare_demo, rule_share
+    from preftune.tools.report import write_report
+    from preftune.training.console import quiet_libraries
     from preftune.training.recipe import log, train
 
+    quiet_libraries()
     paths = prepare_demo(Path(args.output_dir))
     cfg = load_config(paths["config"], args.overrides)
     metrics = train(cfg)
     acc = metrics.get("acc", float("nan"))
     log(f"demo config: {paths['config']}")
     log(f"held-out pairs: acc {acc:.3f}, loss {metrics.get('loss', float('nan')):.4f} (acc was 0 at step 0)")
-    log(f"run directory: {cfg.output_dir}  (metrics.jsonl, checkpoints/step_N/model)")
+    samples = Path(cfg.output_dir) / "samples.jsonl"
+    if samples.is_file():
+        share = rule_share(samples)
+        first, last = min(share), max(share)
+        log(
+            f"greedy generations for held-out prompts that obey the rule: {share[first]:.0%} at step {first}, "
+            f"{share[last]:.0%} at step {last}"
+        )
+    log(f"run directory: {cfg.output_dir}  (metrics.jsonl, samples.jsonl, checkpoints/step_N/model)")
+    log(f"report: {write_report([cfg.output_dir])}")
     return 0
 
 

@@ -231,7 +231,8 @@ class DPOTrainer:
         self.logger.log_metrics(metrics, self.step, prefix="val")
         self.last_val_metrics = metrics
         self.print(
-            f"step {self.step}: val loss {metrics['loss']:.4f}, acc {metrics['acc']:.3f}, "
+            f"step {self.step}: val loss {metrics['loss']:.4f} (preference {metrics['preference_loss']:.4f}), "
+            f"acc {metrics['acc']:.3f}, "
             f"margin {metrics['reward_margin_mean']:.3f}"
         )
         if self.on_validation is not None:
