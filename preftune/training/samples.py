@@ -6,13 +6,32 @@ collective); only rank 0 writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from transformers import GenerationConfig
 
 from preftune.modeling.model import DPOModel, causal_lm
+
+
+@contextlib.contextmanager
+def unsharded_root(model: DPOModel) -> Iterator[None]:
+    """Under FSDP2 ``generate`` calls the causal LM below the sharded root (embeddings, head): gather the
+    root's parameters for the duration; the blocks gather their own in their forwards, as in training."""
+    root = model.policy_logprobs
+    if isinstance(root, FSDPModule):
+        root.unshard()
+        try:
+            yield
+        finally:
+            root.reshard()
+    else:
+        yield
 
 
 @torch.no_grad()
@@ -22,19 +41,19 @@ def generate_samples(
     """One record per example: step, prompt, the data's chosen response, the greedy generation, its tokens."""
     lm = causal_lm(model.policy)
     device = model.device
+    # Exactly max_new_tokens forwards per prompt on every rank (no stop at EOS: the generation is cut at
+    # its first EOS afterwards), so the ranks' FSDP2 collectives always match.
+    settings = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.eos_token_id
+    )
     rows = []
     was_training = lm.training
     lm.train(False)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    forked = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with forked, unsharded_root(model):
         for example in examples:
             prompt = torch.tensor([example["prompt_ids"]], device=device)
-            output = lm.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.eos_token_id,
-            )
+            output = lm.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=settings)
             generated = output[0, prompt.shape[1] :].tolist()
             if tokenizer.eos_token_id in generated:
                 generated = generated[: generated.index(tokenizer.eos_token_id)]
