@@ -155,6 +155,7 @@ def test_tracker_that_cannot_start_stops_the_run_with_one_line(tmp_path, tiny_mo
         "logger": {"mlflow": {"tracking_uri": f"file://{blocker}/mlruns"}},
     }
     config.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    capsys.readouterr()  # the fixture's model saving
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("preftune: error: logger.mlflow: the tracker could not start")
