@@ -162,10 +162,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         trainer.load_state_dict(state)
         log(f"resuming from {latest} (step {state['step']}, {state['consumed_samples']} pairs consumed)")
-    logger.truncate_after(trainer.step)
+    resume_step = trainer.step if latest is not None else None  # None: a fresh start (drop old records)
+    logger.truncate_after(-1 if resume_step is None else resume_step)
     if info.is_main:  # a tracker that cannot start stops the run here, before any training
-        logger.attach(*open_trackers(cfg, output_dir, trainer.step))
-        truncate_samples_after(output_dir, trainer.step)
+        logger.attach(*open_trackers(cfg, output_dir, resume_step))
+        truncate_samples_after(output_dir, -1 if resume_step is None else resume_step)
     num_prompts = min(cfg.trainer.samples.num_prompts, len(val_set) if val_set is not None else 0)
     if num_prompts > 0:
         prompts = [val_set[i] for i in range(num_prompts)]

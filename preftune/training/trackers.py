@@ -92,13 +92,15 @@ class TensorBoardTracker:
 
     name = "tensorboard"
 
-    def __init__(self, log_dir: Path, cfg: DictConfig, resume_step: int):
+    def __init__(self, log_dir: Path, cfg: DictConfig, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.skip_through = resume_step
-        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step > 0 else None)
-        if resume_step == 0:
+        # events at and after purge_step, left by an interrupted attempt, are hidden by TensorBoard
+        resumed = resume_step is not None
+        self.skip_through = resume_step if resumed else -1
+        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resumed else 0)
+        if not resumed:
             for summary in hparams(flat_config(cfg), {}):
                 self.writer.file_writer.add_summary(summary)
             self.writer.add_text("config", "```\n" + OmegaConf.to_yaml(cfg, resolve=True) + "```", 0)
@@ -194,11 +196,14 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id)
 
 
-def open_trackers(cfg: DictConfig, output_dir: Path, resume_step: int) -> tuple[list[Tracker], TrackerState]:
-    """The configured trackers, started (rank 0 only); a tracker that cannot start is a ``ConfigError``."""
+def open_trackers(
+    cfg: DictConfig, output_dir: Path, resume_step: int | None
+) -> tuple[list[Tracker], TrackerState]:
+    """The configured trackers, started (rank 0 only); a tracker that cannot start is a ``ConfigError``.
+    ``resume_step``: the checkpoint's step when resuming (its records were all sent), None on a fresh start."""
     lcfg = cfg.logger
     state = TrackerState.load(output_dir)
-    skip = max(resume_step, state.last_step)
+    skip = max(-1 if resume_step is None else resume_step, state.last_step)
     openers = []
     if lcfg.tensorboard:
         openers.append(
