@@ -1,4 +1,4 @@
-"""``preftune`` command line: ``train``, ``inspect`` and ``demo``."""
+"""``preftune`` command line: ``train``, ``inspect``, ``eval``, ``report``, ``export`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -44,16 +44,42 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from preftune.tools.demo import prepare_demo
+    from preftune.tools.demo import prepare_demo, rule_share
+    from preftune.tools.report import write_report
+    from preftune.training.console import quiet_libraries
     from preftune.training.recipe import log, train
 
+    quiet_libraries()
     paths = prepare_demo(Path(args.output_dir))
     cfg = load_config(paths["config"], args.overrides)
     metrics = train(cfg)
     acc = metrics.get("acc", float("nan"))
     log(f"demo config: {paths['config']}")
     log(f"held-out pairs: acc {acc:.3f}, loss {metrics.get('loss', float('nan')):.4f} (acc was 0 at step 0)")
-    log(f"run directory: {cfg.output_dir}  (metrics.jsonl, checkpoints/step_N/model)")
+    samples = Path(cfg.output_dir) / "samples.jsonl"
+    if samples.is_file():
+        share = rule_share(samples)
+        first, last = min(share), max(share)
+        log(
+            f"greedy generations for held-out prompts that obey the rule: {share[first]:.0%} at step {first}, "
+            f"{share[last]:.0%} at step {last}"
+        )
+    log(f"run directory: {cfg.output_dir}  (metrics.jsonl, samples.jsonl, checkpoints/step_N/model)")
+    log(f"report: {write_report([cfg.output_dir])}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from preftune.tools.evaluate import run_eval
+
+    return run_eval(load_config(args.config, args.overrides), args.checkpoint, args.json)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from preftune.tools.report import write_report
+
+    page = write_report(args.run_dirs, args.output)
+    print(f"[preftune] report: {page}")
     return 0
 
 
@@ -100,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", help="also write the report as JSON to this path")
     inspect.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.format=trl")
     inspect.set_defaults(run=_inspect)
+    evaluate = sub.add_parser(
+        "eval", help="validation metrics of a checkpoint (or of model.path) on the configured validation data"
+    )
+    evaluate.add_argument("--config", required=True, help="YAML config file (the run's config.yaml works)")
+    evaluate.add_argument("--checkpoint", help="output_dir/checkpoints/step_N; omitted: model.path itself")
+    evaluate.add_argument("--json", help="also write the metrics as JSON to this path")
+    evaluate.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. data.validation=f.jsonl"
+    )
+    evaluate.set_defaults(run=_eval)
+    report = sub.add_parser("report", help="an HTML page of curves, final metrics and samples of runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run output directories")
+    report.add_argument("--output", help="the page to write (default: RUN_DIR/report.html, the first)")
+    report.set_defaults(run=_report)
     export = sub.add_parser("export", help="write a checkpoint's policy as a plain Hugging Face model")
     export.add_argument(
         "--checkpoint", required=True, help="a checkpoint directory, output_dir/checkpoints/step_N"

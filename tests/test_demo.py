@@ -19,7 +19,8 @@ def test_demo_learns_the_rule(tmp_path, capsys):
     val = [r for r in records if "val/acc" in r]
     assert train[0]["step"] == 1 and train[0]["train/acc"] == 0.0
     assert train[0]["train/preference_loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference
-    assert len(val) == 1, "validation ran once, at the end"
+    assert [r["step"] for r in val] == [0, train[-1]["step"]], "validation ran at step 0 and at the end"
+    assert val[0]["val/acc"] == 0.0 and val[0]["val/preference_loss"] == pytest.approx(0.693147, abs=1e-5)
     assert val[-1]["val/acc"] >= 0.90
     assert f"held-out pairs: acc {val[-1]['val/acc']:.3f}" in out
     assert (tmp_path / f"run/checkpoints/step_{val[-1]['step']}/model/model.safetensors").is_file()

@@ -73,7 +73,7 @@ def test_first_ctrl_c_validates_saves_and_stops(tmp_path, tiny_model_dir, pair_f
     steps = sorted(records(out, "train"))
     last = steps[-1]
     assert steps == list(range(1, last + 1)) and last < 100000
-    assert sorted(records(out, "val")) == [last]  # validated at the step it stopped
+    assert sorted(records(out, "val")) == [0, last]  # the baseline, and at the step it stopped
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{last}"]
     state = json.loads((out / f"checkpoints/step_{last}/trainer_state.json").read_text())
     assert state["step"] == last

@@ -97,7 +97,7 @@ def test_metrics_checkpoints_and_validation(tmp_path, tiny_model_dir, pair_files
     )
     train_recs, val_recs = records(out, "train"), records(out, "val")
     assert sorted(train_recs) == list(range(1, 13))  # 48 pairs / 8 per step = 6 steps per epoch, 2 epochs
-    assert sorted(val_recs) == [3, 6, 9, 12]  # 0.5 of an epoch = every 3 steps
+    assert sorted(val_recs) == [0, 3, 6, 9, 12]  # the step-0 baseline, then 0.5 of an epoch = every 3 steps
     first = train_recs[1]
     for name in (
         *REQUIRED_METRICS,
@@ -114,7 +114,9 @@ def test_metrics_checkpoints_and_validation(tmp_path, tiny_model_dir, pair_files
     assert first["train/loss"] == pytest.approx(0.693147, abs=1e-5)
     assert first["train/acc"] == 0.0
     assert train_recs[7]["train/epoch"] == 1
-    assert final == {k.removeprefix("val/"): v for k, v in val_recs[12].items() if k != "step"}
+    assert final == {
+        k.removeprefix("val/"): v for k, v in val_recs[12].items() if k not in ("step", "timestamp")
+    }
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_12", "step_4", "step_8"]
     # the checkpoint is a plain Hugging Face model directory
@@ -146,7 +148,7 @@ def test_max_time_validates_saves_and_stops(tmp_path, tiny_model_dir, pair_files
         tmp_path, "timed", model_dir, pair_files, "trainer.max_steps=50", "trainer.max_time=00:00:00:00"
     )
     assert sorted(records(out, "train")) == [1]
-    assert sorted(records(out, "val")) == [1]
+    assert sorted(records(out, "val")) == [0, 1]  # the step-0 baseline, then before stopping
     assert Checkpointer(out).latest().name == "step_1"
 
 

@@ -354,7 +354,16 @@ def load_datasets(
     if fraction is not None:
         train, val = train.split(fraction, data["seed"])
     elif data["validation"]:
-        val = PreferenceDataset(data["validation"], tokenizer, data["max_seq_length"], cache_dir, **options)
-        if any(source.weight != 1 for source in val.sources):
-            raise ConfigError("data.validation: weights apply to data.train only; drop them from validation")
+        val = load_validation(data, tokenizer, cache_dir)
     return weighted(train, data["seed"]), val
+
+
+def load_validation(
+    data: Mapping[str, Any], tokenizer: Any, cache_dir: str | Path | None
+) -> PreferenceDataset:
+    """The pairs of ``data.validation``."""
+    options = dataset_options(data)
+    val = PreferenceDataset(data["validation"], tokenizer, data["max_seq_length"], cache_dir, **options)
+    if any(source.weight != 1 for source in val.sources):
+        raise ConfigError("data.validation: weights apply to data.train only; drop them from validation")
+    return val

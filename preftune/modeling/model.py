@@ -115,7 +115,9 @@ class DPOModel(nn.Module):
             no_adapters = {**model_cfg["lora"], "r": 0, "init_from": None}
             reference_cfg = {**model_cfg, "path": reference_path, "lora": no_adapters, "load_in_4bit": False}
             reference_lm = load_causal_lm(reference_cfg, default_attention=policy.config._attn_implementation)
-            reference = FrozenReference(SequenceLogprobs(reference_lm, chunk_size, autocast))
+            reference = FrozenReference(
+                SequenceLogprobs(reference_lm, chunk_size, autocast), f"{reference_path} (online)"
+            )
         model = cls(policy, reference, loss, logprob_chunk_size=chunk_size, autocast=autocast)
         if model_cfg["activation_checkpointing"]:  # the policy only: the reference keeps no activations
             lm = causal_lm(policy)

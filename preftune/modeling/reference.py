@@ -28,6 +28,8 @@ class Reference(ABC):
 
     collective = False
     """Whether each forward is a collective every rank must join (an FSDP2-sharded reference)."""
+    description = ""
+    """What the reference is, for the line the run starts with."""
 
     @abstractmethod
     def logprobs(self, batch: MicroBatch) -> Tensor | None:
@@ -40,9 +42,10 @@ class Reference(ABC):
 class FrozenReference(Reference):
     """A separate frozen model: a copy of the starting policy, or the model at ``reference.path``."""
 
-    def __init__(self, runner: SequenceLogprobs):
+    def __init__(self, runner: SequenceLogprobs, description: str = "a frozen copy of the policy (online)"):
         runner.model.eval().requires_grad_(False)
         self.runner = runner
+        self.description = description
 
     @property
     def model(self) -> torch.nn.Module:
@@ -66,6 +69,8 @@ class FrozenReference(Reference):
 class AdaptersOffReference(Reference):
     """The PEFT-wrapped policy with its adapters disabled: the base model, with no second copy of it."""
 
+    description = "the policy with its adapters off (online)"
+
     def __init__(self, policy_runner: SequenceLogprobs):
         self.policy_runner = policy_runner
 
@@ -84,6 +89,8 @@ class AdaptersOffReference(Reference):
 class CachedReference(Reference):
     """``reference.mode: precompute``: the log-probs were computed once and travel in the batches."""
 
+    description = "precomputed log-probs (cached, then the reference model is freed)"
+
     def logprobs(self, batch: MicroBatch) -> Tensor:
         if batch.ref_logps is None:
             raise ValueError(
@@ -95,6 +102,8 @@ class CachedReference(Reference):
 
 class NoReference(Reference):
     """Reference-free losses (simpo, orpo): no reference model is built or run."""
+
+    description = "none (reference-free loss)"
 
     def logprobs(self, batch: MicroBatch) -> None:
         return None

@@ -71,14 +71,33 @@ def make_pair(rng: random.Random) -> dict:
     }
 
 
-def make_preference_pairs(n: int, seed: int) -> list[dict]:
-    """`n` distinct NeMo-style pairs (no two share prompt and chosen response), deterministic in `seed`."""
+def make_preference_pairs(n: int, seed: int, *, held_out_from: list[dict] | None = None) -> list[dict]:
+    """`n` distinct NeMo-style pairs (no two share prompt and chosen response), deterministic in `seed`.
+    With `held_out_from`: no prompt of those pairs appears, and no two of the `n` pairs share a prompt."""
     rng = random.Random(seed)
+    excluded = {p["prompt"] for p in held_out_from} if held_out_from is not None else None
     pairs: dict[tuple[str, str], dict] = {}
     while len(pairs) < n:
         pair = make_pair(rng)
+        if excluded is not None:
+            if pair["prompt"] in excluded:
+                continue
+            excluded.add(pair["prompt"])
         pairs.setdefault((pair["prompt"], pair["chosen_response"]), pair)
     return list(pairs.values())
+
+
+def obeys_rule(prompt: str, response: str) -> bool:
+    """Whether `response` lists the prompt's number of distinct items of its category, in its case and
+    order (the rule the demo's chosen responses follow)."""
+    category = next(c for c in CATEGORIES if c in prompt)
+    n = next(k for k in COUNTS if str(k) in prompt)
+    case = "upper" if any(phrase in prompt for phrase in CASES["upper"]) else "lower"
+    order = "descending" if any(phrase in prompt for phrase in ORDERS["descending"]) else "ascending"
+    items = [item.strip() for item in response.strip().split(",")]
+    if len(items) != n or len(set(items)) != n or any(i.lower() not in CATEGORIES[category] for i in items):
+        return False
+    return response.strip() == render([i.lower() for i in items], case, order)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -91,8 +110,8 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: int = 0) -> dict[str, Path]:
     """Write the demo data, base model and config under `out_dir`; returns their paths."""
     out_dir = Path(out_dir).resolve()
-    pairs = make_preference_pairs(n_train + n_val, seed)
-    train, val = pairs[:n_train], pairs[n_train:]
+    train = make_preference_pairs(n_train, seed)
+    val = make_preference_pairs(n_val, seed + 1, held_out_from=train)  # prompts never seen in training
     paths = {
         "train": out_dir / "data" / "train.jsonl",
         "validation": out_dir / "data" / "validation.jsonl",
@@ -146,8 +165,18 @@ def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: 
             "save_interval": 500,
             "limit_val_batches": 1.0,
             "gradient_clip_val": 1.0,
+            "samples": {"num_prompts": 64, "max_new_tokens": 40},
         },
     }
     OmegaConf.save(OmegaConf.create(config), paths["config"])
     print(f"[demo] config -> {paths['config']}")
     return paths
+
+
+def rule_share(samples_path: Path) -> dict[int, float]:
+    """Per validation step, the share of the sampled generations that obey the prompt's rule."""
+    by_step: dict[int, list[bool]] = {}
+    for line in Path(samples_path).read_text().splitlines():
+        sample = json.loads(line)
+        by_step.setdefault(sample["step"], []).append(obeys_rule(sample["prompt"], sample["generation"]))
+    return {step: sum(ok) / len(ok) for step, ok in sorted(by_step.items())}

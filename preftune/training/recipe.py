@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,7 +17,7 @@ from transformers import AutoTokenizer
 
 from preftune.config import ConfigError, parse_max_time
 from preftune.config_checks import absolute_paths, check_environment
-from preftune.data.batch import padded_micro_batches
+from preftune.data.batch import MicroBatch, padded_micro_batches
 from preftune.data.chat import load_chat_template
 from preftune.data.dataset import PreferenceDataset, load_datasets
 from preftune.data.formats import DataError
@@ -32,13 +33,16 @@ from preftune.modeling.reference_cache import (
     with_cached_reference,
 )
 from preftune.training.checkpoint import Checkpointer
+from preftune.training.console import parameter_summary, quiet_libraries
 from preftune.training.distributed import DistInfo, barrier, env_rank, init_distributed
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
 from preftune.training.retention import Retention
 from preftune.training.run_lock import lock_output_dir
+from preftune.training.samples import append_samples, generate_samples, truncate_samples_after
 from preftune.training.timer import RunTimer
+from preftune.training.trackers import open_trackers
 from preftune.training.trainer import DPOTrainer, resolve_max_steps
 
 
@@ -90,6 +94,7 @@ def run_training(cfg: DictConfig) -> TrainResult:
     check_environment(cfg)  # before anything is loaded
     cfg = absolute_paths(cfg)
     info = init_distributed()
+    quiet_libraries()
     output_dir = Path(cfg.output_dir)
     saved_cfg = saved_config(output_dir)  # the previous run's, before this one's replaces it
     if info.is_main:
@@ -103,14 +108,41 @@ def run_training(cfg: DictConfig) -> TrainResult:
         lock.release()
 
 
+def load_tokenizer(cfg: DictConfig) -> Any:
+    """``model.path``'s tokenizer, with ``data.chat_template`` when set (checkpoints then carry the template
+    the model was trained with)."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.data.chat_template:
+        tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
+    return tokenizer
+
+
+def micro_batch_layout(
+    cfg: DictConfig, dataset: PreferenceDataset, model: DPOModel, eos_id: int, device: torch.device
+) -> tuple[Any, Callable[[Sequence[dict]], list[MicroBatch]]]:
+    """The dataset the loader reads and the collate that turns a global batch into this rank's micro-batches:
+    packed / shared-prompt rows (``DPOPackedDataset``) or padded pairs, as ``data.*`` says."""
+    if cfg.data.packing or cfg.data.share_prompt:  # several pairs per row and/or one prompt per pair
+        packed = DPOPackedDataset(
+            dataset,
+            model.policy.config,
+            eos_id=eos_id,
+            pack_length=cfg.data.pack_length or 2 * cfg.data.max_seq_length,
+            pack=cfg.data.packing,
+            share_prompt=cfg.data.share_prompt,
+            rows_per_micro_batch=cfg.data.micro_batch_size,
+            device=device,
+        )
+        return packed, packed.global_collate_fn  # validation batches are packed by the same collate
+    return dataset, partial(padded_micro_batches, micro_batch_size=cfg.data.micro_batch_size, eos_id=eos_id)
+
+
 def load_training_data(
     cfg: DictConfig, info: DistInfo
 ) -> tuple[Any, PreferenceDataset, PreferenceDataset | None]:
     """The tokenizer and the tokenized train and validation sets: tokenized once (rank 0 first, the other
     ranks then read its cache)."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.data.chat_template:  # checkpoints then carry the template the model was trained with
-        tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
+    tokenizer = load_tokenizer(cfg)
     if cfg.reference.path is not None:
         check_same_tokenizer(tokenizer, cfg.reference.path, cfg.model.trust_remote_code)
     cache_dir = cfg.data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
@@ -134,6 +166,29 @@ def load_training_data(
     return tokenizer, train_set, val_set
 
 
+def sample_generations(
+    cfg: DictConfig,
+    model: DPOModel,
+    tokenizer: Any,
+    val_set: PreferenceDataset | None,
+    logger: MetricsLogger,
+) -> Callable[[int], None] | None:
+    """What the trainer calls after each validation (given the step) to write greedy generations for the
+    first ``trainer.samples.num_prompts`` validation prompts; None when off."""
+    num_prompts = min(cfg.trainer.samples.num_prompts, len(val_set) if val_set is not None else 0)
+    if num_prompts == 0:
+        return None
+    prompts = [val_set[i] for i in range(num_prompts)]
+
+    def sample(step: int) -> None:  # every rank generates; rank 0 writes
+        rows = generate_samples(model, tokenizer, prompts, cfg.trainer.samples.max_new_tokens, step)
+        if model.dist.is_main:
+            append_samples(Path(cfg.output_dir), rows)
+            logger.send("log_samples", rows, step)
+
+    return sample
+
+
 def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None) -> TrainResult:
     timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)
@@ -150,22 +205,7 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     # Model: the policy and its reference, both from model.path (the reference before any checkpoint is
     # restored), then the newest checkpoint's weights, then DDP/FSDP2, then the optimizer.
     model = DPOModel.from_config(cfg).to(info.device)
-    if cfg.data.packing or cfg.data.share_prompt:  # several pairs per row and/or one prompt per pair
-        train_set = DPOPackedDataset(
-            train_set,
-            model.policy.config,
-            eos_id=tokenizer.eos_token_id,
-            pack_length=cfg.data.pack_length or 2 * cfg.data.max_seq_length,
-            pack=cfg.data.packing,
-            share_prompt=cfg.data.share_prompt,
-            rows_per_micro_batch=cfg.data.micro_batch_size,
-            device=info.device,
-        )
-        collate = train_set.global_collate_fn  # validation batches are packed by the same collate
-    else:
-        collate = partial(
-            padded_micro_batches, micro_batch_size=cfg.data.micro_batch_size, eos_id=tokenizer.eos_token_id
-        )
+    train_set, collate = micro_batch_layout(cfg, train_set, model, tokenizer.eos_token_id, info.device)
     checkpointer = Checkpointer(output_dir, tokenizer, Retention.from_config(cfg.trainer))
     latest = checkpointer.resume_point(warn=log)
     if latest is not None:
@@ -222,7 +262,12 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         if change:
             restart_schedule(scheduler, cfg.optim.lr)
             log(change)
-    logger.truncate_after(trainer.step)
+    resume_step = trainer.step if latest is not None else None  # None: a fresh start (drop old records)
+    logger.truncate_after(-1 if resume_step is None else resume_step)
+    if info.is_main:  # a tracker that cannot start stops the run here, before any training
+        logger.attach(*open_trackers(cfg, output_dir, resume_step))
+        truncate_samples_after(output_dir, -1 if resume_step is None else resume_step)
+    trainer.on_validation = sample_generations(cfg, model, tokenizer, val_set, logger)
 
     where = (
         f"{info.world_size} x {info.device.type} ({cfg.distributed.strategy})"
@@ -233,11 +278,17 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         name for name, on in (("packed", cfg.data.packing), ("shared prompt", cfg.data.share_prompt)) if on
     ]
     layout.append(f"{model.policy.config._attn_implementation} attention")
-    log(
-        f"training for {trainer.max_steps} steps of {cfg.data.global_batch_size} pairs on {where} "
-        f"({', '.join(layout)})"
+    steps = (
+        f"{trainer.max_steps - trainer.step} steps left of {trainer.max_steps}"
+        if trainer.step
+        else f"{trainer.max_steps} steps"
     )
-    trainer.fit()
+    log(f"training for {steps} of {cfg.data.global_batch_size} pairs on {where} ({', '.join(layout)})")
+    log(parameter_summary(model))
+    try:
+        trainer.fit()
+    finally:
+        logger.close()
     finished = trainer.step >= trainer.max_steps
     if finished:
         log(f"done: metrics in {logger.path}, checkpoints in {checkpointer.root}")

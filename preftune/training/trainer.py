@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ from preftune.data.batch import MicroBatch
 from preftune.modeling.model import DPOModel
 from preftune.training import stop_signals
 from preftune.training.checkpoint import Checkpointer
+from preftune.training.console import ChosenLogprobWatch, step_line
 from preftune.training.distributed import DistInfo, any_rank, gather_objects
 from preftune.training.metrics import MetricsLogger
 from preftune.training.nonfinite import SkipGuard
@@ -133,6 +135,8 @@ class DPOTrainer:
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 (e.g. SLURM preemption) or Ctrl-C
         self._slowest_step = 0.0
         self._slowest_val_and_save = 0.0
+        self.chosen_watch = ChosenLogprobWatch()
+        self.on_validation: Callable[[int], None] | None = None  # e.g. sample generations, given the step
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -247,9 +251,12 @@ class DPOTrainer:
         self.last_val_metrics = metrics
         self.last_val_step = self.step
         self.print(
-            f"step {self.step}: val loss {metrics['loss']:.4f}, acc {metrics['acc']:.3f}, "
+            f"step {self.step}: val loss {metrics['loss']:.4f} (preference {metrics['preference_loss']:.4f}), "
+            f"acc {metrics['acc']:.3f}, "
             f"margin {metrics['reward_margin_mean']:.3f}"
         )
+        if self.on_validation is not None:
+            self.on_validation(self.step)
 
     def print(self, message: str) -> None:
         if self.model.dist.is_main:
@@ -264,17 +271,41 @@ class DPOTrainer:
         """Train until ``max_steps`` (or ``max_epochs``), validating every ``val_check_interval`` steps,
         saving every ``save_interval`` steps and at the end; stop cleanly (validate, save) before
         ``max_time`` or on SIGTERM/SIGUSR1/SIGINT (see ``stop_signals``)."""
-        tcfg = self.cfg.trainer
-        samples_per_epoch = self.steps_per_epoch * self.global_batch_size
+        handlers = stop_signals.install(self._request_stop)
+        terminal = sys.stdout.isatty()  # else (a log file, SLURM) one plain line per logged step
         progress = tqdm(
             total=self.max_steps,
             initial=self.step,
             desc="training",
             unit="step",
             dynamic_ncols=True,
-            disable=not self.model.dist.is_main,
+            disable=not self.model.dist.is_main or not terminal,
+            delay=1,  # drawn once training is under way, below the step-0 validation's line
         )
-        handlers = stop_signals.install(self._request_stop)
+        try:
+            if self.step == 0 and self.cfg.trainer.val_before_training:
+                self._validate_and_log()  # the baseline, logged as step 0
+            validated_at, saved_at, stopping_early = self._train_steps(progress, terminal)
+            progress.close()
+            if stopping_early:
+                why = (
+                    "a stop signal was received"
+                    if self.stop_requested
+                    else "trainer.max_time is nearly reached"
+                )
+                self.print(f"stopping at step {self.step}: {why}")
+            if validated_at != self.step:
+                self._validate_and_log()
+            if saved_at != self.step and self.step > 0:
+                self.save()
+        finally:
+            progress.close()
+            stop_signals.restore(handlers)
+
+    def _train_steps(self, progress: tqdm, terminal: bool) -> tuple[int, int, bool]:
+        """The training loop of ``fit``: steps until ``max_steps`` or an early stop. Returns the steps last
+        validated and saved at (-1: not in this run) and whether it stopped early."""
+        samples_per_epoch = self.steps_per_epoch * self.global_batch_size
         validated_at = -1
         saved_at = self.step if self.step > 0 else -1  # a resumed run starts from a saved checkpoint
         actions = None
@@ -298,14 +329,7 @@ class DPOTrainer:
                     epoch=self.epoch,
                     consumed_samples=self.consumed_samples,
                 )
-                if self.step % tcfg.log_every_n_steps == 0:
-                    self.logger.log_metrics(metrics, self.step, prefix="train")
-                progress.update(1)
-                progress.set_postfix(
-                    loss=f"{metrics['loss']:.4f}",
-                    acc=f"{metrics['acc']:.2f}",
-                    pairs_s=f"{metrics['pairs_per_sec']:.1f}",
-                )
+                self._report_step(metrics, progress, terminal)
                 budget = 2 * self._slowest_step + self._slowest_val_and_save
                 # every rank agrees before acting on a stop signal or the time limit
                 stop_early = any_rank(
@@ -315,7 +339,7 @@ class DPOTrainer:
                     self.step,
                     max_steps=self.max_steps,
                     val_check_interval=self.val_check_interval,
-                    save_interval=tcfg.save_interval,
+                    save_interval=self.cfg.trainer.save_interval,
                     stop_early=stop_early,
                 )
                 if actions.validate:
@@ -326,14 +350,22 @@ class DPOTrainer:
                     saved_at = self.step
                 if actions.stop:
                     break
-        progress.close()
-        if actions and actions.stopping_early:
-            why = (
-                "a stop signal was received" if self.stop_requested else "trainer.max_time is nearly reached"
-            )
-            self.print(f"stopping at step {self.step}: {why}")
-        if validated_at != self.step:
-            self._validate_and_log()
-        if saved_at != self.step and self.step > 0:
-            self.save()
-        stop_signals.restore(handlers)
+        return validated_at, saved_at, bool(actions and actions.stopping_early)
+
+    def _report_step(self, metrics: dict[str, float], progress: tqdm, terminal: bool) -> None:
+        """A finished step's metrics to the logger (every ``log_every_n_steps``), the console and the
+        falling-chosen watch."""
+        if self.step % self.cfg.trainer.log_every_n_steps == 0:
+            self.logger.log_metrics(metrics, self.step, prefix="train")
+            if not terminal:
+                self.print(step_line(self.step, self.max_steps, metrics))
+        warning = self.chosen_watch.observe(metrics)
+        if warning:
+            self.print(f"[preftune] {warning}")
+        progress.update(1)
+        progress.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            pref=f"{metrics['preference_loss']:.4f}",
+            acc=f"{metrics['acc']:.2f}",
+            pairs_s=f"{metrics['pairs_per_sec']:.1f}",
+        )
