@@ -27,45 +27,11 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import PretrainedConfig
 
 from preftune.modeling.attention import VARLEN
+from preftune.modeling.compat import mask_windows
 
 ATTENTION_IMPLEMENTATIONS = (VARLEN, "sdpa", "eager", "flex_attention")
 FLEX_BLOCK_SIZE = 128
-ONE_MASK_FAMILIES = ("llama", "gpt2", "mistral")  # one mask for every layer (mistral: all layers sliding)
-LAYER_TYPE_FAMILIES = ("qwen2", "qwen3", "gemma2")  # a dict of masks keyed by config.layer_types
 CONTEXT, CHOSEN, REJECTED = 0, 1, 2  # branches
-
-
-def mask_windows(config: PretrainedConfig) -> int | dict[str, int | None] | None:
-    """The sliding window (None: full attention) of the mask(s) the model's forward takes for ``config``.
-
-    One window for families whose forward applies one prepared mask to every layer, a dict by layer type for
-    families that accept a per-layer-type dict. Only families whose transformers 5.x mask handling was checked
-    are accepted: another family may use a window, chunking or bidirectional blocks this mask would miss.
-    """
-    family = config.model_type
-    if getattr(config, "use_bidirectional_attention", False):
-        raise ValueError(
-            f"packing / shared prompt needs causal attention; this {family} model is bidirectional"
-        )
-    if family in ONE_MASK_FAMILIES:
-        return getattr(config, "sliding_window", None) if family == "mistral" else None
-    if family in LAYER_TYPE_FAMILIES:
-        windows: dict[str, int | None] = {}
-        for layer_type in config.layer_types:
-            if layer_type == "full_attention":
-                windows[layer_type] = None
-            elif layer_type == "sliding_attention" and config.sliding_window is not None:
-                windows[layer_type] = config.sliding_window
-            else:
-                raise ValueError(
-                    f"{family}: layer type {layer_type!r} (sliding_window={config.sliding_window})"
-                    " is not supported by packing / shared prompt"
-                )
-        return windows
-    raise ValueError(
-        f"packing / shared prompt does not support model family {family!r} (supported: "
-        f"{', '.join(ONE_MASK_FAMILIES + LAYER_TYPE_FAMILIES)}); set data.packing=false and data.share_prompt=false"
-    )
 
 
 def visible(
@@ -144,15 +110,18 @@ class _Row:
         self.pos: list[int] = []
         self.seg: list[int] = []
         self.branch: list[int] = []
+        self.copies: list[int] = []
         self.blocks: list[tuple[int, int, int, int]] = []
 
-    def put(self, tokens: list[int], first_pos: int, segment: int, branch: int) -> int:
-        """Append ``tokens`` at positions from ``first_pos``; return the row offset of the first."""
+    def put(self, tokens: list[int], first_pos: int, segment: int, branch: int, copies: int = 1) -> int:
+        """Append ``tokens`` at positions from ``first_pos``, standing for ``copies`` tokens of the padded
+        layout (a shared prompt: 2); return the row offset of the first."""
         at = len(self.ids)
         self.ids.extend(tokens)
         self.pos.extend(range(first_pos, first_pos + len(tokens)))
         self.seg.extend([segment] * len(tokens))
         self.branch.extend([branch] * len(tokens))
+        self.copies.extend([copies] * len(tokens))
         return at
 
 
@@ -166,7 +135,9 @@ def layout_rows(
     """Lay rows of pairs out as one micro-batch with the keys of ``preftune.modeling.model.token_layout``.
 
     Pair i (in row order) is sequence i (chosen) and P + i (rejected). Also returns the [R, L] ``segment`` and
-    ``branch`` ids the masks are built from, and the ``attention_blocks`` of ``preftune.modeling.attention``. Padding (eos) ends each row in a segment of its own (-1), so no
+    ``branch`` ids the masks are built from, the ``attention_blocks`` of ``preftune.modeling.attention``, and
+    the [R, L] ``token_weights``: how many tokens of the padded layout each token stands for (a shared prompt
+    2, padding 0), so a statistic over tokens (the router's balancing loss) is the padded layout's. Padding (eos) ends each row in a segment of its own (-1), so no
     real token sees it; ``shape`` pads to exactly [rows, length] (default: the rows given, the longest's length).
     """
     pairs = [ex for row in rows for ex in row]
@@ -194,7 +165,7 @@ def layout_rows(
             prompt, chosen, rejected = ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]
             n = len(prompt)
             if share_prompt:
-                start = row.put(prompt, 0, segment, CONTEXT)
+                start = row.put(prompt, 0, segment, CONTEXT, copies=2)
                 last_prompt = start + n - 1 if n else None
                 predict(r, i, chosen, row.put(chosen, n, segment, CHOSEN), last_prompt)
                 at = row.put(rejected, n, segment, REJECTED)
@@ -221,6 +192,7 @@ def layout_rows(
         "position_ids": padded([row.pos for row in filled], 0),
         "segment": padded([row.seg for row in filled], -1),
         "branch": padded([row.branch for row in filled], CONTEXT),
+        "token_weights": padded([row.copies for row in filled], 0),
         "hidden_index": torch.tensor(hidden_row, dtype=torch.long) * length
         + torch.tensor(hidden, dtype=torch.long),
         "target_ids": torch.tensor(targets, dtype=torch.long),

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from preftune import losses
 from preftune.modeling import attention  # importing it registers preftune_varlen with transformers
 from preftune.modeling.logprobs import token_logprobs
+from preftune.modeling.router import RouterLoss, router_loss
 from preftune.training.distributed import DistInfo, gradient_sync, shard, wrap_trainable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,6 +104,7 @@ def token_layout(batch: Mapping[str, Tensor]) -> dict[str, Any]:
         "hidden_index": positions[selected],
         "target_ids": next_labels[selected],
         "sequence_index": row_index[selected],
+        "token_weights": batch["attention_mask"],  # the real tokens (for the router's balancing loss)
     }
 
 
@@ -126,6 +128,8 @@ class SequenceLogprobs(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.autocast = autocast
+        self.router: RouterLoss | None = None  # MoE policy: the last forward's balancing loss in aux_loss
+        self.aux_loss: Tensor | None = None
 
     def forward(self, layout: Mapping[str, Any], num_sequences: int) -> tuple[Tensor, Tensor]:
         lm = causal_lm(self.model)
@@ -133,17 +137,23 @@ class SequenceLogprobs(nn.Module):
         with torch.autocast(
             device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
         ):
-            hidden = lm.base_model(
+            outputs = lm.base_model(
                 input_ids=layout["input_ids"],
                 attention_mask=layout["attention_mask"],
                 position_ids=layout["position_ids"],
                 use_cache=False,
                 **({"attention_blocks": layout["attention_blocks"]} if "attention_blocks" in layout else {}),
-            ).last_hidden_state
+                **({"output_router_logits": True} if self.router is not None else {}),
+            )
+        hidden = outputs.last_hidden_state
+        if self.router is not None:
+            self.aux_loss = self.router(outputs.router_logits, layout["token_weights"])
         states = hidden.flatten(0, 1)[layout["hidden_index"]]
         config = lm.config
         if getattr(config, "logit_scale", None) is not None:
             states = states * config.logit_scale
+        if getattr(config, "logits_scaling", None) is not None:  # Granite divides its logits
+            states = states / config.logits_scaling
         head = lm.get_output_embeddings()
         token_lp = token_logprobs(
             states,
@@ -222,6 +232,7 @@ class DPOModel(nn.Module):
         model = cls(
             policy, None, dpo_cfg, logprob_chunk_size=model_cfg["logprob_chunk_size"], autocast=autocast
         )
+        model.policy_root.router = router_loss(causal_lm(policy).config, model_cfg["router_aux_loss_coef"])
         if model.reference_free:  # simpo/orpo: no reference model is built at all
             model.adapter_reference = False
         elif not model.adapter_reference:
@@ -337,6 +348,7 @@ class DPOModel(nn.Module):
         num_pairs = len(batch["chosen_rewards"])
         with torch.set_grad_enabled(not forward_only and torch.is_grad_enabled()):
             logps, counts = self.sequence_logprobs(self.policy, batch)
+        aux_loss = self.policy_root.aux_loss if self.policy_root.router is not None else None
         if "ref_chosen_logps" in batch:
             ref_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).float()
         elif self.has_reference:
@@ -391,7 +403,11 @@ class DPOModel(nn.Module):
         if ref_logps is not None:
             metrics["ref_logps_chosen_mean"] = ref_logps[:num_pairs].mean()
             metrics["ref_logps_rejected_mean"] = ref_logps[num_pairs:].mean()
-        return total.mean(), metrics
+        loss = total.mean()
+        if aux_loss is not None:  # MoE: the router's balancing loss (preftune.modeling.router)
+            loss = loss + self.policy_root.router.coef * aux_loss
+            metrics["loss"], metrics["aux_loss"] = loss.detach(), aux_loss.detach()
+        return loss, metrics
 
     def observe_step_rewards(self, chosen_mean: float, rejected_mean: float, num_pairs: int) -> None:
         """Fold an optimizer step's mean implicit rewards (all its pairs, every micro-batch and rank) into

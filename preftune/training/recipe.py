@@ -18,6 +18,7 @@ from preftune.data.chat import load_chat_template
 from preftune.data.dataset import PreferenceDataset, load_datasets
 from preftune.data.packing import DPOPackedDataset
 from preftune.data.sampler import GlobalBatchSampler
+from preftune.modeling.layout_check import check_layout
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference_cache import (
     ReferenceCache,
@@ -96,6 +97,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # restored), then the newest checkpoint's weights, then DDP/FSDP2, then the optimizer.
     model = DPOModel.from_config(cfg).to(info.device)
     if cfg.data.packing or cfg.data.share_prompt:  # several pairs per row and/or one prompt per pair
+        cached = check_layout(
+            model,
+            pack=cfg.data.packing,
+            share_prompt=cfg.data.share_prompt,
+            model_path=cfg.model.path,
+            dtype=cfg.model.dtype,
+            cache_dir=output_dir / "cache" / "layout_check" if info.is_main else None,
+        )
+        log(f"layout self-check: {'passed before (cached)' if cached else 'passed'}")
         train_set = DPOPackedDataset(
             train_set,
             model.policy.config,
