@@ -62,6 +62,15 @@ LAYOUTS = {"packed": (True, False), "shared": (False, True), "packed+shared": (T
 LENGTHS = [(1, 1, 1), (0, 3, 12), (10, 1, 1), (6, 12, 9), (4, 14, 5)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is ~20x faster than several fighting over shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.cache
 def family_model(model_type: str) -> PreTrainedModel:
     """The family's seeded random fp32 model (eager attention, no dropout), shared by the tests."""
@@ -107,7 +116,7 @@ def pairs(seed: int = 0) -> list[dict]:
 
 def laid_out(model: DPOModel, layout: str, exs: list[dict], attention: str) -> dict:
     """The pairs as one packed and/or shared-prompt micro-batch under ``attention``."""
-    model.policy.set_attn_implementation(attention)
+    use_attention(model, attention)
     pack, share = LAYOUTS[layout]
     collate = build_packed_collate(eos_id=EOS, model_config=model.policy.config, attn_implementation=attention,
                                    pack=pack, share_prompt=share, max_tokens_per_row=64, rows_per_micro_batch=99)  # fmt: skip
@@ -122,8 +131,14 @@ def in_pair_order(batch: dict, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def use_attention(model: DPOModel, attention: str) -> None:
+    """Policy and reference: one attention implementation (a run loads both with the same)."""
+    for lm in (model.policy, model.reference):
+        lm.set_attn_implementation(attention)
+
+
 def plain_logprobs(model: DPOModel, exs: list[dict]) -> torch.Tensor:
-    model.policy.set_attn_implementation("eager")
+    use_attention(model, "eager")
     with torch.no_grad():
         return model.sequence_logprobs(model.policy, dpo_custom_collate(exs, EOS))[0]
 
@@ -179,6 +194,7 @@ def test_loss_and_gradients_match_plain(model_type):
     """One packed + shared-prompt micro-batch against the padded one: loss (the router's balancing loss
     included), metrics and every parameter's gradient."""
     model, exs = trained(model_type), pairs()
+    use_attention(model, "eager")
     plain_loss, plain_metrics, plain_grads = loss_and_grads(model, dpo_custom_collate(exs, EOS))
     packed_loss, packed_metrics, packed_grads = loss_and_grads(
         model, laid_out(model, "packed+shared", exs, VARLEN)
@@ -199,7 +215,7 @@ def test_router_loss_is_transformers_without_padding(model_type):
     mask; the reference never adds one; the coefficient comes from the model config unless set, 0 is off."""
     model, exs = trained(model_type), pairs()
     batch = dpo_custom_collate(exs, EOS)
-    model.policy.set_attn_implementation("eager")
+    use_attention(model, "eager")
     _, metrics = model.get_loss_and_metrics(batch, forward_only=True)
     ids = torch.cat([batch["chosen"], batch["rejected"]])
     with torch.no_grad():
