@@ -30,6 +30,8 @@ from preftune.modeling.router import router_loss
 from preftune.tools.tiny import save_tiny
 from preftune.training.distributed import _blocks
 
+from conftest import records, run
+
 VOCAB, WINDOW, EOS = 96, 8, 1
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=128, initializer_range=0.1,
@@ -279,3 +281,22 @@ def test_self_check_passes_caches_and_refuses(tmp_path, tokenizer):
     ) as error:
         check_layout(model, **kwargs, cache_dir=None)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_moe_trains_packed_like_plain(tmp_path, tokenizer, pair_files):
+    """gpt-oss (sinks, sliding layers, experts) trained packed with a shared prompt follows the padded run,
+    the router's balancing loss logged as aux_loss; the self-check's pass is cached with the run."""
+    config = AutoConfig.for_model("gpt_oss", **{**SIZES, **FAMILIES["gpt_oss"], "vocab_size": len(tokenizer)})
+    torch.manual_seed(0)
+    model_dir = save_tiny(AutoModelForCausalLM.from_config(config), tokenizer, tmp_path / "model")
+    common = ("trainer.max_steps=2", "optim.eps=1e-4", "data.micro_batch_size=8")  # one micro-batch a step
+    _, padded = run(tmp_path, "padded", model_dir, pair_files, *common)
+    layout = ("data.packing=true", "data.share_prompt=true", "data.pack_length=512")
+    _, packed = run(tmp_path, "packed", model_dir, pair_files, *common, *layout)
+    a, b = records(padded, "train"), records(packed, "train")
+    for step in a:
+        assert a[step]["train/aux_loss"] > 0
+        for key in ("train/loss", "train/aux_loss", "train/preference_loss", "train/grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
+    assert len(list((packed / "cache" / "layout_check").glob("*.json"))) == 1
