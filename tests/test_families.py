@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+from preftune.cli import main
 from preftune.config import ConfigError, load_config
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.packing import build_packed_collate
@@ -300,3 +301,23 @@ def test_moe_trains_packed_like_plain(tmp_path, tokenizer, pair_files):
         for key in ("train/loss", "train/aux_loss", "train/preference_loss", "train/grad_norm"):
             assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
     assert len(list((packed / "cache" / "layout_check").glob("*.json"))) == 1
+
+
+def test_cli_refuses_an_unroutable_family_in_one_line(tmp_path, tokenizer, pair_files, capsys):
+    """A bidirectional model with packing: exit 2 and one line, before any training."""
+    config = AutoConfig.for_model("gemma3_text", **{**SIZES, "vocab_size": len(tokenizer)},
+                                  use_bidirectional_attention=True)  # fmt: skip
+    model_dir = save_tiny(AutoModelForCausalLM.from_config(config), tokenizer, tmp_path / "model")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(
+        f"model:\n  path: {model_dir}\ndata:\n  train: {pair_files['train']}\n  packing: true\n"
+    )
+    assert main(["train", "--config", str(config_file), f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("preftune: error:")]
+    assert (
+        "Traceback" not in err
+        and "gemma3_text model is bidirectional" in line
+        and "data.packing=false" in line
+    )
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
