@@ -104,7 +104,7 @@ def token_layout(batch: Mapping[str, Tensor]) -> dict[str, Any]:
         "hidden_index": positions[selected],
         "target_ids": next_labels[selected],
         "sequence_index": row_index[selected],
-        "token_weights": batch["attention_mask"],  # the real tokens (for the router's balancing loss)
+        "token_weights": batch.get("attention_mask"),  # the real tokens (for the router's balancing loss)
     }
 
 
