@@ -167,7 +167,7 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
     _check_output_dir(Path(cfg.output_dir))
     model_config = _model_config(cfg.model, "model.path", tokenizer_only)
     if model_config is not None and (cfg.data.packing or cfg.data.share_prompt):
-        from preftune.data.packing import mask_windows
+        from preftune.modeling.compat import mask_windows
 
         try:
             mask_windows(model_config)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen3Config
 
 import preftune
 from preftune.config import load_config
@@ -306,9 +306,11 @@ def test_unsupported_combinations_raise():
     kwargs = {"eos_id": EOS_ID, "max_tokens_per_row": 64, "pack": True, "share_prompt": False}
     with pytest.raises(ValueError, match="flash_attention_2"):
         build_packed_collate(model_config=llama, attn_implementation="flash_attention_2", **kwargs)
-    neox = GPTNeoXConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1)
-    with pytest.raises(ValueError, match="gpt_neox"):
-        build_packed_collate(model_config=neox, attn_implementation="sdpa", **kwargs)
+    # refused from the config (GPT-NeoX and the other families: tests/test_families.py)
+    bidirectional = Gemma3TextConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                     use_bidirectional_attention=True)  # fmt: skip
+    with pytest.raises(ValueError, match="gemma3_text model is bidirectional"):
+        build_packed_collate(model_config=bidirectional, attn_implementation="sdpa", **kwargs)
     with pytest.raises(ValueError, match="padded_micro_batches"):
         build_packed_collate(model_config=llama, attn_implementation="sdpa", **{**kwargs, "pack": False})
 

@@ -87,6 +87,10 @@ class MicroBatch:
     ref_logps: Tensor | None = None
     """[2P] cached reference log-probs (chosen of every pair, then rejected), with ``reference.mode:
     precompute``."""
+    token_weights: Tensor | None = None
+    """[R, L] how many tokens of the padded layout each token stands for: 1 per real token, 2 per shared-prompt
+    token (it serves both responses), 0 for padding. A mixture-of-experts router's balancing loss weights its
+    tokens by it, so every layout balances the padded layout's tokens."""
 
     def to(self, device: torch.device | str) -> MicroBatch:
         """The batch with its tensors on ``device`` (a prepared mask is built on the device already)."""
@@ -185,6 +189,7 @@ def micro_batch_from_padded(padded: Mapping[str, Tensor]) -> MicroBatch:
         num_tokens=int(padded["num_tokens"]),
         num_pairs=len(padded["chosen_rewards"]),
         ref_logps=torch.cat([padded["ref_chosen_logps"], padded["ref_rejected_logps"]]) if cached else None,
+        token_weights=padded.get("attention_mask"),
     )
 
 

@@ -29,44 +29,10 @@ from transformers import PretrainedConfig
 
 from preftune.data.batch import Block, MicroBatch, pad_right, pair_length
 from preftune.modeling.attention import CHOSEN, CONTEXT, REJECTED, VARLEN, visible
+from preftune.modeling.compat import mask_windows
 
 ATTENTION_IMPLEMENTATIONS = (VARLEN, "sdpa", "eager", "flex_attention")
 FLEX_BLOCK_SIZE = 128
-ONE_MASK_FAMILIES = ("llama", "gpt2", "mistral")  # one mask for every layer (mistral: all layers sliding)
-LAYER_TYPE_FAMILIES = ("qwen2", "qwen3", "gemma2")  # a dict of masks keyed by config.layer_types
-
-
-def mask_windows(config: PretrainedConfig) -> int | dict[str, int | None] | None:
-    """The sliding window (None: full attention) of the mask(s) the model's forward takes for ``config``.
-
-    One window for families whose forward applies one prepared mask to every layer, a dict by layer type for
-    families that accept a per-layer-type dict. Only families whose transformers 5.x mask handling was checked
-    are accepted: another family may use a window, chunking or bidirectional blocks this mask would miss.
-    """
-    family = config.model_type
-    if getattr(config, "use_bidirectional_attention", False):
-        raise ValueError(
-            f"packing / shared prompt needs causal attention; this {family} model is bidirectional"
-        )
-    if family in ONE_MASK_FAMILIES:
-        return getattr(config, "sliding_window", None) if family == "mistral" else None
-    if family in LAYER_TYPE_FAMILIES:
-        windows: dict[str, int | None] = {}
-        for layer_type in config.layer_types:
-            if layer_type == "full_attention":
-                windows[layer_type] = None
-            elif layer_type == "sliding_attention" and config.sliding_window is not None:
-                windows[layer_type] = config.sliding_window
-            else:
-                raise ValueError(
-                    f"{family}: layer type {layer_type!r} (sliding_window={config.sliding_window})"
-                    " is not supported by packing / shared prompt"
-                )
-        return windows
-    raise ValueError(
-        f"packing / shared prompt does not support model family {family!r} (supported: "
-        f"{', '.join(ONE_MASK_FAMILIES + LAYER_TYPE_FAMILIES)}); set data.packing=false and data.share_prompt=false"
-    )
 
 
 class RowIds(NamedTuple):
@@ -138,15 +104,18 @@ class _Row:
         self.pos: list[int] = []
         self.seg: list[int] = []
         self.branch: list[int] = []
+        self.copies: list[int] = []
         self.blocks: list[tuple[int, int, int, int]] = []
 
-    def put(self, tokens: list[int], first_pos: int, segment: int, branch: int) -> int:
-        """Append ``tokens`` at positions from ``first_pos``; return the row offset of the first."""
+    def put(self, tokens: list[int], first_pos: int, segment: int, branch: int, copies: int = 1) -> int:
+        """Append ``tokens`` at positions from ``first_pos``, standing for ``copies`` tokens of the padded
+        layout (a shared prompt: 2); return the row offset of the first."""
         at = len(self.ids)
         self.ids.extend(tokens)
         self.pos.extend(range(first_pos, first_pos + len(tokens)))
         self.seg.extend([segment] * len(tokens))
         self.branch.extend([branch] * len(tokens))
+        self.copies.extend([copies] * len(tokens))
         return at
 
 
@@ -187,7 +156,7 @@ def _put_pair(
     prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
     n = len(prompt)
     if share_prompt:
-        start = row.put(prompt, 0, segment, CONTEXT)
+        start = row.put(prompt, 0, segment, CONTEXT, copies=2)
         last_prompt = start + n - 1 if n else None
         targets.add(r, i, chosen, row.put(chosen, n, segment, CHOSEN), last_prompt)
         at = row.put(rejected, n, segment, REJECTED)
@@ -240,6 +209,7 @@ def layout_rows(
         indices=torch.tensor([pair["index"] for pair in pairs], dtype=torch.long),
         num_tokens=sum(real),
         num_pairs=len(pairs),
+        token_weights=pad_right([row.copies for row in filled], length, 0),
         attention_blocks=tuple(Block(r, *block) for r, row in enumerate(filled) for block in row.blocks),
     )
     ids = RowIds(

@@ -62,13 +62,15 @@ def block_attention(
     dropout: float,
     window: int | None,
     softcap: float | None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of [B, H, Q, D] queries over [B, KV, C + Q, D] keys and values (the last Q are the
-    queries' own tokens), causal and windowed as ``visible_keys`` says; returns [B, H, Q, D]."""
+    queries' own tokens), causal and windowed as ``visible_keys`` says; returns [B, H, Q, D]. ``sinks``
+    ([H] logits, gpt-oss) join every query's softmax as one more key that contributes no value."""
     num_queries = query.shape[2]
     needs_mask = num_context > 0 or (window is not None and num_context + num_queries > window)
     mask = visible_keys(num_context, num_queries, window, query.device) if needs_mask else None
-    if softcap is None:
+    if softcap is None and sinks is None:
         # CPU's flash kernel takes a mask and grouped heads together; CUDA's masked (memory-efficient) kernel
         # does not take grouped heads, so there the key/value heads are repeated rather than fall back to math.
         native_groups = mask is None or query.device.type == "cpu"
@@ -84,13 +86,20 @@ def block_attention(
             scale=scaling,
             enable_gqa=groups > 1 and native_groups,
         )
-    # Soft-capped logits (Gemma 2) have no fused kernel: the explicit form, one block at a time.
+    # Soft-capped logits (Gemma 2) and sinks have no fused kernel: the explicit form, one block at a time.
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    scores = softcap * torch.tanh(scores / softcap)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is None:
         mask = visible_keys(0, num_queries, None, query.device)
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(query.dtype)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]
     return F.dropout(probs, p=dropout, training=dropout > 0) @ value
 
 
@@ -104,6 +113,7 @@ def varlen_attention_forward(
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    s_aux: Tensor | None = None,
     attention_blocks: Sequence[Block] | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
@@ -118,6 +128,7 @@ def varlen_attention_forward(
         "dropout": dropout,
         "window": sliding_window,
         "softcap": softcap,
+        "sinks": s_aux,
     }
     if attention_blocks is None:  # padded rows: each row is one causal sequence
         return block_attention(query, key, value, 0, **options).transpose(1, 2), None

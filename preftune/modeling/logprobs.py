@@ -14,6 +14,7 @@ from torch.autograd.function import once_differentiable
 from transformers import PreTrainedModel
 
 from preftune.data.batch import MicroBatch
+from preftune.modeling.router import RouterLoss
 
 
 def _buffers(rows: int, weight: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -175,6 +176,8 @@ class SequenceLogprobs(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.autocast = autocast
+        self.router: RouterLoss | None = None  # a MoE policy's balancing loss, computed into aux_loss
+        self.aux_loss: Tensor | None = None  # the last forward's
 
     def forward(self, batch: MicroBatch) -> tuple[Tensor, Tensor]:
         lm = causal_lm(self.model)
@@ -183,17 +186,24 @@ class SequenceLogprobs(nn.Module):
         with torch.autocast(
             device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
         ):
-            hidden = lm.base_model(
+            outputs = lm.base_model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
                 use_cache=False,
                 **blocks,
-            ).last_hidden_state
-        states = hidden.flatten(0, 1)[batch.hidden_index]
+                **({"output_router_logits": True} if self.router is not None else {}),
+            )
+        if self.router is not None:
+            if batch.token_weights is None:
+                raise ValueError("a mixture-of-experts policy needs the micro-batch's token_weights")
+            self.aux_loss = self.router(outputs.router_logits, batch.token_weights)
+        states = outputs.last_hidden_state.flatten(0, 1)[batch.hidden_index]
         config = lm.config
         if getattr(config, "logit_scale", None) is not None:
             states = states * config.logit_scale
+        if getattr(config, "logits_scaling", None) is not None:  # Granite divides its logits
+            states = states / config.logits_scaling
         head = lm.get_output_embeddings()
         token_lp = token_logprobs(
             states,

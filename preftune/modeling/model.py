@@ -23,6 +23,7 @@ from preftune.modeling.reference import (
     NoReference,
     Reference,
 )
+from preftune.modeling.router import router_loss
 from preftune.training.distributed import DistInfo, gradient_sync, unwrap, wrap_trainable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,6 +120,7 @@ class DPOModel(nn.Module):
                 SequenceLogprobs(reference_lm, chunk_size, autocast), f"{reference_path} (online)"
             )
         model = cls(policy, reference, loss, logprob_chunk_size=chunk_size, autocast=autocast)
+        model.policy_runner.router = router_loss(causal_lm(policy).config, model_cfg["router_aux_loss_coef"])
         if model_cfg["activation_checkpointing"]:  # the policy only: the reference keeps no activations
             lm = causal_lm(policy)
             if hasattr(lm, "activation_checkpointing_enable"):  # the newer 5.x name; the old one goes in v6
@@ -174,6 +176,11 @@ class DPOModel(nn.Module):
         root = unwrap(self.policy_logprobs)
         return {"chunk_size": root.chunk_size, "autocast": root.autocast}
 
+    @property
+    def policy_runner(self) -> SequenceLogprobs:
+        """The policy's ``SequenceLogprobs`` itself (inside any DDP wrapper)."""
+        return unwrap(self.policy_logprobs)
+
     def reference_logprobs(self, batch: MicroBatch | Mapping[str, Tensor]) -> Tensor | None:
         """[2P] reference log-probs: the batch's cached ones if it carries them, else the reference's."""
         batch = as_micro_batch(batch)
@@ -192,6 +199,8 @@ class DPOModel(nn.Module):
         num_pairs = batch.num_pairs
         with torch.set_grad_enabled(not forward_only and torch.is_grad_enabled()):
             logps, counts = self.policy_logprobs(batch)
+        router = self.policy_runner.router
+        aux_loss = self.policy_runner.aux_loss if router is not None else None  # before a reference forward
         ref_logps = self.reference_logprobs(batch)
         counts = counts.clamp(min=1).float()
         loss = self.loss
@@ -241,7 +250,11 @@ class DPOModel(nn.Module):
         if ref_logps is not None:
             metrics["ref_logps_chosen_mean"] = ref_logps[:num_pairs].mean()
             metrics["ref_logps_rejected_mean"] = ref_logps[num_pairs:].mean()
-        return total.mean(), metrics
+        objective = total.mean()
+        if aux_loss is not None:  # MoE: the router's balancing loss (preftune.modeling.router)
+            objective = objective + router.coef * aux_loss
+            metrics["loss"], metrics["aux_loss"] = objective.detach(), aux_loss.detach()
+        return objective, metrics
 
     def observe_step_rewards(self, chosen_mean: float, rejected_mean: float, num_pairs: int) -> None:
         """Fold an optimizer step's mean implicit rewards (all its pairs, every micro-batch and rank) into

@@ -25,6 +25,7 @@ from preftune.data.packing import DPOPackedDataset
 from preftune.data.sampler import GlobalBatchSampler
 from preftune.data.tokenize import tokenizer_fingerprint
 from preftune.modeling.hub import local_model_dir
+from preftune.modeling.layout_check import check_layout
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference_cache import (
     ReferenceCache,
@@ -205,6 +206,16 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     # Model: the policy and its reference, both from model.path (the reference before any checkpoint is
     # restored), then the newest checkpoint's weights, then DDP/FSDP2, then the optimizer.
     model = DPOModel.from_config(cfg).to(info.device)
+    if cfg.data.packing or cfg.data.share_prompt:  # the real model's packed rows against separate forwards
+        cached = check_layout(
+            model,
+            pack=cfg.data.packing,
+            share_prompt=cfg.data.share_prompt,
+            model_path=local_model_dir(cfg.model.path),
+            dtype=cfg.model.dtype,
+            cache_dir=output_dir / "cache" / "layout_check" if info.is_main else None,
+        )
+        log(f"layout self-check: {'passed before (cached)' if cached else 'passed'}")
     train_set, collate = micro_batch_layout(cfg, train_set, model, tokenizer.eos_token_id, info.device)
     checkpointer = Checkpointer(output_dir, tokenizer, Retention.from_config(cfg.trainer))
     latest = checkpointer.resume_point(warn=log)
