@@ -150,11 +150,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
             self.examples, self.origins = TokenizedPairs(cached["examples"]), cached["origins"]
             self.drops = [tuple(d) for d in cached["drops"]]
             self.formats, self.records = cached["formats"], cached["records"]
-            self.from_cache = True
+            self.from_cache, self.tokenize_seconds = True, 0.0
             return
         tokenized = tokenize_sources(self.sources, pair_tokenizer, format, columns, completions)
         self.examples, self.origins = TokenizedPairs(tokenized.columns), tokenized.origins
         self.drops, self.formats, self.records = tokenized.drops, tokenized.formats, tokenized.records
+        self.tokenize_seconds = tokenized.seconds
         self.from_cache = False
         if not len(self.examples):
             raise DataError(f"{self.stats.summary()}; nothing left to train on (raise data.max_seq_length?)")
@@ -189,6 +190,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if self.split_name is not None:
             path += f" ({self.split_name} split)"
         return self._stats(path, range(len(self.sources)))
+
+    def load_summary(self) -> str:
+        """The stats line, with where the pairs came from: the cache, or tokenizing at some pairs/s."""
+        if self.from_cache:
+            return f"{self.stats.summary()} (from cache)"
+        pairs, seconds = len(self) + len(self.drops), max(self.tokenize_seconds, 1e-9)
+        return f"{self.stats.summary()} (tokenized in {seconds:.1f} s, {pairs / seconds:.0f} pairs/s)"
 
     @property
     def file_stats(self) -> list[DatasetStats]:

@@ -26,7 +26,7 @@ from preftune.modeling.reference_cache import (
     with_cached_reference,
 )
 from preftune.training.checkpoint import Checkpointer
-from preftune.training.distributed import DistInfo, barrier, env_rank, init_distributed
+from preftune.training.distributed import DistInfo, env_rank, init_distributed, main_rank_first
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.timer import RunTimer
@@ -83,14 +83,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.data.chat_template:  # checkpoints then carry the template the model was trained with
         tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
     cache_dir = cfg.data.cache_dir or output_dir / "cache" / "tokenized"
-    if not info.is_main:
-        barrier(info)
-    train_set, val_set = load_datasets(cfg.data, tokenizer, cache_dir)
+    with main_rank_first(info):  # however long rank 0 tokenizes, no collective times out
+        train_set, val_set = load_datasets(cfg.data, tokenizer, cache_dir)
     for dataset in (train_set, val_set):
         if dataset is not None:
-            log(dataset.stats.summary() + (" (from cache)" if dataset.from_cache else ""))
-    if info.is_main:
-        barrier(info)
+            log(dataset.load_summary())
 
     # Model: the policy and its reference, both from model.path (the reference before any checkpoint is
     # restored), then the newest checkpoint's weights, then DDP/FSDP2, then the optimizer.
