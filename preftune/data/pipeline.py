@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -41,9 +42,10 @@ CHUNK_CHARS = 1 << 20  # text characters per batched tokenizer call (about 250k 
 QUEUED_CHUNKS = 4  # chunks the reader may run ahead
 
 
-def _column(buffer: array, dtype: torch.dtype) -> Tensor:
-    """``buffer`` as a tensor without a copy (the tensor keeps the buffer alive)."""
-    return torch.frombuffer(buffer, dtype=dtype) if len(buffer) else torch.empty(0, dtype=dtype)
+def _column(buffer: array) -> Tensor:
+    """``buffer`` as a tensor without a copy; through numpy's view, the tensor holds the buffer (alive, and
+    locked against resizing)."""
+    return torch.from_numpy(np.frombuffer(buffer, dtype=buffer.typecode))
 
 
 class PairStoreBuilder:
@@ -72,10 +74,10 @@ class PairStoreBuilder:
     def columns(self) -> dict[str, Tensor]:
         columns: dict[str, Tensor] = {}
         for name in TOKEN_FIELDS:
-            columns[name] = _column(self.tokens[name], torch.int32)
-            columns[f"{name}_offsets"] = _column(self.offsets[name], torch.int64)
+            columns[name] = _column(self.tokens[name])
+            columns[f"{name}_offsets"] = _column(self.offsets[name])
         for name in REWARD_FIELDS:
-            columns[name] = _column(self.rewards[name], torch.float64)
+            columns[name] = _column(self.rewards[name])
         return columns
 
 
@@ -269,6 +271,4 @@ def tokenize_sources(
         seconds,
         (len(store) + len(drops)) / max(seconds, 1e-9),
     )
-    return Tokenized(
-        store.columns(), _column(origins, torch.int64).reshape(-1, 3), drops, formats, records, seconds
-    )
+    return Tokenized(store.columns(), _column(origins).reshape(-1, 3), drops, formats, records, seconds)
