@@ -41,12 +41,12 @@ def _lengths(store: TokenizedPairs, field: str, rows: np.ndarray) -> np.ndarray:
 
 def _duplicate_prompts(store: TokenizedPairs, rows: np.ndarray) -> dict[str, int]:
     """Prompts shared by several pairs, and those pairs, counted from an 8-byte digest of each prompt."""
-    tokens = store.columns["prompt_ids"].numpy()
+    tokens = memoryview(store.columns["prompt_ids"].numpy())
     offsets = store.columns["prompt_ids_offsets"].numpy()
+    starts, ends = offsets[rows].tolist(), offsets[rows + 1].tolist()
     digests = np.empty(len(rows), dtype=np.uint64)
-    for k, row in enumerate(rows.tolist()):
-        digest = hashlib.blake2b(tokens[offsets[row] : offsets[row + 1]], digest_size=8).digest()
-        digests[k] = int.from_bytes(digest, "little")
+    for k, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        digests[k] = int.from_bytes(hashlib.blake2b(tokens[start:end], digest_size=8).digest(), "little")
     counts = np.unique(digests, return_counts=True)[1]
     shared = counts[counts > 1]
     return {"prompts": len(shared), "pairs": int(shared.sum())}
