@@ -21,6 +21,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -78,14 +79,15 @@ def build_model(out: Path) -> None:
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Wall time and peak RSS (kernel's ru_maxrss) of ``cmd``, run to its end."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    out = proc.stdout.read().decode()
-    proc.stdout.close()
-    if os.waitstatus_to_exitcode(status):
-        sys.exit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        if os.waitstatus_to_exitcode(status):
+            sys.exit(f"failed: {' '.join(cmd)}\n{err.read().decode()[-3000:]}")
+        out = out.read().decode()
     return {"wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024), "stdout": out}
 
 
@@ -111,7 +113,13 @@ def child_trl(data: Path, model_dir: Path, work: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     dataset = load_dataset("json", data_files=str(data), split="train", cache_dir=str(work / "hf-datasets"))
-    args = DPOConfig(output_dir=str(work / "trl-out"), report_to=[], per_device_train_batch_size=1)
+    args = DPOConfig(
+        output_dir=str(work / "trl-out"),
+        report_to=[],
+        per_device_train_batch_size=1,
+        bf16=False,
+        use_cpu=True,
+    )
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     print(json.dumps({"pairs": len(trainer.train_dataset)}))
 
