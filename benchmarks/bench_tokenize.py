@@ -78,7 +78,7 @@ def build_model(out: Path) -> None:
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Wall time and peak RSS (kernel's ru_maxrss) of ``cmd``, run to its end."""
+    """Wall time, CPU time (all threads) and peak RSS (the kernel's ru_maxrss) of ``cmd``, run to its end."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
@@ -88,7 +88,13 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
         if os.waitstatus_to_exitcode(status):
             sys.exit(f"failed: {' '.join(cmd)}\n{err.read().decode()[-3000:]}")
         out = out.read().decode()
-    return {"wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024), "stdout": out}
+    cpu = usage.ru_utime + usage.ru_stime
+    return {
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024),
+        "stdout": out,
+    }
 
 
 def config(work: Path, model: Path, data: Path, name: str) -> Path:

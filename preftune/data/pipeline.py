@@ -38,8 +38,8 @@ REWARD_FIELDS = ("chosen_reward", "rejected_reward")
 TIED = "completions all ranked the same"
 LOGGED_DROPS = (BROKEN_PREFIX, BAD_END)  # drops that point at a template problem: logged with their pair
 MAX_LOGGED = 5  # per reason and file
-CHUNK_CHARS = 1 << 20  # text characters per batched tokenizer call (about 250k tokens)
-QUEUED_CHUNKS = 4  # chunks the reader may run ahead
+CHUNK_CHARS = 1 << 18  # text characters per batched tokenizer call (about 60k tokens)
+QUEUED_CHUNKS = 2  # chunks the reader may run ahead
 
 
 def _column(buffer: array) -> Tensor:
