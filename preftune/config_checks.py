@@ -167,12 +167,9 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
     _check_output_dir(Path(cfg.output_dir))
     model_config = _model_config(cfg.model, "model.path", tokenizer_only)
     if model_config is not None and (cfg.data.packing or cfg.data.share_prompt):
-        from preftune.modeling.compat import mask_windows
+        from preftune.modeling.compat import layer_windows
 
-        try:
-            mask_windows(model_config)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        layer_windows(model_config)  # a ConfigError for what packed rows cannot lay out
     if cfg.reference.path is not None and not tokenizer_only:
         _model_config({**cfg.model, "path": cfg.reference.path}, "reference.path", tokenizer_only=False)
     if cfg.model.lora.r > 0 and importlib.util.find_spec("peft") is None:

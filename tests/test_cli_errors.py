@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 from test_distributed import free_port
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from preftune.cli import main
 from preftune.config import ConfigError, load_config
@@ -46,22 +46,26 @@ def empty_config(tmp_path) -> Path:
 
 
 @pytest.fixture
-def neox_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny model of a family packing does not support (gpt_neox)."""
-    path = tmp_path_factory.mktemp("neox")
-    config = GPTNeoXConfig(
+def bidirectional_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny model packing cannot lay out (Gemma 3 with bidirectional attention)."""
+    path = tmp_path_factory.mktemp("bidirectional")
+    config = AutoConfig.for_model(
+        "gemma3_text",
         vocab_size=len(tokenizer),
         hidden_size=16,
         num_hidden_layers=1,
         num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
         intermediate_size=32,
+        use_bidirectional_attention=True,
     )
-    GPTNeoXForCausalLM(config).save_pretrained(path)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-def mistakes(tmp_path: Path, model_dir: Path, neox_dir: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+def mistakes(tmp_path: Path, model_dir: Path, bidirectional_dir: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     """override(s) -> what the one line must say."""
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -79,8 +83,8 @@ def mistakes(tmp_path: Path, model_dir: Path, neox_dir: Path) -> dict[str, tuple
         "model-empty-dir": ([f"model.path={no_model}"], ("holds no model", "config.json")),
         "model-not-on-hub": (["model.path=no-such-org/no-such-model"], ("not a local directory",)),
         "packing-family": (
-            [f"model.path={neox_dir}", "data.packing=true"],
-            ("gpt_neox", "data.packing=false"),
+            [f"model.path={bidirectional_dir}", "data.packing=true"],
+            ("gemma3_text model is bidirectional", "data.packing=false"),
         ),
         "compile-varlen": (["data.packing=true", "model.compile=true"], ("model.compile",)),
         "pack-length": (["data.packing=true", "data.pack_length=50"], ("data.pack_length=50",)),
@@ -96,7 +100,7 @@ def mistakes(tmp_path: Path, model_dir: Path, neox_dir: Path) -> dict[str, tuple
 
 @pytest.mark.parametrize("command", ["train", "inspect"])
 def test_every_mistake_is_one_line_and_exit_2(
-    command, tmp_path, tiny_model_dir, pair_files, neox_dir, empty_config, capsys, monkeypatch
+    command, tmp_path, tiny_model_dir, pair_files, bidirectional_dir, empty_config, capsys, monkeypatch
 ):
     """``preftune.cli.main`` (what ``python -m preftune`` runs) on each mistake; no model is loaded."""
     import huggingface_hub
@@ -109,7 +113,7 @@ def test_every_mistake_is_one_line_and_exit_2(
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model_loads)
     base = base_args(tiny_model_dir("llama"), pair_files, tmp_path / "out")
-    cases = mistakes(tmp_path, tiny_model_dir("llama"), neox_dir)
+    cases = mistakes(tmp_path, tiny_model_dir("llama"), bidirectional_dir)
     capsys.readouterr()  # what building the fixtures' models printed
     for name, (overrides, expected) in cases.items():
         if command == "inspect" and name in ("too-few-pairs", "model-empty-dir"):
@@ -121,19 +125,19 @@ def test_every_mistake_is_one_line_and_exit_2(
 
 
 @pytest.mark.slow
-def test_real_cli_subprocess(tmp_path, tiny_model_dir, pair_files, neox_dir, empty_config):
+def test_real_cli_subprocess(tmp_path, tiny_model_dir, pair_files, bidirectional_dir, empty_config):
     base = base_args(tiny_model_dir("llama"), pair_files, tmp_path / "out")
     # inspect here; train runs as a real subprocess in test_torchrun_* and test_stop_and_resume
     cmd = [sys.executable, "-m", "preftune", "inspect", "--config", str(empty_config), *base]
     done = subprocess.run(
-        [*cmd, f"model.path={neox_dir}", "data.share_prompt=true", "optim.lr=1e-5"],
+        [*cmd, f"model.path={bidirectional_dir}", "data.share_prompt=true", "optim.lr=1e-5"],
         capture_output=True,
         text=True,
         timeout=300,
         env=OFFLINE,
     )
     assert done.returncode == 2
-    assert_one_line(done.stderr, "gpt_neox")
+    assert_one_line(done.stderr, "gemma3_text model is bidirectional")
     assert done.stdout == ""  # nothing was loaded or logged before the line
 
 

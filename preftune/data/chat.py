@@ -70,7 +70,9 @@ class ChatTemplate:
         full = self.render(probe, add_generation_prompt=False)
         if _PROBE_REPLY not in full:
             raise DataError("the chat template does not write the assistant message's content")
-        after = self.encode(full[full.rindex(_PROBE_REPLY) + len(_PROBE_REPLY) :])
+        after = self.tokenizer(
+            full[full.rindex(_PROBE_REPLY) + len(_PROBE_REPLY) :], add_special_tokens=False
+        )["input_ids"]
         special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
         first = next((i for i, token in enumerate(after) if token in special), None)
         self.end_id: int | None = None if first is None else after[first]
@@ -91,9 +93,6 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise DataError(f"the chat template fails on this conversation: {e}") from None
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _renders_system(self) -> bool:
         messages = [{"role": "system", "content": _PROBE_SYSTEM}, {"role": "user", "content": _PROBE_USER}]
         try:
@@ -113,7 +112,8 @@ class ChatTemplate:
         system, first, *rest = messages
         return [{**first, "content": f"{system['content']}\n\n{first['content']}"}, *rest]
 
-    def _end_response(self, ids: list[int]) -> list[int] | None:
+    def end_response(self, ids: list[int]) -> list[int] | None:
+        """A response's ids cut after its one end-of-turn token (None: it has none at its end, or two)."""
         if self.end_id is None:
             return ids if ids[-1:] == [self.eos_id] else [*ids, self.eos_id]
         end = len(ids) - len(self.after_end) - 1
@@ -123,10 +123,12 @@ class ChatTemplate:
             return None
         return ids[: end + 1]
 
-    def encode_pair(
-        self, prompt: list[dict], chosen: dict, rejected: dict
-    ) -> tuple[list[int], list[int], list[int]] | str:
-        """Prompt, chosen and rejected token ids, or the reason the pair cannot be trained on."""
+    def render_pair(self, prompt: list[dict], chosen: dict, rejected: dict) -> tuple[str, str, str] | str:
+        """The prompt text and the text each response adds to it, or the reason the pair cannot be trained on.
+
+        Rendering is separate from encoding so that many pairs' texts can be encoded in one batched call;
+        each response's ids then go through ``end_response``.
+        """
         prompt = self._fold_system(prompt)
         prompt_text = self.render(prompt, add_generation_prompt=True)
         responses = []
@@ -134,8 +136,5 @@ class ChatTemplate:
             text = self.render([*prompt, message], add_generation_prompt=False)
             if not text.startswith(prompt_text):
                 return BROKEN_PREFIX
-            ids = self._end_response(self.encode(text[len(prompt_text) :]))
-            if ids is None:
-                return BAD_END
-            responses.append(ids)
-        return self.encode(prompt_text), responses[0], responses[1]
+            responses.append(text[len(prompt_text) :])
+        return prompt_text, responses[0], responses[1]

@@ -10,44 +10,29 @@ import copy
 import hashlib
 import json
 import logging
-from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from preftune.config import ConfigError
-from preftune.data.chat import (
-    BAD_END,
-    BROKEN_PREFIX,
-    load_chat_template,
-)
+from preftune.data.chat import load_chat_template
 from preftune.data.checked_file import load_checked, save_checked
-from preftune.data.formats import (
-    COMPLETION_PAIRINGS,
-    FORMAT_NAMES,
-    DataError,
-    detect_format,
-    parse_pairs,
-    rename_columns,
-)
+from preftune.data.formats import COMPLETION_PAIRINGS, FORMAT_NAMES, DataError
 from preftune.data.hub import HubSource
 from preftune.data.mixture import WeightedPairs, weighted
+from preftune.data.pipeline import REWARD_FIELDS, TOKEN_FIELDS, store_columns, tokenize_sources
+from preftune.data.pipeline import TIED as TIED  # the drop reason of a tied NeMo-RL record, named here too
 from preftune.data.sources import Source, SourceSpec, resolve_sources
 from preftune.data.tokenize import PairTokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 3
-TIED = "completions all ranked the same"
-LOGGED_DROPS = (BROKEN_PREFIX, BAD_END)  # drops that point at a template problem: logged with their pair
-MAX_LOGGED = 5  # per reason and file
 
 
 @dataclass
@@ -65,10 +50,6 @@ class DatasetStats:
         return f"{self.path}: {self.format} format, {self.kept} pairs kept, dropped: {reasons}"
 
 
-TOKEN_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
-REWARD_FIELDS = ("chosen_reward", "rejected_reward")
-
-
 class TokenizedPairs(Sequence[dict[str, Any]]):
     """Tokenized pairs held column-wise: each token field is one flat int32 tensor with [N + 1] offsets, the
     rewards are [N] float64. Indexing returns the example as a dict of lists and floats.
@@ -84,23 +65,7 @@ class TokenizedPairs(Sequence[dict[str, Any]]):
     @classmethod
     def from_examples(cls, examples: Iterable[Mapping[str, Any]]) -> TokenizedPairs:
         """The store of ``examples`` (dicts of token lists and rewards), filled through compact buffers."""
-        tokens = {name: array("i") for name in TOKEN_FIELDS}
-        lengths = {name: array("q") for name in TOKEN_FIELDS}
-        rewards = {name: array("d") for name in REWARD_FIELDS}
-        for ex in examples:
-            for name in TOKEN_FIELDS:
-                tokens[name].extend(ex[name])
-                lengths[name].append(len(ex[name]))
-            for name in REWARD_FIELDS:
-                rewards[name].append(ex[name])
-        columns: dict[str, Tensor] = {}
-        for name in TOKEN_FIELDS:
-            columns[name] = torch.from_numpy(np.frombuffer(tokens[name], dtype=np.int32).copy())
-            counts = torch.from_numpy(np.frombuffer(lengths[name], dtype=np.int64).copy())
-            columns[f"{name}_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-        for name in REWARD_FIELDS:
-            columns[name] = torch.from_numpy(np.frombuffer(rewards[name], dtype=np.float64).copy())
-        return cls(columns)
+        return cls(store_columns(examples))
 
     def __len__(self) -> int:
         return len(self.columns[REWARD_FIELDS[0]])
@@ -187,11 +152,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
             self.examples, self.origins = TokenizedPairs(cached["examples"]), cached["origins"]
             self.drops = [tuple(d) for d in cached["drops"]]
             self.formats, self.records = cached["formats"], cached["records"]
-            self.from_cache = True
+            self.from_cache, self.tokenize_seconds = True, 0.0
             return
-        self.examples = TokenizedPairs.from_examples(
-            self._tokenize(pair_tokenizer, format, columns, completions)
-        )
+        tokenized = tokenize_sources(self.sources, pair_tokenizer, format, columns, completions)
+        self.examples, self.origins = TokenizedPairs(tokenized.columns), tokenized.origins
+        self.drops, self.formats, self.records = tokenized.drops, tokenized.formats, tokenized.records
+        self.tokenize_seconds = tokenized.seconds
         self.from_cache = False
         if not len(self.examples):
             raise DataError(f"{self.stats.summary()}; nothing left to train on (raise data.max_seq_length?)")
@@ -204,55 +170,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 "records": self.records,
             }
             save_checked(payload, cache_file)
-
-    def _tokenize(
-        self, pair_tokenizer: PairTokenizer, format: str, columns: dict[str, str], completions: str
-    ) -> Iterator[dict[str, Any]]:
-        """Yield the kept examples; record drops, formats, record counts and (once exhausted) origins."""
-        self.drops: list[tuple[int, int, int, str]] = []
-        self.formats: list[str] = []
-        self.records: list[int] = []
-        origins: list[tuple[int, int, int]] = []
-        for file_index, source in enumerate(self.sources):
-            fmt = None if format == "auto" else format
-            records, logged = 0, Counter()
-            progress = tqdm(
-                source.records(),
-                desc=f"tokenizing {source.path.name}",
-                unit=" records",
-                total=source.num_records(),
-                disable=None,
-            )
-            for n, record in progress:
-                where = source.where(n)
-                record = rename_columns(record, columns, where)
-                fmt = fmt or detect_format(record, where)
-                pairs = parse_pairs(record, fmt, where, completions)
-                if not pairs:
-                    self.drops.append((file_index, records, n, TIED))
-                for pair in pairs:
-                    try:
-                        example = pair_tokenizer(pair)
-                    except DataError as e:
-                        raise DataError(f"{where}: {e}") from None
-                    if isinstance(example, dict):
-                        yield example
-                        origins.append((file_index, records, n))
-                        continue
-                    self.drops.append((file_index, records, n, example))
-                    if example in LOGGED_DROPS:
-                        logged[example] += 1
-                        if logged[example] <= MAX_LOGGED:
-                            logger.warning("%s: pair dropped: %s", where, example)
-                records += 1
-            if not records:
-                raise DataError(f"{source.path}: the file has no records; fix the path or drop the file")
-            for reason, n in logged.items():
-                if n > MAX_LOGGED:
-                    logger.warning("%s: %d more pairs dropped: %s", source.path, n - MAX_LOGGED, reason)
-            self.formats.append(fmt)
-            self.records.append(records)
-        self.origins = torch.tensor(origins, dtype=torch.long).reshape(-1, 3)
 
     def _stats(self, path: str, file_indices: Sequence[int]) -> DatasetStats:
         in_files = torch.isin(self.origins[:, 0], torch.tensor(list(file_indices)))
@@ -272,6 +189,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if self.split_name is not None:
             path += f" ({self.split_name} split)"
         return self._stats(path, range(len(self.sources)))
+
+    def load_summary(self) -> str:
+        """The stats line, with where the pairs came from: the cache, or tokenizing at some pairs/s."""
+        if self.from_cache:
+            return f"{self.stats.summary()} (from cache)"
+        pairs, seconds = len(self) + len(self.drops), max(self.tokenize_seconds, 1e-9)
+        return f"{self.stats.summary()} (tokenized in {seconds:.1f} s, {pairs / seconds:.0f} pairs/s)"
 
     @property
     def file_stats(self) -> list[DatasetStats]:

@@ -63,8 +63,11 @@ class MixtureStats:
     counts: list[SourceCount]
 
     def summary(self) -> str:
+        return f"{self.base.summary()}; {self.weighting()}"
+
+    def weighting(self) -> str:
         drawn = ", ".join(f"{c.source} {c.pairs} x {c.weight:g} = {c.drawn}" for c in self.counts)
-        return f"{self.base.summary()}; weighted to {sum(c.drawn for c in self.counts)} pairs ({drawn})"
+        return f"weighted to {sum(c.drawn for c in self.counts)} pairs ({drawn})"
 
 
 class WeightedPairs(torch.utils.data.Dataset):
@@ -91,6 +94,10 @@ class WeightedPairs(torch.utils.data.Dataset):
     @property
     def stats(self) -> MixtureStats:
         return MixtureStats(self.dataset.stats, self.counts)
+
+    def load_summary(self) -> str:
+        """The tokenized set's summary (cache or tokenizing speed), then the weighting per source."""
+        return f"{self.dataset.load_summary()}; {self.stats.weighting()}"
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from preftune.data.chat import (
+    BAD_END,
     NO_TEMPLATE,
     ChatTemplate,
     tokenizer_template,
@@ -49,29 +50,38 @@ class PairTokenizer:
             self._chat = ChatTemplate(self.tokenizer, self.chat_template)
         return self._chat
 
-    def encode_prompt(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if self.bos_id is not None and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id, *ids]
-        return ids
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text, no special tokens added, in one batched call (a fast tokenizer encodes the
+        batch on all cores, without the GIL)."""
+        if not texts:
+            return []
+        return self.tokenizer(
+            texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+        )["input_ids"]
 
-    def encode_response(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ids[-1:] != [self.eos_id]:
-            ids.append(self.eos_id)
-        return ids
-
-    def __call__(self, pair: dict[str, Any]) -> dict[str, Any] | str:
-        """A tokenized example, or the reason it is dropped."""
+    def texts(self, pair: dict[str, Any]) -> tuple[str, str, str] | str:
+        """The prompt, chosen and rejected texts to encode (a chat pair rendered with its template), or the
+        reason the pair is dropped. A chat template failing on the conversation raises ``DataError``."""
         if isinstance(pair["prompt"], list):
-            encoded = self.chat.encode_pair(pair["prompt"], pair["chosen"], pair["rejected"])
-            if isinstance(encoded, str):
-                return encoded
-            prompt, chosen, rejected = encoded
+            return self.chat.render_pair(pair["prompt"], pair["chosen"], pair["rejected"])
+        return pair["prompt"], pair["chosen"], pair["rejected"]
+
+    def finish(
+        self, pair: dict[str, Any], prompt: list[int], chosen: list[int], rejected: list[int]
+    ) -> dict[str, Any] | str:
+        """The example from the encoded ``texts`` of ``pair``: one BOS (text prompts), one end-of-turn or EOS
+        ending each response, truncated; or the reason it is dropped."""
+        if isinstance(pair["prompt"], list):
+            chosen_end, rejected_end = self.chat.end_response(chosen), self.chat.end_response(rejected)
+            if chosen_end is None or rejected_end is None:
+                return BAD_END
+            chosen, rejected = chosen_end, rejected_end
         else:
-            prompt = self.encode_prompt(pair["prompt"])
-            chosen = self.encode_response(pair["chosen"])
-            rejected = self.encode_response(pair["rejected"])
+            if self.bos_id is not None and prompt[:1] != [self.bos_id]:
+                prompt = [self.bos_id, *prompt]
+            for ids in (chosen, rejected):
+                if ids[-1:] != [self.eos_id]:
+                    ids.append(self.eos_id)
         prompt, chosen, rejected = truncate(prompt, chosen, rejected, self.max_seq_length, self.bos_id)
         if not chosen or not rejected:
             return TRUNCATED_AWAY
@@ -84,6 +94,13 @@ class PairTokenizer:
             "chosen_reward": pair["chosen_reward"],
             "rejected_reward": pair["rejected_reward"],
         }
+
+    def __call__(self, pair: dict[str, Any]) -> dict[str, Any] | str:
+        """A tokenized example, or the reason it is dropped (one pair; ``preftune.data.pipeline`` batches)."""
+        texts = self.texts(pair)
+        if isinstance(texts, str):
+            return texts
+        return self.finish(pair, *self.encode_texts(list(texts)))
 
 
 def truncate(

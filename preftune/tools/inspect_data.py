@@ -7,30 +7,50 @@ duplicate prompts, and the first pair with the tokens the loss trains on marked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import textwrap
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig
 
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.chat import tokenizer_template
-from preftune.data.dataset import PreferenceDataset, load_datasets
+from preftune.data.dataset import PreferenceDataset, TokenizedPairs, load_datasets
 from preftune.data.mixture import WeightedPairs
 
 PERCENTILES = (50, 90, 99, 100)
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the trained (labelled) tokens in the rendered first pair
 
 
-def _percentiles(values: list[int]) -> dict[str, int]:
-    ordered = sorted(values)
+def _percentiles(values: np.ndarray) -> dict[str, int]:
+    ordered = np.sort(values)
     return {
-        ("max" if p == 100 else f"p{p}"): ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+        ("max" if p == 100 else f"p{p}"): int(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)])
         for p in PERCENTILES
     }
+
+
+def _lengths(store: TokenizedPairs, field: str, rows: np.ndarray) -> np.ndarray:
+    """Token counts of ``field`` of the pairs at ``rows``, from the store's offsets (no token is read)."""
+    offsets = store.columns[f"{field}_offsets"].numpy()
+    return offsets[rows + 1] - offsets[rows]
+
+
+def _duplicate_prompts(store: TokenizedPairs, rows: np.ndarray) -> dict[str, int]:
+    """Prompts shared by several pairs, and those pairs, counted from an 8-byte digest of each prompt."""
+    tokens = memoryview(store.columns["prompt_ids"].numpy())
+    offsets = store.columns["prompt_ids_offsets"].numpy()
+    starts, ends = offsets[rows].tolist(), offsets[rows + 1].tolist()
+    digests = np.empty(len(rows), dtype=np.uint64)
+    for k, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        digests[k] = int.from_bytes(hashlib.blake2b(tokens[start:end], digest_size=8).digest(), "little")
+    counts = np.unique(digests, return_counts=True)[1]
+    shared = counts[counts > 1]
+    return {"prompts": len(shared), "pairs": int(shared.sum())}
 
 
 def _render(tokenizer: Any, example: dict[str, Any]) -> dict[str, str]:
@@ -53,16 +73,13 @@ def _render(tokenizer: Any, example: dict[str, Any]) -> dict[str, str]:
 def file_reports(dataset: PreferenceDataset, tokenizer: Any) -> list[dict[str, Any]]:
     """One report per file of ``dataset``."""
     reports = []
-    file_of = dataset.origins[:, 0].tolist()
+    file_of = dataset.origins[:, 0].numpy()
     for i, stats in enumerate(dataset.file_stats):
-        rows = [k for k, f in enumerate(file_of) if f == i]
-        examples = [dataset.examples[k] for k in rows]
+        rows = np.flatnonzero(file_of == i)
         first_drop: dict[str, str] = {}
         for f, _, n, reason in dataset.drops:
             if f == i and reason not in first_drop:
                 first_drop[reason] = dataset.where(f, n)
-        prompts = Counter(tuple(ex["prompt_ids"]) for ex in examples)
-        shared = [c for c in prompts.values() if c > 1]
         report: dict[str, Any] = {
             "path": stats.path,
             "format": stats.format,
@@ -71,16 +88,16 @@ def file_reports(dataset: PreferenceDataset, tokenizer: Any) -> list[dict[str, A
             "dropped": dict(sorted(stats.dropped.items())),
             "first_dropped_at": first_drop,
             "tokens": {
-                side: _percentiles([len(ex[f"{side}_ids"]) for ex in examples])
+                side: _percentiles(_lengths(dataset.examples, f"{side}_ids", rows))
                 for side in ("prompt", "chosen", "rejected")
             }
-            if examples
+            if len(rows)
             else {},
-            "duplicate_prompts": {"prompts": len(shared), "pairs": sum(shared)},
+            "duplicate_prompts": _duplicate_prompts(dataset.examples, rows),
             "first_pair": None,
         }
-        if examples:
-            first = dataset.examples[rows[0]]
+        if len(rows):
+            first = dataset.examples[int(rows[0])]
             report["first_pair"] = {
                 "at": dataset.where(i, int(dataset.origins[rows[0], 2])),
                 **{f"{side}_tokens": len(first[f"{side}_ids"]) for side in ("prompt", "chosen", "rejected")},

@@ -17,6 +17,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 STRATEGIES = ("ddp", "fsdp2")
+TIMEOUT_ENV = "PREFTUNE_DIST_TIMEOUT_S"  # the process group's timeout in seconds, when set
+UNBOUNDED_WAIT = timedelta(days=7)  # how long ranks wait for rank 0's one-off work (tokenizing a data set)
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
             backend="nccl" if device.type == "cuda" else "gloo",
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(minutes=timeout_minutes),
+            timeout=timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, timeout_minutes * 60))),
         )
     return DistInfo(rank, world_size, local_rank, device)
 
@@ -85,6 +87,27 @@ def shutdown(wait: bool = True) -> None:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_rank_first(info: DistInfo) -> Iterator[None]:
+    """Run the body on rank 0, then on the other ranks (which then find what rank 0 cached).
+
+    The other ranks wait on a gloo group of its own whose timeout is days, not the process group's
+    minutes, so rank 0 may take as long as the data needs (a rank that fails ends the job through torchrun).
+    """
+    if not info.distributed:
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=UNBOUNDED_WAIT)
+    if not info.is_main:
+        dist.barrier(group=group)
+    try:
+        yield
+    finally:  # rank 0 failed too (a mistake in the data): the others go on to find it, and all stop together
+        if info.is_main:
+            dist.barrier(group=group)
+        dist.destroy_process_group(group)
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:

@@ -35,7 +35,7 @@ from preftune.modeling.reference_cache import (
 )
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import parameter_summary, quiet_libraries
-from preftune.training.distributed import DistInfo, barrier, env_rank, init_distributed
+from preftune.training.distributed import DistInfo, env_rank, init_distributed, main_rank_first
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
@@ -147,16 +147,11 @@ def load_training_data(
     if cfg.reference.path is not None:
         check_same_tokenizer(tokenizer, cfg.reference.path, cfg.model.trust_remote_code)
     cache_dir = cfg.data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
-    if not info.is_main:
-        barrier(info)
-    try:
+    with main_rank_first(info):  # however long rank 0 tokenizes, no collective times out
         train_set, val_set = load_datasets(cfg.data, tokenizer, cache_dir)
-    finally:  # a mistake in the data: the other ranks go on to find it too, and all stop together
-        if info.is_main:
-            barrier(info)
     for dataset in (train_set, val_set):
         if dataset is not None:
-            log(dataset.stats.summary() + (" (from cache)" if dataset.from_cache else ""))
+            log(dataset.load_summary())
     if len(train_set) < cfg.data.global_batch_size:
         raise DataError(
             f"the training set has {len(train_set)} pairs, fewer than one global batch "

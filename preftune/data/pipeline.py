@@ -1,0 +1,274 @@
+"""Tokenizing preference sources at scale: reading overlapped with batched, multi-threaded encoding.
+
+A reader thread reads records, turns them into pairs and renders their texts (chat pairs through the
+template); the calling thread encodes each chunk of texts in one call of the fast tokenizer, which runs on
+every core without the GIL, then checks and truncates each pair (``PairTokenizer.finish``) and appends it to
+flat int32 columns. No per-pair Python object outlives its chunk. Errors keep their file and line: the
+reader hands its error over in order, after the chunks read before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from array import array
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from preftune.data.chat import BAD_END, BROKEN_PREFIX
+from preftune.data.formats import DataError, detect_format, parse_pairs, rename_columns
+from preftune.data.sources import Source
+from preftune.data.tokenize import PairTokenizer
+
+logger = logging.getLogger(__name__)
+
+TOKEN_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+REWARD_FIELDS = ("chosen_reward", "rejected_reward")
+TIED = "completions all ranked the same"
+LOGGED_DROPS = (BROKEN_PREFIX, BAD_END)  # drops that point at a template problem: logged with their pair
+MAX_LOGGED = 5  # per reason and file
+CHUNK_CHARS = 1 << 18  # text characters per batched tokenizer call (about 60k tokens)
+QUEUED_CHUNKS = 2  # chunks the reader may run ahead
+
+
+def _column(buffer: array) -> Tensor:
+    """``buffer`` as a tensor without a copy; through numpy's view, the tensor holds the buffer (alive, and
+    locked against resizing)."""
+    return torch.from_numpy(np.frombuffer(buffer, dtype=buffer.typecode))
+
+
+class PairStoreBuilder:
+    """Flat columns filled pair by pair: tokens in int32 arrays, offsets running totals, rewards float64.
+
+    ``columns()`` hands the arrays over as tensors without copying them, so the peak is the store itself
+    (plus the arrays' growth slack), never two copies of it.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = {name: array("i") for name in TOKEN_FIELDS}
+        self.offsets = {name: array("q", [0]) for name in TOKEN_FIELDS}
+        self.rewards = {name: array("d") for name in REWARD_FIELDS}
+
+    def add(self, example: Mapping[str, Any]) -> None:
+        for name in TOKEN_FIELDS:
+            ids = example[name]
+            self.tokens[name].extend(ids)
+            self.offsets[name].append(self.offsets[name][-1] + len(ids))
+        for name in REWARD_FIELDS:
+            self.rewards[name].append(example[name])
+
+    def __len__(self) -> int:
+        return len(self.rewards[REWARD_FIELDS[0]])
+
+    def columns(self) -> dict[str, Tensor]:
+        columns: dict[str, Tensor] = {}
+        for name in TOKEN_FIELDS:
+            columns[name] = _column(self.tokens[name])
+            columns[f"{name}_offsets"] = _column(self.offsets[name])
+        for name in REWARD_FIELDS:
+            columns[name] = _column(self.rewards[name])
+        return columns
+
+
+def store_columns(examples: Iterable[Mapping[str, Any]]) -> dict[str, Tensor]:
+    """The flat columns of ``examples`` (dicts of token lists and rewards)."""
+    builder = PairStoreBuilder()
+    for example in examples:
+        builder.add(example)
+    return builder.columns()
+
+
+@dataclass
+class Tokenized:
+    """What tokenizing the sources gave: the columns, where each kept pair came from, and what was dropped."""
+
+    columns: dict[str, Tensor]
+    origins: Tensor  # [N, 3]: file index, record index in the file, line or row
+    drops: list[tuple[int, int, int, str]]  # (file index, record index, line or row, reason)
+    formats: list[str]
+    records: list[int]
+    seconds: float = 0.0
+
+
+@dataclass
+class _Item:
+    """One pair as read: where it is, and its texts to encode, or why it is already dropped."""
+
+    record: int
+    line: int
+    pair: dict[str, Any] | None
+    texts: tuple[str, str, str] | str
+
+
+@dataclass
+class _Chunk:
+    file_index: int
+    items: list[_Item] = field(default_factory=list)
+    chars: int = 0
+
+
+@dataclass
+class _FileEnd:
+    file_index: int
+    format: str
+    records: int
+
+
+@contextlib.contextmanager
+def _parallel_tokenizers() -> Iterator[None]:
+    """Let the Rust tokenizer use every core while tokenizing and, unless the user set
+    TOKENIZERS_PARALLELISM, turn it off afterwards so forked DataLoader workers neither warn nor deadlock."""
+    if "TOKENIZERS_PARALLELISM" in os.environ:
+        yield
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+class _Reader(threading.Thread):
+    """Reads the sources into chunks of rendered pairs, in order; an error goes into the queue in its place."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        pair_tokenizer: PairTokenizer,
+        format: str,
+        columns: Mapping[str, str],
+        completions: str,
+    ):
+        super().__init__(name="preftune-reader", daemon=True)
+        self.sources, self.pair_tokenizer = sources, pair_tokenizer
+        self.format, self.columns, self.completions = format, columns, completions
+        self.out: queue.Queue[_Chunk | _FileEnd | BaseException | None] = queue.Queue(QUEUED_CHUNKS)
+        self.stopped = threading.Event()
+
+    def _put(self, item: _Chunk | _FileEnd | BaseException | None) -> None:
+        while not self.stopped.is_set():
+            with contextlib.suppress(queue.Full):
+                self.out.put(item, timeout=0.1)
+                return
+
+    def run(self) -> None:
+        try:
+            for file_index, source in enumerate(self.sources):
+                self._read(file_index, source)
+            self._put(None)
+        except BaseException as e:  # handed to the consumer, raised there in order
+            self._put(e)
+
+    def _read(self, file_index: int, source: Source) -> None:
+        fmt = None if self.format == "auto" else self.format
+        chunk, records = _Chunk(file_index), 0
+        for n, record in source.records():
+            if self.stopped.is_set():
+                return
+            where = source.where(n)
+            record = rename_columns(record, self.columns, where)
+            fmt = fmt or detect_format(record, where)
+            pairs = parse_pairs(record, fmt, where, self.completions)
+            if not pairs:
+                chunk.items.append(_Item(records, n, None, TIED))
+            for pair in pairs:
+                try:
+                    texts = self.pair_tokenizer.texts(pair)
+                except DataError as e:
+                    raise DataError(f"{where}: {e}") from None
+                chunk.items.append(_Item(records, n, pair, texts))
+                chunk.chars += sum(map(len, texts)) if isinstance(texts, tuple) else 0
+            records += 1
+            if chunk.chars >= CHUNK_CHARS:
+                self._put(chunk)
+                chunk = _Chunk(file_index)
+        if not records:
+            raise DataError(f"{source.path}: the file has no records; fix the path or drop the file")
+        self._put(chunk)
+        self._put(_FileEnd(file_index, fmt, records))
+
+
+def tokenize_sources(
+    sources: Sequence[Source],
+    pair_tokenizer: PairTokenizer,
+    format: str,
+    columns: Mapping[str, str],
+    completions: str,
+) -> Tokenized:
+    """Read, check and tokenize every pair of ``sources`` (see the module docstring)."""
+    start = time.perf_counter()
+    reader = _Reader(sources, pair_tokenizer, format, columns, completions)
+    store, origins = PairStoreBuilder(), array("q")
+    drops: list[tuple[int, int, int, str]] = []
+    formats: list[str] = []
+    records: list[int] = []
+    logged: Counter = Counter()
+    progress = None
+    with _parallel_tokenizers():
+        reader.start()
+        try:
+            while (item := reader.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                source = sources[item.file_index]
+                if progress is None:
+                    progress = tqdm(
+                        desc=f"tokenizing {source.path.name}", unit=" pairs", disable=None, mininterval=1
+                    )
+                if isinstance(item, _FileEnd):
+                    for reason, n in logged.items():
+                        if n > MAX_LOGGED:
+                            logger.warning(
+                                "%s: %d more pairs dropped: %s", source.path, n - MAX_LOGGED, reason
+                            )
+                    logged.clear()
+                    formats.append(item.format)
+                    records.append(item.records)
+                    progress.close()
+                    progress = None
+                    continue
+                texts = [text for it in item.items if isinstance(it.texts, tuple) for text in it.texts]
+                encoded = iter(pair_tokenizer.encode_texts(texts))
+                del texts
+                for it in item.items:
+                    example = it.texts
+                    if isinstance(example, tuple):
+                        example = pair_tokenizer.finish(it.pair, next(encoded), next(encoded), next(encoded))
+                    if isinstance(example, dict):
+                        store.add(example)
+                        origins.extend((item.file_index, it.record, it.line))
+                        continue
+                    drops.append((item.file_index, it.record, it.line, example))
+                    if example in LOGGED_DROPS:
+                        logged[example] += 1
+                        if logged[example] <= MAX_LOGGED:
+                            logger.warning("%s: pair dropped: %s", source.where(it.line), example)
+                progress.update(len(item.items))
+        finally:
+            reader.stopped.set()
+            reader.join()
+            if progress is not None:
+                progress.close()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(store.tokens[name]) for name in TOKEN_FIELDS)
+    logger.info(
+        "tokenized %d pairs (%d tokens, %d dropped) from %d records in %.1f s: %.0f pairs/s",
+        len(store),
+        tokens,
+        len(drops),
+        sum(records),
+        seconds,
+        (len(store) + len(drops)) / max(seconds, 1e-9),
+    )
+    return Tokenized(store.columns(), _column(origins).reshape(-1, 3), drops, formats, records, seconds)
