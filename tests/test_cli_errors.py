@@ -65,7 +65,9 @@ def bidirectional_dir(tmp_path_factory, tokenizer) -> Path:
     return path
 
 
-def mistakes(tmp_path: Path, model_dir: Path, bidirectional_dir: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+def mistakes(
+    tmp_path: Path, model_dir: Path, bidirectional_dir: Path
+) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     """override(s) -> what the one line must say."""
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
