@@ -106,6 +106,22 @@ def config(work: Path, model: Path, data: Path, name: str) -> Path:
     return path
 
 
+def child(kind: str, pairs: int, data: Path, work: Path) -> list[str]:
+    """The command of one of this script's measured child processes (``--child KIND``)."""
+    return [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--pairs",
+        str(pairs),
+        "--data",
+        str(data),
+        "--work",
+        str(work),
+    ]
+
+
 def preftune(*args: str) -> list[str]:
     return [sys.executable, "-m", "preftune", *args]
 
@@ -198,21 +214,7 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if not args.no_trl:
         shutil.rmtree(work / f"trl-{args.pairs}", ignore_errors=True)  # a cold datasets cache
-        trl = run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                "trl",
-                "--pairs",
-                str(args.pairs),
-                "--data",
-                str(data),
-                "--work",
-                str(work),
-            ],
-            env,
-        )
+        trl = run(child("trl", args.pairs, data, work), env)
         result["trl"] = {k: v for k, v in trl.items() if k != "stdout"} | json.loads(trl["stdout"])
 
     shutil.rmtree(work / "inspect-10", ignore_errors=True)
@@ -223,21 +225,7 @@ def main() -> None:
     shutil.rmtree(work / f"inspect-{args.pairs}", ignore_errors=True)
     result["inspect_cold"] = run(preftune("inspect", "--config", str(cfg)), env)
     result["inspect_warm"] = run(preftune("inspect", "--config", str(cfg)), env)
-    reload = run(
-        [
-            sys.executable,
-            __file__,
-            "--child",
-            "reload",
-            "--pairs",
-            str(args.pairs),
-            "--data",
-            str(data),
-            "--work",
-            str(work),
-        ],
-        env,
-    )
+    reload = run(child("reload", args.pairs, data, work), env)
     result["reload"] = json.loads(reload["stdout"]) | {"process_peak_rss_mib": reload["peak_rss_mib"]}
     store = result["reload"]["token_store_mib"]
     cache_dir = str(work / f"inspect-{args.pairs}" / "cache" / "tokenized")
