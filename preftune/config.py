@@ -124,11 +124,29 @@ def validate(cfg: DictConfig) -> None:
     """Value checks that would otherwise fail deep inside training (and ``config_checks.check_settings``)."""
     from preftune.config_checks import check_settings
 
-    data, trainer = cfg.data, cfg.trainer
+    data = cfg.data
     if data.micro_batch_size < 1 or data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be >= 1")
     if data.max_seq_length < 2:
         raise ConfigError("data.max_seq_length must be >= 2 (one prompt token and one response token)")
+    _check_trainer(cfg.trainer)
+    _check_losses(cfg)
+    betas = cfg.optim.betas
+    if not isinstance(betas, ListConfig) or len(betas) != 2:
+        raise ConfigError("optim.betas must be a list of two floats")
+    if cfg.distributed.strategy not in ("ddp", "fsdp2"):
+        raise ConfigError(f"distributed.strategy={cfg.distributed.strategy}: use ddp or fsdp2")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={cfg.model.dtype}: use float32, bfloat16 or float16")
+    if cfg.model.autocast not in (None, "bfloat16", "float16"):
+        raise ConfigError(f"model.autocast={cfg.model.autocast}: use null, bfloat16 or float16")
+    check_settings(cfg)
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    """``trainer.*``: intervals, limits, checkpoint retention, the NaN/inf skip limit."""
+    from preftune.training.retention import Retention
+
     interval = trainer.val_check_interval
     if isinstance(interval, float) and not 0 < interval <= 1:
         raise ConfigError(f"trainer.val_check_interval={interval}: a float must be a fraction in (0, 1]")
@@ -138,6 +156,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("trainer.save_interval must be >= 1")
     if trainer.max_steps == -1 and (trainer.max_epochs is None or trainer.max_epochs < 1):
         raise ConfigError("set trainer.max_steps >= 1 or trainer.max_epochs >= 1")
+    if trainer.max_time is not None:
+        parse_max_time(trainer.max_time)
+    Retention.from_config(trainer)  # trainer.keep_last, trainer.keep_best
+    skips = trainer.max_skipped_steps
+    if isinstance(skips, bool) or not isinstance(skips, int) or skips < 1:
+        raise ConfigError(f"trainer.max_skipped_steps={skips}: use a number of steps >= 1")
+
+
+def _check_losses(cfg: DictConfig) -> None:
+    """``dpo.*`` and ``reference.*``: known loss names, no mix of reference-free and other losses, one weight
+    per loss, beta > 0, and a reference only for losses that use one."""
     names = loss_names(cfg.dpo)
     unknown = [n for n in names if n not in losses.LOSS_NAMES]
     if unknown:
@@ -160,9 +189,6 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.dpo.ref_policy_kl_penalty <= 0:
         raise ConfigError("dpo.ref_policy_kl_penalty (beta) must be > 0")
-    betas = cfg.optim.betas
-    if not isinstance(betas, ListConfig) or len(betas) != 2:
-        raise ConfigError("optim.betas must be a list of two floats")
     if cfg.reference.mode not in ("online", "precompute"):
         raise ConfigError(f"reference.mode={cfg.reference.mode}: use online or precompute")
     if cfg.reference.path is not None and free == {True}:
@@ -170,21 +196,6 @@ def validate(cfg: DictConfig) -> None:
             f"reference.path is set but dpo.preference_loss ({', '.join(names)}) uses no reference: "
             "remove reference.path"
         )
-    if cfg.distributed.strategy not in ("ddp", "fsdp2"):
-        raise ConfigError(f"distributed.strategy={cfg.distributed.strategy}: use ddp or fsdp2")
-    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype={cfg.model.dtype}: use float32, bfloat16 or float16")
-    if cfg.model.autocast not in (None, "bfloat16", "float16"):
-        raise ConfigError(f"model.autocast={cfg.model.autocast}: use null, bfloat16 or float16")
-    if trainer.max_time is not None:
-        parse_max_time(trainer.max_time)
-    check_settings(cfg)
-    from preftune.training.retention import Retention
-
-    Retention.from_config(trainer)  # trainer.keep_last, trainer.keep_best
-    skips = trainer.max_skipped_steps
-    if isinstance(skips, bool) or not isinstance(skips, int) or skips < 1:
-        raise ConfigError(f"trainer.max_skipped_steps={skips}: use a number of steps >= 1")
 
 
 def loss_names(dpo_cfg: DictConfig) -> list[str]:

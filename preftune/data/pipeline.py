@@ -199,6 +199,62 @@ class _Reader(threading.Thread):
         self._put(_FileEnd(file_index, fmt, records))
 
 
+class _Collector:
+    """The consumer's side: encodes each chunk's texts in one batched call, checks and stores its pairs, keeps
+    the drops (a few of each template problem logged per file) and each file's format and record count."""
+
+    def __init__(self, sources: Sequence[Source], pair_tokenizer: PairTokenizer):
+        self.sources, self.pair_tokenizer = sources, pair_tokenizer
+        self.store, self.origins = PairStoreBuilder(), array("q")
+        self.drops: list[tuple[int, int, int, str]] = []
+        self.formats: list[str] = []
+        self.records: list[int] = []
+        self.logged: Counter = Counter()
+
+    def add_chunk(self, chunk: _Chunk) -> None:
+        texts = [text for item in chunk.items if isinstance(item.texts, tuple) for text in item.texts]
+        encoded = iter(self.pair_tokenizer.encode_texts(texts))
+        del texts
+        for item in chunk.items:
+            example = item.texts
+            if isinstance(example, tuple):
+                example = self.pair_tokenizer.finish(item.pair, next(encoded), next(encoded), next(encoded))
+            if isinstance(example, dict):
+                self.store.add(example)
+                self.origins.extend((chunk.file_index, item.record, item.line))
+                continue
+            self.drops.append((chunk.file_index, item.record, item.line, example))
+            if example in LOGGED_DROPS:
+                self.logged[example] += 1
+                if self.logged[example] <= MAX_LOGGED:
+                    where = self.sources[chunk.file_index].where(item.line)
+                    logger.warning("%s: pair dropped: %s", where, example)
+
+    def end_file(self, end: _FileEnd) -> None:
+        path = self.sources[end.file_index].path
+        for reason, n in self.logged.items():
+            if n > MAX_LOGGED:
+                logger.warning("%s: %d more pairs dropped: %s", path, n - MAX_LOGGED, reason)
+        self.logged.clear()
+        self.formats.append(end.format)
+        self.records.append(end.records)
+
+    def result(self, seconds: float) -> Tokenized:
+        tokens = sum(len(self.store.tokens[name]) for name in TOKEN_FIELDS)
+        kept, dropped = len(self.store), len(self.drops)
+        logger.info(
+            "tokenized %d pairs (%d tokens, %d dropped) from %d records in %.1f s: %.0f pairs/s",
+            kept,
+            tokens,
+            dropped,
+            sum(self.records),
+            seconds,
+            (kept + dropped) / max(seconds, 1e-9),
+        )
+        origins = _column(self.origins).reshape(-1, 3)
+        return Tokenized(self.store.columns(), origins, self.drops, self.formats, self.records, seconds)
+
+
 def tokenize_sources(
     sources: Sequence[Source],
     pair_tokenizer: PairTokenizer,
@@ -209,11 +265,7 @@ def tokenize_sources(
     """Read, check and tokenize every pair of ``sources`` (see the module docstring)."""
     start = time.perf_counter()
     reader = _Reader(sources, pair_tokenizer, format, columns, completions)
-    store, origins = PairStoreBuilder(), array("q")
-    drops: list[tuple[int, int, int, str]] = []
-    formats: list[str] = []
-    records: list[int] = []
-    logged: Counter = Counter()
+    collector = _Collector(sources, pair_tokenizer)
     progress = None
     with _parallel_tokenizers():
         reader.start()
@@ -221,54 +273,19 @@ def tokenize_sources(
             while (item := reader.out.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                source = sources[item.file_index]
-                if progress is None:
-                    progress = tqdm(
-                        desc=f"tokenizing {source.path.name}", unit=" pairs", disable=None, mininterval=1
-                    )
+                if progress is None:  # one bar per file
+                    name = sources[item.file_index].path.name
+                    progress = tqdm(desc=f"tokenizing {name}", unit=" pairs", disable=None, mininterval=1)
                 if isinstance(item, _FileEnd):
-                    for reason, n in logged.items():
-                        if n > MAX_LOGGED:
-                            logger.warning(
-                                "%s: %d more pairs dropped: %s", source.path, n - MAX_LOGGED, reason
-                            )
-                    logged.clear()
-                    formats.append(item.format)
-                    records.append(item.records)
+                    collector.end_file(item)
                     progress.close()
                     progress = None
                     continue
-                texts = [text for it in item.items if isinstance(it.texts, tuple) for text in it.texts]
-                encoded = iter(pair_tokenizer.encode_texts(texts))
-                del texts
-                for it in item.items:
-                    example = it.texts
-                    if isinstance(example, tuple):
-                        example = pair_tokenizer.finish(it.pair, next(encoded), next(encoded), next(encoded))
-                    if isinstance(example, dict):
-                        store.add(example)
-                        origins.extend((item.file_index, it.record, it.line))
-                        continue
-                    drops.append((item.file_index, it.record, it.line, example))
-                    if example in LOGGED_DROPS:
-                        logged[example] += 1
-                        if logged[example] <= MAX_LOGGED:
-                            logger.warning("%s: pair dropped: %s", source.where(it.line), example)
+                collector.add_chunk(item)
                 progress.update(len(item.items))
         finally:
             reader.stopped.set()
             reader.join()
             if progress is not None:
                 progress.close()
-    seconds = time.perf_counter() - start
-    tokens = sum(len(store.tokens[name]) for name in TOKEN_FIELDS)
-    logger.info(
-        "tokenized %d pairs (%d tokens, %d dropped) from %d records in %.1f s: %.0f pairs/s",
-        len(store),
-        tokens,
-        len(drops),
-        sum(records),
-        seconds,
-        (len(store) + len(drops)) / max(seconds, 1e-9),
-    )
-    return Tokenized(store.columns(), _column(origins).reshape(-1, 3), drops, formats, records, seconds)
+    return collector.result(time.perf_counter() - start)

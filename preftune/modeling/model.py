@@ -215,24 +215,7 @@ class DPOModel(nn.Module):
         ref_chosen, ref_rejected = per_pair(ref_logps, loss.average_logps)
         rewards_chosen = losses.implicit_rewards(chosen, ref_chosen, loss.beta).detach()
         rewards_rejected = losses.implicit_rewards(rejected, ref_rejected, loss.beta).detach()
-        preference = losses.mixture_loss(
-            list(loss.names),
-            list(loss.weights),
-            chosen,
-            rejected,
-            ref_chosen,
-            ref_rejected,
-            beta=loss.beta,
-            chosen_rewards=batch.chosen_rewards,
-            rejected_rewards=batch.rejected_rewards,
-            gt_reward_scale=loss.gt_reward_scale,
-            chosen_lengths=counts[:num_pairs],
-            rejected_lengths=counts[num_pairs:],
-            label_smoothing=loss.label_smoothing,
-            simpo_gamma=loss.simpo_gamma,
-            rdpo_alpha=loss.rdpo_alpha,
-            bco_delta=self.bco_delta.value if self.bco_delta is not None else None,
-        )
+        preference = self.preference_loss(chosen, rejected, ref_chosen, ref_rejected, batch, counts)
         sft_chosen, _ = per_pair(logps, loss.sft_average_logps)
         sft = losses.sft_loss(sft_chosen)
         total = loss.preference_weight * preference + loss.sft_weight * sft
@@ -255,6 +238,37 @@ class DPOModel(nn.Module):
             objective = objective + router.coef * aux_loss
             metrics["loss"], metrics["aux_loss"] = objective.detach(), aux_loss.detach()
         return objective, metrics
+
+    def preference_loss(
+        self,
+        chosen: Tensor,
+        rejected: Tensor,
+        ref_chosen: Tensor | None,
+        ref_rejected: Tensor | None,
+        batch: MicroBatch,
+        counts: Tensor,
+    ) -> Tensor:
+        """[P] the configured preference loss (or weighted mixture) of each pair, from its (summed or averaged)
+        policy and reference log-probs, ground-truth rewards and response token ``counts`` ([2P])."""
+        loss, num_pairs = self.loss, batch.num_pairs
+        return losses.mixture_loss(
+            list(loss.names),
+            list(loss.weights),
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=loss.beta,
+            chosen_rewards=batch.chosen_rewards,
+            rejected_rewards=batch.rejected_rewards,
+            gt_reward_scale=loss.gt_reward_scale,
+            chosen_lengths=counts[:num_pairs],
+            rejected_lengths=counts[num_pairs:],
+            label_smoothing=loss.label_smoothing,
+            simpo_gamma=loss.simpo_gamma,
+            rdpo_alpha=loss.rdpo_alpha,
+            bco_delta=self.bco_delta.value if self.bco_delta is not None else None,
+        )
 
     def observe_step_rewards(self, chosen_mean: float, rejected_mean: float, num_pairs: int) -> None:
         """Fold an optimizer step's mean implicit rewards (all its pairs, every micro-batch and rank) into

@@ -185,6 +185,80 @@ def sample_generations(
     return sample
 
 
+def check_packed_layout(cfg: DictConfig, model: DPOModel, info: DistInfo) -> None:
+    """Packed / shared-prompt runs: the real model's laid-out rows against separate forwards (a pass is cached
+    in ``output_dir/cache/layout_check``)."""
+    if not (cfg.data.packing or cfg.data.share_prompt):
+        return
+    cached = check_layout(
+        model,
+        pack=cfg.data.packing,
+        share_prompt=cfg.data.share_prompt,
+        model_path=local_model_dir(cfg.model.path),
+        dtype=cfg.model.dtype,
+        cache_dir=Path(cfg.output_dir) / "cache" / "layout_check" if info.is_main else None,
+    )
+    log(f"layout self-check: {'passed before (cached)' if cached else 'passed'}")
+
+
+def cache_reference(
+    cfg: DictConfig, model: DPOModel, train_set: Any, val_set: Any, collate: Callable
+) -> tuple[Any, Any, Callable]:
+    """``reference.mode: precompute``: one pass of the reference over train and validation, cached per (data,
+    model) in ``output_dir/cache/reference`` (a resumed run loads them); the reference model is then freed.
+    Returns the datasets and collate that carry the cached log-probs."""
+    if cfg.reference.mode != "precompute" or model.loss.reference_free:
+        return train_set, val_set, collate
+    train_set, val_set = precompute_reference(
+        model,
+        [train_set, val_set],
+        collate,
+        Path(cfg.output_dir) / "cache" / "reference",
+        model_fingerprint=model_fingerprint(
+            local_model_dir(cfg.reference.path or cfg.model.path),
+            cfg.model.dtype + "+nf4" * (cfg.model.load_in_4bit and cfg.reference.path is None),
+        ),
+        batch_pairs=cfg.data.global_batch_size,
+    )
+    for cache in (c for c in (train_set, val_set) if c is not None):
+        log(f"reference log-probs {'loaded from' if cache.from_cache else 'computed into'} {cache.path}")
+    return train_set, val_set, with_cached_reference(collate)
+
+
+def resume_training(
+    trainer: DPOTrainer, checkpoint: Path, cfg: DictConfig, saved_cfg: DictConfig | None
+) -> None:
+    """Restore the optimizer, scheduler, RNG and trainer state of ``checkpoint``; follow a changed schedule."""
+    state = trainer.ckpt_callback.load_training_state(
+        checkpoint, model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler
+    )
+    trainer.load_state_dict(state)
+    log(f"resuming from {checkpoint} (step {state['step']}, {state['consumed_samples']} pairs consumed)")
+    change = saved_cfg is not None and schedule_change(saved_cfg, cfg, trainer.step, trainer.steps_per_epoch)
+    if change:
+        restart_schedule(trainer.scheduler, cfg.optim.lr)
+        log(change)
+
+
+def start_line(cfg: DictConfig, info: DistInfo, model: DPOModel, trainer: DPOTrainer) -> str:
+    """``training for N steps of B pairs on WHERE (LAYOUT)`` (a resumed run: the steps left)."""
+    where = (
+        f"{info.world_size} x {info.device.type} ({cfg.distributed.strategy})"
+        if info.distributed
+        else info.device
+    )
+    layout = [
+        name for name, on in (("packed", cfg.data.packing), ("shared prompt", cfg.data.share_prompt)) if on
+    ]
+    layout.append(f"{model.policy.config._attn_implementation} attention")
+    steps = (
+        f"{trainer.max_steps - trainer.step} steps left of {trainer.max_steps}"
+        if trainer.step
+        else f"{trainer.max_steps} steps"
+    )
+    return f"training for {steps} of {cfg.data.global_batch_size} pairs on {where} ({', '.join(layout)})"
+
+
 def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None) -> TrainResult:
     timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)
@@ -198,43 +272,17 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         log(finished.message())
         return TrainResult(finished.val_metrics, finished=True)
 
-    # Model: the policy and its reference, both from model.path (the reference before any checkpoint is
-    # restored), then the newest checkpoint's weights, then DDP/FSDP2, then the optimizer.
+    # Model: the policy and its reference (built before any checkpoint is restored), then the newest
+    # checkpoint's weights, then DDP/FSDP2, then the reference's cached log-probs, then the optimizer.
     model = DPOModel.from_config(cfg).to(info.device)
-    if cfg.data.packing or cfg.data.share_prompt:  # the real model's packed rows against separate forwards
-        cached = check_layout(
-            model,
-            pack=cfg.data.packing,
-            share_prompt=cfg.data.share_prompt,
-            model_path=local_model_dir(cfg.model.path),
-            dtype=cfg.model.dtype,
-            cache_dir=output_dir / "cache" / "layout_check" if info.is_main else None,
-        )
-        log(f"layout self-check: {'passed before (cached)' if cached else 'passed'}")
+    check_packed_layout(cfg, model, info)
     train_set, collate = micro_batch_layout(cfg, train_set, model, tokenizer.eos_token_id, info.device)
     checkpointer = Checkpointer(output_dir, tokenizer, Retention.from_config(cfg.trainer))
     latest = checkpointer.resume_point(warn=log)
     if latest is not None:
         checkpointer.load_weights(latest, model.policy)
     model.distribute(cfg.distributed.strategy, info)
-
-    # Reference log-probs: one pass of the reference over train and validation, cached per (data, model) in
-    # output_dir/cache/reference (a resumed run loads them); the reference model is then freed.
-    if cfg.reference.mode == "precompute" and not model.loss.reference_free:
-        train_set, val_set = precompute_reference(
-            model,
-            [train_set, val_set],
-            collate,
-            output_dir / "cache" / "reference",
-            model_fingerprint=model_fingerprint(
-                local_model_dir(cfg.reference.path or cfg.model.path),
-                cfg.model.dtype + "+nf4" * (cfg.model.load_in_4bit and cfg.reference.path is None),
-            ),
-            batch_pairs=cfg.data.global_batch_size,
-        )
-        for cache in (c for c in (train_set, val_set) if c is not None):
-            log(f"reference log-probs {'loaded from' if cache.from_cache else 'computed into'} {cache.path}")
-        collate = with_cached_reference(collate)
+    train_set, val_set, collate = cache_reference(cfg, model, train_set, val_set, collate)
     train_loader = build_dataloader(train_set, cfg, info, train=True)
     val_loader = build_dataloader(val_set, cfg, info, train=False) if val_set is not None else None
     optimizer = build_optimizer(model.policy, cfg.optim)
@@ -255,19 +303,9 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         run_timer=timer,
     )
 
-    # Resume from the newest complete checkpoint in output_dir, if any.
+    # Resume from the newest complete checkpoint, then open the trackers at that step.
     if latest is not None:
-        state = checkpointer.load_training_state(
-            latest, model=model, optimizer=optimizer, scheduler=scheduler
-        )
-        trainer.load_state_dict(state)
-        log(f"resuming from {latest} (step {state['step']}, {state['consumed_samples']} pairs consumed)")
-        change = saved_cfg is not None and schedule_change(
-            saved_cfg, cfg, trainer.step, trainer.steps_per_epoch
-        )
-        if change:
-            restart_schedule(scheduler, cfg.optim.lr)
-            log(change)
+        resume_training(trainer, latest, cfg, saved_cfg)
     resume_step = trainer.step if latest is not None else None  # None: a fresh start (drop old records)
     logger.truncate_after(-1 if resume_step is None else resume_step)
     if info.is_main:  # a tracker that cannot start stops the run here, before any training
@@ -275,21 +313,7 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         truncate_samples_after(output_dir, -1 if resume_step is None else resume_step)
     trainer.on_validation = sample_generations(cfg, model, tokenizer, val_set, logger)
 
-    where = (
-        f"{info.world_size} x {info.device.type} ({cfg.distributed.strategy})"
-        if info.distributed
-        else info.device
-    )
-    layout = [
-        name for name, on in (("packed", cfg.data.packing), ("shared prompt", cfg.data.share_prompt)) if on
-    ]
-    layout.append(f"{model.policy.config._attn_implementation} attention")
-    steps = (
-        f"{trainer.max_steps - trainer.step} steps left of {trainer.max_steps}"
-        if trainer.step
-        else f"{trainer.max_steps} steps"
-    )
-    log(f"training for {steps} of {cfg.data.global_batch_size} pairs on {where} ({', '.join(layout)})")
+    log(start_line(cfg, info, model, trainer))
     log(parameter_summary(model))
     try:
         trainer.fit()
