@@ -125,6 +125,13 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory, tokenizer):
+    """Same family and tokenizer as ``tiny_model_dir('llama')``, other weights (an 'SFT' reference)."""
+    model = build_tiny_model("llama", len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=7)
+    return save_tiny(model, tokenizer, tmp_path_factory.mktemp("other-llama"))
+
+
+@pytest.fixture(scope="session")
 def pair_files(tmp_path_factory):
     """Small train/validation JSONL files in NeMo format."""
     root = tmp_path_factory.mktemp("pairs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -170,3 +171,47 @@ def test_two_process_checkpoint_resumes_on_one(strategy, single, tmp_path, tiny_
     wa, wb = final_weights(single), final_weights(out)
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def single_with_reference(tmp_path_factory, tiny_model_dir, other_model_dir, pair_files):
+    return launch(
+        tmp_path_factory.mktemp("single-reference"),
+        "run",
+        1,
+        tiny_model_dir("llama"),
+        pair_files,
+        f"trainer.max_steps={STEPS}",
+        f"reference.path={other_model_dir}",
+    )
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_reference_path_under_two_processes(
+    strategy, single_with_reference, tmp_path, tiny_model_dir, other_model_dir, pair_files
+):
+    """A separate reference (``reference.path``; FSDP2 shards it too) gives what it gives in one process."""
+    multi = launch(
+        tmp_path,
+        strategy,
+        2,
+        tiny_model_dir("llama"),
+        pair_files,
+        f"trainer.max_steps={STEPS}",
+        f"distributed.strategy={strategy}",
+        f"reference.path={other_model_dir}",
+    )
+    a, b = train_records(single_with_reference), train_records(multi)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    assert abs(a[1]["train/preference_loss"] - math.log(2)) > 1e-3  # the reference is not the policy
+    for step in a:
+        for key in (
+            "train/loss",
+            "train/ref_logps_chosen_mean",
+            "train/rewards_chosen_mean",
+            "train/grad_norm",
+        ):
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (strategy, step, key)
+    wa, wb = final_weights(single_with_reference), final_weights(multi)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=f"{strategy} {key}")

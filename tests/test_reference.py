@@ -20,13 +20,6 @@ from preftune.training.recipe import check_same_tokenizer
 from conftest import pair_batch, records, run
 
 
-@pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory, tokenizer):
-    """Same family and tokenizer as ``tiny_model_dir('llama')``, other weights (an 'SFT' reference)."""
-    model = build_tiny_model("llama", len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=7)
-    return save_tiny(model, tokenizer, tmp_path_factory.mktemp("other-llama"))
-
-
 def build(model_dir, *overrides: str) -> DPOModel:
     return DPOModel.from_config(load_config(None, [f"model.path={model_dir}", "data.train=x", *overrides]))
 
