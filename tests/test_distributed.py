@@ -77,6 +77,19 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(output_dir / f"checkpoints/step_{STEPS}/model/model.safetensors")
 
 
+def assert_same_run(single: Path, multi: Path, keys: tuple[str, ...], label: str) -> None:
+    """Every step's ``keys`` and the final weights of the two runs agree to 1e-5."""
+    a, b = train_records(single), train_records(multi)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        for key in keys:
+            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (label, step, key)
+    wa, wb = final_weights(single), final_weights(multi)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=f"{label} {key}")
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_model_dir, pair_files):
     return launch(
@@ -111,22 +124,15 @@ def test_two_processes_equal_one(strategy, layout, single, tmp_path, tiny_model_
         f"distributed.strategy={strategy}",
         *layout,
     )
-    a, b = train_records(single), train_records(multi)
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-    for step in a:
-        for key in (
-            "train/loss",
-            "train/acc",
-            "train/preference_loss",
-            "train/rewards_chosen_mean",
-            "train/grad_norm",
-        ):
-            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (strategy, step, key)
-    assert b[1]["train/loss"] == pytest.approx(0.693147, abs=1e-5)
-    wa, wb = final_weights(single), final_weights(multi)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=f"{strategy} {key}")
+    keys = (
+        "train/loss",
+        "train/acc",
+        "train/preference_loss",
+        "train/rewards_chosen_mean",
+        "train/grad_norm",
+    )
+    assert_same_run(single, multi, keys, strategy)
+    assert train_records(multi)[1]["train/loss"] == pytest.approx(0.693147, abs=1e-5)
     lines = (multi / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len({(json.loads(x)["step"], "train/loss" in x) for x in lines}), "rank 0 alone logs"
 
@@ -201,17 +207,7 @@ def test_reference_path_under_two_processes(
         f"distributed.strategy={strategy}",
         f"reference.path={other_model_dir}",
     )
-    a, b = train_records(single_with_reference), train_records(multi)
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-    assert abs(a[1]["train/preference_loss"] - math.log(2)) > 1e-3  # the reference is not the policy
-    for step in a:
-        for key in (
-            "train/loss",
-            "train/ref_logps_chosen_mean",
-            "train/rewards_chosen_mean",
-            "train/grad_norm",
-        ):
-            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (strategy, step, key)
-    wa, wb = final_weights(single_with_reference), final_weights(multi)
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=f"{strategy} {key}")
+    keys = ("train/loss", "train/ref_logps_chosen_mean", "train/rewards_chosen_mean", "train/grad_norm")
+    assert_same_run(single_with_reference, multi, keys, strategy)
+    first = train_records(single_with_reference)[1]["train/preference_loss"]
+    assert abs(first - math.log(2)) > 1e-3  # the reference is not the policy
