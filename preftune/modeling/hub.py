@@ -7,6 +7,7 @@ wrong path or id is one clear line rather than a traceback from deep inside ``fr
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def check_model_source(path: str, key: str = "model.path") -> None:
         raise ConfigError(
             f"{key}={path} does not exist (no such directory, and not a Hub id of the form org/name)"
         )
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry warnings repeat what the one line below says
     try:
         cached_file(str(path), "config.json")
     except (OSError, ValueError) as e:  # ValueError: huggingface_hub rejects the id (e.g. "a..b")
@@ -41,6 +45,8 @@ def check_model_source(path: str, key: str = "model.path") -> None:
         raise ConfigError(
             f"{key}={path}: not a local directory, and no model with that id was found {where}: {reason}"
         ) from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 def local_model_dir(path: str) -> Path:
