@@ -208,21 +208,10 @@ def _model_config(model_cfg: Any, key: str, tokenizer_only: bool) -> Any:
     from preftune.modeling.hub import check_model_source
 
     path = str(model_cfg["path"])
+    check_model_source(path, key, tokenizer_only=tokenizer_only)
     local = Path(path).expanduser()
-    if local.exists() and not local.is_dir():
-        raise ConfigError(f"{key}={path} is a file: point it at a model directory (config.json, weights)")
-    if local.is_dir():
-        if tokenizer_only and not (local / "config.json").is_file():
-            return None
-        if not (local / "config.json").is_file():
-            raise ConfigError(
-                f"{key}={path} holds no model (no config.json): point it at a directory written by "
-                "save_pretrained, e.g. a checkpoint's model/"
-            )
-        if not tokenizer_only and not any(p.suffix in (".safetensors", ".bin") for p in local.iterdir()):
-            raise ConfigError(f"{key}={path} holds no weights (no *.safetensors or *.bin files)")
-    else:
-        check_model_source(path, key)  # a Hub id whose config.json resolves, in the cache or online
+    if local.is_dir() and not (local / "config.json").is_file():
+        return None  # a tokenizer alone (inspect): check_model_source refuses it otherwise
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
     except (OSError, ValueError) as e:

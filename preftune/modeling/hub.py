@@ -19,12 +19,23 @@ from preftune.config import ConfigError
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # name or org/name
 
 
-def check_model_source(path: str, key: str = "model.path") -> None:
-    """Raise ``ConfigError`` unless ``path`` is a model directory or a Hub id whose ``config.json`` resolves."""
-    local = Path(path)
-    if local.is_dir():
+def check_model_source(path: str, key: str = "model.path", *, tokenizer_only: bool = False) -> None:
+    """Raise ``ConfigError`` unless ``path`` is a model directory (``config.json`` and weights) or a Hub id
+    whose ``config.json`` resolves. ``tokenizer_only`` (``inspect``): a local directory may hold just a
+    tokenizer."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ConfigError(f"{key}={path} is a file: point it at a model directory (config.json, weights)")
+        if tokenizer_only:
+            return
         if not (local / "config.json").is_file():
-            raise ConfigError(f"{key}={path}: the directory has no config.json (not a Hugging Face model)")
+            raise ConfigError(
+                f"{key}={path} holds no model: the directory has no config.json; point it at a directory "
+                "written by save_pretrained, e.g. a checkpoint's model/"
+            )
+        if not any(p.suffix in (".safetensors", ".bin") for p in local.iterdir()):
+            raise ConfigError(f"{key}={path} holds no weights (no *.safetensors or *.bin files)")
         return
     if not HUB_ID.match(str(path)):
         raise ConfigError(
