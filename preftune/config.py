@@ -167,7 +167,7 @@ def _check_trainer(trainer: DictConfig) -> None:
 def _check_losses(cfg: DictConfig) -> None:
     """``dpo.*`` and ``reference.*``: known loss names, no mix of reference-free and other losses, one weight
     per loss, beta > 0, and a reference only for losses that use one."""
-    names = loss_names(cfg.dpo)
+    names = losses.loss_names(cfg.dpo.preference_loss)
     unknown = [n for n in names if n not in losses.LOSS_NAMES]
     if unknown:
         nearest = difflib.get_close_matches(unknown[0], losses.LOSS_NAMES, n=1)
@@ -189,6 +189,10 @@ def _check_losses(cfg: DictConfig) -> None:
         )
     if cfg.dpo.ref_policy_kl_penalty <= 0:
         raise ConfigError("dpo.ref_policy_kl_penalty (beta) must be > 0")
+    if "robust" in names and not 0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(
+            f"dpo.label_smoothing={cfg.dpo.label_smoothing}: the robust loss needs 0 <= label_smoothing < 0.5"
+        )
     if cfg.reference.mode not in ("online", "precompute"):
         raise ConfigError(f"reference.mode={cfg.reference.mode}: use online or precompute")
     if cfg.reference.path is not None and free == {True}:
@@ -196,12 +200,6 @@ def _check_losses(cfg: DictConfig) -> None:
             f"reference.path is set but dpo.preference_loss ({', '.join(names)}) uses no reference: "
             "remove reference.path"
         )
-
-
-def loss_names(dpo_cfg: DictConfig) -> list[str]:
-    """``dpo.preference_loss`` as a list (a single name or a mixture)."""
-    value = dpo_cfg.preference_loss
-    return [str(v) for v in value] if isinstance(value, ListConfig) else [str(value)]
 
 
 def parse_max_time(value: str) -> float:

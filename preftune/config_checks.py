@@ -134,12 +134,6 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use one of {', '.join(OPTIMIZERS)}")
     if cfg.optim.sched.name not in SCHEDULES:
         raise ConfigError(f"optim.sched.name={cfg.optim.sched.name!r}: use one of {', '.join(SCHEDULES)}")
-    names = cfg.dpo.preference_loss
-    names = list(names) if isinstance(names, ListConfig) else [names]
-    if "robust" in names and not 0 <= cfg.dpo.label_smoothing < 0.5:
-        raise ConfigError(
-            f"dpo.label_smoothing={cfg.dpo.label_smoothing}: the robust loss needs 0 <= label_smoothing < 0.5"
-        )
     attention = packed_attention(cfg)
     if cfg.model.compile and attention == VARLEN:
         raise ConfigError(

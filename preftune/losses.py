@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -526,6 +526,13 @@ class RunningMean:
         self.total, self.count = float(state["total"]), int(state["count"])
 
 
+def loss_names(preference_loss: str | Sequence[str]) -> tuple[str, ...]:
+    """``dpo.preference_loss`` as names: one name, or the names of a mixture."""
+    if isinstance(preference_loss, str):
+        return (preference_loss,)
+    return tuple(str(name) for name in preference_loss)
+
+
 @dataclass(frozen=True)
 class LossSettings:
     """The ``dpo.*`` config, parsed once: what ``DPOModel`` computes its objective from."""
@@ -550,8 +557,7 @@ class LossSettings:
     @classmethod
     def from_config(cls, dpo: Any) -> LossSettings:
         """From the ``dpo`` section (a mapping; names and weights are checked by ``preftune.config``)."""
-        names = dpo["preference_loss"]
-        names = (names,) if isinstance(names, str) else tuple(names)
+        names = loss_names(dpo["preference_loss"])
         average = dpo["preference_average_log_probs"]
         return cls(
             names=names,

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from preftune.config import loss_names
+from preftune.losses import loss_names
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ModelCard:
                 adapter += f", continued from the adapter {lora.init_from}"
         card = cls(
             base_model=str(model.path),
-            losses=loss_names(run_cfg.dpo),
+            losses=list(loss_names(run_cfg.dpo.preference_loss)),
             beta=float(run_cfg.dpo.ref_policy_kl_penalty),
             steps=int(state["step"]),
             pairs_seen=int(state["consumed_samples"]),
