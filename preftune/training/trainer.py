@@ -202,17 +202,18 @@ class DPOTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.item()  # one device sync per step
         lr = self.optimizer.param_groups[0]["lr"]
         metrics, pairs, tokens = accumulator.reduce(self.model.dist)
         # a NaN/inf loss or gradient norm: not applied (the scheduler and data position still advance)
-        skipped = self.skip_guard.skip(self.step + 1, metrics["loss"], grad_norm.item())
+        skipped = self.skip_guard.skip(self.step + 1, metrics["loss"], grad_norm)
         if not skipped:
             self.optimizer.step()
             self.model.observe_step_rewards(
                 metrics["rewards_chosen_mean"], metrics["rewards_rejected_mean"], pairs
             )
         self.scheduler.step()
-        metrics.update(grad_norm=grad_norm.item(), lr=lr, tokens=tokens, skipped=int(skipped))
+        metrics.update(grad_norm=grad_norm, lr=lr, tokens=tokens, skipped=int(skipped))
         return metrics
 
     # -- evaluation ----------------------------------------------------------------------------------
