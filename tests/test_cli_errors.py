@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from test_distributed import free_port
+from test_distributed import torchrun
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from preftune.cli import main
@@ -164,24 +164,8 @@ def test_torchrun_reports_a_mistake_once(tmp_path, tiny_model_dir, pair_files, e
     """Two CPU ranks, a data file that does not exist (found after the process group is up): one line, by
     rank 0, which torchrun's report names as the root cause; no rank's traceback."""
     base = base_args(tiny_model_dir("llama"), pair_files, tmp_path / "out")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        f"--master-port={free_port()}",
-    ]
     done = subprocess.run(
-        [
-            *cmd,
-            "-m",
-            "preftune",
-            "train",
-            "--config",
-            str(empty_config),
-            *base,
-            f"data.train={tmp_path}/no.jsonl",
-        ],
+        torchrun(2, "train", "--config", str(empty_config), *base, f"data.train={tmp_path}/no.jsonl"),
         capture_output=True,
         text=True,
         timeout=300,

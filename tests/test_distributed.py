@@ -25,6 +25,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(nproc: int, *preftune_args: str) -> list[str]:
+    """``torchrun --nproc-per-node=N -m preftune ARGS`` on a free port, with this Python."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        "-m",
+        "preftune",
+        *preftune_args,
+    ]
+
+
 def launch(tmp_path: Path, name: str, nproc: int, model_dir: Path, files: dict, *overrides: str) -> Path:
     output_dir = tmp_path / name
     config = tmp_path / "empty.yaml"
@@ -49,19 +63,7 @@ def launch(tmp_path: Path, name: str, nproc: int, model_dir: Path, files: dict, 
     if nproc == 1:
         cmd = [sys.executable, "-m", "preftune", "train", "--config", str(config), *args]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}",
-            "-m",
-            "preftune",
-            "train",
-            "--config",
-            str(config),
-            *args,
-        ]
+        cmd = torchrun(nproc, "train", "--config", str(config), *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]

@@ -169,7 +169,7 @@ TIMEOUT_S = 5
 @pytest.mark.slow
 def test_two_ranks_outlast_the_timeout_while_rank_0_tokenizes(tmp_path, tiny_model_dir, tokenizer):
     """Rank 0 renders a slow chat template for longer than the process-group timeout; rank 1 waits."""
-    from test_distributed import free_port
+    from test_distributed import torchrun
 
     conv = [
         {
@@ -185,14 +185,8 @@ def test_two_ranks_outlast_the_timeout_while_rank_0_tokenizes(tmp_path, tiny_mod
     out = tmp_path / "run"
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        f"--master-port={free_port()}",
-        "-m",
-        "preftune",
+    cmd = torchrun(
+        2,
         "train",
         "--config",
         str(config),
@@ -205,7 +199,7 @@ def test_two_ranks_outlast_the_timeout_while_rank_0_tokenizes(tmp_path, tiny_mod
         "data.global_batch_size=2",
         "trainer.max_steps=1",
         "trainer.val_check_interval=100",
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFTUNE_DIST_TIMEOUT_S": str(TIMEOUT_S)}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
