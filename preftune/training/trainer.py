@@ -264,8 +264,10 @@ class DPOTrainer:
             tqdm.write(message)
 
     def _request_stop(self, signum: int, frame: Any) -> None:
-        stop_signals.on_stop_signal(signum, again=self.stop_requested, announce=self.model.dist.is_main)
-        self.stop_requested = True
+        # The flag first: a second Ctrl-C can interrupt this handler while it prints (Python runs a pending
+        # handler between any two bytecodes, its own included), and must then find the first one counted.
+        again, self.stop_requested = self.stop_requested, True
+        stop_signals.on_stop_signal(signum, again=again, announce=self.model.dist.is_main)
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> None:
