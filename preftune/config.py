@@ -12,8 +12,6 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf._yaml import get_yaml_loader
 
-from preftune import losses
-
 
 class ConfigError(ValueError):
     """A config key or value the user must fix."""
@@ -167,6 +165,8 @@ def _check_trainer(trainer: DictConfig) -> None:
 def _check_losses(cfg: DictConfig) -> None:
     """``dpo.*`` and ``reference.*``: known loss names, no mix of reference-free and other losses, one weight
     per loss, beta > 0, and a reference only for losses that use one."""
+    from preftune import losses
+
     names = losses.loss_names(cfg.dpo.preference_loss)
     unknown = [n for n in names if n not in losses.LOSS_NAMES]
     if unknown:
