@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from preftune.config import load_config
 from preftune.data.batch import dpo_custom_collate
@@ -17,6 +21,10 @@ from preftune.data.tokenize import PairTokenizer
 from preftune.tools.tiny import build_tiny_model, save_tiny, train_tokenizer
 from preftune.training.recipe import train
 
+# Tiny matrices: one thread per test process (and per process a test starts) is many times faster than
+# several threads fighting over shared cores, and pytest-xdist runs one test process per core.
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 WORDS = (
     "the a cat dog bird fish red blue green small large quick slow runs jumps sits sleeps eats sings "
     "under over near far house tree river hill yes no answer question please list name colour number"
@@ -110,16 +118,68 @@ def tokenizer():
     return train_tokenizer([sentence(rng, 12) for _ in range(400)], vocab_size=300)
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """The directory ``name``, filled by ``build(path)`` once per test run. pytest-xdist gives each worker
+    its own temporary directory under one shared by the run: the first worker to ask builds there while the
+    others wait on a file lock, then all of them read the same files."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    path, built = root / name, root / f"{name}.built"
+    with FileLock(root / f"{name}.lock"):
+        if not built.exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a build that failed half-way left
+            path.mkdir()
+            build(path)
+            built.touch()
+    return path
+
+
+def shared_run(
+    tmp_path_factory, name: str, model_dir: Path, files: dict, *overrides: str
+) -> tuple[dict, Path]:
+    """``run`` (its final metrics and output directory) trained once per test run and shared by every test
+    that asks for the same ``name``. Tests read it; a test that resumes or changes it works on a copy
+    (``copy_run``)."""
+    out = built_once(
+        tmp_path_factory,
+        name,
+        lambda path: (path / "final.json").write_text(
+            json.dumps(run(path, "run", model_dir, files, *overrides)[0])
+        ),
+    )
+    return json.loads((out / "final.json").read_text()), out / "run"
+
+
+def copy_run(run_dir: Path, tmp_path: Path, name: str = "run") -> Path:
+    """A copy of a shared run at ``tmp_path / name``, for a test that resumes or changes it."""
+    return Path(shutil.copytree(run_dir, tmp_path / name))
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, tiny_model_dir, pair_files) -> Path:
+    """Tiny llama, 6 steps, a checkpoint every 2: what interrupted and resumed runs must end up equal to."""
+    settings = ("trainer.max_steps=6", "trainer.save_interval=2")
+    return shared_run(tmp_path_factory, "straight", tiny_model_dir("llama"), pair_files, *settings)[1]
+
+
+@pytest.fixture(scope="session")
+def half_run(tmp_path_factory, tiny_model_dir, pair_files) -> Path:
+    """``straight_run`` stopped after step 4 (checkpoints step_2 and step_4); tests resume or damage copies."""
+    settings = ("trainer.max_steps=4", "optim.sched.max_steps=6", "trainer.save_interval=2")
+    return shared_run(tmp_path_factory, "half", tiny_model_dir("llama"), pair_files, *settings)[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
-    """Factory: a saved tiny model of the given family (cached per arch for the session)."""
-    built: dict[str, Path] = {}
+    """Factory: a saved tiny model of the given family (built once per test run and arch)."""
 
     def make(arch: str = "llama") -> Path:
-        if arch not in built:
+        def build(path: Path) -> None:
             model = build_tiny_model(arch, len(tokenizer), hidden_size=32, num_layers=2, num_heads=4)
-            built[arch] = save_tiny(model, tokenizer, tmp_path_factory.mktemp(f"tiny-{arch}"))
-        return built[arch]
+            save_tiny(model, tokenizer, path)
+
+        return built_once(tmp_path_factory, f"tiny-{arch}", build)
 
     return make
 
@@ -127,15 +187,21 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def other_model_dir(tmp_path_factory, tokenizer):
     """Same family and tokenizer as ``tiny_model_dir('llama')``, other weights (an 'SFT' reference)."""
-    model = build_tiny_model("llama", len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=7)
-    return save_tiny(model, tokenizer, tmp_path_factory.mktemp("other-llama"))
+
+    def build(path: Path) -> None:
+        model = build_tiny_model("llama", len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, seed=7)
+        save_tiny(model, tokenizer, path)
+
+    return built_once(tmp_path_factory, "other-llama", build)
 
 
 @pytest.fixture(scope="session")
 def pair_files(tmp_path_factory):
     """Small train/validation JSONL files in NeMo format."""
-    root = tmp_path_factory.mktemp("pairs")
-    return {
-        "train": write_jsonl(root / "train.jsonl", make_pairs(48, seed=1)),
-        "validation": write_jsonl(root / "validation.jsonl", make_pairs(16, seed=2)),
-    }
+
+    def build(root: Path) -> None:
+        write_jsonl(root / "train.jsonl", make_pairs(48, seed=1))
+        write_jsonl(root / "validation.jsonl", make_pairs(16, seed=2))
+
+    root = built_once(tmp_path_factory, "pairs", build)
+    return {"train": root / "train.jsonl", "validation": root / "validation.jsonl"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -13,6 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from preftune.cli import main
+
+from conftest import built_once
 
 pytestmark = pytest.mark.slow
 
@@ -60,12 +63,11 @@ def launch(tmp_path: Path, name: str, nproc: int, model_dir: Path, files: dict, 
         "trainer.val_check_interval=100",
         *overrides,
     ]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "preftune", "train", "--config", str(config), *args]
-    else:
-        cmd = torchrun(nproc, "train", "--config", str(config), *args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if nproc == 1:  # the CLI in this process: only the 2-process runs need torchrun
+        assert main(["train", "--config", str(config), *args]) == 0
+        return output_dir
+    cmd = torchrun(nproc, "train", "--config", str(config), *args)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return output_dir
 
@@ -92,16 +94,15 @@ def assert_same_run(single: Path, multi: Path, keys: tuple[str, ...], label: str
         torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=f"{label} {key}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single(tmp_path_factory, tiny_model_dir, pair_files):
-    return launch(
-        tmp_path_factory.mktemp("single"),
-        "run",
-        1,
-        tiny_model_dir("llama"),
-        pair_files,
-        f"trainer.max_steps={STEPS}",
-    )
+    """The one-process run the two-process runs must equal (built once per test run; read only)."""
+    model_dir = tiny_model_dir("llama")
+
+    def build(path: Path) -> None:
+        launch(path, "run", 1, model_dir, pair_files, f"trainer.max_steps={STEPS}")
+
+    return built_once(tmp_path_factory, "single", build) / "run"
 
 
 @pytest.mark.parametrize(
@@ -181,17 +182,15 @@ def test_two_process_checkpoint_resumes_on_one(strategy, single, tmp_path, tiny_
         torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=key)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single_with_reference(tmp_path_factory, tiny_model_dir, other_model_dir, pair_files):
-    return launch(
-        tmp_path_factory.mktemp("single-reference"),
-        "run",
-        1,
-        tiny_model_dir("llama"),
-        pair_files,
-        f"trainer.max_steps={STEPS}",
-        f"reference.path={other_model_dir}",
-    )
+    """``single`` with a separate reference model (built once per test run; read only)."""
+    model_dir, reference = tiny_model_dir("llama"), f"reference.path={other_model_dir}"
+
+    def build(path: Path) -> None:
+        launch(path, "run", 1, model_dir, pair_files, f"trainer.max_steps={STEPS}", reference)
+
+    return built_once(tmp_path_factory, "single-reference", build) / "run"
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])

@@ -69,15 +69,6 @@ LAYOUTS = {"packed": (True, False), "shared": (False, True), "packed+shared": (T
 LENGTHS = [(1, 1, 1), (0, 3, 12), (10, 1, 1), (6, 12, 9), (4, 14, 5)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is ~20x faster than several fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def family_model(model_type: str) -> PreTrainedModel:
     """The family's seeded random fp32 model (eager attention, no dropout), shared by the tests."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from preftune.cli import main
 from preftune.config import load_config
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference import AdaptersOffReference
@@ -24,18 +23,11 @@ pytestmark = pytest.mark.slow  # end-to-end runs of the real recipe
 LORA = ("model.lora.r=4", "model.lora.alpha=8")
 
 
-def run_export(checkpoint: Path, output: Path, *flags: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "preftune",
-        "export",
-        "--checkpoint",
-        str(checkpoint),
-        "--output",
-        str(output),
-    ]
-    return subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=300)
+def run_export(checkpoint: Path, output: Path, capsys, *flags: str) -> tuple[int, str]:
+    """``preftune export`` in this process: (exit status, stderr)."""
+    capsys.readouterr()
+    status = main(["export", "--checkpoint", str(checkpoint), "--output", str(output), *flags])
+    return status, capsys.readouterr().err
 
 
 def test_step_zero_without_a_second_copy(tiny_model_dir, tokenizer, forbid_model_copies):
@@ -62,7 +54,7 @@ def test_step_zero_without_a_second_copy(tiny_model_dir, tokenizer, forbid_model
     assert model.policy.training, "the reference pass restores the policy's mode"
 
 
-def test_resume_accumulation_precompute_checkpoint_and_export(tmp_path, tiny_model_dir, pair_files):
+def test_resume_accumulation_precompute_checkpoint_and_export(tmp_path, tiny_model_dir, pair_files, capsys):
     model_dir = tiny_model_dir("qwen2")
     common = (*LORA, "optim.lr=2e-2", "optim.sched.max_steps=4", "data.micro_batch_size=2")
     _, straight = run(tmp_path, "straight", model_dir, pair_files, "trainer.max_steps=4", *common)
@@ -98,21 +90,21 @@ def test_resume_accumulation_precompute_checkpoint_and_export(tmp_path, tiny_mod
     with torch.no_grad():
         expected = adapted(ids).logits
     export = tmp_path / "export"
-    refused = run_export(checkpoint, export)
-    assert refused.returncode == 2 and "--merge" in refused.stderr
-    done = run_export(checkpoint, export, "--merge")
-    assert done.returncode == 0, done.stderr
+    status, err = run_export(checkpoint, export, capsys)
+    assert status == 2 and "--merge" in err
+    status, err = run_export(checkpoint, export, capsys, "--merge")
+    assert status == 0, err
     merged = AutoModelForCausalLM.from_pretrained(export).eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=0)
 
 
-def test_export_full_finetune_copies_model(tmp_path, tiny_model_dir, pair_files):
+def test_export_full_finetune_copies_model(tmp_path, tiny_model_dir, pair_files, capsys):
     _, out = run(tmp_path, "full", tiny_model_dir("llama"), pair_files, "trainer.max_steps=1")
     export = tmp_path / "export"
-    done = run_export(out / "checkpoints/step_1", export)
-    assert done.returncode == 0, done.stderr
+    status, err = run_export(out / "checkpoints/step_1", export, capsys)
+    assert status == 0, err
     ids = torch.tensor([[0, 5, 17, 23]])
     a = AutoModelForCausalLM.from_pretrained(export)(ids).logits
     b = AutoModelForCausalLM.from_pretrained(out / "checkpoints/step_1/model")(ids).logits

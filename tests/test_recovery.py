@@ -31,7 +31,7 @@ from preftune.training.manifest import manifest_bytes, problem, write_manifest
 from preftune.training.retention import Retention, SavedCheckpoint, checkpoints_to_delete
 from preftune.training.run_lock import LOCK_FILE
 
-from conftest import make_pairs, records, run, write_jsonl
+from conftest import copy_run, make_pairs, records, run, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,41 +71,6 @@ def error_line(err: str) -> str:
     found = err.count("preftune: error:")
     assert found == 1 and "Traceback" not in err, err
     return "preftune: error:" + err.split("preftune: error:")[1].split("\n")[0].split("\r")[0]
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, tiny_model_dir, pair_files):
-    """6 steps, a checkpoint every 2: what every interrupted run below must end up equal to."""
-    _, out = run(
-        tmp_path_factory.mktemp("straight"),
-        "run",
-        tiny_model_dir("llama"),
-        pair_files,
-        "trainer.max_steps=6",
-        "trainer.save_interval=2",
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def half(tmp_path_factory, tiny_model_dir, pair_files):
-    """The straight run stopped after step 4 (checkpoints step_2 and step_4); tests damage copies of it."""
-    _, out = run(
-        tmp_path_factory.mktemp("half"),
-        "run",
-        tiny_model_dir("llama"),
-        pair_files,
-        "trainer.max_steps=4",
-        "optim.sched.max_steps=6",
-        "trainer.save_interval=2",
-    )
-    return out
-
-
-def copy_of(run_dir: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(run_dir, out)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ retention
@@ -177,7 +142,7 @@ def test_keep_last_and_best_across_resume(tmp_path, tiny_model_dir, pair_files):
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_resume_stays_exact(
-    tmp_path, tiny_model_dir, pair_files, straight, capsys
+    tmp_path, tiny_model_dir, pair_files, straight_run, capsys
 ):
     """A pair whose reward overflows float32 gives its step an infinite RPO loss: the step is not applied,
     under 4-way gradient accumulation. Steps 1 (no optimizer state yet) and 4 hold one each; the other steps
@@ -204,7 +169,7 @@ def test_nonfinite_steps_are_skipped_and_resume_stays_exact(
         unchanged = all(torch.equal(before[k], after[k]) for k in after)
         assert unchanged == (step in (1, 4)), step  # skipped steps change nothing, the others train
         assert all(torch.isfinite(t).all() for t in after.values())
-    clean = records(straight, "train")  # the schedule advanced through the skipped steps
+    clean = records(straight_run, "train")  # the schedule advanced through the skipped steps
     assert [recs[s]["train/lr"] for s in range(1, 7)] == [clean[s]["train/lr"] for s in range(1, 7)]
 
     for stop in (1, 4, 6):  # stopped right after each skipped step, then resumed
@@ -267,7 +232,7 @@ def mount_tmpfs(where: Path, size: int, remount: bool = False) -> bool:
 
 
 @pytest.mark.slow
-def test_full_disk_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, pair_files, straight, capsys):
+def test_full_disk_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, pair_files, straight_run, capsys):
     """A checkpoint save on a full filesystem (a small tmpfs; RLIMIT_FSIZE where mounting is not allowed)."""
     model_dir = tiny_model_dir("llama")
     disk = tmp_path / "disk"
@@ -305,7 +270,7 @@ def test_full_disk_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, pair_file
             assert mount_tmpfs(disk, 64 << 20, remount=True)  # space freed
         status, _, err = cli_train(out, model_dir, pair_files, capsys, "trainer.max_steps=6", *settings)
         assert status == 0, err
-        assert_same_run(out, straight)
+        assert_same_run(out, straight_run)
         # keep_last=1 kept step_6 and the checkpoint this run resumed from
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_6"]
     finally:
@@ -319,9 +284,9 @@ def test_full_disk_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, pair_file
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "alter"])
 def test_damaged_checkpoint_falls_back_to_previous(
-    damage, tmp_path, tiny_model_dir, pair_files, half, straight, capsys
+    damage, tmp_path, tiny_model_dir, pair_files, half_run, straight_run, capsys
 ):
-    out = copy_of(half, tmp_path)
+    out = copy_run(half_run, tmp_path)
     step_4 = out / "checkpoints/step_4"
     if damage == "truncate":
         target = step_4 / "model/model.safetensors"
@@ -335,7 +300,9 @@ def test_damaged_checkpoint_falls_back_to_previous(
         shutil.copy(target, out / "checkpoints/step_2/optimizer" / target.name)
         with pytest.raises(CheckpointError, match="No complete checkpoint to resume from"):
             run(tmp_path, "run", tiny_model_dir("llama"), pair_files, "trainer.max_steps=6")
-        shutil.copy(half / "checkpoints/step_2/optimizer" / target.name, out / "checkpoints/step_2/optimizer")
+        shutil.copy(
+            half_run / "checkpoints/step_2/optimizer" / target.name, out / "checkpoints/step_2/optimizer"
+        )
     capsys.readouterr()
     run(
         tmp_path, "run", tiny_model_dir("llama"), pair_files, "trainer.max_steps=6", "trainer.save_interval=2"
@@ -343,7 +310,7 @@ def test_damaged_checkpoint_falls_back_to_previous(
     log = capsys.readouterr().out
     assert f"checkpoint {step_4} is damaged: {target.relative_to(step_4).as_posix()}" in log
     assert "resuming from step_2 instead" in log
-    assert_same_run(out, straight)
+    assert_same_run(out, straight_run)
 
 
 # ------------------------------------------------------------------------------------------ caches
@@ -445,9 +412,9 @@ class RunsCode:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["rng.pt", "scheduler.pt"])
 def test_checkpoint_with_code_in_a_pickle_is_refused(
-    name, tmp_path, tiny_model_dir, pair_files, half, capsys
+    name, tmp_path, tiny_model_dir, pair_files, half_run, capsys
 ):
-    out = copy_of(half, tmp_path)
+    out = copy_run(half_run, tmp_path)
     step_4 = out / "checkpoints/step_4"
     marker = tmp_path / "code-ran"
     torch.save({"state": RunsCode(marker)}, step_4 / name)

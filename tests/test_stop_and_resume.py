@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from preftune.cli import main
 from preftune.config import load_config
 from preftune.training.recipe import train
 
@@ -118,7 +119,7 @@ def test_finished_run_does_nothing_and_schedule_change_is_told(tmp_path, tiny_mo
 
 
 def test_relative_paths_are_saved_absolute_and_export_works_elsewhere(
-    tmp_path, tiny_model_dir, pair_files, monkeypatch
+    tmp_path, tiny_model_dir, pair_files, monkeypatch, capsys
 ):
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
@@ -145,10 +146,9 @@ def test_relative_paths_are_saved_absolute_and_export_works_elsewhere(
     assert Path(saved.output_dir) == work / "run"
     adapter = json.loads((work / "run/checkpoints/step_1/model/adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]) == tiny_model_dir("llama").resolve()
-    done = subprocess.run(
-        [sys.executable, "-m", "preftune", "export", "--checkpoint", str(work / "run/checkpoints/step_1"),
-         "--output", "merged", "--merge"],
-        capture_output=True, text=True, timeout=300, cwd=elsewhere,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(elsewhere)
+    status = main(
+        ["export", "--checkpoint", str(work / "run/checkpoints/step_1"), "--output", "merged", "--merge"]
+    )
+    assert status == 0, capsys.readouterr().err
     assert (elsewhere / "merged/model.safetensors").is_file()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from preftune.cli import main
 from preftune.training.checkpoint import Checkpointer
 
-from conftest import records, run
+from conftest import copy_run, records, run, shared_run
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the real recipe
 
@@ -32,9 +31,8 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint / "model" / "model.safetensors")
 
 
-def test_resume_is_identical_to_straight_run(tmp_path, tiny_model_dir, pair_files, capsys):
-    model_dir = tiny_model_dir("llama")
-    _, straight = run(tmp_path, "straight", model_dir, pair_files, "trainer.max_steps=6")
+def test_resume_is_identical_to_straight_run(tmp_path, tiny_model_dir, pair_files, straight_run, capsys):
+    model_dir, straight = tiny_model_dir("llama"), straight_run  # 6 steps, checkpoints every 2
     common = ("optim.sched.max_steps=6",)
     run(tmp_path, "resumed", model_dir, pair_files, "trainer.max_steps=3", *common)
     assert Checkpointer(tmp_path / "resumed").latest().name == "step_3"
@@ -59,9 +57,16 @@ def test_resume_is_identical_to_straight_run(tmp_path, tiny_model_dir, pair_file
     }  # epoch of the last step
 
 
-def test_rerun_of_finished_run_changes_nothing(tmp_path, tiny_model_dir, pair_files):
+@pytest.fixture(scope="session")
+def two_steps(tmp_path_factory, tiny_model_dir, pair_files) -> Path:
+    """Tiny llama trained 2 steps (read only: tests resume copies)."""
+    settings = ("trainer.max_steps=2",)
+    return shared_run(tmp_path_factory, "two-steps", tiny_model_dir("llama"), pair_files, *settings)[1]
+
+
+def test_rerun_of_finished_run_changes_nothing(tmp_path, tiny_model_dir, pair_files, two_steps):
     model_dir = tiny_model_dir("llama")
-    _, out = run(tmp_path, "done", model_dir, pair_files, "trainer.max_steps=2")
+    out = copy_run(two_steps, tmp_path, "done")
     before = weights(out / "checkpoints/step_2")
     run(tmp_path, "done", model_dir, pair_files, "trainer.max_steps=2")
     after = weights(out / "checkpoints/step_2")
@@ -127,9 +132,9 @@ def test_metrics_checkpoints_and_validation(tmp_path, tiny_model_dir, pair_files
     assert not torch.allclose(policy(ids).logits, base(ids).logits), "weights should have changed"
 
 
-def test_incomplete_checkpoints_are_ignored(tmp_path, tiny_model_dir, pair_files, capsys):
+def test_incomplete_checkpoints_are_ignored(tmp_path, tiny_model_dir, pair_files, two_steps, capsys):
     model_dir = tiny_model_dir("llama")
-    _, out = run(tmp_path, "run", model_dir, pair_files, "trainer.max_steps=2")
+    out = copy_run(two_steps, tmp_path)
     # a crash mid-save leaves a temporary directory; a directory without trainer state is not complete
     (out / "checkpoints/.tmp_step_9_123/model").mkdir(parents=True)
     (out / "checkpoints/step_7/model").mkdir(parents=True)
@@ -152,24 +157,22 @@ def test_max_time_validates_saves_and_stops(tmp_path, tiny_model_dir, pair_files
     assert Checkpointer(out).latest().name == "step_1"
 
 
-def test_cli_train_and_errors(tmp_path, tiny_model_dir, pair_files):
+def test_cli_train_and_errors(tmp_path, tiny_model_dir, pair_files, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(
         f"model:\n  path: {tiny_model_dir('llama')}\n"
         f"data:\n  train: {pair_files['train']}\n  micro_batch_size: 4\n  global_batch_size: 8\n"
         f"output_dir: {tmp_path / 'cli'}\n"
     )
-    cmd = [sys.executable, "-m", "preftune", "train", "--config", str(config)]
-    ok = subprocess.run([*cmd, "trainer.max_steps=1"], capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr
+    cmd = ["train", "--config", str(config)]
+    assert main([*cmd, "trainer.max_steps=1"]) == 0, capsys.readouterr().err
     assert (tmp_path / "cli/checkpoints/step_1/model/model.safetensors").is_file()
-    bad = subprocess.run([*cmd, "trainer.max_step=1"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2
-    assert "unknown config key 'trainer.max_step'" in bad.stderr and "trainer.max_steps" in bad.stderr
-    missing = subprocess.run(
-        [*cmd, "data.train=/nonexistent.jsonl"], capture_output=True, text=True, timeout=300
-    )
-    assert missing.returncode == 2 and "/nonexistent.jsonl" in missing.stderr
+    capsys.readouterr()
+    assert main([*cmd, "trainer.max_step=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'trainer.max_step'" in err and "trainer.max_steps" in err
+    assert main([*cmd, "data.train=/nonexistent.jsonl"]) == 2
+    assert "/nonexistent.jsonl" in capsys.readouterr().err
 
 
 def test_precomputed_reference_matches_online(tmp_path, tiny_model_dir, pair_files, capsys):
@@ -204,6 +207,19 @@ def test_precomputed_reference_matches_online(tmp_path, tiny_model_dir, pair_fil
         assert cached_val[key] == pytest.approx(online_val[key], abs=1e-5), key
 
 
+# Adam divides each gradient element by its own magnitude: with eps 1e-8 an element whose gradient is
+# ~1e-9 turns summation-order noise into a full-size update, so weights are compared with eps 1e-4.
+LAYOUT_COMMON = ("trainer.max_steps=3", "optim.eps=1e-4")
+
+
+@pytest.fixture(scope="session")
+def padded_mistral(tmp_path_factory, tiny_model_dir, pair_files) -> Path:
+    """The padded run every layout below must follow (read only)."""
+    return shared_run(
+        tmp_path_factory, "padded-mistral", tiny_model_dir("mistral"), pair_files, *LAYOUT_COMMON
+    )[1]
+
+
 @pytest.mark.parametrize(
     "layout",
     [
@@ -232,13 +248,12 @@ def test_precomputed_reference_matches_online(tmp_path, tiny_model_dir, pair_fil
         "checkpointed",
     ],
 )
-def test_packed_layouts_follow_the_padded_trajectory(layout, tmp_path, tiny_model_dir, pair_files):
+def test_packed_layouts_follow_the_padded_trajectory(
+    layout, tmp_path, tiny_model_dir, pair_files, padded_mistral
+):
     model_dir = tiny_model_dir("mistral")  # sliding window 16: the masks must keep it per sequence
-    # Adam divides each gradient element by its own magnitude: with eps 1e-8 an element whose gradient is
-    # ~1e-9 turns summation-order noise into a full-size update, so weights are compared with eps 1e-4.
-    common = ("trainer.max_steps=3", "optim.eps=1e-4")
-    _, padded = run(tmp_path, "padded", model_dir, pair_files, *common)
-    _, packed = run(tmp_path, "packed", model_dir, pair_files, *common, *layout)
+    padded = padded_mistral
+    _, packed = run(tmp_path, "packed", model_dir, pair_files, *LAYOUT_COMMON, *layout)
     a, b = records(padded, "train"), records(packed, "train")
     for step in a:
         for key in ("train/loss", "train/acc", "train/rewards_chosen_mean", "train/grad_norm"):
