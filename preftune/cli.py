@@ -12,6 +12,7 @@ from pathlib import Path
 
 from preftune.config import ConfigError, load_config
 from preftune.data.formats import DataError
+from preftune.training.launcher import env_rank
 from preftune.training.stop_signals import EXIT_INTERRUPTED
 
 # Exit statuses (README "Failures and recovery"): a finished run, a mistake to fix, a run that stopped
@@ -21,10 +22,10 @@ TORCHRUN_GRACE_S = 10  # how long other ranks wait for torchrun to stop them onc
 
 
 def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # a mistake in it is reported before torch is imported
     from preftune.training.distributed import shutdown
     from preftune.training.recipe import run_training
 
-    cfg = load_config(args.config, args.overrides)
     try:
         result = run_training(cfg)
     except BaseException:
@@ -36,10 +37,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from preftune.config_checks import check_environment
-    from preftune.tools.inspect_data import run_inspect
 
     cfg = load_config(args.config, args.overrides)
     check_environment(cfg, tokenizer_only=True)  # inspect reads the tokenizer, not the model
+    from preftune.tools.inspect_data import run_inspect
+
     return run_inspect(cfg, args.json)
 
 
@@ -70,9 +72,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     from preftune.tools.evaluate import run_eval
 
-    return run_eval(load_config(args.config, args.overrides), args.checkpoint, args.json)
+    return run_eval(cfg, args.checkpoint, args.json)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -170,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report_mistake(f"preftune: error: {e}")
         return EXIT_MISTAKE
     except KeyboardInterrupt:  # Ctrl-C before training started (during it, the trainer stops cleanly)
-        if _rank() == 0:
+        if env_rank() == 0:
             print("\npreftune: interrupted before training started; nothing was saved", file=sys.stderr)
         return EXIT_INTERRUPTED
 
@@ -180,7 +183,7 @@ def _report_mistake(line: str) -> None:
     also leaves it in its error file and exits first (the others wait to be stopped), so torchrun's failure
     report names the line as its root cause instead of a traceback."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if _rank() != 0:
+    if env_rank() != 0:
         if error_file:
             time.sleep(TORCHRUN_GRACE_S)
         return
@@ -188,9 +191,3 @@ def _report_mistake(line: str) -> None:
     if error_file:
         record = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
         Path(error_file).write_text(json.dumps({"message": record}))
-
-
-def _rank() -> int:
-    from preftune.training.distributed import env_rank
-
-    return env_rank()

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from preftune.config import ConfigError, _leaf_keys
-from preftune.training.distributed import env_world_size
+from preftune.training.launcher import env_world_size
 
 NUMBER = (int, float)
 PATHS = (str, list)  # one path, or a list of them

@@ -16,6 +16,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from preftune.training.launcher import env_int, env_rank, env_world_size
+
 STRATEGIES = ("ddp", "fsdp2")
 TIMEOUT_ENV = "PREFTUNE_DIST_TIMEOUT_S"  # the process group's timeout in seconds, when set
 UNBOUNDED_WAIT = timedelta(days=7)  # how long ranks wait for rank 0's one-off work (tokenizing a data set)
@@ -37,29 +39,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _env_int(*names: str) -> int | None:
-    for name in names:
-        if name in os.environ:
-            return int(os.environ[name])
-    return None
-
-
-def env_rank() -> int:
-    """This process's global rank from the launcher's variables (0 without a launcher)."""
-    return _env_int("RANK", "SLURM_PROCID") or 0
-
-
-def env_world_size() -> int:
-    """The number of ranks the launcher started (1 without a launcher)."""
-    return _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
-
-
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     """Join the process group described by torchrun's (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or SLURM's
     (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``) variables: nccl on CUDA, gloo on CPU."""
     world_size = env_world_size()
     rank = env_rank()
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    local_rank = env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -35,7 +35,8 @@ from preftune.modeling.reference_cache import (
 )
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import parameter_summary, quiet_libraries
-from preftune.training.distributed import DistInfo, env_rank, init_distributed, main_rank_first
+from preftune.training.distributed import DistInfo, init_distributed, main_rank_first
+from preftune.training.launcher import env_rank
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
