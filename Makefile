@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned here (not in pyproject): 2.13.0 is the CPU build; an unpinned torch pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,16 @@ demo: venv
 	rm -rf runs/demo
 	$(PY) -m preftune demo --output-dir runs/demo
 
+# One test process per core (pytest-xdist), one thread each; the 15 slowest tests are listed at the end.
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 tests
+
 test: venv
 	$(PY) -m ruff check preftune tests benchmarks
-	$(PY) -m pytest -q tests
+	$(PYTEST)
+
+# The edit-test loop: every test but the end-to-end ones marked slow (under a minute).
+test-fast: venv
+	$(PYTEST) -m "not slow"
 
 lint: venv
 	$(PY) -m ruff check preftune tests benchmarks

@@ -205,3 +205,9 @@ def pair_files(tmp_path_factory):
 
     root = built_once(tmp_path_factory, "pairs", build)
     return {"train": root / "train.jsonl", "validation": root / "validation.jsonl"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: pytest-xdist then spreads them over its workers from the start and the quick ones
+    fill the gaps, instead of one worker finishing a long run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
