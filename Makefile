@@ -20,8 +20,9 @@ demo: venv
 	rm -rf runs/demo
 	$(PY) -m preftune demo --output-dir runs/demo
 
-# One test process per core (pytest-xdist), one thread each; the 15 slowest tests are listed at the end.
-PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 tests
+# One test process per core (pytest-xdist; an idle one takes tests queued for the other), one thread each;
+# the 15 slowest tests are listed at the end.
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 test: venv
 	$(PY) -m ruff check preftune tests benchmarks

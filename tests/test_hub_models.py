@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from huggingface_hub import constants
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from preftune.cli import main
 from preftune.config import ConfigError
 from preftune.modeling.hub import check_model_source, local_model_dir
 from preftune.modeling.reference_cache import model_fingerprint
@@ -44,10 +43,12 @@ def lay_out_hub_cache(cache: Path, repo: str, model_dir: Path) -> Path:
     return snapshot
 
 
-def preftune(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "preftune", *args], capture_output=True, text=True, timeout=300, env=env
-    )
+def preftune(capsys, *args: str) -> tuple[int, str, str]:
+    """``preftune ARGS`` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 def test_a_local_path_that_is_not_a_model_is_one_line(tmp_path):
@@ -67,29 +68,35 @@ def test_precompute_fingerprints_a_hub_id_by_its_cached_files(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
-def test_hub_id_trains_exports_and_is_named_in_the_card(tmp_path, tiny_model_dir, pair_files):
+def test_hub_id_trains_exports_and_is_named_in_the_card(
+    tmp_path, tiny_model_dir, pair_files, monkeypatch, capsys
+):
     snapshot = lay_out_hub_cache(tmp_path / "hub", REPO, tiny_model_dir("llama"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf_home"))
+    # HF_HUB_OFFLINE=1 HF_HUB_CACHE=hub HF_HOME=hf_home, as huggingface_hub reads them at import
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
     out = tmp_path / "run"
     sizes = ["data.max_seq_length=48", "data.global_batch_size=4", "data.micro_batch_size=2"]
-    done = preftune(
-        env,
+    status, stdout, stderr = preftune(
+        capsys,
         *("train", "--config", "preset:llama3.1-8b-lora", f"model.path={REPO}", f"output_dir={out}"),
         *(f"data.train={pair_files['train']}", f"data.validation={pair_files['validation']}"),
         *(*sizes, "model.lora.r=4", "trainer.max_steps=2", "optim.lr=1e-2", "optim.sched.warmup_steps=0"),
         "reference.mode=precompute",
     )
-    assert done.returncode == 0, done.stderr
-    assert "reference log-probs computed into" in done.stdout
+    assert status == 0, stderr
+    assert "reference log-probs computed into" in stdout
     checkpoint = out / "checkpoints/step_2"
     assert (
         json.loads((checkpoint / "model/adapter_config.json").read_text())["base_model_name_or_path"] == REPO
     )
 
     export = tmp_path / "export"
-    done = preftune(env, "export", "--checkpoint", str(checkpoint), "--output", str(export), "--merge")
-    assert done.returncode == 0, done.stderr
+    status, _, stderr = preftune(
+        capsys, "export", "--checkpoint", str(checkpoint), "--output", str(export), "--merge"
+    )
+    assert status == 0, stderr
     ids = torch.tensor([[0, 5, 17, 23, 42]])
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(snapshot), checkpoint / "model")
     with torch.no_grad():
@@ -111,9 +118,9 @@ def test_hub_id_trains_exports_and_is_named_in_the_card(tmp_path, tiny_model_dir
     assert f"| acc | {val[2]['val/acc']:.4f} |" in body and f"| loss | {val[2]['val/loss']:.4f} |" in body
     assert f'AutoModelForCausalLM.from_pretrained("{export}")' in body
 
-    missing = preftune(
-        env, "train", "--config", "preset:llama3.1-8b-lora", "model.path=tiny-org/missing", "data.train=x"
+    status, _, stderr = preftune(
+        capsys, "train", "--config", "preset:llama3.1-8b-lora", "model.path=tiny-org/missing", "data.train=x"
     )
-    assert missing.returncode == 2
-    assert missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
-    assert "model.path=tiny-org/missing" in missing.stderr and "HF_HUB_OFFLINE=1" in missing.stderr
+    assert status == 2
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert "model.path=tiny-org/missing" in stderr and "HF_HUB_OFFLINE=1" in stderr
