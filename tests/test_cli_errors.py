@@ -100,6 +100,7 @@ def mistakes(
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "inspect"])
 def test_every_mistake_is_one_line_and_exit_2(
     command, tmp_path, tiny_model_dir, pair_files, bidirectional_dir, empty_config, capsys, monkeypatch

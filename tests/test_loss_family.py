@@ -76,6 +76,7 @@ def test_rdpo_uses_response_lengths(tiny_model_dir, tokenizer):
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_bco_running_mean_survives_resume(tmp_path, tiny_model_dir, pair_files):
     model_dir = tiny_model_dir("llama")
     common = ("dpo.preference_loss=bco_pair", "optim.sched.max_steps=4")
@@ -105,6 +106,7 @@ def test_bco_loss_uses_the_running_mean(tiny_model_dir, tokenizer):
     assert loss.item() == pytest.approx(-math.log(sig(rc - delta)) - math.log(sig(-(rr - delta))), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_bco_running_mean_is_independent_of_micro_batches(tmp_path, tiny_model_dir, pair_files):
     """δ is folded in once per optimizer step from all its pairs: accumulation over micro-batches of 1 gives
     the full batch's losses and δ (folding it in per micro-batch would shift δ within a step)."""

@@ -142,6 +142,7 @@ def test_logprobs_match_padded_qwen3_mixed_layers(tmp_path, tokenizer):
     assert_same_logprobs(packed_logprobs(model, exs, "packed+shared"), padded_logprobs(model, exs), "qwen3")
 
 
+@pytest.mark.slow
 def test_logprobs_match_padded_flex_attention(tiny_model_dir, tokenizer):
     """flex_attention BlockMasks, a dict of them (gemma2's sliding and full layers) with soft-capping;
     every micro-batch is padded to one [rows, multiple of 128] shape so flex_attention compiles once."""

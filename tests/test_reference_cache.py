@@ -190,6 +190,7 @@ def test_validation_uses_its_own_cache(runs):
     assert_same_metrics(online["val"], precompute["val"])
 
 
+@pytest.mark.slow
 def test_stale_cache_is_rebuilt_and_current_one_loaded(tmp_path, tiny_model_dir, pair_files, tokenizer):
     model_dir = save_tiny(
         build_tiny_model("llama", len(tokenizer), hidden_size=32, num_layers=2, num_heads=4),
