@@ -25,6 +25,7 @@ from preftune.training.recipe import train
 # several threads fighting over shared cores, and pytest-xdist runs one test process per core.
 os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+
 WORDS = (
     "the a cat dog bird fish red blue green small large quick slow runs jumps sits sleeps eats sings "
     "under over near far house tree river hill yes no answer question please list name colour number"
@@ -135,20 +136,14 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
     return path
 
 
-def shared_run(
-    tmp_path_factory, name: str, model_dir: Path, files: dict, *overrides: str
-) -> tuple[dict, Path]:
-    """``run`` (its final metrics and output directory) trained once per test run and shared by every test
-    that asks for the same ``name``. Tests read it; a test that resumes or changes it works on a copy
-    (``copy_run``)."""
-    out = built_once(
-        tmp_path_factory,
-        name,
-        lambda path: (path / "final.json").write_text(
-            json.dumps(run(path, "run", model_dir, files, *overrides)[0])
-        ),
-    )
-    return json.loads((out / "final.json").read_text()), out / "run"
+def shared_run(tmp_path_factory, name: str, model_dir: Path, files: dict, *overrides: str) -> Path:
+    """The output directory of ``run``, trained once per test run and shared by every test that asks for
+    the same ``name``. Tests read it; a test that resumes or changes it works on a copy (``copy_run``)."""
+
+    def build(path: Path) -> None:
+        run(path, "run", model_dir, files, *overrides)
+
+    return built_once(tmp_path_factory, name, build) / "run"
 
 
 def copy_run(run_dir: Path, tmp_path: Path, name: str = "run") -> Path:
@@ -160,14 +155,14 @@ def copy_run(run_dir: Path, tmp_path: Path, name: str = "run") -> Path:
 def straight_run(tmp_path_factory, tiny_model_dir, pair_files) -> Path:
     """Tiny llama, 6 steps, a checkpoint every 2: what interrupted and resumed runs must end up equal to."""
     settings = ("trainer.max_steps=6", "trainer.save_interval=2")
-    return shared_run(tmp_path_factory, "straight", tiny_model_dir("llama"), pair_files, *settings)[1]
+    return shared_run(tmp_path_factory, "straight", tiny_model_dir("llama"), pair_files, *settings)
 
 
 @pytest.fixture(scope="session")
 def half_run(tmp_path_factory, tiny_model_dir, pair_files) -> Path:
     """``straight_run`` stopped after step 4 (checkpoints step_2 and step_4); tests resume or damage copies."""
     settings = ("trainer.max_steps=4", "optim.sched.max_steps=6", "trainer.save_interval=2")
-    return shared_run(tmp_path_factory, "half", tiny_model_dir("llama"), pair_files, *settings)[1]
+    return shared_run(tmp_path_factory, "half", tiny_model_dir("llama"), pair_files, *settings)
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,7 @@ def test_resume_is_identical_to_straight_run(tmp_path, tiny_model_dir, pair_file
 def two_steps(tmp_path_factory, tiny_model_dir, pair_files) -> Path:
     """Tiny llama trained 2 steps (read only: tests resume copies)."""
     settings = ("trainer.max_steps=2",)
-    return shared_run(tmp_path_factory, "two-steps", tiny_model_dir("llama"), pair_files, *settings)[1]
+    return shared_run(tmp_path_factory, "two-steps", tiny_model_dir("llama"), pair_files, *settings)
 
 
 def test_rerun_of_finished_run_changes_nothing(tmp_path, tiny_model_dir, pair_files, two_steps):
@@ -217,7 +217,7 @@ def padded_mistral(tmp_path_factory, tiny_model_dir, pair_files) -> Path:
     """The padded run every layout below must follow (read only)."""
     return shared_run(
         tmp_path_factory, "padded-mistral", tiny_model_dir("mistral"), pair_files, *LAYOUT_COMMON
-    )[1]
+    )
 
 
 @pytest.mark.parametrize(
