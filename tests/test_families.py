@@ -27,7 +27,7 @@ from preftune.data.packing import build_packed_collate
 from preftune.losses import LossSettings
 from preftune.modeling.attention import VARLEN
 from preftune.modeling.compat import layer_windows
-from preftune.modeling.layout_check import check_layout
+from preftune.modeling.layout_check import check_layout, layout_error
 from preftune.modeling.logprobs import SequenceLogprobs
 from preftune.modeling.model import DPOModel, disable_dropout
 from preftune.modeling.reference import FrozenReference
@@ -60,6 +60,9 @@ FAMILIES = {
     "gpt_neox": dict(partial_rotary_factor=0.25, use_parallel_residual=True),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=128),  # learned positions
     "smollm3": dict(no_rope_layers=[1, 0]),  # the second layer has no rotary embedding
+    # decoder layers that drop the extra keywords on the way to the attention; partial rotary
+    "stablelm": dict(qk_layernorm=True, use_qkv_bias=True, use_parallel_residual=True),  # per-head q/k norm
+    "nemotron": {},  # LayerNorm1P (weight + 1), squared-ReLU MLP
     "mixtral": dict(**MOE, **SLIDING, num_local_experts=4),
     "qwen3_moe": dict(MOE, num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]),
     "gpt_oss": dict(**MOE, **SLIDING, num_local_experts=4, layer_types=["sliding_attention", "full_attention"]),
@@ -191,6 +194,8 @@ def test_logprobs_match_plain(model_type):
         with torch.no_grad():
             logps = in_pair_order(batch, model.policy_logprobs(batch)[0])
         torch.testing.assert_close(logps, plain, rtol=1e-6, atol=1e-5, msg=f"{layout} {attention}")
+    use_attention(model, VARLEN)
+    assert layout_error(model, pack=True, share_prompt=True) is None  # the run's self-check passes
     batch = laid_out(model, "packed+shared", exs, VARLEN)
     one_block = dataclasses.replace(batch, attention_blocks=(Block(0, 0, 0, 0, batch.input_ids.shape[1]),))
     with torch.no_grad():

@@ -10,7 +10,9 @@ kernel; on CUDA the causal calls do, the masked ones the memory-efficient kernel
 
 The blocks come from the collate (``preftune.data.packing``) and reach every attention layer as the forward's
 ``attention_blocks`` keyword (transformers passes a model's extra keywords down to the attention function).
-Without blocks (padded micro-batches) each row is one block: right padding under causal attention is exact.
+Some decoder layers (StableLM, Nemotron) call their attention without those keywords; ``carry_blocks`` hooks
+every layer so the blocks it was given reach its attention all the same. Without blocks (padded micro-batches)
+each row is one block: right padding under causal attention is exact.
 """
 
 from __future__ import annotations
@@ -161,6 +163,33 @@ def varlen_attention_forward(
         pieces.append(query.new_zeros(1, query.shape[1], sizes[-1], value.shape[-1]))
         out.append(torch.cat(pieces, dim=2))
     return torch.cat(out).transpose(1, 2), None
+
+
+def _remember_blocks(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Decoder layer pre-hook: hand this call's blocks (None without) to the layer's attention module."""
+    layer.self_attn.preftune_blocks = kwargs.get("attention_blocks")
+
+
+def _pass_blocks(attention: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Attention pre-hook: add the layer's blocks when the layer did not pass them on itself."""
+    blocks = getattr(attention, "preftune_blocks", None)
+    if blocks is None or "attention_blocks" in kwargs:
+        return None
+    return args, {**kwargs, "attention_blocks": blocks}
+
+
+def carry_blocks(model: nn.Module) -> None:
+    """Make every decoder layer's ``attention_blocks`` keyword reach its attention (``self_attn``), also
+    where the layer's forward drops its extra keywords. Idempotent; the hooks hold no module reference, so
+    a deep copy of the model (a frozen reference) carries its own. The per-call state is overwritten on
+    every layer call, the recomputation of activation checkpointing included."""
+    for layer in model.modules():
+        attention = getattr(layer, "self_attn", None)
+        if not isinstance(attention, nn.Module) or hasattr(attention, "preftune_blocks"):
+            continue
+        attention.preftune_blocks = None
+        layer.register_forward_pre_hook(_remember_blocks, with_kwargs=True)
+        attention.register_forward_pre_hook(_pass_blocks, with_kwargs=True)
 
 
 AttentionInterface.register(VARLEN, varlen_attention_forward)

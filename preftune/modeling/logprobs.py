@@ -14,6 +14,7 @@ from torch.autograd.function import once_differentiable
 from transformers import PreTrainedModel
 
 from preftune.data.batch import MicroBatch
+from preftune.modeling.attention import carry_blocks
 from preftune.modeling.router import RouterLoss
 
 
@@ -173,6 +174,7 @@ class SequenceLogprobs(nn.Module):
         self, model: PreTrainedModel, chunk_size: int | None = None, autocast: torch.dtype | None = None
     ):
         super().__init__()
+        carry_blocks(model)
         self.model = model
         self.chunk_size = chunk_size
         self.autocast = autocast
