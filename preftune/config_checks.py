@@ -115,6 +115,7 @@ def check_settings(cfg: DictConfig) -> None:
     """Rules between keys that the modules reading them would otherwise break on mid-run."""
     from preftune.data.packing import ATTENTION_IMPLEMENTATIONS
     from preftune.modeling.attention import VARLEN
+    from preftune.modeling.router import SCOPES
     from preftune.training.optim import OPTIMIZERS, SCHEDULES
 
     data, world = cfg.data, env_world_size()
@@ -129,6 +130,10 @@ def check_settings(cfg: DictConfig) -> None:
     if data.global_batch_size % unit:
         raise ConfigError(
             f"data.global_batch_size ({data.global_batch_size}) must be a multiple of {unit} ({why})"
+        )
+    if cfg.model.router_aux_loss_scope not in SCOPES:
+        raise ConfigError(
+            f"model.router_aux_loss_scope={cfg.model.router_aux_loss_scope!r}: use one of {', '.join(SCOPES)}"
         )
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use one of {', '.join(OPTIMIZERS)}")

@@ -91,6 +91,10 @@ def mistakes(
         "compile-varlen": (["data.packing=true", "model.compile=true"], ("model.compile",)),
         "pack-length": (["data.packing=true", "data.pack_length=50"], ("data.pack_length=50",)),
         "optim-name": (["optim.name=sgd"], ("optim.name='sgd'", "adamw")),
+        "router-scope": (
+            ["model.router_aux_loss_scope=batch"],
+            ("model.router_aux_loss_scope='batch'", "global_batch, micro_batch"),
+        ),
         "robust-smoothing": (["dpo.preference_loss=robust", "dpo.label_smoothing=0.5"], ("label_smoothing",)),
         "batch-divisibility": (["data.global_batch_size=6"], ("data.global_batch_size (6)", "multiple of 4")),
         "too-few-pairs": (

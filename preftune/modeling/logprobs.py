@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from preftune.data.batch import MicroBatch
 from preftune.modeling.attention import carry_blocks
-from preftune.modeling.router import RouterLoss
+from preftune.modeling.router import GlobalRouting, RouterLoss, RoutingStatistics
 
 
 def _buffers(rows: int, weight: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -180,8 +180,13 @@ class SequenceLogprobs(nn.Module):
         self.autocast = autocast
         self.router: RouterLoss | None = None  # a MoE policy's balancing loss, computed into aux_loss
         self.aux_loss: Tensor | None = None  # the last forward's
+        self.global_routing: GlobalRouting | None = None  # global_batch scope: the current global batch's
 
-    def forward(self, batch: MicroBatch) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, batch: MicroBatch, routing_only: bool = False
+    ) -> tuple[Tensor, Tensor] | RoutingStatistics:
+        """``routing_only`` (a MoE policy): the batch's routing statistics instead, from the transformer
+        alone (no lm-head)."""
         lm = causal_lm(self.model)
         device_type = batch.input_ids.device.type
         blocks = {"attention_blocks": batch.attention_blocks} if batch.attention_blocks is not None else {}
@@ -199,7 +204,11 @@ class SequenceLogprobs(nn.Module):
         if self.router is not None:
             if batch.token_weights is None:
                 raise ValueError("a mixture-of-experts policy needs the micro-batch's token_weights")
-            self.aux_loss = self.router(outputs.router_logits, batch.token_weights)
+            if routing_only:
+                return self.router.statistics(outputs.router_logits, batch.token_weights).detach()
+            self.aux_loss = self.router(
+                outputs.router_logits, batch.token_weights, batch.num_pairs, self.global_routing
+            )
         states = outputs.last_hidden_state.flatten(0, 1)[batch.hidden_index]
         config = lm.config
         if getattr(config, "logit_scale", None) is not None:

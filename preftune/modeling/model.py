@@ -23,7 +23,7 @@ from preftune.modeling.reference import (
     NoReference,
     Reference,
 )
-from preftune.modeling.router import router_loss
+from preftune.modeling.router import GlobalRouting, RoutingStatistics, router_loss
 from preftune.training.distributed import DistInfo, gradient_sync, unwrap, wrap_trainable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,7 +120,9 @@ class DPOModel(nn.Module):
                 SequenceLogprobs(reference_lm, chunk_size, autocast), f"{reference_path} (online)"
             )
         model = cls(policy, reference, loss, logprob_chunk_size=chunk_size, autocast=autocast)
-        model.policy_runner.router = router_loss(causal_lm(policy).config, model_cfg["router_aux_loss_coef"])
+        model.policy_runner.router = router_loss(
+            causal_lm(policy).config, model_cfg["router_aux_loss_coef"], model_cfg["router_aux_loss_scope"]
+        )
         if model_cfg["activation_checkpointing"]:  # the policy only: the reference keeps no activations
             lm = causal_lm(policy)
             if hasattr(lm, "activation_checkpointing_enable"):  # the newer 5.x name; the old one goes in v6
@@ -180,6 +182,21 @@ class DPOModel(nn.Module):
     def policy_runner(self) -> SequenceLogprobs:
         """The policy's ``SequenceLogprobs`` itself (inside any DDP wrapper)."""
         return unwrap(self.policy_logprobs)
+
+    def routing_statistics(self, batch: MicroBatch) -> RoutingStatistics:
+        """A mixture-of-experts policy's routing statistics of ``batch``: one forward without gradients
+        (through the wrapped module: under FSDP2 every rank must join it)."""
+        with torch.no_grad():
+            return self.policy_logprobs(batch.to(self.device), routing_only=True)
+
+    @contextlib.contextmanager
+    def global_routing(self, whole: GlobalRouting | None):
+        """Context: the policy's balancing loss is ``whole``'s global batch's (None: each micro-batch's)."""
+        self.policy_runner.global_routing = whole
+        try:
+            yield
+        finally:
+            self.policy_runner.global_routing = None
 
     def reference_logprobs(self, batch: MicroBatch | Mapping[str, Tensor]) -> Tensor | None:
         """[2P] reference log-probs: the batch's cached ones if it carries them, else the reference's."""

@@ -119,6 +119,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(value.item())
 
 
+def sum_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``value`` summed over every rank (each rank passes one of the same shape)."""
+    if not info.distributed:
+        return value
+    value = value.to(info.device).clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj``, in rank order (small Python objects: metric sums)."""
     if not info.distributed:

@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 
 from preftune.data.batch import MicroBatch
 from preftune.modeling.model import DPOModel
+from preftune.modeling.router import GlobalRouting, RoutingStatistics
 from preftune.training import stop_signals
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import ChosenLogprobWatch, step_line
-from preftune.training.distributed import DistInfo, any_rank, gather_objects
+from preftune.training.distributed import DistInfo, any_rank, gather_objects, sum_over_ranks
 from preftune.training.metrics import MetricsLogger
 from preftune.training.nonfinite import SkipGuard
 from preftune.training.progress import after_step
@@ -183,20 +184,41 @@ class DPOTrainer:
                 return [(batches[0], True)] * needed
         return [(b, False) for b in batches] + [(batches[0], True)] * (needed - len(batches))
 
+    def global_routing(self, batches: list[tuple[MicroBatch, bool]]) -> GlobalRouting | None:
+        """``model.router_aux_loss_scope=global_batch``: the routing statistics of the whole global batch
+        (this rank's micro-batches, fillers not counted, summed over ranks), from one forward of each
+        without gradients. None when the balancing loss is per micro-batch, or the global batch is one
+        micro-batch on one rank (its own statistics are then the global batch's: no extra forward)."""
+        router = self.model.policy_runner.router
+        if (
+            router is None
+            or router.scope != "global_batch"
+            or (len(batches) == 1 and not self.model.dist.distributed)
+        ):
+            return None
+        total, pairs = None, 0
+        for batch, is_filler in batches:  # every rank runs as many forwards (FSDP2 gathers weights in each)
+            vector = self.model.routing_statistics(batch).as_vector().double()
+            total = vector * (not is_filler) + (0 if total is None else total)
+            pairs += 0 if is_filler else batch.num_pairs
+        total = sum_over_ranks(torch.cat([total, total.new_tensor([pairs])]), self.model.dist)
+        return GlobalRouting(RoutingStatistics.from_vector(total[:-1].float()), int(total[-1].item()))
+
     def train_single_step(self, global_batch: list[dict]) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         accumulator = MetricsAccumulator()
         world = self.model.dist.world_size
         batches = self.micro_batches(global_batch)
-        for i, (batch, is_filler) in enumerate(batches):
-            num_pairs = 0 if is_filler else batch.num_pairs
-            with self.model.gradient_sync(i == len(batches) - 1):
-                loss, metrics = self.model.get_loss_and_metrics(batch, forward_only=False)
-                # DDP and FSDP2 average gradients over ranks: scale to the global batch's pair count.
-                (loss * (num_pairs * world / self.global_batch_size)).backward()
-            if not is_filler:
-                accumulator.add(metrics, num_pairs, batch.num_tokens)
+        with self.model.global_routing(self.global_routing(batches)):
+            for i, (batch, is_filler) in enumerate(batches):
+                num_pairs = 0 if is_filler else batch.num_pairs
+                with self.model.gradient_sync(i == len(batches) - 1):
+                    loss, metrics = self.model.get_loss_and_metrics(batch, forward_only=False)
+                    # DDP and FSDP2 average gradients over ranks: scale to the global batch's pair count.
+                    (loss * (num_pairs * world / self.global_batch_size)).backward()
+                if not is_filler:
+                    accumulator.add(metrics, num_pairs, batch.num_tokens)
         params = [p for p in self.model.policy.parameters() if p.requires_grad]
         clip = self.cfg.trainer.gradient_clip_val
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
@@ -225,10 +247,12 @@ class DPOTrainer:
         for i, global_batch in enumerate(dataloader):
             if i >= num_batches:
                 break
-            for batch, is_filler in self.micro_batches(global_batch):
-                _, metrics = self.model.get_loss_and_metrics(batch, forward_only=True)
-                if not is_filler:
-                    accumulator.add(metrics, batch.num_pairs)
+            batches = self.micro_batches(global_batch)
+            with self.model.global_routing(self.global_routing(batches)):
+                for batch, is_filler in batches:
+                    _, metrics = self.model.get_loss_and_metrics(batch, forward_only=True)
+                    if not is_filler:
+                        accumulator.add(metrics, batch.num_pairs)
         self.model.train()
         return accumulator.reduce(self.model.dist)[0]
 
