@@ -159,3 +159,18 @@ def test_every_module_is_listed_in_the_layout_doc() -> None:
         if path.name != "__init__.py" and f"`{path.relative_to(PACKAGE.parent)}`" not in layout
     ]
     assert not missing, f"modules not in docs/LAYOUT.md: {', '.join(missing)}"
+
+
+def test_importing_changes_no_warning_filter() -> None:
+    """No module calls ``warnings.filterwarnings`` / ``simplefilter`` at import (outside any function): the
+    library silences a warning only around the call that emits it."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.parse(path.read_text()).body:
+            for call in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else ():
+                if isinstance(call, ast.Call) and getattr(call.func, "attr", "") in (
+                    "filterwarnings",
+                    "simplefilter",
+                ):
+                    found.append(f"{name}:{call.lineno}")
+    assert not found, f"warning filters changed at import: {', '.join(found)}"
