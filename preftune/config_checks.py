@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig
 from transformers import AutoConfig
 
 from preftune import losses
-from preftune.config import parse_max_time, read_config
+from preftune.config import DataConfig, PreftuneConfig, TrainerConfig, parse_max_time, read_config
 from preftune.data.visibility import VARLEN, check_packed_attention, packed_attention
 from preftune.data.windows import layer_windows
 from preftune.errors import ConfigError
@@ -46,7 +46,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: PreftuneConfig) -> None:
     """The rules a config must follow on its own (no file or model is looked at)."""
     _check_data(cfg.data, env_world_size())
     _check_model(cfg)
@@ -62,7 +62,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"distributed.strategy={cfg.distributed.strategy}: use {' or '.join(STRATEGIES)}")
 
 
-def _check_data(data: DictConfig, world: int) -> None:
+def _check_data(data: DataConfig, world: int) -> None:
     """``data.*``: batch sizes and their divisibility over the ranks, lengths, the validation split."""
     if data.micro_batch_size < 1 or data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be >= 1")
@@ -96,7 +96,7 @@ def _check_data(data: DictConfig, world: int) -> None:
         )
 
 
-def _check_model(cfg: DictConfig) -> None:
+def _check_model(cfg: PreftuneConfig) -> None:
     """``model.*``: dtypes, and the attention a packed / shared-prompt layout needs."""
     model, data = cfg.model, cfg.data
     if model.dtype not in DTYPES:
@@ -114,7 +114,7 @@ def _check_model(cfg: DictConfig) -> None:
         check_packed_attention(attention)
 
 
-def _check_trainer(trainer: DictConfig) -> None:
+def _check_trainer(trainer: TrainerConfig) -> None:
     """``trainer.*``: intervals, limits, checkpoint retention, the NaN/inf skip limit."""
     interval = trainer.val_check_interval
     if isinstance(interval, float) and not 0 < interval <= 1:
@@ -134,7 +134,7 @@ def _check_trainer(trainer: DictConfig) -> None:
         )
 
 
-def _check_losses(cfg: DictConfig) -> None:
+def _check_losses(cfg: PreftuneConfig) -> None:
     """``dpo.*`` and ``reference.*``: known loss names, no mix of reference-free and other losses, one weight
     per loss, beta > 0, and a reference only for losses that use one."""
     names = losses.loss_names(cfg.dpo.preference_loss)
@@ -164,7 +164,7 @@ def _check_losses(cfg: DictConfig) -> None:
         )
 
 
-def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
+def check_environment(cfg: PreftuneConfig, *, tokenizer_only: bool = False) -> None:
     """What the config points at exists and fits: a writable ``output_dir``, a model at ``model.path`` (a
     directory with ``config.json`` and weights, or a Hub id) of a family the chosen layout supports, the same
     for ``reference.path``, and a launcher with what ``torch.distributed`` needs. Runs before the model or
@@ -220,7 +220,7 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def absolute_paths(cfg: DictConfig) -> DictConfig:
+def absolute_paths(cfg: PreftuneConfig) -> DictConfig:
     """``cfg`` with ``output_dir``, ``data.cache_dir`` and local model and data paths made absolute, so the saved
     ``config.yaml`` and a LoRA adapter's ``base_model_name_or_path`` work from any directory."""
     cfg = cfg.copy()
