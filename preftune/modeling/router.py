@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
-from preftune.config import ConfigError
+from preftune.errors import ConfigError
 
 SCOPES = ("global_batch", "micro_batch")
 

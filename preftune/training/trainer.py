@@ -5,21 +5,22 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from preftune.config import PreftuneConfig, TrainerConfig
 from preftune.data.batch import MicroBatch
 from preftune.modeling.model import DPOModel
+from preftune.modeling.parallel import DistInfo, any_rank, gather_objects, sum_over_ranks
 from preftune.modeling.router import GlobalRouting, RoutingStatistics
 from preftune.training import stop_signals
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import ChosenLogprobWatch, step_line
-from preftune.training.distributed import DistInfo, any_rank, gather_objects, sum_over_ranks
 from preftune.training.metrics import MetricsLogger
 from preftune.training.nonfinite import SkipGuard
 from preftune.training.progress import after_step
@@ -54,7 +55,7 @@ class MetricsAccumulator:
         return {key: value / max(1, pairs) for key, value in totals.items()}, pairs, tokens
 
 
-def resolve_max_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
+def resolve_max_steps(trainer_cfg: TrainerConfig, steps_per_epoch: int) -> int:
     """The run's length: the first of ``max_steps`` (-1: none) and ``max_epochs`` (null: none) reached."""
     limits = [trainer_cfg.max_steps] if trainer_cfg.max_steps != -1 else []
     if trainer_cfg.max_epochs is not None:
@@ -67,6 +68,49 @@ def limit_batches(limit: int | float, available: int) -> int:
     if isinstance(limit, float):
         return min(available, math.ceil(limit * available))
     return min(available, limit)
+
+
+@torch.no_grad()
+def global_routing(model: DPOModel, batches: list[tuple[MicroBatch, bool]]) -> GlobalRouting | None:
+    """``model.router_aux_loss_scope=global_batch``: the routing statistics of the whole global batch
+    (this rank's micro-batches, fillers not counted, summed over ranks), from one forward of each
+    without gradients. None when the balancing loss is per micro-batch, or the global batch is one
+    micro-batch on one rank (its own statistics are then the global batch's: no extra forward)."""
+    router = model.policy_runner.router
+    if router is None or router.scope != "global_batch" or (len(batches) == 1 and not model.dist.distributed):
+        return None
+    total, pairs = None, 0
+    for batch, is_filler in batches:  # every rank runs as many forwards (FSDP2 gathers weights in each)
+        vector = model.routing_statistics(batch).as_vector().double()
+        total = vector * (not is_filler) + (0 if total is None else total)
+        pairs += 0 if is_filler else batch.num_pairs
+    total = sum_over_ranks(torch.cat([total, total.new_tensor([pairs])]), model.dist)
+    return GlobalRouting(RoutingStatistics.from_vector(total[:-1].float()), int(total[-1].item()))
+
+
+def evaluate(
+    model: DPOModel,
+    dataloader: Iterable[list[dict]],
+    micro_batches: Callable[[list[dict]], list[tuple[MicroBatch, bool]]],
+    limit: int | float,
+) -> tuple[dict[str, float], int]:
+    """Pair-weighted mean metrics of ``model`` (in eval mode) over up to ``limit`` (``limit_batches``) of
+    ``dataloader``'s global batches, and the pairs they hold; ``micro_batches`` turns a global batch into this
+    rank's (micro-batch, is_filler) pairs. ``DPOTrainer.evaluate`` and ``preftune eval`` both run it."""
+    model.train(False)
+    accumulator = MetricsAccumulator()
+    num_batches = limit_batches(limit, len(dataloader))
+    for i, global_batch in enumerate(dataloader):
+        if i >= num_batches:
+            break
+        batches = micro_batches(global_batch)
+        with model.global_routing(global_routing(model, batches)):
+            for batch, is_filler in batches:
+                _, metrics = model.get_loss_and_metrics(batch, forward_only=True)
+                if not is_filler:
+                    accumulator.add(metrics, batch.num_pairs)
+    means, pairs, _ = accumulator.reduce(model.dist)
+    return means, pairs
 
 
 class DPOTrainer:
@@ -93,7 +137,7 @@ class DPOTrainer:
 
     def __init__(
         self,
-        cfg: DictConfig,
+        cfg: PreftuneConfig,
         model: DPOModel,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
@@ -184,33 +228,13 @@ class DPOTrainer:
                 return [(batches[0], True)] * needed
         return [(b, False) for b in batches] + [(batches[0], True)] * (needed - len(batches))
 
-    def global_routing(self, batches: list[tuple[MicroBatch, bool]]) -> GlobalRouting | None:
-        """``model.router_aux_loss_scope=global_batch``: the routing statistics of the whole global batch
-        (this rank's micro-batches, fillers not counted, summed over ranks), from one forward of each
-        without gradients. None when the balancing loss is per micro-batch, or the global batch is one
-        micro-batch on one rank (its own statistics are then the global batch's: no extra forward)."""
-        router = self.model.policy_runner.router
-        if (
-            router is None
-            or router.scope != "global_batch"
-            or (len(batches) == 1 and not self.model.dist.distributed)
-        ):
-            return None
-        total, pairs = None, 0
-        for batch, is_filler in batches:  # every rank runs as many forwards (FSDP2 gathers weights in each)
-            vector = self.model.routing_statistics(batch).as_vector().double()
-            total = vector * (not is_filler) + (0 if total is None else total)
-            pairs += 0 if is_filler else batch.num_pairs
-        total = sum_over_ranks(torch.cat([total, total.new_tensor([pairs])]), self.model.dist)
-        return GlobalRouting(RoutingStatistics.from_vector(total[:-1].float()), int(total[-1].item()))
-
     def train_single_step(self, global_batch: list[dict]) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         accumulator = MetricsAccumulator()
         world = self.model.dist.world_size
         batches = self.micro_batches(global_batch)
-        with self.model.global_routing(self.global_routing(batches)):
+        with self.model.global_routing(global_routing(self.model, batches)):
             for i, (batch, is_filler) in enumerate(batches):
                 num_pairs = 0 if is_filler else batch.num_pairs
                 with self.model.gradient_sync(i == len(batches) - 1):
@@ -234,27 +258,18 @@ class DPOTrainer:
             self.model.observe_step_rewards(
                 metrics["rewards_chosen_mean"], metrics["rewards_rejected_mean"], pairs
             )
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step steps the scheduler before the optimizer
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         metrics.update(grad_norm=grad_norm, lr=lr, tokens=tokens, skipped=int(skipped))
         return metrics
 
     # -- evaluation ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, dataloader: Iterable[list[dict]], limit: int | float) -> dict[str, float]:
-        self.model.train(False)
-        accumulator = MetricsAccumulator()
-        num_batches = limit_batches(limit, len(dataloader))
-        for i, global_batch in enumerate(dataloader):
-            if i >= num_batches:
-                break
-            batches = self.micro_batches(global_batch)
-            with self.model.global_routing(self.global_routing(batches)):
-                for batch, is_filler in batches:
-                    _, metrics = self.model.get_loss_and_metrics(batch, forward_only=True)
-                    if not is_filler:
-                        accumulator.add(metrics, batch.num_pairs)
+        """Pair-weighted metrics over (up to ``limit`` of) ``dataloader``'s global batches."""
+        metrics, _ = evaluate(self.model, dataloader, self.micro_batches, limit)
         self.model.train()
-        return accumulator.reduce(self.model.dist)[0]
+        return metrics
 
     def run_validation(self) -> tuple[float, dict[str, float]]:
         """Pair-weighted mean loss and metrics over (up to ``limit_val_batches`` of) the validation set."""
