@@ -154,8 +154,6 @@ def _check_trainer(trainer: DictConfig) -> None:
         raise ConfigError(f"trainer.val_check_interval={interval}: an int must be >= 1 (steps)")
     if trainer.save_interval < 1:
         raise ConfigError("trainer.save_interval must be >= 1")
-    if trainer.max_steps == -1 and (trainer.max_epochs is None or trainer.max_epochs < 1):
-        raise ConfigError("set trainer.max_steps >= 1 or trainer.max_epochs >= 1")
     if trainer.max_time is not None:
         parse_max_time(trainer.max_time)
     Retention.from_config(trainer)  # trainer.keep_last, trainer.keep_best

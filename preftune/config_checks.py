@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from preftune.config import ConfigError, _leaf_keys
 from preftune.training.distributed import env_world_size
+from preftune.training.progress import limit
 
 NUMBER = (int, float)
 PATHS = (str, list)  # one path, or a list of them
@@ -42,6 +43,7 @@ TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "dpo.preference_average_log_probs": ((bool,), True),
     "optim.sched.max_steps": ((int,), True),
     "trainer.max_epochs": ((int,), True),
+    "trainer.max_steps": ((int,), True),
     "trainer.max_time": ((str, int, float), True),
     "trainer.val_check_interval": (NUMBER, False),
     "trainer.limit_val_batches": (NUMBER, False),
@@ -130,6 +132,7 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.global_batch_size ({data.global_batch_size}) must be a multiple of {unit} ({why})"
         )
+    _check_run_length(cfg.trainer)
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use one of {', '.join(OPTIMIZERS)}")
     if cfg.optim.sched.name not in SCHEDULES:
@@ -151,6 +154,19 @@ def check_settings(cfg: DictConfig) -> None:
                 f"data.pack_length={data.pack_length}: a pair can take 2 x data.max_seq_length = "
                 f"{2 * data.max_seq_length} tokens; raise data.pack_length or lower data.max_seq_length"
             )
+
+
+def _check_run_length(trainer: DictConfig) -> None:
+    """``trainer.max_epochs`` and ``trainer.max_steps``: each a number >= 1 or no limit (-1 / null, the one
+    rule: ``progress.limit``), not both off."""
+    for key in ("max_epochs", "max_steps"):
+        value = limit(trainer[key])
+        if value is not None and value < 1:
+            raise ConfigError(f"trainer.{key}={value}: use a number >= 1, or -1 / null for no limit")
+    if limit(trainer.max_epochs) is None and limit(trainer.max_steps) is None:
+        raise ConfigError(
+            "trainer.max_epochs and trainer.max_steps are both off (-1 / null): set one of them to end the run"
+        )
 
 
 def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:

@@ -21,7 +21,7 @@ from preftune.training.console import ChosenLogprobWatch, step_line
 from preftune.training.distributed import DistInfo, any_rank, gather_objects
 from preftune.training.metrics import MetricsLogger
 from preftune.training.nonfinite import SkipGuard
-from preftune.training.progress import after_step
+from preftune.training.progress import after_step, run_length
 from preftune.training.timer import RunTimer
 
 
@@ -54,11 +54,8 @@ class MetricsAccumulator:
 
 
 def resolve_max_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
-    """The run's length: the first of ``max_steps`` (-1: none) and ``max_epochs`` (null: none) reached."""
-    limits = [trainer_cfg.max_steps] if trainer_cfg.max_steps != -1 else []
-    if trainer_cfg.max_epochs is not None:
-        limits.append(trainer_cfg.max_epochs * steps_per_epoch)
-    return min(limits)
+    """The run's length: the first of ``max_steps`` and ``max_epochs`` reached (-1 / null: no limit)."""
+    return run_length(trainer_cfg.max_epochs, trainer_cfg.max_steps, steps_per_epoch).steps
 
 
 def limit_batches(limit: int | float, available: int) -> int:
