@@ -202,13 +202,16 @@ class DPOTrainer:
         grad_norm = grad_norm.item()  # one device sync per step
         lr = self.optimizer.param_groups[0]["lr"]
         metrics, pairs, tokens = accumulator.reduce(self.model.dist)
-        # a NaN/inf loss or gradient norm: not applied (the scheduler and data position still advance)
+        # a NaN/inf loss or gradient norm: not applied. Its gradients are dropped, so the optimizer step skips
+        # every parameter (weights and optimizer state unchanged); the scheduler and data position advance.
         skipped = self.skip_guard.skip(self.step + 1, metrics["loss"], grad_norm)
-        if not skipped:
-            self.optimizer.step()
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
             self.model.observe_step_rewards(
                 metrics["rewards_chosen_mean"], metrics["rewards_rejected_mean"], pairs
             )
+        self.optimizer.step()
         self.scheduler.step()
         metrics.update(grad_norm=grad_norm, lr=lr, tokens=tokens, skipped=int(skipped))
         return metrics
