@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import dpo_custom_collate
-from preftune.data.dataset import PreferenceDataset, TokenizedPairs, load_datasets
-from preftune.data.formats import DataError
+from preftune.data.dataset import PreferenceDataset, TokenizedPairs
+from preftune.data.loading import load_datasets
 from preftune.data.sampler import GlobalBatchSampler
+from preftune.errors import DataError
 from preftune.tools.tiny import BOS_ID, EOS_ID, train_tokenizer
 
 VOCAB = [

@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference import AdaptersOffReference
 from preftune.tools.export import export_checkpoint

@@ -29,10 +29,9 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import PretrainedConfig
 
 from preftune.data.batch import Block, MicroBatch, pad_right, pair_length
-from preftune.modeling.attention import CHOSEN, CONTEXT, REJECTED, VARLEN, visible
-from preftune.modeling.compat import mask_windows
+from preftune.data.visibility import CHOSEN, CONTEXT, REJECTED, VARLEN, check_packed_attention, visible
+from preftune.data.windows import mask_windows
 
-ATTENTION_IMPLEMENTATIONS = (VARLEN, "sdpa", "eager", "flex_attention")
 FLEX_BLOCK_SIZE = 128
 
 
@@ -269,12 +268,7 @@ def _check_layout(pack: bool, share_prompt: bool, attn_implementation: str) -> N
         raise ValueError(
             "build_packed_collate needs pack or share_prompt; the plain layout is padded_micro_batches"
         )
-    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"packing / shared prompt needs segment-wise attention or an explicit attention mask, which "
-            f"attn_implementation {attn_implementation!r} does not take; use one of "
-            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
-        )
+    check_packed_attention(attn_implementation)
 
 
 def _flex_shape(attn_implementation: str, rows: int, max_tokens_per_row: int) -> tuple[int, int] | None:

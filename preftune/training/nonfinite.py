@@ -13,16 +13,12 @@ from collections.abc import Callable
 
 import torch
 
-from preftune.config import ConfigError
+from preftune.errors import NonFiniteError
 
 ADVICE = (
     "try a lower optim.lr, trainer.gradient_clip_val (e.g. 1.0), float32 instead of bfloat16/float16 "
     "(model.dtype, model.autocast) if they overflow, and check the data's rewards"
 )
-
-
-class NonFiniteError(ConfigError):
-    """The run cannot go on: its loss, gradients or weights are no longer finite."""
 
 
 class SkipGuard:
