@@ -182,8 +182,8 @@ class KeepBestConfig:
 class TrainerConfig:
     """The training loop: limits, validation, checkpoints."""
 
-    max_epochs: int | None = 1  # null: no epoch limit (then max_steps decides)
-    max_steps: int = -1  # -1: no step limit (max_epochs decides)
+    max_epochs: int | None = 1  # the run stops at the first limit reached; -1 or null: no limit
+    max_steps: int | None = -1  # -1 or null: no limit (not both off); the start line names the limit
     val_check_interval: int | float = 100  # int: every N steps; float in (0, 1]: a fraction of an epoch
     save_interval: int = 100  # steps between checkpoints (one is always written at the end)
     limit_val_batches: int | float = 1.0  # int: at most N global batches; float: a fraction

@@ -25,6 +25,7 @@ from preftune.config import DataConfig, PreftuneConfig, TrainerConfig, parse_max
 from preftune.data.visibility import VARLEN, check_packed_attention, packed_attention
 from preftune.data.windows import layer_windows
 from preftune.errors import ConfigError
+from preftune.training.progress import limit
 from preftune.training.retention import Retention
 
 # The rules that need torch or transformers import them where they run, so that importing this module (the
@@ -131,14 +132,26 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         raise ConfigError(f"trainer.val_check_interval={interval}: an int must be >= 1 (steps)")
     if trainer.save_interval < 1:
         raise ConfigError("trainer.save_interval must be >= 1")
-    if trainer.max_steps == -1 and (trainer.max_epochs is None or trainer.max_epochs < 1):
-        raise ConfigError("set trainer.max_steps >= 1 or trainer.max_epochs >= 1")
+    _check_run_length(trainer)
     if trainer.max_time is not None:
         parse_max_time(trainer.max_time)
     Retention.from_config(trainer)  # trainer.keep_last, trainer.keep_best
     if trainer.max_skipped_steps < 1:
         raise ConfigError(
             f"trainer.max_skipped_steps={trainer.max_skipped_steps}: use a number of steps >= 1"
+        )
+
+
+def _check_run_length(trainer: TrainerConfig) -> None:
+    """``trainer.max_epochs`` and ``trainer.max_steps``: each a number >= 1 or no limit (-1 / null, the one
+    rule: ``progress.limit``), not both off."""
+    for key in ("max_epochs", "max_steps"):
+        value = limit(getattr(trainer, key))
+        if value is not None and value < 1:
+            raise ConfigError(f"trainer.{key}={value}: use a number >= 1, or -1 / null for no limit")
+    if limit(trainer.max_epochs) is None and limit(trainer.max_steps) is None:
+        raise ConfigError(
+            "trainer.max_epochs and trainer.max_steps are both off (-1 / null): set one of them to end the run"
         )
 
 

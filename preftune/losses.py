@@ -370,8 +370,9 @@ def robust_epsilon_problem(label_smoothing: float) -> str | None:
     return "the robust loss needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2ε)"
 
 
-def _check_inputs(name: str, policy_chosen_logps: Tensor, **others: Tensor | None) -> None:
-    """Raise ValueError for an unknown name, inputs `name` needs but lacks, refs it must not get, bad shapes."""
+def _check_inputs(name: str, beta: float, policy_chosen_logps: Tensor, **others: Tensor | None) -> None:
+    """Raise ValueError for an unknown name, inputs `name` needs but lacks, refs it must not get, bad shapes,
+    a beta <= 0."""
     if name not in _LOSSES:
         raise ValueError(unknown_loss(name))
     missing = [key for key, tensor in others.items() if tensor is None]
@@ -398,10 +399,25 @@ def _check_inputs(name: str, policy_chosen_logps: Tensor, **others: Tensor | Non
             raise ValueError(
                 f"{key} has shape {tuple(tensor.shape)}, expected {tuple(policy_chosen_logps.shape)}"
             )
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
 
 
 def _fp32(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.float()
+
+
+def _gt_margin(chosen_rewards: Tensor | None, rejected_rewards: Tensor | None, scale: float) -> Tensor | None:
+    """Δgt = η·(rc − rr) in fp32 (None without rewards)."""
+    if chosen_rewards is None or rejected_rewards is None:
+        return None
+    return scale * (chosen_rewards.float() - rejected_rewards.float())
+
+
+def _bco_delta(bco_delta: Tensor | float | None, device: torch.device) -> Tensor:
+    """BCO's δ as a constant fp32 tensor on ``device`` (None: 0)."""
+    delta = torch.as_tensor(0.0 if bco_delta is None else bco_delta, dtype=torch.float32)
+    return delta.detach().to(device)
 
 
 def preference_loss(
@@ -425,22 +441,21 @@ def preference_loss(
     """Per-pair preference loss `name` (one of `LOSS_NAMES`), shape [B], fp32.
 
     Args:
-        name: the loss, see `LOSS_NAMES`.
         policy_chosen_logps, policy_rejected_logps: [B] policy log-probs of the responses, summed or
             length-averaged (see `LENGTH_AVERAGED_LOSSES`).
         ref_chosen_logps, ref_rejected_logps: [B] the same for the reference model; None, and only None,
             for `REFERENCE_FREE_LOSSES`.
         beta: β, the inverse temperature (IPO's τ, ORPO's λ, SimPO's reward scale).
-        chosen_rewards, rejected_rewards: [B] ground-truth rewards, for `NEEDS_REWARDS`.
-        gt_reward_scale: η in Δgt = η·(rc − rr).
+        chosen_rewards, rejected_rewards: [B] ground-truth rewards, for `NEEDS_REWARDS`; gt_reward_scale: η
+            in Δgt = η·(rc − rr).
         chosen_lengths, rejected_lengths: [B] response token counts, for `NEEDS_LENGTHS` (R-DPO).
         label_smoothing: ε of cDPO ("dpo", "aot", "aot_pair"), of "robust" and of "exo_pair".
-        simpo_gamma: SimPO's target reward margin γ (0.5 as TRL; the paper tunes it with β).
-        rdpo_alpha: R-DPO's length penalty α.
+        simpo_gamma, rdpo_alpha: SimPO's target margin γ (0.5 as TRL; tuned with β), R-DPO's length penalty α.
         bco_delta: BCO's reward shift δ (the trainer's running mean of implicit rewards); None means 0.
     """
     _check_inputs(
         name,
+        beta,
         policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
         ref_chosen_logps=ref_chosen_logps,
@@ -450,25 +465,19 @@ def preference_loss(
         chosen_lengths=chosen_lengths,
         rejected_lengths=rejected_lengths,
     )
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    gt_margin = None
-    if chosen_rewards is not None and rejected_rewards is not None:
-        gt_margin = gt_reward_scale * (chosen_rewards.float() - rejected_rewards.float())
-    delta = torch.as_tensor(0.0 if bco_delta is None else bco_delta, dtype=torch.float32)
     pairs = _Pairs(
         policy_chosen=policy_chosen_logps.float(),
         policy_rejected=policy_rejected_logps.float(),
         ref_chosen=_fp32(ref_chosen_logps),
         ref_rejected=_fp32(ref_rejected_logps),
         beta=beta,
-        gt_margin=gt_margin,
+        gt_margin=_gt_margin(chosen_rewards, rejected_rewards, gt_reward_scale),
         chosen_lengths=_fp32(chosen_lengths),
         rejected_lengths=_fp32(rejected_lengths),
         label_smoothing=label_smoothing,
         simpo_gamma=simpo_gamma,
         rdpo_alpha=rdpo_alpha,
-        bco_delta=delta.detach().to(policy_chosen_logps.device),
+        bco_delta=_bco_delta(bco_delta, policy_chosen_logps.device),
     )
     return _LOSSES[name](pairs)
 

@@ -35,6 +35,7 @@ from preftune.training.distributed import env_rank, init_distributed, main_rank_
 from preftune.training.loaders import build_dataloader, load_tokenizer, micro_batch_layout
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
+from preftune.training.progress import run_length
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
 from preftune.training.retention import Retention
 from preftune.training.run_lock import lock_output_dir
@@ -193,7 +194,8 @@ def resume_training(
 
 
 def start_line(cfg: PreftuneConfig, info: DistInfo, model: DPOModel, trainer: DPOTrainer) -> str:
-    """``training for N steps of B pairs on WHERE (LAYOUT)`` (a resumed run: the steps left)."""
+    """``training for N steps: WHICH LIMIT ENDS THE RUN; B pairs a step on WHERE (LAYOUT)`` (a resumed run:
+    the steps left first)."""
     where = (
         f"{info.world_size} x {info.device.type} ({cfg.distributed.strategy})"
         if info.distributed
@@ -203,12 +205,12 @@ def start_line(cfg: PreftuneConfig, info: DistInfo, model: DPOModel, trainer: DP
         name for name, on in (("packed", cfg.data.packing), ("shared prompt", cfg.data.share_prompt)) if on
     ]
     layout.append(f"{model.policy.config._attn_implementation} attention")
-    steps = (
-        f"{trainer.max_steps - trainer.step} steps left of {trainer.max_steps}"
-        if trainer.step
-        else f"{trainer.max_steps} steps"
+    length = run_length(cfg.trainer.max_epochs, cfg.trainer.max_steps, trainer.steps_per_epoch)
+    left = f"{trainer.max_steps - trainer.step} steps left of " if trainer.step else ""
+    return (
+        f"training for {left}{length.sentence(trainer.sampler.num_samples)}; "
+        f"{cfg.data.global_batch_size} pairs a step on {where} ({', '.join(layout)})"
     )
-    return f"training for {steps} of {cfg.data.global_batch_size} pairs on {where} ({', '.join(layout)})"
 
 
 def seed_everything(seed: int) -> None:

@@ -176,7 +176,7 @@ def test_torchrun_reports_a_mistake_once(tmp_path, tiny_model_dir, pair_files, e
         timeout=300,
         env=OFFLINE,
     )
-    line = f"preftune: error: data file not found: {tmp_path}/no.jsonl"
+    line = f"preftune: error: data.train: data file not found: {tmp_path}/no.jsonl"
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert [x for x in output.splitlines() if x.startswith("preftune: error")] == [line]

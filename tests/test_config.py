@@ -212,6 +212,22 @@ def test_good_dtype_accepted(dtype):
     assert load(f"model.dtype={dtype}").model.dtype == dtype
 
 
+@pytest.mark.parametrize("off", ["-1", "null"])
+def test_minus_one_and_null_mean_no_limit_for_max_epochs_and_max_steps(off):
+    """README: ``-1`` / ``null``: no limit, for either key; the run then ends at the other one."""
+    assert load(f"trainer.max_epochs={off}", "trainer.max_steps=40").trainer.max_steps == 40
+    assert load("trainer.max_epochs=2", f"trainer.max_steps={off}").trainer.max_epochs == 2
+    with pytest.raises(ConfigError, match=r"^trainer.max_epochs and trainer.max_steps are both off"):
+        load(f"trainer.max_epochs={off}", f"trainer.max_steps={off}")
+
+
+@pytest.mark.parametrize("setting", ["trainer.max_epochs=0", "trainer.max_steps=0", "trainer.max_epochs=-2"])
+def test_max_epochs_and_max_steps_below_one_rejected(setting):
+    key, value = setting.split("=")
+    with pytest.raises(ConfigError, match=rf"^{key}={value}: use a number >= 1, or -1 / null for no limit$"):
+        load(setting, "trainer.max_steps=5" if "epochs" in key else "trainer.max_epochs=1")
+
+
 def test_betas_must_be_a_pair():
     with pytest.raises(ConfigError, match="betas"):
         load("optim.betas=[0.9,0.95,0.99]")

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "preftune"
 
 # Lowest first. A module's layer is the first prefix that matches its dotted name.
 LAYERS: list[tuple[str, ...]] = [
-    ("preftune.errors",),
+    ("preftune.errors", "preftune.file_modes"),
     ("preftune.config", "preftune.run_dir"),
     ("preftune.data",),
     ("preftune.losses", "preftune.modeling"),

@@ -224,6 +224,24 @@ def test_nonfinite_steps_are_skipped_and_resume_stays_exact(
     assert_same_run(tmp_path / "resumed", skipping)
 
 
+def test_a_skipped_first_step_steps_no_scheduler_before_the_optimizer(
+    tmp_path, tiny_model_dir, pair_files, recwarn
+):
+    """PyTorch warns when the scheduler steps before the optimizer ever has, which a skipped first step did:
+    its gradients are dropped and the optimizer steps over none, then the scheduler. The schedule still
+    advances through the skipped step: warmup 2 at lr 5e-3 gives 2.5e-3, then 5e-3."""
+    first_batch = next(iter(GlobalBatchSampler(48, 8, seed=1234)))  # data.seed: the pairs of step 1
+    pairs = make_pairs(48, seed=1)
+    pairs[first_batch[0]].update(chosen_reward=1e39, rejected_reward=0.0)  # float32: an infinite RPO loss
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", pairs), "validation": pair_files["validation"]}
+    overrides = ("dpo.preference_loss=rpo_sq", "trainer.max_steps=2")
+    _, out = run(tmp_path, "skipping", tiny_model_dir("llama"), files, *overrides)
+    assert [str(w.message) for w in recwarn if "lr_scheduler.step()" in str(w.message)] == []
+    recs = records(out, "train")
+    assert [recs[s]["train/skipped"] for s in (1, 2)] == [1, 0]
+    assert [recs[s]["train/lr"] for s in (1, 2)] == [2.5e-3, 5e-3]
+
+
 @pytest.fixture
 def broken_model_dir(tmp_path, tiny_model_dir):
     """The tiny model with one infinite weight: every loss is NaN."""

@@ -102,7 +102,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     Each file's format is ``format`` or, with ``auto``, detected from its first record. ``columns`` maps
     preftune's column names to the file's; ``chat_template`` (Jinja text or a file) replaces the tokenizer's
-    template for chat pairs; ``completions`` pairs NeMo-RL completions (``best_vs_worst`` or ``all_pairs``).
+    template for chat pairs; ``completions`` pairs NeMo-RL completions (``best_vs_worst`` or ``all_pairs``);
+    ``key``: the config key the sources come from, named in their errors.
 
     Tokenization is cached in ``cache_dir`` keyed by the files' content, the tokenizer and every setting,
     so a second run (or another rank) loads it instead of tokenizing again. Besides ``examples``, the
@@ -121,6 +122,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         columns: Mapping[str, str] | None = None,
         chat_template: str | None = None,
         completions: str = "best_vs_worst",
+        key: str = "data.train",
     ):
         if format not in FORMAT_NAMES:
             raise ConfigError(f"data.format={format!r}: use one of {', '.join(FORMAT_NAMES)}")
@@ -128,7 +130,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ConfigError(
                 f"data.completions={completions!r}: use one of {', '.join(COMPLETION_PAIRINGS)}"
             )
-        self.sources: list[Source | HubSource] = resolve_sources(path)
+        self.sources: list[Source | HubSource] = resolve_sources(path, key)
         self.split_name: str | None = None
         columns = dict(columns or {})
         pair_tokenizer = PairTokenizer(tokenizer, max_seq_length, load_chat_template(chat_template))

@@ -42,7 +42,9 @@ def load_datasets(
 def load_validation(data: DataConfig, tokenizer: Any, cache_dir: str | Path | None) -> PreferenceDataset:
     """The pairs of ``data.validation``."""
     options = dataset_options(data)
-    val = PreferenceDataset(data.validation, tokenizer, data.max_seq_length, cache_dir, **options)
+    val = PreferenceDataset(
+        data.validation, tokenizer, data.max_seq_length, cache_dir, **options, key="data.validation"
+    )
     if any(source.weight != 1 for source in val.sources):
         raise ConfigError("data.validation: weights apply to data.train only; drop them from validation")
     return val

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -240,48 +241,83 @@ def build_packed_collate(
     model cannot move a ``BlockMask`` or a per-layer-type dict): ``MicroBatch``es with ``attention_blocks``
     under ``preftune_varlen``, else with an ``attention_mask``.
     """
+    _check_layout(pack, share_prompt, attn_implementation)
+    lay_out = partial(
+        _micro_batch,
+        eos_id=eos_id,
+        share_prompt=share_prompt,
+        attn_implementation=attn_implementation,
+        windows=mask_windows(model_config),
+        dtype=model_config.dtype,
+        shape=_flex_shape(attn_implementation, rows_per_micro_batch, max_tokens_per_row),
+        device=device,
+    )
+
+    def collate(pairs: Sequence[dict[str, Any]]) -> list[MicroBatch]:
+        rows = _rows(pairs, pack=pack, share_prompt=share_prompt, max_tokens_per_row=max_tokens_per_row)
+        return [
+            lay_out(rows[s : s + rows_per_micro_batch]) for s in range(0, len(rows), rows_per_micro_batch)
+        ]
+
+    return collate
+
+
+def _check_layout(pack: bool, share_prompt: bool, attn_implementation: str) -> None:
+    """A packed or shared-prompt layout, under an attention that isolates its sequences."""
     if not (pack or share_prompt):
         raise ValueError(
             "build_packed_collate needs pack or share_prompt; the plain layout is padded_micro_batches"
         )
     check_packed_attention(attn_implementation)
-    windows = mask_windows(model_config)
-    dtype = model_config.dtype
-    # One shape for every flex micro-batch: each new shape recompiles flex_attention, and the dynamic-shape
-    # CPU kernel of torch 2.13's inductor fails to compile.
-    flex_length = -(-max_tokens_per_row // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
-    shape = (rows_per_micro_batch, flex_length) if attn_implementation == "flex_attention" else None
 
-    def micro_batch(rows: list[list[dict[str, Any]]]) -> MicroBatch:
-        if attn_implementation == VARLEN:  # no mask: the rows can go end to end, with no padding at all
-            batch, _ = layout_rows(
-                [[ex for row in rows for ex in row]], eos_id=eos_id, share_prompt=share_prompt
+
+def _flex_shape(attn_implementation: str, rows: int, max_tokens_per_row: int) -> tuple[int, int] | None:
+    """One shape for every flex micro-batch: each new shape recompiles flex_attention, and the dynamic-shape
+    CPU kernel of torch 2.13's inductor fails to compile. None: each micro-batch its own shape."""
+    if attn_implementation != "flex_attention":
+        return None
+    return rows, -(-max_tokens_per_row // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
+
+
+def _rows(
+    pairs: Sequence[dict[str, Any]], *, pack: bool, share_prompt: bool, max_tokens_per_row: int
+) -> list[list[dict[str, Any]]]:
+    """The pairs in rows: packed first-fit-decreasing (``pack``), else one pair a row."""
+    lengths = [pair_length(ex, "shared" if share_prompt else "packed") for ex in pairs]
+    for ex, n in zip(pairs, lengths, strict=True):
+        if n > max_tokens_per_row:
+            raise ValueError(
+                f"pair {ex['index']} takes {n} tokens, more than a row's {max_tokens_per_row} "
+                f"(raise data.pack_length)"
             )
-            return batch.to(device)
-        batch, ids = layout_rows(rows, eos_id=eos_id, share_prompt=share_prompt, shape=shape)
-        ids = RowIds(*(t.to(device) for t in ids))
-        mask = (
-            {t: attention_mask(ids, w, attn_implementation, dtype) for t, w in windows.items()}
-            if isinstance(windows, dict)
-            else attention_mask(ids, windows, attn_implementation, dtype)
-        )
-        return replace(batch.to(device), attention_mask=mask, attention_blocks=None)
+    rows = first_fit_decreasing(lengths, max_tokens_per_row) if pack else [[i] for i in range(len(pairs))]
+    return [[pairs[i] for i in row] for row in rows]
 
-    def collate(pairs: Sequence[dict[str, Any]]) -> list[MicroBatch]:
-        lengths = [pair_length(ex, "shared" if share_prompt else "packed") for ex in pairs]
-        for ex, n in zip(pairs, lengths, strict=True):
-            if n > max_tokens_per_row:
-                raise ValueError(
-                    f"pair {ex['index']} takes {n} tokens, more than a row's {max_tokens_per_row} "
-                    f"(raise data.pack_length)"
-                )
-        rows = first_fit_decreasing(lengths, max_tokens_per_row) if pack else [[i] for i in range(len(pairs))]
-        return [
-            micro_batch([[pairs[i] for i in row] for row in rows[s : s + rows_per_micro_batch]])
-            for s in range(0, len(rows), rows_per_micro_batch)
-        ]
 
-    return collate
+def _micro_batch(
+    rows: list[list[dict[str, Any]]],
+    *,
+    eos_id: int,
+    share_prompt: bool,
+    attn_implementation: str,
+    windows: int | dict[str, int | None] | None,
+    dtype: torch.dtype,
+    shape: tuple[int, int] | None,
+    device: torch.device | str,
+) -> MicroBatch:
+    """One micro-batch of ``rows`` on ``device``: end to end as one row under ``preftune_varlen`` (no mask,
+    no padding), else the rows with the attention mask of each layer type's ``windows``."""
+    if attn_implementation == VARLEN:
+        batch, _ = layout_rows([[ex for row in rows for ex in row]], eos_id=eos_id, share_prompt=share_prompt)
+        return batch.to(device)
+    batch, ids = layout_rows(rows, eos_id=eos_id, share_prompt=share_prompt, shape=shape)
+    ids = RowIds(*(t.to(device) for t in ids))
+    mask = (
+        {t: attention_mask(ids, w, attn_implementation, dtype) for t, w in windows.items()}
+        if isinstance(windows, dict)
+        else attention_mask(ids, windows, attn_implementation, dtype)
+    )
+    return replace(batch.to(device), attention_mask=mask, attention_blocks=None)
 
 
 class DPOPackedDataset(torch.utils.data.Dataset):

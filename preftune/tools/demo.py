@@ -110,14 +110,23 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: int = 0) -> dict[str, Path]:
     """Write the demo data, base model and config under `out_dir`; returns their paths."""
     out_dir = Path(out_dir).resolve()
-    train = make_preference_pairs(n_train, seed)
-    val = make_preference_pairs(n_val, seed + 1, held_out_from=train)  # prompts never seen in training
     paths = {
         "train": out_dir / "data" / "train.jsonl",
         "validation": out_dir / "data" / "validation.jsonl",
         "model": out_dir / "base_model",
         "config": out_dir / "demo.yaml",
     }
+    train = make_preference_pairs(n_train, seed)
+    val = make_preference_pairs(n_val, seed + 1, held_out_from=train)  # prompts never seen in training
+    write_data(train, val, paths)
+    write_base_model(train, paths["model"], seed)
+    OmegaConf.save(OmegaConf.create(demo_config(paths, out_dir / "run", seed)), paths["config"])
+    print(f"[demo] config -> {paths['config']}")
+    return paths
+
+
+def write_data(train: list[dict], val: list[dict], paths: dict[str, Path]) -> None:
+    """The train pairs with NeMo Aligner keys, the validation pairs with TRL keys."""
     write_jsonl(paths["train"], train)
     trl = [
         {"prompt": p["prompt"], "chosen": p["chosen_response"], "rejected": p["rejected_response"]}
@@ -125,9 +134,13 @@ def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: 
     ]
     write_jsonl(paths["validation"], trl)
     print(
-        f"[demo] {len(train)} train pairs (NeMo keys), {len(val)} validation pairs (TRL keys) -> {out_dir / 'data'}"
+        f"[demo] {len(train)} train pairs (NeMo keys), {len(val)} validation pairs (TRL keys) -> "
+        f"{paths['train'].parent}"
     )
 
+
+def write_base_model(train: list[dict], path: Path, seed: int) -> None:
+    """A byte-level BPE trained on the train texts and a tiny Llama over it, saved at `path`."""
     texts = (p[k] for p in train for k in ("prompt", "chosen_response", "rejected_response"))
     tokenizer = train_tokenizer(texts, vocab_size=512)
     model = build_tiny_model(
@@ -139,14 +152,15 @@ def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: 
         max_position_embeddings=256,
         seed=seed,
     )
-    save_tiny(model, tokenizer, paths["model"])
+    save_tiny(model, tokenizer, path)
     n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"[demo] tokenizer ({len(tokenizer)} tokens) + tiny llama ({n_params / 1e3:.0f}k params) -> {paths['model']}"
-    )
+    print(f"[demo] tokenizer ({len(tokenizer)} tokens) + tiny llama ({n_params / 1e3:.0f}k params) -> {path}")
 
-    config = {
-        "output_dir": str(out_dir / "run"),
+
+def demo_config(paths: dict[str, Path], output_dir: Path, seed: int) -> dict:
+    """The demo run's settings: two epochs of the demo data on the base model, validated every 50 steps."""
+    return {
+        "output_dir": str(output_dir),
         "model": {"path": str(paths["model"]), "dtype": "float32"},
         "data": {
             "train": str(paths["train"]),
@@ -168,9 +182,6 @@ def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: 
             "samples": {"num_prompts": 64, "max_new_tokens": 40},
         },
     }
-    OmegaConf.save(OmegaConf.create(config), paths["config"])
-    print(f"[demo] config -> {paths['config']}")
-    return paths
 
 
 def rule_share(samples_path: Path) -> dict[int, float]:

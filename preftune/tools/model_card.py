@@ -121,7 +121,8 @@ class ModelCard:
 
 def _sources(entries: Any) -> list[tuple[str, str]]:
     """``data.train``/``data.validation`` as (``hub`` | ``local``, name) pairs: a mapping with a ``hub`` key
-    names a Hub dataset; any other entry (a path, or a mapping with ``path``) is local."""
+    names a Hub dataset; any other entry (a path, or a mapping with ``path``) is local, named by its path as
+    the run's config gives it (absolute: a run saves its paths so)."""
     if entries is None:
         return []
     entries = OmegaConf.to_container(entries) if OmegaConf.is_config(entries) else entries
@@ -132,7 +133,7 @@ def _sources(entries: Any) -> list[tuple[str, str]]:
         if isinstance(entry, dict):
             out.append(("hub", str(entry["hub"])) if "hub" in entry else ("local", str(entry.get("path"))))
         else:
-            out.append(("local", Path(str(entry)).name))
+            out.append(("local", str(entry)))
     return out
 
 

@@ -39,6 +39,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from preftune.errors import CheckpointError, NonFiniteError
+from preftune.file_modes import apply_umask
 from preftune.modeling.logprobs import is_peft
 from preftune.modeling.model import DPOModel
 from preftune.modeling.parallel import any_rank, barrier, unwrap
@@ -168,6 +169,7 @@ class Checkpointer:
         if info.is_main:
             try:
                 model.policy.save_pretrained(tmp / "model", state_dict=weights, safe_serialization=True)
+                apply_umask(tmp / "model")
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp / "model")
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

@@ -1,8 +1,8 @@
 """Non-finite steps: a step whose loss or gradient norm is NaN or infinite is skipped, not applied.
 
-The trainer asks ``SkipGuard.skip`` before each optimizer step. A skipped step leaves the weights and the
-optimizer state as they were; the scheduler and the data position still advance, so a resumed run stays
-exact. After ``trainer.max_skipped_steps`` skips in a row the run stops with ``NonFiniteError``. Nothing is
+The trainer asks ``SkipGuard.skip`` before each optimizer step. A skipped step's gradients are dropped, so
+the optimizer step leaves the weights and the optimizer state as they were; the scheduler and the data
+position still advance, so a resumed run stays exact. After ``trainer.max_skipped_steps`` skips in a row the run stops with ``NonFiniteError``. Nothing is
 saved from non-finite weights (``nonfinite_parameters`` is checked before every checkpoint).
 """
 

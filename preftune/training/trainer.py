@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import ChosenLogprobWatch, step_line
 from preftune.training.metrics import MetricsLogger
 from preftune.training.nonfinite import SkipGuard
-from preftune.training.progress import after_step
+from preftune.training.progress import after_step, run_length
 from preftune.training.timer import RunTimer
 
 
@@ -56,11 +55,8 @@ class MetricsAccumulator:
 
 
 def resolve_max_steps(trainer_cfg: TrainerConfig, steps_per_epoch: int) -> int:
-    """The run's length: the first of ``max_steps`` (-1: none) and ``max_epochs`` (null: none) reached."""
-    limits = [trainer_cfg.max_steps] if trainer_cfg.max_steps != -1 else []
-    if trainer_cfg.max_epochs is not None:
-        limits.append(trainer_cfg.max_epochs * steps_per_epoch)
-    return min(limits)
+    """The run's length: the first of ``max_steps`` and ``max_epochs`` reached (-1 / null: no limit)."""
+    return run_length(trainer_cfg.max_epochs, trainer_cfg.max_steps, steps_per_epoch).steps
 
 
 def limit_batches(limit: int | float, available: int) -> int:
@@ -251,16 +247,17 @@ class DPOTrainer:
         grad_norm = grad_norm.item()  # one device sync per step
         lr = self.optimizer.param_groups[0]["lr"]
         metrics, pairs, tokens = accumulator.reduce(self.model.dist)
-        # a NaN/inf loss or gradient norm: not applied (the scheduler and data position still advance)
+        # a NaN/inf loss or gradient norm: not applied. Its gradients are dropped, so the optimizer step skips
+        # every parameter (weights and optimizer state unchanged); the scheduler and data position advance.
         skipped = self.skip_guard.skip(self.step + 1, metrics["loss"], grad_norm)
-        if not skipped:
-            self.optimizer.step()
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
             self.model.observe_step_rewards(
                 metrics["rewards_chosen_mean"], metrics["rewards_rejected_mean"], pairs
             )
-        with warnings.catch_warnings():  # a skipped first step steps the scheduler before the optimizer
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-            self.scheduler.step()
+        self.optimizer.step()
+        self.scheduler.step()
         metrics.update(grad_norm=grad_norm, lr=lr, tokens=tokens, skipped=int(skipped))
         return metrics
 
