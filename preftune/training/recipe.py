@@ -82,7 +82,11 @@ def build_dataloader(
 @dataclass(frozen=True)
 class TrainResult:
     val_metrics: dict[str, float]  # the last validation's metrics ({} without validation data)
-    finished: bool  # False: stopped early (a stop signal or trainer.max_time), to be resumed
+    finished: bool  # False: stopped early (a stop signal, trainer.max_time or should_stop), to be resumed
+    steps: int = 0  # the optimizer steps the run has made (a resumed run: in all)
+    tokenized: bool = False  # this call tokenized data (False: every set came from the tokenization cache)
+    reference_computed: bool = False  # this call ran the reference pass of reference.mode=precompute
+    stopped_by_callback: bool = False  # should_stop stopped it
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -90,8 +94,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return run_training(cfg).val_metrics
 
 
-def run_training(cfg: DictConfig) -> TrainResult:
-    """Train (or resume) the run described by ``cfg``, holding ``output_dir``'s lock throughout."""
+def run_training(
+    cfg: DictConfig, should_stop: Callable[[int, dict[str, float]], bool] | None = None
+) -> TrainResult:
+    """Train (or resume) the run described by ``cfg``, holding ``output_dir``'s lock throughout.
+    ``should_stop(step, val_metrics)``, asked after each validation during training, stops it when True."""
     check_environment(cfg)  # before anything is loaded
     cfg = absolute_paths(cfg)
     info = init_distributed()
@@ -104,7 +111,7 @@ def run_training(cfg: DictConfig) -> TrainResult:
     try:
         if info.is_main:
             OmegaConf.save(cfg, output_dir / "config.yaml")
-        return _train_locked(cfg, info, saved_cfg)
+        return _train_locked(cfg, info, saved_cfg, should_stop)
     finally:
         lock.release()
 
@@ -205,7 +212,8 @@ def cache_reference(
     cfg: DictConfig, model: DPOModel, train_set: Any, val_set: Any, collate: Callable
 ) -> tuple[Any, Any, Callable]:
     """``reference.mode: precompute``: one pass of the reference over train and validation, cached per (data,
-    model) in ``output_dir/cache/reference`` (a resumed run loads them); the reference model is then freed.
+    model) in ``reference.cache_dir`` (null: ``output_dir/cache/reference``; a resumed run loads them); the
+    reference model is then freed.
     Returns the datasets and collate that carry the cached log-probs."""
     if cfg.reference.mode != "precompute" or model.loss.reference_free:
         return train_set, val_set, collate
@@ -213,7 +221,7 @@ def cache_reference(
         model,
         [train_set, val_set],
         collate,
-        Path(cfg.output_dir) / "cache" / "reference",
+        cfg.reference.cache_dir or Path(cfg.output_dir) / "cache" / "reference",
         model_fingerprint=model_fingerprint(
             local_model_dir(cfg.reference.path or cfg.model.path),
             cfg.model.dtype + "+nf4" * (cfg.model.load_in_4bit and cfg.reference.path is None),
@@ -259,7 +267,12 @@ def start_line(cfg: DictConfig, info: DistInfo, model: DPOModel, trainer: DPOTra
     return f"training for {steps} of {cfg.data.global_batch_size} pairs on {where} ({', '.join(layout)})"
 
 
-def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None) -> TrainResult:
+def _train_locked(
+    cfg: DictConfig,
+    info: DistInfo,
+    saved_cfg: DictConfig | None,
+    should_stop: Callable[[int, dict[str, float]], bool] | None,
+) -> TrainResult:
     timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)
     random.seed(cfg.trainer.seed)
@@ -267,10 +280,11 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     torch.manual_seed(cfg.trainer.seed)
 
     tokenizer, train_set, val_set = load_training_data(cfg, info)
+    tokenized = not all(d.from_cache for d in (train_set, val_set) if d is not None)
     finished = finished_run(output_dir, cfg.trainer, len(train_set) // cfg.data.global_batch_size)
     if finished is not None:
         log(finished.message())
-        return TrainResult(finished.val_metrics, finished=True)
+        return TrainResult(finished.val_metrics, finished=True, steps=finished.step, tokenized=tokenized)
 
     # Model: the policy and its reference (built before any checkpoint is restored), then the newest
     # checkpoint's weights, then DDP/FSDP2, then the reference's cached log-probs, then the optimizer.
@@ -283,6 +297,7 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         checkpointer.load_weights(latest, model.policy)
     model.distribute(cfg.distributed.strategy, info)
     train_set, val_set, collate = cache_reference(cfg, model, train_set, val_set, collate)
+    reference_computed = any(not c.from_cache for c in (train_set, val_set) if isinstance(c, ReferenceCache))
     train_loader = build_dataloader(train_set, cfg, info, train=True)
     val_loader = build_dataloader(val_set, cfg, info, train=False) if val_set is not None else None
     optimizer = build_optimizer(model.policy, cfg.optim)
@@ -312,6 +327,7 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         logger.attach(*open_trackers(cfg, output_dir, resume_step))
         truncate_samples_after(output_dir, -1 if resume_step is None else resume_step)
     trainer.on_validation = sample_generations(cfg, model, tokenizer, val_set, logger)
+    trainer.should_stop = should_stop
 
     log(start_line(cfg, info, model, trainer))
     log(parameter_summary(model))
@@ -324,4 +340,11 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         log(f"done: metrics in {logger.path}, checkpoints in {checkpointer.root}")
     else:
         log(f"stopped early at step {trainer.step} of {trainer.max_steps}: the same command resumes it")
-    return TrainResult(trainer.last_val_metrics, finished)
+    return TrainResult(
+        trainer.last_val_metrics,
+        finished,
+        steps=trainer.step,
+        tokenized=tokenized,
+        reference_computed=reference_computed,
+        stopped_by_callback=trainer.stopped_by_callback,
+    )
