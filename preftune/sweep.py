@@ -403,6 +403,12 @@ def summary(sweep: Sweep) -> dict[str, Any]:
     }
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def summary_table(result: dict[str, Any]) -> str:
     """The printed result: one row per trial (the best marked *), then the shared work."""
     metric = result["spec"]["metric"]
@@ -411,10 +417,7 @@ def summary_table(result: dict[str, Any]) -> str:
     for r in result["trials"]:
         value = "—" if r["metric"] is None else f"{r['metric']:.4f}"
         mark = " *" if r["dir"] == result["best"] else ""
-        params = [
-            json.dumps(r["params"][k]) if not isinstance(r["params"][k], str) else r["params"][k]
-            for k in result["varied"]
-        ]
+        params = [_shown(r["params"][k]) for k in result["varied"]]
         rows.append(
             [r["dir"] + mark, *params, value, str(r["steps"]), f"{r['wall_time_s']:.1f} s", r["state"]]
         )

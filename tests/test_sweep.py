@@ -11,13 +11,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import records
 
 import preftune.data.dataset as dataset_module
 from preftune.cli import main
 from preftune.config import ConfigError
 from preftune.modeling.reference import FrozenReference
 from preftune.tools.sweep_space import Range, Values, grid_trials, parse_dimension, parse_space, split_values
+
+from conftest import records
 
 GRID = ["dpo.ref_policy_kl_penalty=0.1,0.5", "dpo.preference_loss=dpo,ipo"]
 
@@ -139,6 +140,9 @@ def test_grid_shares_tokenization_and_reference(base_config, tmp_path, monkeypat
     assert all(r["state"] == "complete" and r["steps"] == 4 for r in result["trials"])
     best = min(result["trials"], key=lambda r: r["metric"])
     assert result["best"] == best["dir"] and (out / "best.yaml").is_file()
+    assert main(["report", str(out)]) == 0  # the trials overlaid, labelled by their values, and metric vs keys
+    page = (out / "report.html").read_text()
+    assert "trial_003 ref_policy_kl_penalty=0.5 preference_loss=ipo" in page and "alt='sweep_metric'" in page
 
     for trial in result["trials"]:
         trial_dir = out / trial["dir"]
