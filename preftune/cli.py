@@ -110,8 +110,13 @@ def _sweep(args: argparse.Namespace) -> int:
     config = args.config if args.config.startswith("preset:") else str(Path(args.config).resolve())
     spec = SweepSpec(config, args.grid, args.search, args.trials or 0, args.metric, args.prune)
     try:
+        worker = tuple(int(n) for n in args.worker.split("/")) if args.worker else None
         _, done = run_sweep(
-            spec, Path(args.output_dir), online_reference=args.online_reference, parallel=args.parallel
+            spec,
+            Path(args.output_dir),
+            online_reference=args.online_reference,
+            parallel=args.parallel,
+            worker=worker,
         )
     except BaseException:
         shutdown(wait=False)
@@ -198,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep reference.mode=online (default: precompute, one reference pass for every trial)",
     )
+    sweep.add_argument("--worker", help=argparse.SUPPRESS)  # I/K: one of --parallel K's processes
     sweep.set_defaults(run=_sweep)
     presets = sub.add_parser("presets", help="list the packaged configs usable as --config preset:NAME")
     presets.set_defaults(run=_presets)

@@ -24,6 +24,9 @@ import hashlib
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,6 +56,7 @@ REFERENCE_NEUTRAL = (
 STATE_FILE = "sweep.json"
 TRIAL_FILE = "sweep_trial.json"
 ENDED = ("complete", "pruned")
+EXIT_STOPPED = 75  # a worker stopped early (a stop signal): the same command resumes it
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class Sweep:
     info: DistInfo
     integer_keys: set[str]  # the keys whose values are integers (their ranges drawn as integers)
     reference_cache_set: bool  # the base config names reference.cache_dir: every trial uses it
+    worker: tuple[int, int] = (0, 1)  # (I, K): this process runs the trials numbered I mod K
     records: dict[int, TrialRecord] = field(default_factory=dict)
 
     @property
@@ -253,14 +258,26 @@ def _check_resumable(root: Path, spec: SweepSpec) -> None:
 
 
 def run_sweep(
-    spec: SweepSpec, root: Path, *, online_reference: bool = False, parallel: int = 1
+    spec: SweepSpec,
+    root: Path,
+    *,
+    online_reference: bool = False,
+    parallel: int = 1,
+    worker: tuple[int, int] | None = None,
 ) -> tuple[dict, bool]:
-    """Run (or resume) the sweep; its summary (``sweep.json``) and whether every trial ended."""
+    """Run (or resume) the sweep; its summary (``sweep.json``) and whether every trial ended. With
+    ``parallel`` K > 1, K worker processes (``worker`` (I, K)) share the trials; a worker writes its trials'
+    records only, the summary is written once they are all done."""
     space = parse_space(spec.grid)
     base = load_config(spec.config)
-    check_spec(spec, space, base, parallel)
+    check_spec(spec, space, base, 1 if worker else parallel)
     root = root.resolve()
     _check_resumable(root, spec)
+    if parallel > 1 and worker is None:
+        if spec.search == "grid":  # every trial's config checked before any worker starts
+            for number, params in enumerate(grid_trials(space)):
+                load_config(spec.config, [*overrides(params), f"output_dir={root / f'trial_{number:03d}'}"])
+        done = run_workers(spec, root, online_reference, parallel)
     info = init_distributed()
     sweep = Sweep(
         spec,
@@ -271,10 +288,16 @@ def run_sweep(
         integer_keys={d.key for d in space if type(OmegaConf.select(base, d.key, default=None)) is int},
         reference_cache_set=base.reference.cache_dir is not None,
     )
+    if worker is not None:
+        sweep.worker = worker
     sweep.load_records()
-    if info.is_main:
-        write_json(root / STATE_FILE, summary(sweep))
-    done = run_grid(sweep) if spec.search == "grid" else run_optuna(sweep)
+    if parallel == 1 or worker is not None:
+        if info.is_main and worker is None:
+            write_json(root / STATE_FILE, summary(sweep))
+        done = run_grid(sweep) if spec.search == "grid" else run_optuna(sweep)
+        if worker is not None:
+            return {}, done
+        sweep.load_records()  # every trial, whoever ran it
     result = summary(sweep)
     if info.is_main:
         write_json(root / STATE_FILE, result)
@@ -293,7 +316,7 @@ def run_grid(sweep: Sweep) -> bool:
     log(f"grid: {len(trials)} trials over {', '.join(d.key for d in sweep.space)}")
     for number, params in enumerate(trials):
         previous = sweep.records.get(number)
-        if previous is not None and previous.state in ENDED:
+        if (previous is not None and previous.state in ENDED) or number % sweep.worker[1] != sweep.worker[0]:
             continue
         _, ended = sweep.run_trial(number, params)
         if not ended:
@@ -336,12 +359,18 @@ def _next_optuna_trial(sweep: Sweep, study: Any) -> tuple[Any, int, dict[str, st
     """Rank 0's next trial (a started one first, else a new one), or None when ``--trials`` have ended."""
     from optuna.trial import Trial, TrialState
 
+    index, workers = sweep.worker
     trials = study.get_trials(deepcopy=False)
-    running = [t for t in trials if t.state == TrialState.RUNNING]
+    running = [
+        t
+        for t in trials
+        if t.state == TrialState.RUNNING and t.user_attrs.get("worker", 0) % workers == index
+    ]
     if running:
         trial = Trial(study, running[0]._trial_id)  # resumed: its values are read back from the study
-    elif sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) < sweep.spec.trials:
+    elif len(trials) < sweep.spec.trials:
         trial = study.ask()
+        trial.set_user_attr("worker", index)
     else:
         return None
     return trial, trial.number, suggest(trial, sweep.space, sweep.integer_keys)
@@ -349,8 +378,6 @@ def _next_optuna_trial(sweep: Sweep, study: Any) -> tuple[Any, int, dict[str, st
 
 def run_optuna(sweep: Sweep) -> bool:
     """TPE trials until ``--trials`` have ended; rank 0 holds the study and tells every rank the next trial."""
-    from optuna.trial import TrialState
-
     study = open_study(sweep) if sweep.info.is_main else None
     while True:
         chosen = _next_optuna_trial(sweep, study) if study is not None else None
@@ -360,15 +387,66 @@ def run_optuna(sweep: Sweep) -> bool:
         number, params = number_params
         trial = chosen[0] if chosen else None
         sweep.trial_config(number, params)  # a value the config refuses: one line before training
+        previous = sweep.records.get(number)
+        if previous is not None and previous.state in ENDED:  # ended, but the study was not told (killed)
+            if study is not None:
+                _tell(study, trial, previous)
+            continue
         should_stop = _pruning(sweep, trial) if sweep.spec.prune else None
         record, ended = sweep.run_trial(number, params, should_stop)
         if not ended:
             return False
         if study is not None:
-            if record.state == "pruned":
-                study.tell(trial, state=TrialState.PRUNED)
-            else:
-                study.tell(trial, record.metric)
+            _tell(study, trial, record)
+
+
+def _tell(study: Any, trial: Any, record: TrialRecord) -> None:
+    from optuna.trial import TrialState
+
+    if record.state == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, record.metric)
+
+
+def worker_command(spec: SweepSpec, root: Path, online_reference: bool, worker: str) -> list[str]:
+    """The ``preftune sweep`` arguments of worker ``I/K`` of a ``--parallel K`` sweep."""
+    args = ["sweep", "--config", spec.config, "--output-dir", str(root), "--grid", *spec.grid]
+    args += ["--search", spec.search, "--metric", spec.metric, "--worker", worker]
+    args += ["--trials", str(spec.trials)] * (spec.search == "optuna")
+    return args + ["--prune"] * spec.prune + ["--online-reference"] * online_reference
+
+
+def run_workers(spec: SweepSpec, root: Path, online_reference: bool, parallel: int) -> bool:
+    """``--parallel K``: K workers, each on its own group of this node's GPUs (torchrun when a group has
+    several), stop signals passed on to them. Whether every worker ended its trials."""
+    import torch
+
+    per_group = torch.cuda.device_count() // parallel
+    procs = []
+    for index in range(parallel):
+        devices = ",".join(str(d) for d in range(index * per_group, (index + 1) * per_group))
+        launcher = [sys.executable]
+        if per_group > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={per_group}"]
+        worker = worker_command(spec, root, online_reference, f"{index}/{parallel}")
+        command = [*launcher, "-m", "preftune", *worker]
+        log(f"worker {index}: CUDA_VISIBLE_DEVICES={devices} {' '.join(command[1:])}")
+        procs.append(subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": devices}))
+
+    def forward(signum: int, frame: Any) -> None:
+        for proc in procs:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        codes = [proc.wait() for proc in procs]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if any(code not in (0, EXIT_STOPPED) for code in codes):
+        raise RuntimeError(f"--parallel {parallel}: worker exit statuses {codes} (see their output above)")
+    return all(code == 0 for code in codes)
 
 
 def _pruning(sweep: Sweep, trial: Any) -> Callable[[int, dict], bool]:

@@ -140,7 +140,9 @@ def test_grid_shares_tokenization_and_reference(base_config, tmp_path, monkeypat
     assert all(r["state"] == "complete" and r["steps"] == 4 for r in result["trials"])
     best = min(result["trials"], key=lambda r: r["metric"])
     assert result["best"] == best["dir"] and (out / "best.yaml").is_file()
-    assert main(["report", str(out)]) == 0  # the trials overlaid, labelled by their values, and metric vs keys
+    assert (
+        main(["report", str(out)]) == 0
+    )  # the trials overlaid, labelled by their values, and metric vs keys
     page = (out / "report.html").read_text()
     assert "trial_003 ref_policy_kl_penalty=0.5 preference_loss=ipo" in page and "alt='sweep_metric'" in page
 
@@ -172,10 +174,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, monkeypatch, capsys):
+def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, capsys):
+    """The straight sweep is run as --parallel 2's two workers (each its own trial), then assembled by the
+    plain command, which finds both trials ended; the killed one is resumed by the plain command."""
     grid = ["--grid", "dpo.ref_policy_kl_penalty=0.1,0.5"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for worker in ("1/2", "0/2"):
+        assert sweep(base_config, straight, *grid, "--worker", worker) == 0
+        assert not (straight / "sweep.json").exists()  # a worker writes its trials' records only
+    assert {p.parent.name for p in straight.glob("trial_*/sweep_trial.json")} == {"trial_000", "trial_001"}
+    capsys.readouterr()
     assert sweep(base_config, straight, *grid) == 0
+    assert "trial 0:" not in capsys.readouterr().out  # nothing left to run: the summary only
     command = ["sweep", "--config", str(base_config), "--output-dir", str(killed), *grid]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-c", KILLER, *command], env=env, capture_output=True, timeout=120)
@@ -197,6 +207,11 @@ def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, monke
         return json.dumps(result).replace(str(root), "DIR")
 
     assert comparable(killed) == comparable(straight)
+
+
+def test_parallel_needs_gpus(base_config, tmp_path, capsys):
+    assert sweep(base_config, tmp_path / "p", "--grid", "optim.lr=1e-3,1e-2", "--parallel", "2") == 2
+    assert "--parallel 2 runs trials side by side on 2 GPU groups" in capsys.readouterr().err
 
 
 def test_optuna_search_prunes_a_trial(base_config, tmp_path):
