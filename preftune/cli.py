@@ -12,11 +12,11 @@ from pathlib import Path
 
 from preftune.config import ConfigError, load_config
 from preftune.data.formats import DataError
-from preftune.training.stop_signals import EXIT_INTERRUPTED
+from preftune.training.stop_signals import EXIT_INTERRUPTED, EXIT_STOPPED
 
 # Exit statuses (README "Failures and recovery"): a finished run, a mistake to fix, a run that stopped
 # early and resumes with the same command (SIGTERM/SIGUSR1, Ctrl-C, trainer.max_time: requeue on it).
-EXIT_FINISHED, EXIT_MISTAKE, EXIT_STOPPED = 0, 2, 75
+EXIT_FINISHED, EXIT_MISTAKE = 0, 2
 TORCHRUN_GRACE_S = 10  # how long other ranks wait for torchrun to stop them once rank 0 reported a mistake
 
 

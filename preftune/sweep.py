@@ -39,6 +39,7 @@ from preftune.config import ConfigError, load_config
 from preftune.tools.sweep_space import Dimension, Range, Values, grid_trials, overrides, parse_space
 from preftune.training.distributed import DistInfo, gather_objects, init_distributed
 from preftune.training.recipe import log, run_training
+from preftune.training.stop_signals import EXIT_STOPPED
 
 METRICS = {"val/loss": "minimize", "val/acc": "maximize", "val/win_rate": "maximize"}
 # Keys the reference's log-probs do not depend on: trials that vary only these share one reference cache.
@@ -56,7 +57,6 @@ REFERENCE_NEUTRAL = (
 STATE_FILE = "sweep.json"
 TRIAL_FILE = "sweep_trial.json"
 ENDED = ("complete", "pruned")
-EXIT_STOPPED = 75  # a worker stopped early (a stop signal): the same command resumes it
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class SweepSpec:
     config: str  # the base config (absolute path or preset:NAME)
     grid: list[str]  # the --grid items
     search: str  # grid | optuna
-    trials: int  # the number of trials (a grid: its size)
+    trials: int  # --search optuna: the number of trials (a grid: 0, its size is the product)
     metric: str  # val/loss | val/acc | val/win_rate
     prune: bool
 
@@ -98,6 +98,7 @@ class Sweep:
     info: DistInfo
     integer_keys: set[str]  # the keys whose values are integers (their ranges drawn as integers)
     reference_cache_set: bool  # the base config names reference.cache_dir: every trial uses it
+    reference_mode: str  # the trials' reference.mode
     worker: tuple[int, int] = (0, 1)  # (I, K): this process runs the trials numbered I mod K
     records: dict[int, TrialRecord] = field(default_factory=dict)
 
@@ -219,6 +220,8 @@ def check_spec(spec: SweepSpec, space: list[Dimension], base: DictConfig, parall
         raise ConfigError("--prune stops trials by comparing them: it needs --search optuna")
     if spec.search == "optuna" and spec.trials < 1:
         raise ConfigError("--search optuna needs --trials N (N >= 1)")
+    if spec.search == "grid" and spec.trials:
+        raise ConfigError("--trials goes with --search optuna (a grid runs every combination)")
     if base.data.validation is None and base.data.validation_fraction is None:
         raise ConfigError(
             f"{spec.config}: no validation data (data.validation or data.validation_fraction): a sweep "
@@ -273,11 +276,6 @@ def run_sweep(
     check_spec(spec, space, base, 1 if worker else parallel)
     root = root.resolve()
     _check_resumable(root, spec)
-    if parallel > 1 and worker is None:
-        if spec.search == "grid":  # every trial's config checked before any worker starts
-            for number, params in enumerate(grid_trials(space)):
-                load_config(spec.config, [*overrides(params), f"output_dir={root / f'trial_{number:03d}'}"])
-        done = run_workers(spec, root, online_reference, parallel)
     info = init_distributed()
     sweep = Sweep(
         spec,
@@ -287,17 +285,22 @@ def run_sweep(
         info,
         integer_keys={d.key for d in space if type(OmegaConf.select(base, d.key, default=None)) is int},
         reference_cache_set=base.reference.cache_dir is not None,
+        reference_mode="online" if base.reference.mode == "online" and online_reference else "precompute",
+        worker=worker or (0, 1),
     )
-    if worker is not None:
-        sweep.worker = worker
     sweep.load_records()
-    if parallel == 1 or worker is not None:
-        if info.is_main and worker is None:
-            write_json(root / STATE_FILE, summary(sweep))
-        done = run_grid(sweep) if spec.search == "grid" else run_optuna(sweep)
-        if worker is not None:
-            return {}, done
-        sweep.load_records()  # every trial, whoever ran it
+    run_trials = run_grid if spec.search == "grid" else run_optuna
+    if worker is not None:  # one of --parallel K's processes: its trials only
+        return {}, run_trials(sweep)
+    if info.is_main:
+        write_json(root / STATE_FILE, summary(sweep))
+    if parallel > 1:
+        if spec.search == "grid":
+            grid_configs(sweep)  # a bad value: one line before any worker starts
+        done = run_workers(spec, root, online_reference, parallel)
+        sweep.load_records()  # the trials the workers ran
+    else:
+        done = run_trials(sweep)
     result = summary(sweep)
     if info.is_main:
         write_json(root / STATE_FILE, result)
@@ -308,11 +311,17 @@ def run_sweep(
     return result, done
 
 
-def run_grid(sweep: Sweep) -> bool:
-    """Every combination in order (checked up front: a bad value stops the sweep before any training)."""
+def grid_configs(sweep: Sweep) -> list[dict[str, str]]:
+    """The grid's trials, each trial's config loaded (and so checked) before any training."""
     trials = grid_trials(sweep.space)
     for number, params in enumerate(trials):
         sweep.trial_config(number, params)
+    return trials
+
+
+def run_grid(sweep: Sweep) -> bool:
+    """Every combination in order (checked up front: a bad value stops the sweep before any training)."""
+    trials = grid_configs(sweep)
     log(f"grid: {len(trials)} trials over {', '.join(d.key for d in sweep.space)}")
     for number, params in enumerate(trials):
         previous = sweep.records.get(number)
@@ -474,6 +483,7 @@ def summary(sweep: Sweep) -> dict[str, Any]:
         "direction": sweep.direction,
         "varied": [d.key for d in sweep.space],
         "shared_overrides": sweep.shared,
+        "reference_mode": sweep.reference_mode,
         "trials": [asdict(r) for r in records],
         "best": best.dir if best else None,
         "tokenizations": sum(r.tokenized for r in records),
@@ -502,9 +512,13 @@ def summary_table(result: dict[str, Any]) -> str:
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]]
     n = len(result["trials"])
-    lines.append(
-        f"tokenizations: {result['tokenizations']}, reference passes: {result['reference_passes']} for {n} trials"
-    )
+    if result["reference_mode"] == "online":
+        lines.append(
+            f"tokenizations: {result['tokenizations']} for {n} trials (reference: online, every step)"
+        )
+    else:
+        passes = result["reference_passes"]
+        lines.append(f"tokenizations: {result['tokenizations']}, reference passes: {passes} for {n} trials")
     if result["best"]:
         lines.append(f"best: {result['best']} (config: best.yaml)")
     return "sweep result:\n" + "\n".join(lines)
