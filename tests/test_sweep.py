@@ -14,9 +14,10 @@ import pytest
 
 import preftune.data.dataset as dataset_module
 from preftune.cli import main
-from preftune.config import ConfigError
+from preftune.config import ConfigError, load_config
 from preftune.modeling.reference import FrozenReference
 from preftune.tools.sweep_space import Range, Values, grid_trials, parse_dimension, parse_space, split_values
+from preftune.training.recipe import run_training
 
 from conftest import records
 
@@ -105,6 +106,38 @@ def test_bad_grid_one_line_exit_2(base_config, tmp_path, capsys, grid, expected)
     assert not (tmp_path / "s" / "trial_000").exists()  # refused before any trial started
 
 
+# -- the trainer's hook -------------------------------------------------------------------------------
+
+
+def test_should_stop_stops_the_run_after_a_validation(tmp_path, tiny_model_dir, pair_files):
+    asked = []
+
+    def should_stop(step: int, metrics: dict) -> bool:
+        asked.append((step, metrics["loss"]))
+        return step == 2
+
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tiny_model_dir('llama')}",
+            f"data.train={pair_files['train']}",
+            f"data.validation={pair_files['validation']}",
+            f"output_dir={tmp_path / 'run'}",
+            "data.max_seq_length=48",
+            "data.micro_batch_size=4",
+            "trainer.max_steps=5",
+            "trainer.val_check_interval=1",
+            "trainer.save_interval=100",
+        ],
+    )
+    result = run_training(cfg, should_stop)
+    assert (result.finished, result.stopped_by_callback, result.steps) == (False, True, 2)
+    val = records(tmp_path / "run", "val")
+    assert asked == [(1, val[1]["val/loss"]), (2, val[2]["val/loss"])]  # not at step 0, the baseline
+    assert sorted(records(tmp_path / "run", "train")) == [1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "step_2").is_dir()  # saved like a stop signal
+
+
 # -- a 2 x 2 grid -----------------------------------------------------------------------------------
 
 
@@ -179,7 +212,7 @@ def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, capsy
     plain command, which finds both trials ended; the killed one is resumed by the plain command."""
     grid = ["--grid", "dpo.ref_policy_kl_penalty=0.1,0.5"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    for worker in ("1/2", "0/2"):
+    for worker in ("0/2", "1/2"):
         assert sweep(base_config, straight, *grid, "--worker", worker) == 0
         assert not (straight / "sweep.json").exists()  # a worker writes its trials' records only
     assert {p.parent.name for p in straight.glob("trial_*/sweep_trial.json")} == {"trial_000", "trial_001"}

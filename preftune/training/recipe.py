@@ -338,6 +338,10 @@ def _train_locked(
     finished = trainer.step >= trainer.max_steps
     if finished:
         log(f"done: metrics in {logger.path}, checkpoints in {checkpointer.root}")
+    elif trainer.stopped_by_callback:
+        log(
+            f"stopped at step {trainer.step} of {trainer.max_steps} by should_stop; saved in {checkpointer.root}"
+        )
     else:
         log(f"stopped early at step {trainer.step} of {trainer.max_steps}: the same command resumes it")
     return TrainResult(

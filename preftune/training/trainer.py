@@ -296,7 +296,7 @@ class DPOTrainer:
                 why = (
                     "a stop signal was received"
                     if self.stop_requested
-                    else "should_stop asked for it after validation"
+                    else "should_stop asked for it after validation (e.g. a sweep pruning the trial)"
                     if self.stopped_by_callback
                     else "trainer.max_time is nearly reached"
                 )
