@@ -99,6 +99,7 @@ class Sweep:
     integer_keys: set[str]  # the keys whose values are integers (their ranges drawn as integers)
     reference_cache_set: bool  # the base config names reference.cache_dir: every trial uses it
     reference_mode: str  # the trials' reference.mode
+    seed: int  # trainer.seed of the base config: the Optuna sampler's
     worker: tuple[int, int] = (0, 1)  # (I, K): this process runs the trials numbered I mod K
     records: dict[int, TrialRecord] = field(default_factory=dict)
 
@@ -127,12 +128,7 @@ class Sweep:
         """Train (or resume) one trial; its record and whether it ended (False: stopped by a signal or
         trainer.max_time, to be resumed by the same command)."""
         cfg = self.trial_config(number, params)
-        record = TrialRecord(
-            number,
-            self.trial_dir(number).name,
-            overrides(params),
-            {key: _select(cfg, key) for key in params},
-        )
+        record = self.new_record(number, params, cfg)
         log(f"trial {number}: {' '.join(record.overrides) or '(the base config)'}")
         self.save_record(record)
         start = time.monotonic()
@@ -148,6 +144,11 @@ class Sweep:
             record.state = "pruned" if result.stopped_by_callback else "complete"
         self.save_record(record)
         return record, ended
+
+    def new_record(self, number: int, params: dict[str, str], cfg: DictConfig) -> TrialRecord:
+        """A started trial's record: its values as its config holds them."""
+        values = {key: _select(cfg, key) for key in params}
+        return TrialRecord(number, self.trial_dir(number).name, overrides(params), values)
 
     def save_record(self, record: TrialRecord) -> None:
         self.records[record.trial] = record
@@ -286,6 +287,7 @@ def run_sweep(
         integer_keys={d.key for d in space if type(OmegaConf.select(base, d.key, default=None)) is int},
         reference_cache_set=base.reference.cache_dir is not None,
         reference_mode="online" if base.reference.mode == "online" and online_reference else "precompute",
+        seed=base.trainer.seed,
         worker=worker or (0, 1),
     )
     sweep.load_records()
@@ -347,21 +349,28 @@ def suggest(trial: Any, space: Sequence[Dimension], integer_keys: set[str]) -> d
 
 
 def open_study(sweep: Sweep) -> Any:
-    """The Optuna study in ``DIR/study.db`` (created, or loaded to resume): TPE, seeded by ``trainer.seed``,
-    with the median pruner (no trial pruned before the first trial ended, nor at step 0)."""
+    """The Optuna study in ``DIR/study.db`` (created, or loaded to resume) with the median pruner (no trial
+    pruned before the first trial ended, nor at step 0); ``sampler`` draws each trial's values."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep.root.mkdir(parents=True, exist_ok=True)
-    seed = load_config(sweep.spec.config).trainer.seed
     return optuna.create_study(
         study_name="preftune-sweep",
         storage=f"sqlite:///{sweep.root / 'study.db'}",
         load_if_exists=True,
         direction=sweep.direction,
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=sampler(sweep, 0),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0),
     )
+
+
+def sampler(sweep: Sweep, number: int) -> Any:
+    """TPE for trial ``number``, seeded by ``trainer.seed`` + ``number``: its values depend on the seed and the
+    trials before it only, so a search killed and resumed draws what it would have drawn in one go."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=sweep.seed + number)
 
 
 def _next_optuna_trial(sweep: Sweep, study: Any) -> tuple[Any, int, dict[str, str]] | None:
@@ -378,6 +387,7 @@ def _next_optuna_trial(sweep: Sweep, study: Any) -> tuple[Any, int, dict[str, st
     if running:
         trial = Trial(study, running[0]._trial_id)  # resumed: its values are read back from the study
     elif len(trials) < sweep.spec.trials:
+        study.sampler = sampler(sweep, len(trials))
         trial = study.ask()
         trial.set_user_attr("worker", index)
     else:
@@ -401,12 +411,30 @@ def run_optuna(sweep: Sweep) -> bool:
             if study is not None:
                 _tell(study, trial, previous)
             continue
+        if sweep.spec.prune and _pruned_before_kill(sweep, study, trial, number, params):
+            continue
         should_stop = _pruning(sweep, trial) if sweep.spec.prune else None
         record, ended = sweep.run_trial(number, params, should_stop)
         if not ended:
             return False
         if study is not None:
             _tell(study, trial, record)
+
+
+def _pruned_before_kill(sweep: Sweep, study: Any, trial: Any, number: int, params: dict[str, str]) -> bool:
+    """A resumed trial the pruner had already stopped at its last reported validation (the sweep was killed
+    before the trial ended): recorded and told as pruned there, not trained on. Every rank gets the answer."""
+    pruned = False
+    if study is not None:
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+        if frozen.intermediate_values and trial.should_prune():
+            step = max(frozen.intermediate_values)
+            record = sweep.new_record(number, params, sweep.trial_config(number, params))
+            record.state, record.steps, record.metric = "pruned", step, frozen.intermediate_values[step]
+            sweep.save_record(record)
+            _tell(study, trial, record)
+            pruned = True
+    return gather_objects(pruned, sweep.info)[0]
 
 
 def _tell(study: Any, trial: Any, record: TrialRecord) -> None:

@@ -207,19 +207,47 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, capsys):
-    """The straight sweep is run as --parallel 2's two workers (each its own trial), then assembled by the
-    plain command, which finds both trials ended; the killed one is resumed by the plain command."""
-    grid = ["--grid", "dpo.ref_policy_kl_penalty=0.1,0.5"]
+SEARCH = ["--search", "optuna", "--trials", "3", "--prune"]
+OPTUNA = ["--grid", "optim.lr=log:1e-5:1e-1", "dpo.ref_policy_kl_penalty=0.05:1.0", *SEARCH]
+
+
+def assert_pruned_search(out: Path) -> None:
+    """Three trials numbered once each with distinct values in their ranges, at least one pruned: stopped
+    early at a validation, and not the best."""
+    result = load(out)
+    trials = result["trials"]
+    assert [t["trial"] for t in trials] == [0, 1, 2]
+    assert len({json.dumps(t["params"], sort_keys=True) for t in trials}) == 3
+    assert all(1e-5 <= t["params"]["optim.lr"] <= 1e-1 for t in trials)
+    pruned = [t for t in trials if t["state"] == "pruned"]
+    assert pruned and all(t["steps"] == 2 == max(records(out / t["dir"], "train")) for t in pruned)
+    assert result["best"] not in {t["dir"] for t in pruned}
+
+
+@pytest.mark.parametrize("search", ["grid", "optuna"])
+def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, capsys, search):
+    """A sweep SIGKILLed just after trial_001 saved its step-2 checkpoint, rerun with the same command, ends
+    with a straight sweep's sweep.json. The grid's trial_001 resumes from that checkpoint; the Optuna
+    search's trial_001 had been pruned at that validation (its report reached the study), so it is recorded as
+    pruned there without training again. The straight grid runs as --parallel 2's two workers (one trial
+    each), assembled by the plain command, which finds both trials ended."""
+    args = ["--grid", "dpo.ref_policy_kl_penalty=0.1,0.5"] if search == "grid" else OPTUNA
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    for worker in ("0/2", "1/2"):
-        assert sweep(base_config, straight, *grid, "--worker", worker) == 0
-        assert not (straight / "sweep.json").exists()  # a worker writes its trials' records only
-    assert {p.parent.name for p in straight.glob("trial_*/sweep_trial.json")} == {"trial_000", "trial_001"}
+    if search == "grid":
+        for worker in ("0/2", "1/2"):
+            assert sweep(base_config, straight, *args, "--worker", worker) == 0
+            assert not (straight / "sweep.json").exists()  # a worker writes its trials' records only
+        assert {p.parent.name for p in straight.glob("trial_*/sweep_trial.json")} == {
+            "trial_000",
+            "trial_001",
+        }
     capsys.readouterr()
-    assert sweep(base_config, straight, *grid) == 0
-    assert "trial 0:" not in capsys.readouterr().out  # nothing left to run: the summary only
-    command = ["sweep", "--config", str(base_config), "--output-dir", str(killed), *grid]
+    assert sweep(base_config, straight, *args) == 0
+    if search == "grid":
+        assert "trial 0:" not in capsys.readouterr().out  # the summary only
+    else:
+        assert_pruned_search(straight)
+    command = ["sweep", "--config", str(base_config), "--output-dir", str(killed), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-c", KILLER, *command], env=env, capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
@@ -229,9 +257,12 @@ def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, capsy
 
     assert main(command) == 0  # the same command
     out = capsys.readouterr().out
-    assert f"resuming from {killed / 'trial_001' / 'checkpoints' / 'step_2'}" in out
     assert "trial 0:" not in out  # finished: skipped, not repeated
     assert (killed / "trial_000" / "metrics.jsonl").read_text() == trial_000
+    if search == "grid":
+        assert f"resuming from {killed / 'trial_001' / 'checkpoints' / 'step_2'}" in out
+    else:
+        assert "trial 1:" not in out and load(killed)["trials"][1]["state"] == "pruned"
 
     def comparable(root: Path) -> str:
         result = load(root)
@@ -245,23 +276,3 @@ def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, capsy
 def test_parallel_needs_gpus(base_config, tmp_path, capsys):
     assert sweep(base_config, tmp_path / "p", "--grid", "optim.lr=1e-3,1e-2", "--parallel", "2") == 2
     assert "--parallel 2 runs trials side by side on 2 GPU groups" in capsys.readouterr().err
-
-
-def test_optuna_search_prunes_a_trial(base_config, tmp_path):
-    out = tmp_path / "search"
-    args = ["--search", "optuna", "--trials", "5", "--prune"]
-    grid = ["--grid", "optim.lr=log:1e-5:1e-1", "dpo.ref_policy_kl_penalty=0.05:1.0"]
-    assert sweep(base_config, out, *grid, *args) == 0
-    result = load(out)
-    trials = result["trials"]
-    assert [t["trial"] for t in trials] == [0, 1, 2, 3, 4]  # five trials, numbered once each
-    assert len({json.dumps(t["params"], sort_keys=True) for t in trials}) == 5
-    pruned = [t for t in trials if t["state"] == "pruned"]
-    assert pruned and all(t["steps"] < 4 for t in pruned)  # stopped early, at a validation
-    for t in pruned:
-        assert max(records(out / t["dir"], "train")) == t["steps"]
-        assert 1e-5 <= t["params"]["optim.lr"] <= 1e-1
-    assert result["best"] not in {t["dir"] for t in pruned}
-    # rerun: every trial has ended, nothing runs again
-    assert sweep(base_config, out, *grid, *args) == 0
-    assert load(out)["trials"] == trials

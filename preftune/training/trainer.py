@@ -349,15 +349,17 @@ class DPOTrainer:
                     save_interval=self.cfg.trainer.save_interval,
                     stop_early=stop_early,
                 )
+                asked_to_stop = False
                 if actions.validate:
                     self._validate_and_log()
                     validated_at = self.step
+                    asked_to_stop = not actions.stop and self._asked_to_stop()  # before the save it may make
                 if actions.save:
                     self.save()
                     saved_at = self.step
                 if actions.stop:
                     break
-                if validated_at == self.step and self._asked_to_stop():
+                if asked_to_stop:
                     return validated_at, saved_at, True
         return validated_at, saved_at, bool(actions and actions.stopping_early)
 
