@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor
+
+from preftune.config import DPOConfig
 
 # --------------------------------------------------------------------------------------------------
 # Losses on the policy margin Δ
@@ -67,10 +70,8 @@ def robust_loss(margin: Tensor, beta: float, label_smoothing: float) -> Tensor:
     2024, "Provably Robust DPO", arXiv:2403.00409). Unlike cDPO the flipped-label term enters with a
     minus sign, which makes the loss an unbiased estimate of the clean-label loss (and unbounded below).
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(
-            f"robust DPO needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2ε), got {label_smoothing}"
-        )
+    if problem := robust_epsilon_problem(label_smoothing):
+        raise ValueError(f"{problem}, got {label_smoothing}")
     logits = beta * margin
     clean = -(1 - label_smoothing) * F.logsigmoid(logits)
     return (clean + label_smoothing * F.logsigmoid(-logits)) / (1 - 2 * label_smoothing)
@@ -352,12 +353,27 @@ NEEDS_LENGTHS: frozenset[str] = frozenset({"rdpo"})
 """Losses that need the response token counts (chosen_lengths, rejected_lengths)."""
 
 
+def unknown_loss(name: str) -> str:
+    """What is wrong with loss name ``name`` (not in ``LOSS_NAMES``): the nearest name, or where an SFT term
+    goes, and the valid names."""
+    nearest = difflib.get_close_matches(name, LOSS_NAMES, n=1)
+    hint = f" Did you mean '{nearest[0]}'?" if nearest else ""
+    if name == "sft":
+        hint = " The SFT term is not a preference loss: set dpo.sft_loss_weight (e.g. 1.0) instead."
+    return f"unknown loss '{name}'.{hint} Valid: {', '.join(LOSS_NAMES)}"
+
+
+def robust_epsilon_problem(label_smoothing: float) -> str | None:
+    """The robust loss divides by 1 - 2ε: what is wrong with ε = ``label_smoothing``, or None."""
+    if 0.0 <= label_smoothing < 0.5:
+        return None
+    return "the robust loss needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2ε)"
+
+
 def _check_inputs(name: str, policy_chosen_logps: Tensor, **others: Tensor | None) -> None:
     """Raise ValueError for an unknown name, inputs `name` needs but lacks, refs it must not get, bad shapes."""
     if name not in _LOSSES:
-        close = difflib.get_close_matches(name, LOSS_NAMES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown preference loss {name!r}{hint}; valid names: {', '.join(LOSS_NAMES)}")
+        raise ValueError(unknown_loss(name))
     missing = [key for key, tensor in others.items() if tensor is None]
     refs = ["ref_chosen_logps", "ref_rejected_logps"]
     if name in REFERENCE_FREE_LOSSES:
@@ -555,24 +571,26 @@ class LossSettings:
     rdpo_alpha: float
 
     @classmethod
-    def from_config(cls, dpo: Any) -> LossSettings:
-        """From the ``dpo`` section (a mapping; names and weights are checked by ``preftune.config``)."""
-        names = loss_names(dpo["preference_loss"])
-        average = dpo["preference_average_log_probs"]
+    def from_config(cls, dpo: DPOConfig | Mapping[str, Any]) -> LossSettings:
+        """From the ``dpo`` section (names and weights are checked by ``preftune.config_checks``); a plain
+        mapping is read over ``DPOConfig``'s defaults."""
+        dpo = OmegaConf.merge(OmegaConf.structured(DPOConfig), dpo)
+        names = loss_names(dpo.preference_loss)
+        average = dpo.preference_average_log_probs
         return cls(
             names=names,
-            weights=tuple(dpo["preference_loss_weights"] or [1.0] * len(names)),
-            beta=float(dpo["ref_policy_kl_penalty"]),
+            weights=tuple(dpo.preference_loss_weights or [1.0] * len(names)),
+            beta=float(dpo.ref_policy_kl_penalty),
             average_logps=(
                 any(n in LENGTH_AVERAGED_LOSSES for n in names) if average is None else bool(average)
             ),
-            sft_average_logps=bool(dpo["sft_average_log_probs"]),
-            preference_weight=float(dpo["preference_loss_weight"]),
-            sft_weight=float(dpo["sft_loss_weight"]),
-            gt_reward_scale=float(dpo["gt_reward_scale"]),
-            label_smoothing=float(dpo["label_smoothing"]),
-            simpo_gamma=float(dpo["simpo_gamma"]),
-            rdpo_alpha=float(dpo["rdpo_alpha"]),
+            sft_average_logps=bool(dpo.sft_average_log_probs),
+            preference_weight=float(dpo.preference_loss_weight),
+            sft_weight=float(dpo.sft_loss_weight),
+            gt_reward_scale=float(dpo.gt_reward_scale),
+            label_smoothing=float(dpo.label_smoothing),
+            simpo_gamma=float(dpo.simpo_gamma),
+            rdpo_alpha=float(dpo.rdpo_alpha),
         )
 
     @property

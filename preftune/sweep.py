@@ -35,10 +35,13 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
+from preftune.errors import ConfigError
+from preftune.modeling.parallel import DistInfo, gather_objects
+from preftune.recipe import log, run_training
+from preftune.run_dir import RunDir, SweepDir
 from preftune.tools.sweep_space import Dimension, Range, Values, grid_trials, overrides, parse_space
-from preftune.training.distributed import DistInfo, gather_objects, init_distributed
-from preftune.training.recipe import log, run_training
+from preftune.training.distributed import init_distributed
 from preftune.training.stop_signals import EXIT_STOPPED
 
 METRICS = {"val/loss": "minimize", "val/acc": "maximize", "val/win_rate": "maximize"}
@@ -54,8 +57,6 @@ REFERENCE_NEUTRAL = (
     "model.router_aux_loss_coef",
     "data.seed",
 )
-STATE_FILE = "sweep.json"
-TRIAL_FILE = "sweep_trial.json"
 ENDED = ("complete", "pruned")
 
 
@@ -92,7 +93,7 @@ class Sweep:
     """A sweep under way: its spec, directory, the overrides every trial shares, and the trials' records."""
 
     spec: SweepSpec
-    root: Path
+    root: SweepDir
     space: list[Dimension]
     shared: list[str]
     info: DistInfo
@@ -107,9 +108,6 @@ class Sweep:
     def direction(self) -> str:
         return METRICS[self.spec.metric]
 
-    def trial_dir(self, number: int) -> Path:
-        return self.root / f"trial_{number:03d}"
-
     def trial_config(self, number: int, params: dict[str, str]) -> DictConfig:
         """The trial's config: base, the shared overrides, its values, its reference cache, its output_dir."""
         extra = (
@@ -119,7 +117,7 @@ class Sweep:
         )
         return load_config(
             self.spec.config,
-            [*self.shared, *overrides(params), *extra, f"output_dir={self.trial_dir(number)}"],
+            [*self.shared, *overrides(params), *extra, f"output_dir={self.root.trial(number).root}"],
         )
 
     def run_trial(
@@ -148,18 +146,18 @@ class Sweep:
     def new_record(self, number: int, params: dict[str, str], cfg: DictConfig) -> TrialRecord:
         """A started trial's record: its values as its config holds them."""
         values = {key: _select(cfg, key) for key in params}
-        return TrialRecord(number, self.trial_dir(number).name, overrides(params), values)
+        return TrialRecord(number, self.root.trial(number).root.name, overrides(params), values)
 
     def save_record(self, record: TrialRecord) -> None:
         self.records[record.trial] = record
         if self.info.is_main:
-            write_json(self.trial_dir(record.trial) / TRIAL_FILE, asdict(record))
+            write_json(self.root.trial(record.trial).sweep_trial, asdict(record))
 
     def load_records(self) -> None:
         """The records of a previous run of this sweep (rank 0 reads them, every rank gets them)."""
         found = {}
         if self.info.is_main:
-            for path in sorted(self.root.glob(f"trial_*/{TRIAL_FILE}")):
+            for path in self.root.trial_records():
                 record = TrialRecord(**json.loads(path.read_text()))
                 found[record.trial] = record
         self.records = gather_objects(found, self.info)[0]
@@ -178,11 +176,11 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def reference_cache_dir(root: Path, params: dict[str, str]) -> Path:
+def reference_cache_dir(root: SweepDir, params: dict[str, str]) -> Path:
     """The reference cache of a trial: ``DIR/cache/reference``, or a directory of its own per value of the
     keys it varies that are not in ``REFERENCE_NEUTRAL``."""
     varied = sorted((k, v) for k, v in params.items() if not k.startswith(REFERENCE_NEUTRAL))
-    base = root / "cache" / "reference"
+    base = root.reference_cache
     return base / hashlib.sha256(json.dumps(varied).encode()).hexdigest()[:12] if varied else base
 
 
@@ -197,11 +195,11 @@ def metric_value(metrics: dict[str, float], metric: str, trial: str) -> float:
     return float(metrics[name])
 
 
-def shared_overrides(base: DictConfig, root: Path, online_reference: bool) -> list[str]:
+def shared_overrides(base: DictConfig, root: SweepDir, online_reference: bool) -> list[str]:
     """What every trial shares: the tokenization cache, and precompute for the reference (said once)."""
     shared = []
     if base.data.cache_dir is None:
-        shared.append(f"data.cache_dir={root / 'cache' / 'tokenized'}")
+        shared.append(f"data.cache_dir={root.tokenized}")
     if base.reference.mode == "online" and not online_reference:
         shared.append("reference.mode=precompute")
         log(
@@ -250,13 +248,13 @@ def check_spec(spec: SweepSpec, space: list[Dimension], base: DictConfig, parall
                 raise ConfigError(f"--grid {dim.key}: an integer key needs whole-number range ends")
 
 
-def _check_resumable(root: Path, spec: SweepSpec) -> None:
-    path = root / STATE_FILE
+def _check_resumable(root: SweepDir, spec: SweepSpec) -> None:
+    path = root.state
     if path.is_file():
         saved = json.loads(path.read_text()).get("spec")
         if saved != asdict(spec):
             raise ConfigError(
-                f"{root} holds another sweep ({path} has a different spec): rerun its own command to resume "
+                f"{root.root} holds another sweep ({path} has a different spec): rerun its own command to resume "
                 "it, or use a new --output-dir"
             )
 
@@ -275,14 +273,14 @@ def run_sweep(
     space = parse_space(spec.grid)
     base = load_config(spec.config)
     check_spec(spec, space, base, 1 if worker else parallel)
-    root = root.resolve()
-    _check_resumable(root, spec)
+    out = SweepDir(root.resolve())
+    _check_resumable(out, spec)
     info = init_distributed()
     sweep = Sweep(
         spec,
-        root,
+        out,
         space,
-        shared_overrides(base, root, online_reference),
+        shared_overrides(base, out, online_reference),
         info,
         integer_keys={d.key for d in space if type(OmegaConf.select(base, d.key, default=None)) is int},
         reference_cache_set=base.reference.cache_dir is not None,
@@ -295,20 +293,20 @@ def run_sweep(
     if worker is not None:  # one of --parallel K's processes: its trials only
         return {}, run_trials(sweep)
     if info.is_main:
-        write_json(root / STATE_FILE, summary(sweep))
+        write_json(out.state, summary(sweep))
     if parallel > 1:
         if spec.search == "grid":
             grid_configs(sweep)  # a bad value: one line before any worker starts
-        done = run_workers(spec, root, online_reference, parallel)
+        done = run_workers(spec, out.root, online_reference, parallel)
         sweep.load_records()  # the trials the workers ran
     else:
         done = run_trials(sweep)
     result = summary(sweep)
     if info.is_main:
-        write_json(root / STATE_FILE, result)
+        write_json(out.state, result)
         if result["best"] is not None:
-            best = OmegaConf.load(root / result["best"] / "config.yaml")
-            OmegaConf.save(best, root / "best.yaml")
+            best = OmegaConf.load(RunDir(out.root / result["best"]).config)
+            OmegaConf.save(best, out.best)
         log(summary_table(result))
     return result, done
 
@@ -354,10 +352,10 @@ def open_study(sweep: Sweep) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sweep.root.mkdir(parents=True, exist_ok=True)
+    sweep.root.root.mkdir(parents=True, exist_ok=True)
     return optuna.create_study(
         study_name="preftune-sweep",
-        storage=f"sqlite:///{sweep.root / 'study.db'}",
+        storage=f"sqlite:///{sweep.root.study}",
         load_if_exists=True,
         direction=sweep.direction,
         sampler=sampler(sweep, 0),

@@ -14,10 +14,11 @@ import pytest
 
 import preftune.data.dataset as dataset_module
 from preftune.cli import main
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
+from preftune.errors import ConfigError
 from preftune.modeling.reference import FrozenReference
+from preftune.recipe import run_training
 from preftune.tools.sweep_space import Range, Values, grid_trials, parse_dimension, parse_space, split_values
-from preftune.training.recipe import run_training
 
 from conftest import records
 

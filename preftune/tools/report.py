@@ -16,7 +16,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from preftune.config import ConfigError
+from preftune.errors import ConfigError
+from preftune.run_dir import RunDir, SweepDir
 from preftune.training.trackers import flat_config
 
 # (file name, title, metric names): one figure each, train solid, validation dashed.
@@ -76,12 +77,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    root = Path(run_dir)
-    if not (root / "metrics.jsonl").is_file():
-        raise ConfigError(f"{root}: no metrics.jsonl (not a preftune run directory)")
-    config = flat_config(OmegaConf.load(root / "config.yaml")) if (root / "config.yaml").is_file() else {}
-    samples = read_jsonl(root / "samples.jsonl")
-    return Run(root.name, read_jsonl(root / "metrics.jsonl"), config, samples)
+    run = RunDir(run_dir)
+    if not run.metrics.is_file():
+        raise ConfigError(f"{run.root}: no {run.metrics.name} (not a preftune run directory)")
+    config = flat_config(OmegaConf.load(run.config)) if run.config.is_file() else {}
+    return Run(run.root.name, read_jsonl(run.metrics), config, read_jsonl(run.samples))
 
 
 def run_labels(runs: list[Run], dirs: list[Path]) -> None:
@@ -210,15 +210,15 @@ def render_html(runs: list[Run], images: dict[str, Path]) -> str:
 
 
 def read_sweep(path: Path) -> dict[str, Any] | None:
-    """``path/sweep.json`` when ``path`` is a sweep's directory, else None."""
-    file = path / "sweep.json"
-    return json.loads(file.read_text()) if file.is_file() and not (path / "metrics.jsonl").exists() else None
+    """``sweep.json`` when ``path`` is a sweep's directory, else None."""
+    file = SweepDir(path).state
+    return json.loads(file.read_text()) if file.is_file() and not RunDir(path).metrics.exists() else None
 
 
 def sweep_trial_dirs(root: Path, sweep: dict[str, Any]) -> list[Path]:
     """The trials that have logged metrics, in order."""
     dirs = [root / trial["dir"] for trial in sweep["trials"]]
-    found = [d for d in dirs if (d / "metrics.jsonl").is_file()]
+    found = [d for d in dirs if RunDir(d).metrics.is_file()]
     if not found:
         raise ConfigError(f"{root}: no trial has logged metrics yet")
     return found
@@ -282,7 +282,7 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
     """Write the page (default: ``report.html`` in the first run directory) and its PNGs beside it. A sweep's
     directory alone stands for its trials."""
     dirs = [Path(d) for d in run_dirs]
-    page = Path(output) if output else dirs[0] / "report.html"
+    page = Path(output) if output else RunDir(dirs[0]).report
     sweep = read_sweep(dirs[0]) if len(dirs) == 1 else None
     if sweep is not None:
         dirs = sweep_trial_dirs(dirs[0], sweep)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from preftune.config import ConfigError
+from preftune.errors import ConfigError
 
 RANGE = re.compile(r"^(log:)?([^:,\[\]]+):([^:,\[\]]+)$")
 FORM = "KEY=V1,V2,... (values), KEY=LOW:HIGH or KEY=log:LOW:HIGH (a range)"
