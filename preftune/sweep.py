@@ -21,6 +21,7 @@ resumes from its newest checkpoint. An Optuna search keeps its study in ``DIR/st
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from preftune.modeling.parallel import DistInfo, gather_objects
 from preftune.recipe import log, run_training
 from preftune.run_dir import RunDir, SweepDir
 from preftune.tools.sweep_space import Dimension, Range, Values, grid_trials, overrides, parse_space
-from preftune.training.distributed import init_distributed
+from preftune.training.distributed import env_world_size, init_distributed
 from preftune.training.stop_signals import EXIT_STOPPED
 
 METRICS = {"val/loss": "minimize", "val/acc": "maximize", "val/win_rate": "maximize"}
@@ -219,6 +220,8 @@ def check_spec(spec: SweepSpec, space: list[Dimension], base: DictConfig, parall
         raise ConfigError("--prune stops trials by comparing them: it needs --search optuna")
     if spec.search == "optuna" and spec.trials < 1:
         raise ConfigError("--search optuna needs --trials N (N >= 1)")
+    if spec.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("--search optuna needs optuna: pip install 'preftune[sweep]'")
     if spec.search == "grid" and spec.trials:
         raise ConfigError("--trials goes with --search optuna (a grid runs every combination)")
     if base.data.validation is None and base.data.validation_fraction is None:
@@ -228,6 +231,10 @@ def check_spec(spec: SweepSpec, space: list[Dimension], base: DictConfig, parall
         )
     if parallel < 1:
         raise ConfigError(f"--parallel {parallel}: must be >= 1")
+    if parallel > 1 and env_world_size() > 1:
+        raise ConfigError(
+            f"--parallel {parallel} starts its own workers: run it without torchrun / srun tasks"
+        )
     if parallel > 1:
         import torch
 
@@ -454,20 +461,13 @@ def worker_command(spec: SweepSpec, root: Path, online_reference: bool, worker: 
 
 def run_workers(spec: SweepSpec, root: Path, online_reference: bool, parallel: int) -> bool:
     """``--parallel K``: K workers, each on its own group of this node's GPUs (torchrun when a group has
-    several), stop signals passed on to them. Whether every worker ended its trials."""
+    several), stop signals passed on to them. The others start once worker 0's first trial (trial 0) is
+    training, so the tokenization and reference caches they read exist. Whether every worker ended its
+    trials."""
     import torch
 
     per_group = torch.cuda.device_count() // parallel
-    procs = []
-    for index in range(parallel):
-        devices = ",".join(str(d) for d in range(index * per_group, (index + 1) * per_group))
-        launcher = [sys.executable]
-        if per_group > 1:
-            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={per_group}"]
-        worker = worker_command(spec, root, online_reference, f"{index}/{parallel}")
-        command = [*launcher, "-m", "preftune", *worker]
-        log(f"worker {index}: CUDA_VISIBLE_DEVICES={devices} {' '.join(command[1:])}")
-        procs.append(subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": devices}))
+    procs: list[subprocess.Popen] = []
 
     def forward(signum: int, frame: Any) -> None:
         for proc in procs:
@@ -475,6 +475,17 @@ def run_workers(spec: SweepSpec, root: Path, online_reference: bool, parallel: i
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
+        for index in range(parallel):
+            devices = ",".join(str(d) for d in range(index * per_group, (index + 1) * per_group))
+            launcher = [sys.executable]
+            if per_group > 1:
+                launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={per_group}"]
+            worker = worker_command(spec, root, online_reference, f"{index}/{parallel}")
+            command = [*launcher, "-m", "preftune", *worker]
+            log(f"worker {index}: CUDA_VISIBLE_DEVICES={devices} {' '.join(command[1:])}")
+            procs.append(subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": devices}))
+            while index == 0 and procs[0].poll() is None and not SweepDir(root).trial(0).metrics.exists():
+                time.sleep(1)  # metrics.jsonl is opened after the data and reference caches are written
         codes = [proc.wait() for proc in procs]
     finally:
         for s, handler in previous.items():

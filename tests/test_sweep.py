@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import preftune.data.dataset as dataset_module
 from preftune.cli import main
@@ -226,30 +227,25 @@ def assert_pruned_search(out: Path) -> None:
 
 
 @pytest.mark.parametrize("search", ["grid", "optuna"])
-def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, capsys, search):
+def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, capsys, monkeypatch, search):
     """A sweep SIGKILLed just after trial_001 saved its step-2 checkpoint, rerun with the same command, ends
     with a straight sweep's sweep.json. The grid's trial_001 resumes from that checkpoint; the Optuna
     search's trial_001 had been pruned at that validation (its report reached the study), so it is recorded as
-    pruned there without training again. The straight grid runs as --parallel 2's two workers (one trial
-    each), assembled by the plain command, which finds both trials ended."""
+    pruned there without training again. The straight grid runs as --parallel 2: two worker processes (one
+    trial each, the second started once the first is training), their records assembled by the parent."""
     args = ["--grid", "dpo.ref_policy_kl_penalty=0.1,0.5"] if search == "grid" else OPTUNA
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    if search == "grid":
-        for worker in ("0/2", "1/2"):
-            assert sweep(base_config, straight, *args, "--worker", worker) == 0
-            assert not (straight / "sweep.json").exists()  # a worker writes its trials' records only
-        assert {p.parent.name for p in straight.glob("trial_*/sweep_trial.json")} == {
-            "trial_000",
-            "trial_001",
-        }
-    capsys.readouterr()
-    assert sweep(base_config, straight, *args) == 0
-    if search == "grid":
-        assert "trial 0:" not in capsys.readouterr().out  # the summary only
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    if search == "grid":  # two worker processes, as on a node of two GPUs
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+        assert sweep(base_config, straight, *args, "--parallel", "2") == 0
+        out = capsys.readouterr().out
+        assert "worker 1: CUDA_VISIBLE_DEVICES=1" in out and "trial 0:" not in out  # the workers ran them
     else:
+        assert sweep(base_config, straight, *args) == 0
         assert_pruned_search(straight)
     command = ["sweep", "--config", str(base_config), "--output-dir", str(killed), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-c", KILLER, *command], env=env, capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert json.loads((killed / "trial_001" / "sweep_trial.json").read_text())["state"] == "running"
