@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import preftune.data.dataset as dataset_module
 from preftune.cli import main
@@ -19,6 +18,7 @@ from preftune.config_checks import load_config
 from preftune.errors import ConfigError
 from preftune.modeling.reference import FrozenReference
 from preftune.recipe import run_training
+from preftune.sweep import SweepSpec, worker_command
 from preftune.tools.sweep_space import Range, Values, grid_trials, parse_dimension, parse_space, split_values
 
 from conftest import records
@@ -227,21 +227,39 @@ def assert_pruned_search(out: Path) -> None:
 
 
 @pytest.mark.parametrize("search", ["grid", "optuna"])
-def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, capsys, monkeypatch, search):
+def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, capsys, search):
     """A sweep SIGKILLed just after trial_001 saved its step-2 checkpoint, rerun with the same command, ends
     with a straight sweep's sweep.json. The grid's trial_001 resumes from that checkpoint; the Optuna
     search's trial_001 had been pruned at that validation (its report reached the study), so it is recorded as
-    pruned there without training again. The straight grid runs as --parallel 2: two worker processes (one
-    trial each, the second started once the first is training), their records assembled by the parent."""
+    pruned there without training again. The straight grid runs as --parallel 2's two worker commands (one
+    trial each), then the plain command assembles their records."""
     args = ["--grid", "dpo.ref_policy_kl_penalty=0.1,0.5"] if search == "grid" else OPTUNA
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    if search == "grid":  # two worker processes, as on a node of two GPUs
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-        monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
-        assert sweep(base_config, straight, *args, "--parallel", "2") == 0
-        out = capsys.readouterr().out
-        assert "worker 1: CUDA_VISIBLE_DEVICES=1" in out and "trial 0:" not in out  # the workers ran them
+    if search == "grid":  # --parallel 2's two workers (run here one after the other), then the plain command
+        spec = SweepSpec(str(base_config), args[1:], "grid", 0, "val/loss", prune=False)
+        for index in range(2):
+            worker = worker_command(spec, straight, False, f"{index}/2")
+            assert worker == [
+                "sweep",
+                "--config",
+                str(base_config),
+                "--output-dir",
+                str(straight),
+                *args,
+                "--search",
+                "grid",
+                "--metric",
+                "val/loss",
+                "--worker",
+                f"{index}/2",
+            ]
+            assert main(worker) == 0
+            assert not (straight / "sweep.json").exists()  # a worker writes its trials' records only
+        assert len(list(straight.glob("trial_*/sweep_trial.json"))) == 2
+        capsys.readouterr()
+        assert sweep(base_config, straight, *args) == 0
+        assert "trial 0:" not in capsys.readouterr().out  # nothing left to run: the summary only
     else:
         assert sweep(base_config, straight, *args) == 0
         assert_pruned_search(straight)
