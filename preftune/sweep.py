@@ -110,16 +110,14 @@ class Sweep:
         return METRICS[self.spec.metric]
 
     def trial_config(self, number: int, params: dict[str, str]) -> DictConfig:
-        """The trial's config: base, the shared overrides, its values, its reference cache, its output_dir."""
-        extra = (
+        """The trial's config: base, the shared overrides, its reference cache, its values, its output_dir."""
+        cache = (
             []
             if self.reference_cache_set
             else [f"reference.cache_dir={reference_cache_dir(self.root, params)}"]
         )
-        return load_config(
-            self.spec.config,
-            [*self.shared, *overrides(params), *extra, f"output_dir={self.root.trial(number).root}"],
-        )
+        output_dir = f"output_dir={self.root.trial(number).root}"
+        return load_config(self.spec.config, [*self.shared, *cache, *overrides(params), output_dir])
 
     def run_trial(
         self, number: int, params: dict[str, str], should_stop: Callable[[int, dict], bool] | None = None
