@@ -1,4 +1,4 @@
-"""``preftune`` command line: ``train``, ``inspect``, ``eval``, ``report``, ``export`` and ``demo``."""
+"""``preftune`` command line: ``train``, ``sweep``, ``inspect``, ``eval``, ``report``, ``export`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from omegaconf import DictConfig
 
 from preftune.errors import PreftuneError, PushError
 from preftune.run_dir import RunDir
-from preftune.training.stop_signals import EXIT_INTERRUPTED
+from preftune.training.stop_signals import EXIT_INTERRUPTED, EXIT_STOPPED
 
 # Exit statuses (README "Failures and recovery"): a finished run, a mistake to fix, a run that stopped
 # early and resumes with the same command (SIGTERM/SIGUSR1, Ctrl-C, trainer.max_time: requeue on it).
-EXIT_FINISHED, EXIT_MISTAKE, EXIT_STOPPED = 0, 2, 75
+EXIT_FINISHED, EXIT_MISTAKE = 0, 2
 TORCHRUN_GRACE_S = 10  # how long other ranks wait for torchrun to stop them once rank 0 reported a mistake
 
 
@@ -117,6 +117,28 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from preftune.sweep import SweepSpec, run_sweep
+    from preftune.training.distributed import shutdown
+
+    config = args.config if args.config.startswith("preset:") else str(Path(args.config).resolve())
+    spec = SweepSpec(config, args.grid, args.search, args.trials or 0, args.metric, args.prune)
+    try:
+        worker = tuple(int(n) for n in args.worker.split("/")) if args.worker else None
+        _, done = run_sweep(
+            spec,
+            Path(args.output_dir),
+            online_reference=args.online_reference,
+            parallel=args.parallel,
+            worker=worker,
+        )
+    except BaseException:
+        shutdown(wait=False)
+        raise
+    shutdown()
+    return EXIT_FINISHED if done else EXIT_STOPPED
+
+
 def _presets(args: argparse.Namespace) -> int:
     from preftune.tools.presets import describe_presets
 
@@ -165,6 +187,38 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this Hub model repo")
     export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     export.set_defaults(run=_export)
+    sweep = sub.add_parser(
+        "sweep",
+        help="train one config over a grid or an Optuna search, sharing tokenization and the reference",
+    )
+    sweep.add_argument("--config", required=True, help="the base YAML config (or preset:NAME)")
+    sweep.add_argument(
+        "--grid",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="KEY=SPEC",
+        help="KEY=V1,V2,... (values), KEY=LOW:HIGH or KEY=log:LOW:HIGH (ranges, with --search optuna)",
+    )
+    sweep.add_argument("--search", default="grid", help="grid (every combination) or optuna (TPE)")
+    sweep.add_argument("--trials", type=int, help="with --search optuna: how many trials")
+    sweep.add_argument("--metric", default="val/loss", help="val/loss (lowest best), val/acc or val/win_rate")
+    sweep.add_argument("--output-dir", default="runs/sweep", help="the sweep's directory (trial_NNN/ inside)")
+    sweep.add_argument(
+        "--prune",
+        action="store_true",
+        help="with --search optuna: stop trials below the median at validation",
+    )
+    sweep.add_argument(
+        "--parallel", type=int, default=1, metavar="K", help="K trials side by side on K GPU groups"
+    )
+    sweep.add_argument(
+        "--online-reference",
+        action="store_true",
+        help="keep reference.mode=online (default: precompute, one reference pass for every trial)",
+    )
+    sweep.add_argument("--worker", help=argparse.SUPPRESS)  # I/K: one of --parallel K's processes
+    sweep.set_defaults(run=_sweep)
     presets = sub.add_parser("presets", help="list the packaged configs usable as --config preset:NAME")
     presets.set_defaults(run=_presets)
     demo = sub.add_parser(

@@ -233,6 +233,9 @@ class ReferenceConfig:
 
     path: str | None = None  # a directory or Hub id (same tokenizer); null: the starting policy
     mode: str = "online"  # online: a forward every step | precompute: one pass before training, cached
+    cache_dir: str | None = (
+        None  # precompute's log-probs cache (keyed by data and model); null: <output_dir>/cache/reference
+    )
 
 
 @dataclass

@@ -250,12 +250,13 @@ def _first_line(error: BaseException) -> str:
 
 
 def absolute_paths(cfg: PreftuneConfig) -> DictConfig:
-    """``cfg`` with ``output_dir``, ``data.cache_dir`` and local model and data paths made absolute, so the saved
-    ``config.yaml`` and a LoRA adapter's ``base_model_name_or_path`` work from any directory."""
+    """``cfg`` with ``output_dir``, the cache directories and local model and data paths made absolute, so the
+    saved ``config.yaml`` and a LoRA adapter's ``base_model_name_or_path`` work from any directory."""
     cfg = cfg.copy()
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
-    if cfg.data.cache_dir:
-        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+    for section in (cfg.data, cfg.reference):
+        if section.cache_dir:
+            section.cache_dir = str(Path(section.cache_dir).expanduser().resolve())
     cfg.model.path = _absolute_if_local(cfg.model.path)
     if cfg.reference.path is not None:
         cfg.reference.path = _absolute_if_local(cfg.reference.path)

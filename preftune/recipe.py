@@ -24,6 +24,7 @@ from preftune.modeling.layout_check import check_layout
 from preftune.modeling.model import DPOModel
 from preftune.modeling.parallel import DistInfo
 from preftune.modeling.reference_cache import (
+    ReferenceCache,
     model_fingerprint,
     precompute_reference,
     with_cached_reference,
@@ -64,7 +65,11 @@ def check_same_tokenizer(tokenizer: Any, reference_path: str, trust_remote_code:
 @dataclass(frozen=True)
 class TrainResult:
     val_metrics: dict[str, float]  # the last validation's metrics ({} without validation data)
-    finished: bool  # False: stopped early (a stop signal or trainer.max_time), to be resumed
+    finished: bool  # False: stopped early (a stop signal, trainer.max_time or should_stop), to be resumed
+    steps: int = 0  # the optimizer steps the run has made (a resumed run: in all)
+    tokenized: bool = False  # this call tokenized data (False: every set came from the tokenization cache)
+    reference_computed: bool = False  # this call ran the reference pass of reference.mode=precompute
+    stopped_by_callback: bool = False  # should_stop stopped it
 
 
 def train(cfg: PreftuneConfig) -> dict[str, float]:
@@ -72,8 +77,11 @@ def train(cfg: PreftuneConfig) -> dict[str, float]:
     return run_training(cfg).val_metrics
 
 
-def run_training(cfg: PreftuneConfig) -> TrainResult:
-    """Train (or resume) the run described by ``cfg``, holding ``output_dir``'s lock throughout."""
+def run_training(
+    cfg: PreftuneConfig, should_stop: Callable[[int, dict[str, float]], bool] | None = None
+) -> TrainResult:
+    """Train (or resume) the run described by ``cfg``, holding ``output_dir``'s lock throughout.
+    ``should_stop(step, val_metrics)``, asked after each validation during training, stops it when True."""
     check_environment(cfg)  # before anything is loaded
     cfg = absolute_paths(cfg)
     info = init_distributed()
@@ -86,7 +94,7 @@ def run_training(cfg: PreftuneConfig) -> TrainResult:
     try:
         if info.is_main:
             OmegaConf.save(cfg, RunDir(output_dir).config)
-        return _train_locked(cfg, info, saved_cfg)
+        return _train_locked(cfg, info, saved_cfg, should_stop)
     finally:
         lock.release()
 
@@ -158,7 +166,8 @@ def cache_reference(
     cfg: PreftuneConfig, model: DPOModel, train_set: Any, val_set: Any, collate: Callable
 ) -> tuple[Any, Any, Callable]:
     """``reference.mode: precompute``: one pass of the reference over train and validation, cached per (data,
-    model) in ``output_dir/cache/reference`` (a resumed run loads them); the reference model is then freed.
+    model) in ``reference.cache_dir`` (null: ``output_dir/cache/reference``; a resumed run loads them); the
+    reference model is then freed.
     Returns the datasets and collate that carry the cached log-probs."""
     if cfg.reference.mode != "precompute" or model.loss.reference_free:
         return train_set, val_set, collate
@@ -166,7 +175,7 @@ def cache_reference(
         model,
         [train_set, val_set],
         collate,
-        RunDir(cfg.output_dir).reference_cache,
+        RunDir(cfg.output_dir).reference_cache(cfg.reference.cache_dir),
         model_fingerprint=model_fingerprint(
             local_model_dir(cfg.reference.path or cfg.model.path),
             cfg.model.dtype + "+nf4" * (cfg.model.load_in_4bit and cfg.reference.path is None),
@@ -230,25 +239,42 @@ def open_logs(cfg: PreftuneConfig, info: DistInfo, logger: MetricsLogger, resume
         truncate_samples_after(cfg.output_dir, keep)
 
 
-def finish(trainer: DPOTrainer) -> TrainResult:
-    """The run's end: said, and returned (``finished`` False: stopped early, to be resumed)."""
+def finish(trainer: DPOTrainer, *, tokenized: bool, reference_computed: bool) -> TrainResult:
+    """The run's end: said, and returned (``finished`` False: stopped early, to be resumed, unless
+    ``should_stop`` stopped it)."""
     finished = trainer.step >= trainer.max_steps
+    root = trainer.ckpt_callback.root
     if finished:
-        log(f"done: metrics in {trainer.logger.path}, checkpoints in {trainer.ckpt_callback.root}")
+        log(f"done: metrics in {trainer.logger.path}, checkpoints in {root}")
+    elif trainer.stopped_by_callback:
+        log(f"stopped at step {trainer.step} of {trainer.max_steps} by should_stop; saved in {root}")
     else:
         log(f"stopped early at step {trainer.step} of {trainer.max_steps}: the same command resumes it")
-    return TrainResult(trainer.last_val_metrics, finished)
+    return TrainResult(
+        trainer.last_val_metrics,
+        finished,
+        steps=trainer.step,
+        tokenized=tokenized,
+        reference_computed=reference_computed,
+        stopped_by_callback=trainer.stopped_by_callback,
+    )
 
 
-def _train_locked(cfg: PreftuneConfig, info: DistInfo, saved_cfg: DictConfig | None) -> TrainResult:
+def _train_locked(
+    cfg: PreftuneConfig,
+    info: DistInfo,
+    saved_cfg: DictConfig | None,
+    should_stop: Callable[[int, dict[str, float]], bool] | None,
+) -> TrainResult:
     timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)
     seed_everything(cfg.trainer.seed)
     tokenizer, train_set, val_set = load_training_data(cfg, info)
+    tokenized = not all(d.from_cache for d in (train_set, val_set) if d is not None)
     finished = finished_run(output_dir, cfg.trainer, len(train_set) // cfg.data.global_batch_size)
     if finished is not None:
         log(finished.message())
-        return TrainResult(finished.val_metrics, finished=True)
+        return TrainResult(finished.val_metrics, finished=True, steps=finished.step, tokenized=tokenized)
 
     # Model: the policy and its reference (built before any checkpoint is restored), then the newest
     # checkpoint's weights, then DDP/FSDP2, then the reference's cached log-probs, then the optimizer.
@@ -261,6 +287,7 @@ def _train_locked(cfg: PreftuneConfig, info: DistInfo, saved_cfg: DictConfig | N
         checkpointer.load_weights(latest, model.policy)
     model.distribute(cfg.distributed.strategy, info)
     train_set, val_set, collate = cache_reference(cfg, model, train_set, val_set, collate)
+    reference_computed = any(not c.from_cache for c in (train_set, val_set) if isinstance(c, ReferenceCache))
     train_loader = build_dataloader(train_set, cfg, info, train=True)
     val_loader = build_dataloader(val_set, cfg, info, train=False) if val_set is not None else None
     optimizer = build_optimizer(model.policy, cfg.optim)
@@ -286,6 +313,7 @@ def _train_locked(cfg: PreftuneConfig, info: DistInfo, saved_cfg: DictConfig | N
         resume_training(trainer, latest, cfg, saved_cfg)
     open_logs(cfg, info, logger, trainer.step if latest is not None else None)
     trainer.on_validation = sample_generations(cfg, model, tokenizer, val_set, logger)
+    trainer.should_stop = should_stop
 
     log(start_line(cfg, info, model, trainer))
     log(parameter_summary(model))
@@ -293,4 +321,4 @@ def _train_locked(cfg: PreftuneConfig, info: DistInfo, saved_cfg: DictConfig | N
         trainer.fit()
     finally:
         logger.close()
-    return finish(trainer)
+    return finish(trainer, tokenized=tokenized, reference_computed=reference_computed)

@@ -12,10 +12,11 @@
       wandb/               W&B's local files (logger.wandb; W&B makes it inside the directory it is given)
       checkpoints/step_N/  complete checkpoints (written as .tmp_step_N, then renamed)
       cache/tokenized/     tokenized data (data.cache_dir overrides it)
-      cache/reference/     the reference's log-probs (reference.mode: precompute)
+      cache/reference/     the reference's log-probs (reference.mode: precompute; reference.cache_dir overrides it)
       cache/layout_check/  passed packing self-checks
       report.html          ``preftune report``'s page (and its PNGs beside it)
       .preftune.lock       one run per output_dir
+      sweep_trial.json     a sweep's trial: its values, state and metric (preftune sweep; see SweepDir)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOCK_FILE = ".preftune.lock"
+TRIAL_RECORD = "sweep_trial.json"  # a sweep's trial: its record (preftune sweep)
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,9 @@ class RunDir:
         """The tokenization cache: ``data.cache_dir`` when set, else ``cache/tokenized``."""
         return Path(cache_dir) if cache_dir else self.cache / "tokenized"
 
-    @property
-    def reference_cache(self) -> Path:
-        return self.cache / "reference"
+    def reference_cache(self, cache_dir: str | Path | None = None) -> Path:
+        """The reference log-probs' cache: ``reference.cache_dir`` when set, else ``cache/reference``."""
+        return Path(cache_dir) if cache_dir else self.cache / "reference"
 
     @property
     def layout_check_cache(self) -> Path:
@@ -91,7 +93,57 @@ class RunDir:
     def lock(self) -> Path:
         return self.root / LOCK_FILE
 
+    @property
+    def sweep_trial(self) -> Path:
+        return self.root / TRIAL_RECORD
+
     @classmethod
     def of_checkpoint(cls, checkpoint: str | Path) -> RunDir:
         """The run a checkpoint (``output_dir/checkpoints/step_N``) belongs to."""
         return cls(Path(checkpoint).parent.parent)
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    """The paths of a ``preftune sweep`` in ``root`` (its ``--output-dir``)::
+
+    root/
+      sweep.json           the spec, every trial's record, the best trial, the shared work counted
+      best.yaml            the best complete trial's config
+      study.db             the Optuna study (--search optuna)
+      cache/tokenized/     the tokenization cache every trial shares (data.cache_dir)
+      cache/reference/     the reference log-probs the trials share (reference.cache_dir)
+      trial_NNN/           each trial, an ordinary run directory (RunDir) with its sweep_trial.json
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def state(self) -> Path:
+        return self.root / "sweep.json"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.yaml"
+
+    @property
+    def study(self) -> Path:
+        return self.root / "study.db"
+
+    @property
+    def tokenized(self) -> Path:
+        return self.root / "cache" / "tokenized"
+
+    @property
+    def reference_cache(self) -> Path:
+        return self.root / "cache" / "reference"
+
+    def trial(self, number: int) -> RunDir:
+        return RunDir(self.root / f"trial_{number:03d}")
+
+    def trial_records(self) -> list[Path]:
+        """Every trial's ``sweep_trial.json`` present, in trial order."""
+        return sorted(self.root.glob(f"trial_*/{TRIAL_RECORD}"))

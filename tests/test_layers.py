@@ -19,7 +19,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("preftune.losses", "preftune.modeling"),
     ("preftune.training",),
     ("preftune.tools",),
-    ("preftune.config_checks", "preftune.recipe", "preftune.cli", "preftune.__main__", "preftune"),
+    (
+        "preftune.config_checks",
+        "preftune.recipe",
+        "preftune.sweep",
+        "preftune.cli",
+        "preftune.__main__",
+        "preftune",
+    ),
 ]
 
 

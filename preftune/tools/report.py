@@ -1,7 +1,8 @@
 """``preftune report RUN_DIR [RUN_DIR ...]``: one self-contained HTML page (PNG images embedded, opens
 offline) of one or several runs: train and validation curves overlaid, each run's final validation
 metrics, steps and wall time, the config keys that differ between the runs, and each run's latest samples.
-The PNGs are also written beside the page."""
+The PNGs are also written beside the page. A sweep's directory (``preftune sweep``) reports its trials,
+labelled by the values they vary, plus the sweep's metric against each varied key."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from preftune.errors import ConfigError
-from preftune.run_dir import RunDir
+from preftune.run_dir import RunDir, SweepDir
 from preftune.training.trackers import flat_config
 
 # (file name, title, metric names): one figure each, train solid, validation dashed.
@@ -205,12 +206,92 @@ def render_html(runs: list[Run], images: dict[str, Path]) -> str:
     return "\n".join(parts)
 
 
+# -- a sweep's directory (``preftune sweep``): its trials as the runs, plus the metric against each key -----
+
+
+def read_sweep(path: Path) -> dict[str, Any] | None:
+    """``sweep.json`` when ``path`` is a sweep's directory, else None."""
+    file = SweepDir(path).state
+    return json.loads(file.read_text()) if file.is_file() and not RunDir(path).metrics.exists() else None
+
+
+def sweep_trial_dirs(root: Path, sweep: dict[str, Any]) -> list[Path]:
+    """The trials that have logged metrics, in order."""
+    dirs = [root / trial["dir"] for trial in sweep["trials"]]
+    found = [d for d in dirs if RunDir(d).metrics.is_file()]
+    if not found:
+        raise ConfigError(f"{root}: no trial has logged metrics yet")
+    return found
+
+
+def label_trials(runs: list[Run], sweep: dict[str, Any]) -> None:
+    """Legend labels: each trial's name and the values of the varied keys (``trial_000 beta=0.1 ...``)."""
+    by_dir = {trial["dir"]: trial for trial in sweep["trials"]}
+    for run in runs:
+        params = by_dir[run.name]["params"]
+        run.name += " " + " ".join(
+            f"{key.rsplit('.', 1)[-1]}={_cell(params[key])}" for key in sweep["varied"]
+        )
+
+
+def draw_sweep(sweep: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """One PNG: the sweep's metric against each varied key (a panel per key; pruned trials as crosses, a
+    log axis for a ``log:`` range, categories in the order listed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, keys = sweep["spec"]["metric"], sweep["varied"]
+    scored = [t for t in sweep["trials"] if t["metric"] is not None]
+    if not scored or not keys:
+        return {}
+    log_keys = {
+        item.split("=", 1)[0] for item in sweep["spec"]["grid"] if item.split("=", 1)[1].startswith("log:")
+    }
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        values = [t["params"][key] for t in scored]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric:
+            x = values
+        else:
+            categories = list(dict.fromkeys(json.dumps(v) for v in values))
+            x = [categories.index(json.dumps(v)) for v in values]
+            ax.set_xticks(range(len(categories)), [c.strip('"') for c in categories])
+        for state, marker in (("complete", "o"), ("pruned", "x"), ("running", ".")):
+            points = [(xi, t["metric"]) for xi, t in zip(x, scored, strict=True) if t["state"] == state]
+            if points:
+                ax.scatter(*zip(*points, strict=True), marker=marker, label=state)
+        if key in log_keys:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{metric} by trial (pruned: last validation)")
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "sweep_metric.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return {"sweep_metric": path}
+
+
 def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -> Path:
-    """Write the page (default: ``report.html`` in the first run directory) and its PNGs beside it."""
+    """Write the page (default: ``report.html`` in the first run directory) and its PNGs beside it. A sweep's
+    directory alone stands for its trials."""
     dirs = [Path(d) for d in run_dirs]
+    page = Path(output) if output else RunDir(dirs[0]).report
+    sweep = read_sweep(dirs[0]) if len(dirs) == 1 else None
+    if sweep is not None:
+        dirs = sweep_trial_dirs(dirs[0], sweep)
     runs = [load_run(d) for d in dirs]
     run_labels(runs, dirs)
-    page = Path(output) if output else RunDir(dirs[0]).report
+    if sweep is not None:
+        label_trials(runs, sweep)
     images = draw_panels(runs, page.parent / f"{page.stem}_png")
+    if sweep is not None:
+        images = {**draw_sweep(sweep, page.parent / f"{page.stem}_png"), **images}
     page.write_text(render_html(runs, images))
     return page

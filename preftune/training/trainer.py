@@ -178,6 +178,10 @@ class DPOTrainer:
         self._slowest_val_and_save = 0.0
         self.chosen_watch = ChosenLogprobWatch()
         self.on_validation: Callable[[int], None] | None = None  # e.g. sample generations, given the step
+        # asked after each validation during training (given the step and the validation metrics): True
+        # stops the run there, saved like a stop signal (e.g. a sweep pruning a trial)
+        self.should_stop: Callable[[int, dict[str, float]], bool] | None = None
+        self.stopped_by_callback = False
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -328,6 +332,8 @@ class DPOTrainer:
                 why = (
                     "a stop signal was received"
                     if self.stop_requested
+                    else "should_stop asked for it after validation (e.g. a sweep pruning the trial)"
+                    if self.stopped_by_callback
                     else "trainer.max_time is nearly reached"
                 )
                 self.print(f"stopping at step {self.step}: {why}")
@@ -379,15 +385,28 @@ class DPOTrainer:
                     save_interval=self.cfg.trainer.save_interval,
                     stop_early=stop_early,
                 )
+                asked_to_stop = False
                 if actions.validate:
                     self._validate_and_log()
                     validated_at = self.step
+                    asked_to_stop = not actions.stop and self._asked_to_stop()  # before the save it may make
                 if actions.save:
                     self.save()
                     saved_at = self.step
                 if actions.stop:
                     break
+                if asked_to_stop:
+                    return validated_at, saved_at, True
         return validated_at, saved_at, bool(actions and actions.stopping_early)
+
+    def _asked_to_stop(self) -> bool:
+        """``should_stop`` after a validation during training (every rank takes the same decision)."""
+        if self.should_stop is None or not self.last_val_metrics:
+            return False
+        self.stopped_by_callback = any_rank(
+            self.should_stop(self.step, self.last_val_metrics), self.model.dist
+        )
+        return self.stopped_by_callback
 
     def _report_step(self, metrics: dict[str, float], progress: tqdm, terminal: bool) -> None:
         """A finished step's metrics to the logger (every ``log_every_n_steps``), the console and the
