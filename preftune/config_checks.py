@@ -46,6 +46,12 @@ TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "trainer.val_check_interval": (NUMBER, False),
     "trainer.limit_val_batches": (NUMBER, False),
     "trainer.gradient_clip_val": (NUMBER, True),
+    "online.temperature": (NUMBER, False),
+    "online.top_p": (NUMBER, False),
+    "online.min_reward_gap": (NUMBER, False),
+    "online.missing_eos_penalty": (NUMBER, True),
+    "online.iterations": ((int,), True),
+    "online.prompts_per_iteration": ((int,), True),
     "judge.function": ((str, list), True),
     "judge.weights": ((list,), True),
     "judge.reward_model": ((str,), True),
@@ -125,10 +131,12 @@ def check_settings(cfg: DictConfig) -> None:
     data, world = cfg.data, env_world_size()
     if isinstance(data.train, ListConfig) and not data.train:
         raise ConfigError("data.train is an empty list: set it to a data file, a directory or a list of them")
-    # Each rank takes an equal share of the pairs; unpacked, in whole micro-batches (packing counts rows).
+    check_online(cfg)
+    # Each rank takes an equal share of the pairs; unpacked, in whole micro-batches (packing counts rows;
+    # online, the global batch is prompts).
     unit, why = (
         (world, f"{world} ranks")
-        if data.packing
+        if data.packing or cfg.online.enabled
         else (data.micro_batch_size * world, f"data.micro_batch_size {data.micro_batch_size} x {world} ranks")
     )
     if data.global_batch_size % unit:
@@ -156,6 +164,57 @@ def check_settings(cfg: DictConfig) -> None:
                 f"data.pack_length={data.pack_length}: a pair can take 2 x data.max_seq_length = "
                 f"{2 * data.max_seq_length} tokens; raise data.pack_length or lower data.max_seq_length"
             )
+
+
+def check_online(cfg: DictConfig) -> None:
+    """``online.*``: the sampling settings, the pairing, and what online training cannot combine with."""
+    from preftune.data.pairing import PAIRINGS
+    from preftune.modeling.judges import judge_is_set
+
+    online = cfg.online
+    if not online.enabled:
+        return
+    least = 1 if online.pairing == "spin" else 2
+    rules = [
+        (online.pairing in PAIRINGS, f"online.pairing={online.pairing!r}: use one of {', '.join(PAIRINGS)}"),
+        (
+            online.num_generations >= least,
+            f"online.num_generations={online.num_generations}: a pair needs two completions of a prompt; "
+            f"set it to {least} or more",
+        ),
+        (online.max_new_tokens >= 1, f"online.max_new_tokens={online.max_new_tokens}: must be >= 1"),
+        (
+            cfg.data.max_seq_length > online.max_new_tokens,
+            f"data.max_seq_length={cfg.data.max_seq_length} leaves no room for a prompt before "
+            f"online.max_new_tokens={online.max_new_tokens}: raise it (prompt + completion)",
+        ),
+        (online.temperature >= 0, f"online.temperature={online.temperature}: must be >= 0 (0: greedy)"),
+        (0 < online.top_p <= 1, f"online.top_p={online.top_p}: must be in (0, 1]"),
+        (online.top_k >= 0, f"online.top_k={online.top_k}: must be >= 0 (0: all tokens)"),
+        (online.min_reward_gap >= 0, f"online.min_reward_gap={online.min_reward_gap}: must be >= 0"),
+        (
+            online.missing_eos_penalty is None or online.missing_eos_penalty >= 0,
+            f"online.missing_eos_penalty={online.missing_eos_penalty}: must be >= 0 (or null)",
+        ),
+        (
+            judge_is_set(cfg.judge) or online.pairing == "spin",
+            "online.enabled needs a judge to score the completions: set judge.function, judge.reward_model "
+            "or judge.llm.path",
+        ),
+        (
+            cfg.reference.mode != "precompute",
+            "reference.mode=precompute cannot apply online (the completions are new at every step): set "
+            "reference.mode=online",
+        ),
+        (
+            cfg.data.validation_fraction is None,
+            "data.validation_fraction does not apply online (data.train holds prompts): give data.validation "
+            "pairs instead",
+        ),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
 
 
 def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:

@@ -20,6 +20,7 @@ from preftune.data.formats import DataError, _messages, rename_columns
 from preftune.data.sources import resolve_sources
 from preftune.data.tokenize import PairTokenizer, truncate
 
+CHAT_FORMATS = ("trl_conversational", "trl_implicit", "nemo_rl")
 PAIR_COLUMNS = {"chosen", "rejected", "chosen_response", "rejected_response", "completions", "context"}
 
 
@@ -32,8 +33,12 @@ class PromptSet:
     """Tokenized prompts; item i is ``{"prompt_ids", "index": i}`` plus ``chosen_ids`` when it came from a
     pair. Indexes like a dataset, so ``GlobalBatchSampler`` draws global batches of prompts from it."""
 
-    def __init__(self, prompts: list[list[int]], chosen: list[list[int]] | None, where: str):
+    def __init__(
+        self, prompts: list[list[int]], chosen: list[list[int]] | None, where: str, stop_ids: list[int]
+    ):
         self.prompts, self.chosen, self.where = prompts, chosen, where
+        self.stop_ids = stop_ids
+        """The tokens that end a completion: EOS, and the chat template's end-of-turn for conversations."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -62,17 +67,26 @@ def load_prompts(
     pair_tokenizer = PairTokenizer(tokenizer, max_prompt_length, load_chat_template(data["chat_template"]))
     seen: dict[tuple[int, ...], int] = {}
     prompts: list[list[int]] = []
+
+    def stop_ids(chat: bool) -> list[int]:
+        end = pair_tokenizer.chat.end_id if chat else None
+        return [pair_tokenizer.eos_id] + ([end] if end is not None and end != pair_tokenizer.eos_id else [])
+
     if is_prompt_record(rename_columns(first, columns, sources[0].where(1))):
+        chat = False
         for source in sources:
             for n, record in source.records():
                 record = rename_columns(record, columns, source.where(n))
                 if "prompt" not in record:
                     raise DataError(f"{source.where(n)}: no 'prompt' column (the first record has one)")
+                chat = chat or isinstance(record["prompt"], list)
                 ids = tuple(prompt_ids(record["prompt"], pair_tokenizer, source.where(n)))
                 if seen.setdefault(ids, len(prompts)) == len(prompts):
                     prompts.append(list(ids))
-        return PromptSet(prompts, None, where)
-    pairs = PreferenceDataset(data["train"], tokenizer, data["max_seq_length"], cache_dir, **dataset_options(data))
+        return PromptSet(prompts, None, where, stop_ids(chat))
+    pairs = PreferenceDataset(
+        data["train"], tokenizer, data["max_seq_length"], cache_dir, **dataset_options(data)
+    )
     chosen: list[list[int]] = []
     for i in range(len(pairs)):
         pair = pairs.examples[i]
@@ -80,7 +94,7 @@ def load_prompts(
         if seen.setdefault(ids, len(prompts)) == len(prompts):
             prompts.append(list(ids))
             chosen.append(pair["chosen_ids"])
-    return PromptSet(prompts, chosen, where)
+    return PromptSet(prompts, chosen, where, stop_ids(any(f in CHAT_FORMATS for f in pairs.formats)))
 
 
 def prompt_ids(prompt: Any, pair_tokenizer: PairTokenizer, where: str) -> list[int]:

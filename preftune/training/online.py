@@ -92,7 +92,9 @@ class OnlineStep:
         flat = [c for group in completions for c in group]
         completion_texts = [self.decode(c.ids) for c in flat]
         if self.judge is not None:
-            scores = self.judge.score([t for t in texts for _ in range(k)], completion_texts, [c.ids for c in flat])
+            scores = self.judge.score(
+                [t for t in texts for _ in range(k)], completion_texts, [c.ids for c in flat]
+            )
             rewards = [float(r) for r in scores.rewards]
         else:
             rewards = []
@@ -201,7 +203,9 @@ class StepCounts:
         out = cls()
         for part in parts:
             for name, value in vars(part).items():
-                merged = max(getattr(out, name), value) if name == "reward_max" else getattr(out, name) + value
+                merged = (
+                    max(getattr(out, name), value) if name == "reward_max" else getattr(out, name) + value
+                )
                 setattr(out, name, merged)
         return out
 

@@ -19,14 +19,18 @@ from preftune.config import ConfigError, parse_max_time
 from preftune.config_checks import absolute_paths, check_environment
 from preftune.data.batch import MicroBatch, padded_micro_batches
 from preftune.data.chat import load_chat_template
-from preftune.data.dataset import PreferenceDataset, load_datasets
+from preftune.data.dataset import PreferenceDataset, load_datasets, load_validation
 from preftune.data.formats import DataError
 from preftune.data.packing import DPOPackedDataset
+from preftune.data.prompts import PromptSet, load_prompts
 from preftune.data.sampler import GlobalBatchSampler
 from preftune.data.tokenize import tokenizer_fingerprint
+from preftune.modeling.generation import HFGenerator
 from preftune.modeling.hub import local_model_dir
+from preftune.modeling.judges import build_judge, judge_is_set
 from preftune.modeling.layout_check import check_layout
-from preftune.modeling.model import DPOModel
+from preftune.modeling.logprobs import causal_lm
+from preftune.modeling.model import DTYPES, DPOModel
 from preftune.modeling.reference_cache import (
     ReferenceCache,
     model_fingerprint,
@@ -37,6 +41,7 @@ from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import parameter_summary, quiet_libraries
 from preftune.training.distributed import DistInfo, env_rank, init_distributed, main_rank_first
 from preftune.training.metrics import MetricsLogger
+from preftune.training.online import GENERATIONS, OnlineSettings, OnlineStep
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
 from preftune.training.retention import Retention
@@ -162,6 +167,79 @@ def load_training_data(
     return tokenizer, train_set, val_set
 
 
+def load_online_data(cfg: DictConfig, info: DistInfo) -> tuple[Any, PromptSet, PreferenceDataset | None]:
+    """Online: the tokenizer, the prompts of ``data.train`` (cut to leave ``online.max_new_tokens`` of
+    ``data.max_seq_length``) and the ``data.validation`` pairs."""
+    tokenizer = load_tokenizer(cfg)
+    if cfg.reference.path is not None:
+        check_same_tokenizer(tokenizer, cfg.reference.path, cfg.model.trust_remote_code)
+    cache_dir = cfg.data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
+    max_prompt_length = cfg.data.max_seq_length - cfg.online.max_new_tokens
+    with main_rank_first(info):
+        prompts = load_prompts(cfg.data, tokenizer, cache_dir, max_prompt_length)
+        val_set = load_validation(cfg.data, tokenizer, cache_dir) if cfg.data.validation else None
+    log(prompts.load_summary())
+    if len(prompts) < cfg.data.global_batch_size:
+        raise DataError(
+            f"data.train has {len(prompts)} distinct prompts, fewer than one global batch "
+            f"(data.global_batch_size={cfg.data.global_batch_size} prompts online): lower it or add prompts"
+        )
+    if cfg.online.pairing == "spin" and prompts.chosen is None:
+        raise DataError(
+            "online.pairing=spin trains towards the data's responses, and data.train holds prompts only: "
+            "give preference pairs (their chosen responses are used) or pick another pairing"
+        )
+    return tokenizer, prompts, val_set
+
+
+def online_step(
+    cfg: DictConfig, model: DPOModel, tokenizer: Any, prompts: PromptSet, info: DistInfo
+) -> OnlineStep:
+    """What turns each global batch of prompts into pairs: the policy's sampler and the judge (after
+    ``model.distribute``: under FSDP2 the sampler gathers the sharded root)."""
+    settings = OnlineSettings.from_config(cfg.online)
+    judge = None
+    if judge_is_set(cfg.judge):
+        judge = build_judge(
+            cfg.judge,
+            dtype=DTYPES[cfg.model.dtype],
+            device=info.device,
+            policy=causal_lm(model.policy),
+            policy_tokenizer=tokenizer,
+        )
+        log(f"judge: {judge.description}")
+    generator = HFGenerator(
+        model.policy,
+        settings.sampling,
+        stop_ids=prompts.stop_ids,
+        pad_id=tokenizer.eos_token_id,
+        root=model.policy_logprobs,
+        dist=info,
+    )
+    return OnlineStep(
+        settings,
+        generator,
+        judge,
+        tokenizer,
+        data_seed=cfg.data.seed,
+        dist=info,
+        output_dir=Path(cfg.output_dir),
+    )
+
+
+def online_filler_pair(prompt: dict, eos_id: int) -> dict:
+    """A pair for a rank with none to run on while others train (it counts for nothing)."""
+    return {
+        "prompt_ids": prompt["prompt_ids"],
+        "chosen_ids": [eos_id],
+        "rejected_ids": [eos_id],
+        "chosen_reward": 0.0,
+        "rejected_reward": 0.0,
+        "index": -1,
+        "ref_logps": (0.0, 0.0),
+    }
+
+
 def sample_generations(
     cfg: DictConfig,
     model: DPOModel,
@@ -256,7 +334,12 @@ def start_line(cfg: DictConfig, info: DistInfo, model: DPOModel, trainer: DPOTra
         if trainer.step
         else f"{trainer.max_steps} steps"
     )
-    return f"training for {steps} of {cfg.data.global_batch_size} pairs on {where} ({', '.join(layout)})"
+    batch = (
+        f"{cfg.data.global_batch_size} prompts x {cfg.online.num_generations} samples (online)"
+        if cfg.online.enabled
+        else f"{cfg.data.global_batch_size} pairs"
+    )
+    return f"training for {steps} of {batch} on {where} ({', '.join(layout)})"
 
 
 def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None) -> TrainResult:
@@ -266,7 +349,11 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     np.random.seed(cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)
 
-    tokenizer, train_set, val_set = load_training_data(cfg, info)
+    online = cfg.online.enabled
+    if online:
+        tokenizer, train_set, val_set = load_online_data(cfg, info)
+    else:
+        tokenizer, train_set, val_set = load_training_data(cfg, info)
     finished = finished_run(output_dir, cfg.trainer, len(train_set) // cfg.data.global_batch_size)
     if finished is not None:
         log(finished.message())
@@ -283,6 +370,9 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         checkpointer.load_weights(latest, model.policy)
     model.distribute(cfg.distributed.strategy, info)
     train_set, val_set, collate = cache_reference(cfg, model, train_set, val_set, collate)
+    reference_collate = None
+    if online and not model.loss.reference_free:  # the reference scores each completion once, then the
+        reference_collate, collate = collate, with_cached_reference(collate)  # pairs carry its log-probs
     train_loader = build_dataloader(train_set, cfg, info, train=True)
     val_loader = build_dataloader(val_set, cfg, info, train=False) if val_set is not None else None
     optimizer = build_optimizer(model.policy, cfg.optim)
@@ -303,6 +393,11 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         run_timer=timer,
     )
 
+    if online:
+        trainer.online = online_step(cfg, model, tokenizer, train_set, info)
+        trainer.reference_collate = reference_collate
+        trainer.filler_pair = online_filler_pair(train_set[0], tokenizer.eos_token_id)
+
     # Resume from the newest complete checkpoint, then open the trackers at that step.
     if latest is not None:
         resume_training(trainer, latest, cfg, saved_cfg)
@@ -311,6 +406,7 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     if info.is_main:  # a tracker that cannot start stops the run here, before any training
         logger.attach(*open_trackers(cfg, output_dir, resume_step))
         truncate_samples_after(output_dir, -1 if resume_step is None else resume_step)
+        truncate_samples_after(output_dir, -1 if resume_step is None else resume_step, GENERATIONS)
     trainer.on_validation = sample_generations(cfg, model, tokenizer, val_set, logger)
 
     log(start_line(cfg, info, model, trainer))

@@ -233,7 +233,9 @@ class DPOTrainer:
         them. A global batch with no pair (every prompt tied) is skipped: no update, the schedule advances."""
         batch = self.online(prompts, self.step + 1)
         if batch.total_pairs == 0:
-            self.print(f"step {self.step + 1}: no usable pair in the global batch (all tied or unscored): skipped")
+            self.print(
+                f"step {self.step + 1}: no usable pair in the global batch (all tied or unscored): skipped"
+            )
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             return {**batch.metrics, "lr": lr, "tokens": 0, "pairs": 0}
@@ -250,7 +252,9 @@ class DPOTrainer:
             return [{**pair, "index": i} for i, pair in enumerate(pairs)]
         completions: dict[tuple, tuple[list[int], list[int]]] = {}
         for pair in pairs:
-            for key, ids in zip(pair["completion_keys"], (pair["chosen_ids"], pair["rejected_ids"]), strict=True):
+            for key, ids in zip(
+                pair["completion_keys"], (pair["chosen_ids"], pair["rejected_ids"]), strict=True
+            ):
                 completions[key] = (pair["prompt_ids"], ids)
         by_prompt: dict[int, list[tuple]] = {}
         for key in completions:
