@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,7 @@ from preftune.config import load_config
 from preftune.data.pairing import DATA_RESPONSE, pair_completions, penalized
 from preftune.modeling.generation import HFGenerator, SamplingSettings, prompt_seed, sample_tokens
 from preftune.training.recipe import train
-from tests.conftest import WORDS, records, sentence, write_jsonl
-from tests.test_distributed import torchrun
+from tests.conftest import records, sentence, write_jsonl
 
 # The judge: how many times the letter "a" occurs in the completion (hand-checkable, varied, rarely tied).
 JUDGE = '''
@@ -32,10 +30,13 @@ from pathlib import Path
 def count_a(prompts, completions, completion_ids, **kwargs):
     return [float(text.count("a")) for text in completions]
 
+def token_sum(prompts, completions, completion_ids, **kwargs):
+    return [sum(ids) / 100 for ids in completion_ids]
+
 def constant(prompts, completions, **kwargs):
     return [1.0 for _ in completions]
 
-def kill_on_third_call(prompts, completions, **kwargs):
+def kill_on_third_call(prompts, completions, completion_ids, **kwargs):
     """count_a, but the process SIGKILLs itself on its 3rd call of a first run (after generating step 3)."""
     calls = Path(os.environ["PREFTUNE_TEST_CALLS"])
     n = int(calls.read_text()) + 1 if calls.exists() else 1
@@ -43,7 +44,7 @@ def kill_on_third_call(prompts, completions, **kwargs):
     if n == 3 and not Path(str(calls) + ".killed").exists():
         Path(str(calls) + ".killed").touch()
         os.kill(os.getpid(), signal.SIGKILL)
-    return count_a(prompts, completions)
+    return token_sum(prompts, completions, completion_ids)
 '''
 
 
@@ -81,7 +82,7 @@ def online_overrides(model_dir: Path, files: dict, output_dir: Path, *extra: str
         "online.enabled=true",
         "online.num_generations=3",
         "online.max_new_tokens=12",
-        f"judge.function={files['judge']}:count_a",
+        f"judge.function={files['judge']}:token_sum",
         "optim.lr=5e-3",
         "trainer.max_steps=3",
         "trainer.val_before_training=false",
@@ -187,7 +188,13 @@ def test_online_run_records_the_judge_and_starts_at_log_2(tmp_path, tiny_model_d
     """generations.jsonl holds the judge's own numbers for what was sampled; each pair is the best against
     the worst of its prompt; step 1's loss is log 2 (the policy is the reference); the step metrics are
     logged."""
-    output_dir = run_online(tmp_path, "run", tiny_model_dir("llama"), online_files)
+    output_dir = run_online(
+        tmp_path,
+        "run",
+        tiny_model_dir("llama"),
+        online_files,
+        f"judge.function={online_files['judge']}:count_a",
+    )
     lines = generations(output_dir)
     assert [line["step"] for line in lines] == [1] * 4 + [2] * 4 + [3] * 4
     for line in lines:
@@ -219,3 +226,190 @@ def test_online_run_records_the_judge_and_starts_at_log_2(tmp_path, tiny_model_d
         "online_reward_gap",
     ):
         assert f"train/{key}" in first
+
+
+def test_every_loss_runs_online(tmp_path, tiny_model_dir, online_files):
+    """One online step of each loss of the family: a finite loss, and log 2 at step 1 where the loss is
+    DPO's sigmoid of a zero margin."""
+    model_dir = tiny_model_dir("llama")
+    for name in losses.LOSS_NAMES:
+        output_dir = run_online(
+            tmp_path,
+            name,
+            model_dir,
+            online_files,
+            f"dpo.preference_loss={name}",
+            "trainer.max_steps=1",
+            "online.num_generations=2",
+            "online.max_new_tokens=6",
+        )
+        loss = records(output_dir, "train")[1]["train/loss"]
+        assert math.isfinite(loss), name
+        if name == "dpo":
+            assert loss == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_all_tied_batches_are_skipped(tmp_path, tiny_model_dir, online_files):
+    """A judge that scores everything the same: every prompt ties, every global batch is skipped (counted,
+    no NaN, no update) and the run finishes."""
+    from safetensors.torch import load_file
+
+    model_dir = tiny_model_dir("llama")
+    output_dir = run_online(
+        tmp_path, "ties", model_dir, online_files, f"judge.function={online_files['judge']}:constant"
+    )
+    steps = records(output_dir, "train")
+    assert sorted(steps) == [1, 2, 3]
+    for rec in steps.values():
+        assert rec["train/online_skipped_batch"] == 1.0 and rec["train/online_tie_share"] == 1.0
+        assert "train/loss" not in rec
+    assert all(line["chosen_index"] is None for line in generations(output_dir))
+    before = load_file(model_dir / "model.safetensors")
+    after = load_file(output_dir / "checkpoints" / "step_3" / "model" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_all_pairs_and_spin_run(tmp_path, tiny_model_dir, online_files, pair_files):
+    """all_pairs trains on every unequal pair of a prompt; spin pairs the data's chosen response (the
+    pairs' prompts are the prompt set) with a sample, with or without a judge."""
+    model_dir = tiny_model_dir("llama")
+    output_dir = run_online(
+        tmp_path,
+        "all",
+        model_dir,
+        online_files,
+        "online.pairing=all_pairs",
+        "online.num_generations=4",
+        "trainer.max_steps=1",
+    )
+    step = records(output_dir, "train")[1]
+    expected = sum(
+        sum(1 for i, a in enumerate(line["rewards"]) for b in line["rewards"][i + 1 :] if a != b)
+        for line in generations(output_dir)
+    )
+    assert step["train/online_pairs"] == expected and step["train/loss"] == pytest.approx(
+        math.log(2), abs=1e-5
+    )
+    output_dir = run_online(
+        tmp_path,
+        "spin",
+        model_dir,
+        {**online_files, "train": pair_files["train"]},
+        "online.pairing=spin",
+        "trainer.max_steps=1",
+        "judge.function=null",
+        "online.num_generations=1",
+    )
+    lines = generations(output_dir)
+    assert all(line["chosen_index"] == DATA_RESPONSE and line["rejected_index"] == 0 for line in lines)
+    assert records(output_dir, "train")[1]["train/online_pairs"] == 4
+
+
+def test_lora_online(tmp_path, tiny_model_dir, online_files, forbid_model_copies):
+    """LoRA: the reference is the policy with its adapters off (no copy); step 1 is log 2."""
+    output_dir = run_online(
+        tmp_path, "lora", tiny_model_dir("llama"), online_files, "model.lora.r=4", "trainer.max_steps=1"
+    )
+    assert records(output_dir, "train")[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("online.num_generations=1", "online.num_generations=1: a pair needs two completions"),
+        ("judge.function=null", "online.enabled needs a judge"),
+        ("reference.mode=precompute", "reference.mode=precompute cannot apply online"),
+        ("online.pairing=best", "online.pairing='best': use one of"),
+        ("online.top_p=0", "online.top_p=0: must be in (0, 1]"),
+        ("online.max_new_tokens=40", "data.max_seq_length=40 leaves no room"),
+        ("online.pairing=spin", "online.pairing=spin trains towards the data's responses"),
+    ],
+)
+def test_online_config_errors(tmp_path, tiny_model_dir, online_files, capsys, override, message):
+    args = online_overrides(tiny_model_dir("llama"), online_files, tmp_path / "bad", override)
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    capsys.readouterr()  # what building the tiny model printed
+    assert main(["train", "--config", str(config), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+# -- ranks and resume ------------------------------------------------------------------------------------
+TWO_STRATEGIES = """
+import sys
+from pathlib import Path
+from preftune.config import load_config
+from preftune.training.recipe import train
+
+root, overrides = Path(sys.argv[1]), sys.argv[2:]
+for strategy in ("ddp", "fsdp2"):
+    train(load_config(None, [*overrides, f"output_dir={root / strategy}", f"distributed.strategy={strategy}"]))
+"""
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    return [rec["train/loss"] for _, rec in sorted(records(output_dir, "train").items())]
+
+
+def test_two_processes_generate_and_train_as_one(tmp_path, tiny_model_dir, online_files):
+    """torchrun with 2 gloo ranks, DDP then FSDP2 in one launch: the same generations.jsonl and losses
+    (1e-5) as one process. Each rank samples its half of the prompts from the prompts' own seeds."""
+    from tests.test_distributed import free_port
+
+    extra = ("optim.eps=1e-4", "trainer.max_steps=2", "online.num_generations=2", "online.max_new_tokens=8")
+    single = run_online(tmp_path, "single", tiny_model_dir("llama"), online_files, *extra)
+    script = tmp_path / "two_strategies.py"
+    script.write_text(TWO_STRATEGIES)
+    overrides = online_overrides(tiny_model_dir("llama"), online_files, tmp_path / "unused", *extra)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={free_port()}",
+        str(script),
+        str(tmp_path),
+        *[o for o in overrides if not o.startswith("output_dir=")],
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    expected = generations(single)
+    assert len(expected) == 8
+    for strategy in ("ddp", "fsdp2"):
+        assert generations(tmp_path / strategy) == expected, strategy
+        assert train_losses(tmp_path / strategy) == pytest.approx(train_losses(single), abs=1e-5), strategy
+
+
+def test_resume_after_sigkill_mid_step_equals_a_straight_run(tmp_path, tiny_model_dir, online_files):
+    """A run SIGKILLed while judging step 3's generations (checkpoint at step 2), then the same command
+    again: its generations.jsonl and losses equal a straight run's (the lines of the killed step dropped)."""
+    model_dir = tiny_model_dir("llama")
+    extra = (
+        "trainer.max_steps=4",
+        "trainer.save_interval=2",
+        "online.num_generations=2",
+        "online.max_new_tokens=8",
+    )
+    straight = run_online(tmp_path, "straight", model_dir, online_files, *extra)
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    overrides = online_overrides(
+        model_dir,
+        online_files,
+        tmp_path / "killed",
+        *extra,
+        f"judge.function={online_files['judge']}:kill_on_third_call",
+    )
+    cmd = [sys.executable, "-m", "preftune", "train", "--config", str(config), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFTUNE_TEST_CALLS": str(tmp_path / "calls")}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    assert [line["step"] for line in generations(tmp_path / "killed")][-1] == 2  # step 3 never recorded
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stdout
+    assert generations(tmp_path / "killed") == generations(straight)
+    assert train_losses(tmp_path / "killed") == pytest.approx(train_losses(straight), abs=1e-6)

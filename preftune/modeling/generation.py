@@ -84,6 +84,9 @@ def unsharded_root(root: nn.Module) -> Iterator[None]:
     """Under FSDP2 a generation calls the causal LM below the sharded root (embeddings, head): gather the
     root's parameters for the duration; the blocks gather their own in their forwards, as in training."""
     if isinstance(root, FSDPModule):
+        # FSDP2 picks its root at the first forward: make it the root before the blocks run on their own
+        # (a generation before any training or validation step), else the next root forward fails.
+        root._get_fsdp_state()._lazy_init()
         root.unshard()
         try:
             yield
