@@ -413,3 +413,19 @@ def test_resume_after_sigkill_mid_step_equals_a_straight_run(tmp_path, tiny_mode
     assert "resuming from" in second.stdout
     assert generations(tmp_path / "killed") == generations(straight)
     assert train_losses(tmp_path / "killed") == pytest.approx(train_losses(straight), abs=1e-6)
+
+
+def test_demo_rule_reward_by_hand():
+    """The online demo's judge: 1.0 exactly when the rule is obeyed, else the share of its five checks
+    passed over 6 (so an obeying list always beats one that is not)."""
+    from preftune.tools.demo import rule_reward
+
+    prompt = "List 3 fruits in lowercase, alphabetically."
+    got = rule_reward(
+        [prompt] * 4,
+        ["apple, fig, plum", "plum, fig, apple", "apple, fig", "APPLE, dog, dog"],
+        completion_ids=[[1]] * 4,
+    )
+    # obeys; count + distinct + category + case (order wrong); distinct + category + case + order (count
+    # wrong); count + order (APPLE, dog, dog: not distinct, dog not a fruit, APPLE not lowercase)
+    assert got == [1.0, 4 / 6, 4 / 6, 2 / 6]

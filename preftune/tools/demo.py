@@ -100,6 +100,30 @@ def obeys_rule(prompt: str, response: str) -> bool:
     return response.strip() == render([i.lower() for i in items], case, order)
 
 
+def rule_credit(prompt: str, response: str) -> float:
+    """The share of the rule's five checks a response passes (1.0 exactly when it obeys the rule): the
+    prompt's number of items, all distinct, all of its category, in its case, in its order."""
+    category = next(c for c in CATEGORIES if c in prompt)
+    n = next(k for k in COUNTS if str(k) in prompt)
+    case = "upper" if any(phrase in prompt for phrase in CASES["upper"]) else "lower"
+    order = "descending" if any(phrase in prompt for phrase in ORDERS["descending"]) else "ascending"
+    items = [item.strip() for item in response.strip().split(",")]
+    checks = (
+        len(items) == n,
+        len(set(items)) == len(items),
+        all(item.lower() in CATEGORIES[category] for item in items),
+        all(item == (item.upper() if case == "upper" else item.lower()) for item in items),
+        items == sorted(items, key=str.lower, reverse=order == "descending"),
+    )
+    return 1.0 if obeys_rule(prompt, response) else sum(checks) / (len(checks) + 1)
+
+
+def rule_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The demo's judge (``judge.function: preftune.tools.demo:rule_reward``, TRL's reward-function
+    signature): ``rule_credit`` of each completion."""
+    return [rule_credit(prompt, completion) for prompt, completion in zip(prompts, completions, strict=True)]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """One JSON object per line."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +195,34 @@ def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: 
     OmegaConf.save(OmegaConf.create(config), paths["config"])
     print(f"[demo] config -> {paths['config']}")
     return paths
+
+
+def online_demo_config(demo_dir: Path, checkpoint: Path) -> Path:
+    """The config of ``preftune demo --online``: online DPO from the offline demo's ``checkpoint``, on the
+    demo's train prompts, judged by ``rule_reward``; greedy samples of 64 held-out prompts at each validation."""
+    demo_dir = Path(demo_dir).resolve()
+    config = OmegaConf.load(demo_dir / "demo.yaml")
+    config.output_dir = str(demo_dir / "run_online")
+    config.model.path = str(checkpoint)
+    config.data.global_batch_size = 16
+    config.data.micro_batch_size = 32
+    config.dpo = {"ref_policy_kl_penalty": 0.1, "preference_loss": "dpo", "sft_loss_weight": 0.0}
+    config.optim = {"lr": 5.0e-4, "weight_decay": 0.0, "sched": {"warmup_steps": 5, "min_lr": 5.0e-5}}
+    config.trainer.max_epochs = None
+    config.trainer.max_steps = 150
+    config.trainer.val_check_interval = 50
+    config.online = {
+        "enabled": True,
+        "num_generations": 4,
+        "max_new_tokens": 40,
+        "temperature": 1.0,
+        "missing_eos_penalty": 0.5,
+    }
+    config.judge = {"function": "preftune.tools.demo:rule_reward"}
+    path = demo_dir / "demo_online.yaml"
+    OmegaConf.save(config, path)
+    print(f"[demo] online config -> {path}")
+    return path
 
 
 def rule_share(samples_path: Path) -> dict[int, float]:
