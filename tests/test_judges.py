@@ -141,6 +141,19 @@ def test_function_gets_what_trl_passes(rules):
     assert plain == dict(prompts=["plain"], completions=["c"], completion_ids=[[9]])
 
 
+def test_readme_example_function(tmp_path):
+    """The worked example of README's Judges section, as written there, on plain and conversational prompts."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = readme.split("```python\n# rules.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "rules.py").write_text(example)
+    judge = build_judge(judge_cfg(function=f"{tmp_path}/rules.py:polite"), dtype=None)
+    expected = [1.0 - 0.01 * 3, -0.01 * 2]  # "please" and 3 tokens; no "please" and 2 tokens
+    plain = judge.score(["p", "q"], ["yes please", "no"], [[4, 5, 6], [7, 8]])
+    assert plain.rewards == pytest.approx(expected) and plain.unparsed == 0
+    chat = judge.score([[{"role": "user", "content": "p"}]] * 2, ["yes please", "no"], [[4, 5, 6], [7, 8]])
+    assert chat.rewards == pytest.approx(expected)
+
+
 def test_function_mistakes_are_one_line(rules, tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("import no_such_module_anywhere\n")

@@ -53,7 +53,7 @@ Request:
 Reply:
 {completion}
 
-Justify the grade in at most 100 words. Then finish with one last line of the form "Score: N", where N is \
+Justify the grade in at most 60 words. Then finish with one last line of the form "Score: N", where N is \
 the total number of points (0 to 5)."""
 
 PAIRWISE_TEMPLATE = """\
