@@ -143,13 +143,14 @@ def check_judge(judge_cfg: Any) -> None:
 def build_judge(
     judge_cfg: Any,
     *,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     policy: Any = None,
     policy_tokenizer: Any = None,
 ) -> Judge:
-    """The judge the `judge` section names; `policy` (the causal LM itself) and its tokenizer serve
-    `judge.llm.path: policy`. Raises `ConfigError` for a section naming no judge or a bad one."""
+    """The judge the `judge` section names. A judge model is loaded in `dtype` (the run's `model.dtype`;
+    None: as saved) on `device`; `policy` (the causal LM itself, not a DDP/DPOModel wrapper) and its tokenizer
+    serve `judge.llm.path: policy`. Raises `ConfigError` for a section naming no judge or a bad one."""
     check_judge(judge_cfg)
     if judge_cfg.function:
         return FunctionJudge(_resolve_functions(judge_cfg), _weights(judge_cfg))
@@ -386,7 +387,7 @@ class RewardModelJudge:
 
     @classmethod
     def load(
-        cls, path: str, dtype: torch.dtype, device: torch.device | str, batch_size: int
+        cls, path: str, dtype: torch.dtype | None, device: torch.device | str, batch_size: int
     ) -> RewardModelJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -464,7 +465,7 @@ def grading_template(setting: str | None) -> str:
     return text
 
 
-def _load_causal_lm(path: str, dtype: torch.dtype, device: torch.device | str) -> tuple[Any, Any]:
+def _load_causal_lm(path: str, dtype: torch.dtype | None, device: torch.device | str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
