@@ -455,3 +455,23 @@ def test_llm_judge_mistakes(tmp_path):
     assert_one_line_error(
         "does not exist", lambda: check_judge(judge_cfg(llm={"path": str(tmp_path / "absent")}))
     )
+
+
+def test_policy_judge_uses_the_runs_chat_template(judge_tokenizer):
+    """`data.chat_template` of the run, passed as `policy_chat_template`, frames the question, not the
+    tokenizer's own template."""
+    seen = []
+
+    def record(question: str) -> str:
+        seen.append(question)
+        return "Score: 2"
+
+    run_template = CHAT.replace("<|{{ m.role }}|>", "<|{{ m.role }}|>[run] ")
+    judge = build_judge(
+        judge_cfg(llm={"path": "policy", "template": "P={prompt} C={completion}"}),
+        policy=scripted(judge_tokenizer, record),
+        policy_tokenizer=judge_tokenizer,
+        policy_chat_template=run_template,
+    )
+    assert judge.score(["x"], ["y"], [[1]]) == Scores([2.0], 0)
+    assert set(seen) == {"[run] P=x C=y"}  # asked at every generated token

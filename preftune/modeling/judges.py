@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from preftune.config import ConfigError
+from preftune.data.chat import tokenizer_template
 
 Prompt = str | list[dict[str, str]]  # the data's prompt: text, or TRL conversational messages
 POLICY = "policy"  # judge.llm.path naming the policy being trained (self-rewarding)
@@ -147,10 +148,12 @@ def build_judge(
     device: torch.device | str = "cpu",
     policy: Any = None,
     policy_tokenizer: Any = None,
+    policy_chat_template: str | None = None,
 ) -> Judge:
     """The judge the `judge` section names. A judge model is loaded in `dtype` (the run's `model.dtype`;
     None: as saved) on `device`; `policy` (the causal LM itself, not a DDP/DPOModel wrapper) and its tokenizer
-    serve `judge.llm.path: policy`. Raises `ConfigError` for a section naming no judge or a bad one."""
+    serve `judge.llm.path: policy`, with the run's chat template (`policy_chat_template`, the Jinja text of
+    `data.chat_template`; None: the tokenizer's own). Raises `ConfigError` for a section naming no judge or a bad one."""
     check_judge(judge_cfg)
     if judge_cfg.function:
         return FunctionJudge(_resolve_functions(judge_cfg), _weights(judge_cfg))
@@ -164,10 +167,12 @@ def build_judge(
                     "judge.llm.path=policy needs the policy and its tokenizer passed to build_judge"
                 )
             model, tokenizer, name = policy, policy_tokenizer, "the policy (self-rewarding)"
+            chat_template = policy_chat_template or tokenizer_template(tokenizer)
         else:
             model, tokenizer = _load_causal_lm(str(judge_cfg.llm.path), dtype, device)
-            name = str(judge_cfg.llm.path)
-        return LLMJudge(model, tokenizer, template, judge_cfg.llm.max_new_tokens, judge_cfg.batch_size, name)
+            name, chat_template = str(judge_cfg.llm.path), tokenizer_template(tokenizer)
+        settings = (template, judge_cfg.llm.max_new_tokens, judge_cfg.batch_size)
+        return LLMJudge(model, tokenizer, chat_template, *settings, name)
     raise ConfigError("no judge is set: set judge.function, judge.reward_model or judge.llm.path")
 
 
@@ -383,7 +388,7 @@ class RewardModelJudge:
     def __init__(self, model: Any, tokenizer: Any, batch_size: int, name: str):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.description = f"reward model {name}"
-        self.has_template = _has_chat_template(tokenizer)
+        self.chat_template = tokenizer_template(tokenizer)
 
     @classmethod
     def load(
@@ -401,7 +406,7 @@ class RewardModelJudge:
 
     def texts(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[str]:
         """What the reward model reads for each completion (its chat template's rendering, or prompt + text)."""
-        if self.has_template:
+        if self.chat_template:
             return [
                 self.tokenizer.apply_chat_template(_as_messages(p, c), tokenize=False)
                 for p, c in zip(prompts, completions, strict=True)
@@ -427,20 +432,13 @@ class RewardModelJudge:
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
                 texts[start : start + self.batch_size],
-                add_special_tokens=not self.has_template,  # a rendered template holds its special tokens
+                add_special_tokens=not self.chat_template,  # a rendered template holds its special tokens
                 padding=True,
                 return_tensors="pt",
             ).to(device)
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             rewards.extend(logits[:, 0].float().tolist())
         return Scores(rewards, sum(math.isnan(r) for r in rewards))
-
-
-def _has_chat_template(tokenizer: Any) -> bool:
-    try:
-        return bool(tokenizer.get_chat_template())
-    except ValueError:
-        return False
 
 
 # --- LLM judge ------------------------------------------------------------------------------------------------
@@ -503,12 +501,23 @@ class LLMJudge:
     """A causal LM grading each completion with a template; the score parsed from its greedy answer."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, template: str, max_new_tokens: int, batch_size: int, name: str
+        self,
+        model: Any,
+        tokenizer: Any,
+        chat_template: str | None,
+        template: str,
+        max_new_tokens: int,
+        batch_size: int,
+        name: str,
     ):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.model, self.tokenizer, self.chat_template, self.template = (
+            model,
+            tokenizer,
+            chat_template,
+            template,
+        )
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.description = f"LLM judge {name}"
-        self.has_template = _has_chat_template(tokenizer)
         self.last_answers: list[str] = []  # the judge's raw answers of the last call (for logs and tests)
 
     def score(
@@ -550,9 +559,12 @@ class LLMJudge:
 
     def render(self, question: str) -> list[int]:
         """The judge's input ids for one question: a user turn under its chat template, else the plain text."""
-        if self.has_template:
+        if self.chat_template:
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+                [{"role": "user", "content": question}],
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
             )
             return self.tokenizer(text, add_special_tokens=False).input_ids
         return self.tokenizer(question).input_ids
