@@ -48,6 +48,12 @@ def echo_inputs(prompts, completions, completion_ids, **kwargs):
     return [0.0] * len(completions)
 
 
+def as_array(completions, **kwargs):
+    import numpy
+
+    return numpy.full(len(completions), 0.25, dtype=numpy.float32)
+
+
 def one_too_few(completions, **kwargs):
     return [0.0] * (len(completions) - 1)
 
@@ -115,6 +121,8 @@ def test_weighted_functions_and_none_as_nan(rules):
         build_judge(judge_cfg(function=f"{rules}:abstains_on_empty"), dtype=None), ["p", "q"], ["", "x"]
     )
     assert math.isnan(alone.rewards[0]) and alone.rewards[1] == 2.0 and alone.unparsed == 1
+    array = score(build_judge(judge_cfg(function=f"{rules}:as_array"), dtype=None), ["p", "q"], ["", "x"])
+    assert array == Scores([0.25, 0.25], 0)  # a numpy array (or tensor) of numbers is accepted, as TRL does
     both = build_judge(
         judge_cfg(function=[f"{rules}:abstains_on_empty", f"{rules}:length"], weights=[3, 1]), dtype=None
     )
@@ -170,6 +178,11 @@ def test_function_mistakes_are_one_line(rules, tmp_path):
     assert_one_line_error(
         "judge.weights has 1 entries for 2",
         lambda: check_judge(judge_cfg(function=[f"{rules}:length"] * 2, weights=[1])),
+    )
+    assert_one_line_error("is an empty list", lambda: check_judge(judge_cfg(function=[])))
+    assert_one_line_error(
+        "'x' is not a number",
+        lambda: check_judge(judge_cfg(function=[f"{rules}:length"], weights=["x"])),
     )
     assert_one_line_error(
         "are both set", lambda: check_judge(judge_cfg(function=f"{rules}:length", reward_model="some/model"))

@@ -116,24 +116,34 @@ class PairwiseJudge(Protocol):
 
 def judge_is_set(judge_cfg: Any) -> bool:
     """Whether the `judge` section names a judge."""
-    return bool(judge_cfg.function) or bool(judge_cfg.reward_model) or bool(judge_cfg.llm.path)
+    return bool(_kinds_set(judge_cfg))
+
+
+def _kinds_set(judge_cfg: Any) -> list[str]:
+    kinds = {
+        "judge.function": judge_cfg.function,
+        "judge.reward_model": judge_cfg.reward_model,
+        "judge.llm.path": judge_cfg.llm.path,
+    }
+    return [key for key, value in kinds.items() if value is not None]
 
 
 def check_judge(judge_cfg: Any) -> None:
     """The cheap checks made at load, before any weights: exactly one kind set, the functions resolve, the
     reward model's config has one label, the LLM judge's model and template exist. `ConfigError`, one line."""
-    kinds = [key for key, value in _kinds(judge_cfg).items() if value]
+    kinds = _kinds_set(judge_cfg)
     if len(kinds) > 1:
         raise ConfigError(f"{' and '.join(kinds)} are both set: a run uses one judge, set only one of them")
     if judge_cfg.batch_size < 1:
         raise ConfigError(f"judge.batch_size={judge_cfg.batch_size}: must be >= 1")
-    if judge_cfg.weights is not None and not judge_cfg.function:
+    if judge_cfg.weights is not None and judge_cfg.function is None:
         raise ConfigError("judge.weights is set without judge.function: weights apply to reward functions")
-    if judge_cfg.function:
+    if judge_cfg.function is not None:
         _resolve_functions(judge_cfg)
-    elif judge_cfg.reward_model:
+        _weights(judge_cfg)
+    elif judge_cfg.reward_model is not None:
         _check_reward_model_config(str(judge_cfg.reward_model))
-    elif judge_cfg.llm.path:
+    elif judge_cfg.llm.path is not None:
         if judge_cfg.llm.max_new_tokens < 1:
             raise ConfigError(f"judge.llm.max_new_tokens={judge_cfg.llm.max_new_tokens}: must be >= 1")
         if judge_cfg.llm.path != POLICY:
@@ -153,13 +163,14 @@ def build_judge(
     """The judge the `judge` section names. A judge model is loaded in `dtype` (the run's `model.dtype`;
     None: as saved) on `device`; `policy` (the causal LM itself, not a DDP/DPOModel wrapper) and its tokenizer
     serve `judge.llm.path: policy`, with the run's chat template (`policy_chat_template`, the Jinja text of
-    `data.chat_template`; None: the tokenizer's own). Raises `ConfigError` for a section naming no judge or a bad one."""
+    `data.chat_template`; None: the tokenizer's own). Raises `ConfigError` for a section naming no judge or a
+    bad one."""
     check_judge(judge_cfg)
-    if judge_cfg.function:
+    if judge_cfg.function is not None:
         return FunctionJudge(_resolve_functions(judge_cfg), _weights(judge_cfg))
-    if judge_cfg.reward_model:
+    if judge_cfg.reward_model is not None:
         return RewardModelJudge.load(str(judge_cfg.reward_model), dtype, device, judge_cfg.batch_size)
-    if judge_cfg.llm.path:
+    if judge_cfg.llm.path is not None:
         template = grading_template(judge_cfg.llm.template)
         if judge_cfg.llm.path == POLICY:
             if policy is None or policy_tokenizer is None:
@@ -174,14 +185,6 @@ def build_judge(
         settings = (template, judge_cfg.llm.max_new_tokens, judge_cfg.batch_size)
         return LLMJudge(model, tokenizer, chat_template, *settings, name)
     raise ConfigError("no judge is set: set judge.function, judge.reward_model or judge.llm.path")
-
-
-def _kinds(judge_cfg: Any) -> dict[str, Any]:
-    return {
-        "judge.function": judge_cfg.function,
-        "judge.reward_model": judge_cfg.reward_model,
-        "judge.llm.path": judge_cfg.llm.path,
-    }
 
 
 # --- reward functions -----------------------------------------------------------------------------------------
@@ -277,7 +280,7 @@ def _one_line(error: BaseException) -> str:
 def _checked_rewards(spec: str, returned: Any, expected: int) -> list[float]:
     """A reward function's output as floats (None: NaN, as in TRL), or a one-line `ConfigError`."""
     what = f"judge.function {spec} returned"
-    if isinstance(returned, torch.Tensor):
+    if hasattr(returned, "tolist"):  # a numpy array or a tensor
         returned = returned.tolist()
     if isinstance(returned, (str, bytes)) or not isinstance(returned, Sequence):
         raise ConfigError(
