@@ -293,6 +293,10 @@ def test_reward_model_reads_with_its_own_tokenizer(reward_model_dir, tokenizer):
         assert scores.rewards[i] == pytest.approx(direct, abs=1e-5)
         assert abs(policy_ids_fed - direct) > 1e-4  # another tokenizer's ids read as something else
 
+    half = build_judge(judge_cfg(reward_model=str(reward_model_dir)), dtype=torch.bfloat16)
+    assert half.model.dtype == torch.bfloat16  # the run's dtype
+    assert half.score(prompts, completions, policy_ids).rewards == pytest.approx(scores.rewards, abs=0.05)
+
 
 def test_reward_model_mistakes(reward_model_dir, tiny_model_dir, tmp_path):
     two_labels = tmp_path / "two-labels"
