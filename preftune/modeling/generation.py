@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
+from preftune.modeling.attention import VARLEN
 from preftune.modeling.logprobs import causal_lm
 from preftune.training.distributed import DistInfo, any_rank
 
@@ -107,6 +108,21 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def masked_attention(lm: nn.Module) -> Iterator[None]:
+    """``preftune_varlen`` (packed rows) reads attention blocks, not the padding mask and KV cache that decoding
+    needs: the model runs SDPA for the duration (the weights are the same)."""
+    current = lm.config._attn_implementation
+    if current != VARLEN:
+        yield
+        return
+    lm.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(current)
+
+
 class HFGenerator:
     """Batched KV-cache sampling with a Hugging Face causal LM (the policy itself, weights in place).
 
@@ -137,7 +153,7 @@ class HFGenerator:
         self, prompts: Sequence[list[int]], seeds: Sequence[int], num_per_prompt: int
     ) -> list[list[Completion]]:
         lm = causal_lm(self.model)
-        with eval_mode(self.model), unsharded_root(self.root):
+        with eval_mode(self.model), masked_attention(lm), unsharded_root(self.root):
             ids, ended = self._decode(lm, prompts, seeds, num_per_prompt)
         out = []
         for row, (tokens, done) in enumerate(zip(ids, ended, strict=True)):

@@ -351,7 +351,8 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
 
     online = cfg.online.enabled
     if online:
-        tokenizer, train_set, val_set = load_online_data(cfg, info)
+        tokenizer, prompts, val_set = load_online_data(cfg, info)
+        train_set = prompts
     else:
         tokenizer, train_set, val_set = load_training_data(cfg, info)
     finished = finished_run(output_dir, cfg.trainer, len(train_set) // cfg.data.global_batch_size)
@@ -394,9 +395,9 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     )
 
     if online:
-        trainer.online = online_step(cfg, model, tokenizer, train_set, info)
+        trainer.online = online_step(cfg, model, tokenizer, prompts, info)
         trainer.reference_collate = reference_collate
-        trainer.filler_pair = online_filler_pair(train_set[0], tokenizer.eos_token_id)
+        trainer.filler_pair = online_filler_pair(prompts[0], tokenizer.eos_token_id)
 
     # Resume from the newest complete checkpoint, then open the trackers at that step.
     if latest is not None:
