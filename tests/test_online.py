@@ -194,6 +194,8 @@ def test_online_run_records_the_judge_and_starts_at_log_2(tmp_path, tiny_model_d
         tiny_model_dir("llama"),
         online_files,
         f"judge.function={online_files['judge']}:count_a",
+        f"data.validation={online_files['validation']}",
+        "trainer.val_check_interval=2",
     )
     lines = generations(output_dir)
     assert [line["step"] for line in lines] == [1] * 4 + [2] * 4 + [3] * 4
@@ -209,6 +211,7 @@ def test_online_run_records_the_judge_and_starts_at_log_2(tmp_path, tiny_model_d
                 > rewards[line["rejected_index"]]
                 == min(rewards)
             )
+    assert sorted(records(output_dir, "val")) == [2, 3]  # validation on the data.validation pairs
     train_records = records(output_dir, "train")
     assert train_records[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
     first = train_records[1]

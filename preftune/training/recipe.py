@@ -371,9 +371,9 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         checkpointer.load_weights(latest, model.policy)
     model.distribute(cfg.distributed.strategy, info)
     train_set, val_set, collate = cache_reference(cfg, model, train_set, val_set, collate)
-    reference_collate = None
-    if online and not model.loss.reference_free:  # the reference scores each completion once, then the
-        reference_collate, collate = collate, with_cached_reference(collate)  # pairs carry its log-probs
+    # online: the reference scores each completion once, then the step's pairs carry its log-probs
+    reference_collate = None if model.loss.reference_free else collate
+    online_collate = collate if model.loss.reference_free else with_cached_reference(collate)
     train_loader = build_dataloader(train_set, cfg, info, train=True)
     val_loader = build_dataloader(val_set, cfg, info, train=False) if val_set is not None else None
     optimizer = build_optimizer(model.policy, cfg.optim)
@@ -396,7 +396,7 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
 
     if online:
         trainer.online = online_step(cfg, model, tokenizer, prompts, info)
-        trainer.reference_collate = reference_collate
+        trainer.reference_collate, trainer.online_collate = reference_collate, online_collate
         trainer.filler_pair = online_filler_pair(prompts[0], tokenizer.eos_token_id)
 
     # Resume from the newest complete checkpoint, then open the trackers at that step.

@@ -139,9 +139,10 @@ class DPOTrainer:
         self.chosen_watch = ChosenLogprobWatch()
         self.on_validation: Callable[[int], None] | None = None  # e.g. sample generations, given the step
         self.online: OnlineStep | None = None  # online DPO: the batches are prompts, made into pairs per step
+        self.online_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
+        """Online: lays out the step's pairs (with a reference: carrying their ``ref_logps``)."""
         self.reference_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
-        """Online with a reference: lays out the completions the reference scores (``collate_fn`` then
-        attaches their log-probs to the pairs)."""
+        """Online with a reference: lays out the completions the reference scores."""
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -191,15 +192,20 @@ class DPOTrainer:
                 return [(batches[0], True)] * needed
         return [(b, False) for b in batches] + [(batches[0], True)] * (needed - len(batches))
 
-    def train_single_step(self, global_batch: list[dict], total_pairs: int | None = None) -> dict[str, float]:
+    def train_single_step(
+        self,
+        global_batch: list[dict],
+        total_pairs: int | None = None,
+        collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None,
+    ) -> dict[str, float]:
         """One optimizer step on this rank's pairs of a global batch of ``total_pairs`` pairs over all ranks
-        (None: ``data.global_batch_size``)."""
+        (None: ``data.global_batch_size``), laid out by ``collate`` (None: ``collate_fn``)."""
         total_pairs = total_pairs or self.global_batch_size
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         accumulator = MetricsAccumulator()
         world = self.model.dist.world_size
-        batches = self.micro_batches(global_batch)
+        batches = self.micro_batches(global_batch, collate)
         for i, (batch, is_filler) in enumerate(batches):
             num_pairs = 0 if is_filler else batch.num_pairs
             with self.model.gradient_sync(i == len(batches) - 1):
@@ -240,7 +246,7 @@ class DPOTrainer:
             self.scheduler.step()
             return {**batch.metrics, "lr": lr, "tokens": 0, "pairs": 0}
         pairs = self.attach_reference(batch.pairs)
-        metrics = self.train_single_step(pairs, total_pairs=batch.total_pairs)
+        metrics = self.train_single_step(pairs, batch.total_pairs, self.online_collate)
         return {**metrics, **batch.metrics, "pairs": batch.total_pairs}
 
     @torch.no_grad()
