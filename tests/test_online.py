@@ -321,8 +321,17 @@ def test_packed_shared_prompt_online_equals_padded(tmp_path, tiny_model_dir, onl
     model_dir = tiny_model_dir("llama")
     extra = ("trainer.max_steps=2", "online.pairing=all_pairs", "optim.eps=1e-4")
     padded = run_online(tmp_path, "padded", model_dir, online_files, *extra)
-    packed = run_online(tmp_path, "packed", model_dir, online_files, *extra, "data.packing=true",
-                        "data.share_prompt=true", "data.pack_length=80", "data.micro_batch_size=1")
+    packed = run_online(
+        tmp_path,
+        "packed",
+        model_dir,
+        online_files,
+        *extra,
+        "data.packing=true",
+        "data.share_prompt=true",
+        "data.pack_length=80",
+        "data.micro_batch_size=1",
+    )
     assert generations(packed) == generations(padded)
     assert train_losses(packed) == pytest.approx(train_losses(padded), abs=1e-5)
     assert train_losses(padded)[0] == pytest.approx(math.log(2), abs=1e-5)
@@ -431,8 +440,7 @@ def test_resume_after_sigkill_mid_step_equals_a_straight_run(tmp_path, tiny_mode
 
 
 def test_demo_rule_reward_by_hand():
-    """The online demo's judge: 1.0 exactly when the rule is obeyed, else the share of its five checks
-    passed over 6 (so an obeying list always beats one that is not)."""
+    """The online demo's judge: 1.0 exactly when the rule is obeyed, else five graded checks summed over 6."""
     from preftune.tools.demo import rule_reward
 
     prompt = "List 3 fruits in lowercase, alphabetically."
@@ -441,6 +449,8 @@ def test_demo_rule_reward_by_hand():
         ["apple, fig, plum", "plum, fig, apple", "apple, fig", "APPLE, dog, dog"],
         completion_ids=[[1]] * 4,
     )
-    # obeys; count + distinct + category + case (order wrong); distinct + category + case + order (count
-    # wrong); count + order (APPLE, dog, dog: not distinct, dog not a fruit, APPLE not lowercase)
-    assert got == [1.0, 4 / 6, 4 / 6, 2 / 6]
+    # plum, fig, apple: all of the category, count, distinct, case; the order wrong -> 4 / 6
+    # apple, fig: category 1, count 1 - 1/3, distinct 2/3, case 1, order 1 -> (13/3) / 6
+    # APPLE, dog, dog: of the category 1/3, count 1, distinct 1/3, case 0 (APPLE), order 0 (one item)
+    assert got == pytest.approx([1.0, 4 / 6, 13 / 18, 5 / 18])
+    assert rule_reward([prompt, prompt], ["", "dog, cat"]) == [0.0, 0.0]  # no item of the category: 0
