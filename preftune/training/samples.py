@@ -17,6 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import GenerationConfig
 
 from preftune.modeling.model import DPOModel, causal_lm
+from preftune.run_dir import RunDir
 
 
 @contextlib.contextmanager
@@ -71,13 +72,13 @@ def generate_samples(
 
 
 def append_samples(output_dir: str | Path, rows: list[dict[str, Any]]) -> None:
-    with (Path(output_dir) / "samples.jsonl").open("a") as f:
+    with RunDir(output_dir).samples.open("a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def truncate_samples_after(output_dir: str | Path, step: int) -> None:
     """On resume from ``step``, drop the samples the interrupted run wrote after it (as ``metrics.jsonl``)."""
-    path = Path(output_dir) / "samples.jsonl"
+    path = RunDir(output_dir).samples
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
