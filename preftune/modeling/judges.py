@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
+from preftune.config import JudgeConfig
 from preftune.data.chat import tokenizer_template
 from preftune.errors import ConfigError
 
@@ -114,12 +115,12 @@ class PairwiseJudge(Protocol):
         ...
 
 
-def judge_is_set(judge_cfg: Any) -> bool:
+def judge_is_set(judge_cfg: JudgeConfig) -> bool:
     """Whether the `judge` section names a judge."""
     return bool(_kinds_set(judge_cfg))
 
 
-def _kinds_set(judge_cfg: Any) -> list[str]:
+def _kinds_set(judge_cfg: JudgeConfig) -> list[str]:
     kinds = {
         "judge.function": judge_cfg.function,
         "judge.reward_model": judge_cfg.reward_model,
@@ -128,7 +129,7 @@ def _kinds_set(judge_cfg: Any) -> list[str]:
     return [key for key, value in kinds.items() if value is not None]
 
 
-def check_judge_settings(judge_cfg: Any) -> None:
+def check_judge_settings(judge_cfg: JudgeConfig) -> None:
     """The `judge` section's rules on its own (no file or model read): at most one kind set, one weight per
     function, sizes >= 1. `ConfigError`, one line."""
     kinds = _kinds_set(judge_cfg)
@@ -153,7 +154,7 @@ def check_judge_settings(judge_cfg: Any) -> None:
         _function_specs(judge_cfg)
 
 
-def check_judge(judge_cfg: Any) -> None:
+def check_judge(judge_cfg: JudgeConfig) -> None:
     """Everything that can be checked before any weights load: `check_judge_settings`, then the functions
     resolve (a file is imported), the reward model's config has one label, the LLM judge's model and template
     exist. `ConfigError`, one line."""
@@ -169,7 +170,7 @@ def check_judge(judge_cfg: Any) -> None:
 
 
 def build_judge(
-    judge_cfg: Any,
+    judge_cfg: JudgeConfig,
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
@@ -210,7 +211,7 @@ RewardFunction = Callable[..., Sequence[Any]]
 _FILE_MODULES: dict[Path, ModuleType] = {}  # user files imported once per process
 
 
-def _function_specs(judge_cfg: Any) -> list[str]:
+def _function_specs(judge_cfg: JudgeConfig) -> list[str]:
     value = judge_cfg.function
     specs = [value] if isinstance(value, str) else list(value)
     if not specs:
@@ -220,12 +221,12 @@ def _function_specs(judge_cfg: Any) -> list[str]:
     return [str(spec) for spec in specs]
 
 
-def _resolve_functions(judge_cfg: Any) -> list[tuple[str, RewardFunction]]:
+def _resolve_functions(judge_cfg: JudgeConfig) -> list[tuple[str, RewardFunction]]:
     """Each `judge.function` entry as (its spec, the callable)."""
     return [(spec, resolve_function(spec)) for spec in _function_specs(judge_cfg)]
 
 
-def _weights(judge_cfg: Any) -> list[float]:
+def _weights(judge_cfg: JudgeConfig) -> list[float]:
     if judge_cfg.weights is None:
         return [1.0] * len(_function_specs(judge_cfg))
     return [float(w) for w in judge_cfg.weights]
