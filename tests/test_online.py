@@ -16,10 +16,10 @@ import torch
 
 from preftune import losses
 from preftune.cli import main
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.data.pairing import DATA_RESPONSE, pair_completions, penalized
 from preftune.modeling.generation import HFGenerator, SamplingSettings, prompt_seed, sample_tokens
-from preftune.training.recipe import train
+from preftune.recipe import train
 from tests.conftest import records, sentence, write_jsonl
 
 # The judge: how many times the letter "a" occurs in the completion (hand-checkable, varied, rarely tied).
@@ -344,7 +344,7 @@ def test_packed_shared_prompt_online_equals_padded(tmp_path, tiny_model_dir, onl
         ("judge.function=null", "online.enabled needs a judge"),
         ("reference.mode=precompute", "reference.mode=precompute cannot apply online"),
         ("online.pairing=best", "online.pairing='best': use one of"),
-        ("online.top_p=0", "online.top_p=0: must be in (0, 1]"),
+        ("online.top_p=0", "online.top_p=0.0: must be in (0, 1]"),
         ("online.max_new_tokens=40", "data.max_seq_length=40 leaves no room"),
         ("online.pairing=spin", "online.pairing=spin trains towards the data's responses"),
     ],
@@ -363,8 +363,8 @@ def test_online_config_errors(tmp_path, tiny_model_dir, online_files, capsys, ov
 TWO_STRATEGIES = """
 import sys
 from pathlib import Path
-from preftune.config import load_config
-from preftune.training.recipe import train
+from preftune.config_checks import load_config
+from preftune.recipe import train
 
 root, overrides = Path(sys.argv[1]), sys.argv[2:]
 for strategy in ("ddp", "fsdp2"):
