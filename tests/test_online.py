@@ -458,8 +458,7 @@ def test_demo_rule_reward_by_hand():
 
 def test_prompts_tokenized_as_offline(tmp_path, tokenizer):
     """Prompt-only records, text and conversational, get exactly the prompt ids offline training gives the
-    same prompt in a pair (one BOS; the chat template's generation prompt); the end-of-turn token stops a
-    conversation's completions; duplicates are dropped."""
+    same prompt in a pair (one BOS; the chat template's generation prompt); duplicates are dropped."""
     from preftune.config_checks import load_config
     from preftune.data.chat import load_chat_template
     from preftune.data.formats import parse_record
@@ -489,4 +488,6 @@ def test_prompts_tokenized_as_offline(tmp_path, tokenizer):
     )
     assert prompts[0]["prompt_ids"] == text["prompt_ids"]
     assert prompts[1]["prompt_ids"] == chat["prompt_ids"]
-    assert prompts.stop_ids == [tokenizer.eos_token_id, pair_tokenizer.chat.end_id]
+    # chatml's <|im_end|> is no special token of this tokenizer: the template has no end-of-turn token and
+    # responses end with EOS, offline and online alike
+    assert pair_tokenizer.chat.end_id is None and prompts.stop_ids == [tokenizer.eos_token_id]
