@@ -20,20 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig
-from transformers import AutoConfig
 
-from preftune import losses
-from preftune.config import parse_max_time, read_config
+from preftune.config import DataConfig, PreftuneConfig, TrainerConfig, parse_max_time, read_config
 from preftune.data.pairing import PAIRINGS
 from preftune.data.visibility import VARLEN, check_packed_attention, packed_attention
 from preftune.data.windows import layer_windows
 from preftune.errors import ConfigError
-from preftune.modeling.hub import check_model_source
 from preftune.modeling.judges import POLICY, check_judge, check_judge_settings, judge_is_set
-from preftune.modeling.parallel import STRATEGIES
-from preftune.training.distributed import env_world_size
-from preftune.training.optim import OPTIMIZERS, SCHEDULES
 from preftune.training.retention import Retention
+
+# The rules that need torch or transformers import them where they run, so that importing this module (the
+# CLI does, before any config is read) stays light.
 
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
 AUTOCAST = (None, "bfloat16", "float16")  # model.autocast
@@ -48,8 +45,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: PreftuneConfig) -> None:
     """The rules a config must follow on its own (no file or model is looked at)."""
+    from preftune.modeling.parallel import STRATEGIES
+    from preftune.training.distributed import env_world_size
+    from preftune.training.optim import OPTIMIZERS, SCHEDULES
+
     _check_data(cfg.data, env_world_size(), cfg.online.enabled)
     _check_model(cfg)
     _check_trainer(cfg.trainer)
@@ -66,7 +67,7 @@ def check_config(cfg: DictConfig) -> None:
     check_online(cfg)
 
 
-def _check_data(data: DictConfig, world: int, online: bool) -> None:
+def _check_data(data: DataConfig, world: int, online: bool) -> None:
     """``data.*``: batch sizes and their divisibility over the ranks, lengths, the validation split."""
     if data.micro_batch_size < 1 or data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be >= 1")
@@ -101,7 +102,7 @@ def _check_data(data: DictConfig, world: int, online: bool) -> None:
         )
 
 
-def _check_model(cfg: DictConfig) -> None:
+def _check_model(cfg: PreftuneConfig) -> None:
     """``model.*``: dtypes, and the attention a packed / shared-prompt layout needs."""
     model, data = cfg.model, cfg.data
     if model.dtype not in DTYPES:
@@ -119,7 +120,7 @@ def _check_model(cfg: DictConfig) -> None:
         check_packed_attention(attention)
 
 
-def _check_trainer(trainer: DictConfig) -> None:
+def _check_trainer(trainer: TrainerConfig) -> None:
     """``trainer.*``: intervals, limits, checkpoint retention, the NaN/inf skip limit."""
     interval = trainer.val_check_interval
     if isinstance(interval, float) and not 0 < interval <= 1:
@@ -139,9 +140,11 @@ def _check_trainer(trainer: DictConfig) -> None:
         )
 
 
-def _check_losses(cfg: DictConfig) -> None:
+def _check_losses(cfg: PreftuneConfig) -> None:
     """``dpo.*`` and ``reference.*``: known loss names, no mix of reference-free and other losses, one weight
     per loss, beta > 0, and a reference only for losses that use one."""
+    from preftune import losses
+
     names = losses.loss_names(cfg.dpo.preference_loss)
     unknown = [n for n in names if n not in losses.LOSS_NAMES]
     if unknown:
@@ -222,6 +225,8 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
     directory with ``config.json`` and weights, or a Hub id) of a family the chosen layout supports, the same
     for ``reference.path``, and a launcher with what ``torch.distributed`` needs. Runs before the model or
     data is loaded. ``tokenizer_only`` (``inspect``): a local ``model.path`` may hold just a tokenizer."""
+    from preftune.training.distributed import env_world_size
+
     _check_output_dir(Path(cfg.output_dir))
     model_config = _model_config(cfg.model.path, cfg.model.trust_remote_code, "model.path", tokenizer_only)
     if model_config is not None and (cfg.data.packing or cfg.data.share_prompt):
@@ -261,6 +266,10 @@ def _check_output_dir(output_dir: Path) -> None:
 def _model_config(path: str, trust_remote_code: bool, key: str, tokenizer_only: bool) -> Any:
     """The ``transformers`` config of the model at ``path`` (a local directory, else a Hub id) named by
     ``key``; None for a local directory without ``config.json`` when ``tokenizer_only``."""
+    from transformers import AutoConfig
+
+    from preftune.modeling.hub import check_model_source
+
     check_model_source(path, key, tokenizer_only=tokenizer_only)
     local = Path(path).expanduser()
     if local.is_dir() and not (local / "config.json").is_file():
@@ -275,7 +284,7 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def absolute_paths(cfg: DictConfig) -> DictConfig:
+def absolute_paths(cfg: PreftuneConfig) -> DictConfig:
     """``cfg`` with ``output_dir``, ``data.cache_dir`` and local model and data paths made absolute, so the saved
     ``config.yaml`` and a LoRA adapter's ``base_model_name_or_path`` work from any directory."""
     cfg = cfg.copy()

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
+from preftune.config import PreftuneConfig
 from preftune.data.dataset import PreferenceDataset
 from preftune.data.loading import load_datasets, load_validation
 from preftune.errors import ConfigError
@@ -23,7 +23,7 @@ from preftune.training.loaders import build_dataloader, load_tokenizer, micro_ba
 from preftune.training.trainer import evaluate as evaluate_batches
 
 
-def validation_set(cfg: DictConfig, tokenizer: Any) -> PreferenceDataset:
+def validation_set(cfg: PreftuneConfig, tokenizer: Any) -> PreferenceDataset:
     """The validation pairs training would use: ``data.validation``, or the ``data.validation_fraction`` split."""
     cache_dir = RunDir(cfg.output_dir).tokenized(cfg.data.cache_dir)
     if cfg.data.validation:
@@ -33,7 +33,7 @@ def validation_set(cfg: DictConfig, tokenizer: Any) -> PreferenceDataset:
     raise ConfigError("no validation data: set data.validation=FILE (or data.validation_fraction)")
 
 
-def evaluate(cfg: DictConfig, checkpoint: str | Path | None = None) -> dict[str, float]:
+def evaluate(cfg: PreftuneConfig, checkpoint: str | Path | None = None) -> dict[str, float]:
     """Pair-weighted validation metrics of ``checkpoint`` (``output_dir/checkpoints/step_N``), or of the
     base model when None, over (up to ``trainer.limit_val_batches`` of) the validation set."""
     quiet_libraries()
@@ -56,7 +56,7 @@ def evaluate(cfg: DictConfig, checkpoint: str | Path | None = None) -> dict[str,
     return {**metrics, "pairs": pairs}
 
 
-def run_eval(cfg: DictConfig, checkpoint: str | None, json_path: str | None) -> int:
+def run_eval(cfg: PreftuneConfig, checkpoint: str | None, json_path: str | None) -> int:
     """The CLI: print a table of the metrics, optionally write them as JSON."""
     metrics = evaluate(cfg, checkpoint)
     what = checkpoint or f"{cfg.model.path} (base model)"
