@@ -124,7 +124,7 @@ def load_training_data(
     return tokenizer, train_set, val_set
 
 
-def load_online_data(cfg: DictConfig, info: DistInfo) -> tuple[Any, PromptSet, PreferenceDataset | None]:
+def load_online_data(cfg: PreftuneConfig, info: DistInfo) -> tuple[Any, PromptSet, PreferenceDataset | None]:
     """Online: the tokenizer, the prompts of ``data.train`` (cut to leave ``online.max_new_tokens`` of
     ``data.max_seq_length``) and the ``data.validation`` pairs."""
     tokenizer = load_tokenizer(cfg)
@@ -150,7 +150,7 @@ def load_online_data(cfg: DictConfig, info: DistInfo) -> tuple[Any, PromptSet, P
 
 
 def online_step(
-    cfg: DictConfig, model: DPOModel, tokenizer: Any, prompts: PromptSet, info: DistInfo
+    cfg: PreftuneConfig, model: DPOModel, tokenizer: Any, prompts: PromptSet, info: DistInfo
 ) -> OnlineStep:
     """What turns each global batch of prompts into pairs: the policy's sampler and the judge (after
     ``model.distribute``: under FSDP2 the sampler gathers the sharded root)."""
@@ -308,8 +308,8 @@ def seed_everything(seed: int) -> None:
 
 def open_logs(cfg: PreftuneConfig, info: DistInfo, logger: MetricsLogger, resume_step: int | None) -> None:
     """``metrics.jsonl``, ``samples.jsonl`` and ``generations.jsonl`` cut back to the step resumed from (a fresh
-    start, None: emptied),
-    then the trackers opened at that step (a tracker that cannot start stops the run here, before training)."""
+    start, None: emptied), then the trackers opened at that step (a tracker that cannot start stops the run
+    here, before training)."""
     keep = -1 if resume_step is None else resume_step
     logger.truncate_after(keep)
     if info.is_main:
