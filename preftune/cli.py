@@ -59,6 +59,8 @@ def _demo(args: argparse.Namespace) -> int:
     from preftune.training.console import quiet_libraries
 
     quiet_libraries()
+    if args.online:
+        return _demo_online(args)
     paths = prepare_demo(Path(args.output_dir))
     cfg = _config(paths["config"], args.overrides)
     metrics = train(cfg)
@@ -77,6 +79,32 @@ def _demo(args: argparse.Namespace) -> int:
         f"run directory: {run.root}  ({run.metrics.name}, {run.samples.name}, {run.checkpoints.name}/step_N/model)"
     )
     log(f"report: {write_report([cfg.output_dir])}")
+    return 0
+
+
+def _demo_online(args: argparse.Namespace) -> int:
+    """``demo --online``: online DPO from the offline demo's last checkpoint (the offline demo first if it has
+    not run in ``--output-dir``), judged by the demo's rule; the rule share of greedy held-out generations
+    before and after."""
+    from preftune.recipe import log, train
+    from preftune.tools.demo import online_demo_config, rule_share
+    from preftune.training.checkpoint import Checkpointer
+
+    demo_dir = Path(args.output_dir)
+    checkpoint = Checkpointer(demo_dir / "run").latest()
+    if checkpoint is None:
+        log(f"no offline demo in {demo_dir}: running it first")
+        _demo(argparse.Namespace(output_dir=args.output_dir, overrides=[], online=False))
+        checkpoint = Checkpointer(demo_dir / "run").latest()
+    cfg = _config(online_demo_config(demo_dir, checkpoint / "model"), args.overrides)
+    train(cfg)
+    share = rule_share(RunDir(cfg.output_dir).samples)
+    first, last = min(share), max(share)
+    log(
+        f"greedy generations for held-out prompts that obey the rule: {share[first]:.0%} from the offline "
+        f"checkpoint ({checkpoint.name}), {share[last]:.0%} after {last} online steps"
+    )
+    log(f"run directory: {cfg.output_dir}  (generations.jsonl, samples.jsonl, metrics.jsonl)")
     return 0
 
 
@@ -225,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="build a tiny local model and preference set, train, validate, checkpoint"
     )
     demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument(
+        "--online",
+        action="store_true",
+        help="continue from the offline demo's checkpoint with online DPO judged by the demo's rule",
+    )
     demo.add_argument("overrides", nargs="*", help="dotted key=value overrides on the demo config")
     demo.set_defaults(run=_demo)
     return parser

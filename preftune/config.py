@@ -246,6 +246,48 @@ class DistributedConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """Online DPO: each step the policy samples completions of a global batch of prompts, a judge scores
+    them, and the pairs they give train it."""
+
+    enabled: bool = False  # data.train gives prompts; data.global_batch_size counts prompts
+    num_generations: int = 4  # K completions sampled per prompt (>= 2; spin: >= 1)
+    max_new_tokens: int = 64  # a completion's length limit (one that reaches it never ended)
+    temperature: float = 1.0  # sampling temperature (0: greedy)
+    top_p: float = 1.0  # nucleus sampling: the most likely tokens holding this much probability
+    top_k: int = 0  # only the k most likely tokens (0: all)
+    pairing: str = "best_vs_worst"  # best_vs_worst | all_pairs | spin
+    min_reward_gap: float = 0.0  # a pair whose reward gap is <= this is a tie, dropped
+    missing_eos_penalty: float | None = None  # subtracted from a never-ended completion's reward
+    iterations: int | None = None  # iterative DPO: N rounds of generate, judge, pair, train
+    prompts_per_iteration: int | None = None  # iterative: prompts per iteration (null: all)
+    reference: str = "initial"  # iterative: initial | previous
+
+
+@dataclass
+class LLMJudgeConfig:
+    """A causal LM grading each completion with a template; its greedy "Score: N" is the reward."""
+
+    path: str | None = None  # a directory or Hub id, or "policy": the model being trained (self-rewarding)
+    template: str | None = (
+        None  # null: the shipped 0-5 rubric; else a template (or a file) with {prompt}, {completion}
+    )
+    max_new_tokens: int = 128  # the judge's answer length (it ends with "Score: N")
+
+
+@dataclass
+class JudgeConfig:
+    """What scores a completion (online training, judged evaluation); at most one kind is set."""
+
+    # "path/to/file.py:name" (imports that file: runs its code) or "package.module:name", or a list of them
+    function: Any = field(default=None, metadata=free_form((str, list), "a string or a list", nullable=True))
+    weights: list[float] | None = None  # with several functions: one weight each (null: all 1.0)
+    reward_model: str | None = None  # a directory or Hub id of a sequence-classification model, one label
+    llm: LLMJudgeConfig = field(default_factory=LLMJudgeConfig)
+    batch_size: int = 8  # completions per judge forward (reward model, LLM judge)
+
+
+@dataclass
 class PreftuneConfig:
     """A whole run."""
 
@@ -258,6 +300,8 @@ class PreftuneConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 # ---------------------------------------------------------------- loading

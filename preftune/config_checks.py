@@ -22,9 +22,11 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig
 
 from preftune.config import DataConfig, PreftuneConfig, TrainerConfig, parse_max_time, read_config
+from preftune.data.pairing import PAIRINGS
 from preftune.data.visibility import VARLEN, check_packed_attention, packed_attention
 from preftune.data.windows import layer_windows
 from preftune.errors import ConfigError
+from preftune.modeling.judges import POLICY, check_judge, check_judge_settings, judge_is_set
 from preftune.training.progress import limit
 from preftune.training.retention import Retention
 
@@ -50,7 +52,7 @@ def check_config(cfg: PreftuneConfig) -> None:
     from preftune.training.distributed import env_world_size
     from preftune.training.optim import OPTIMIZERS, SCHEDULES
 
-    _check_data(cfg.data, env_world_size())
+    _check_data(cfg.data, env_world_size(), cfg.online.enabled)
     _check_model(cfg)
     _check_trainer(cfg.trainer)
     _check_losses(cfg)
@@ -62,9 +64,11 @@ def check_config(cfg: PreftuneConfig) -> None:
         raise ConfigError(f"optim.sched.name={cfg.optim.sched.name!r}: use one of {', '.join(SCHEDULES)}")
     if cfg.distributed.strategy not in STRATEGIES:
         raise ConfigError(f"distributed.strategy={cfg.distributed.strategy}: use {' or '.join(STRATEGIES)}")
+    check_judge_settings(cfg.judge)
+    check_online(cfg)
 
 
-def _check_data(data: DataConfig, world: int) -> None:
+def _check_data(data: DataConfig, world: int, online: bool) -> None:
     """``data.*``: batch sizes and their divisibility over the ranks, lengths, the validation split."""
     if data.micro_batch_size < 1 or data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be >= 1")
@@ -77,10 +81,11 @@ def _check_data(data: DataConfig, world: int) -> None:
         raise ConfigError("set data.validation or data.validation_fraction, not both")
     if fraction is not None and not 0 < fraction < 1:
         raise ConfigError(f"data.validation_fraction={fraction}: must be between 0 and 1")
-    # Each rank takes an equal share of the pairs; unpacked, in whole micro-batches (packing counts rows).
+    # Each rank takes an equal share of the pairs; unpacked, in whole micro-batches (packing counts rows;
+    # online, the global batch is prompts).
     unit, why = (
         (world, f"{world} ranks")
-        if data.packing
+        if data.packing or online
         else (data.micro_batch_size * world, f"data.micro_batch_size {data.micro_batch_size} x {world} ranks")
     )
     if data.global_batch_size % unit:
@@ -187,7 +192,55 @@ def _check_losses(cfg: PreftuneConfig) -> None:
         )
 
 
-def check_environment(cfg: PreftuneConfig, *, tokenizer_only: bool = False) -> None:
+def check_online(cfg: DictConfig) -> None:
+    """``online.*``: the sampling settings, the pairing, and what online training cannot combine with."""
+    online = cfg.online
+    if not online.enabled:
+        return
+    least = 1 if online.pairing == "spin" else 2
+    rules = [
+        (online.pairing in PAIRINGS, f"online.pairing={online.pairing!r}: use one of {', '.join(PAIRINGS)}"),
+        (
+            online.num_generations >= least,
+            f"online.num_generations={online.num_generations}: a pair needs two completions of a prompt; "
+            f"set it to {least} or more",
+        ),
+        (online.max_new_tokens >= 1, f"online.max_new_tokens={online.max_new_tokens}: must be >= 1"),
+        (
+            cfg.data.max_seq_length > online.max_new_tokens,
+            f"data.max_seq_length={cfg.data.max_seq_length} leaves no room for a prompt before "
+            f"online.max_new_tokens={online.max_new_tokens}: raise it (prompt + completion)",
+        ),
+        (online.temperature >= 0, f"online.temperature={online.temperature}: must be >= 0 (0: greedy)"),
+        (0 < online.top_p <= 1, f"online.top_p={online.top_p}: must be in (0, 1]"),
+        (online.top_k >= 0, f"online.top_k={online.top_k}: must be >= 0 (0: all tokens)"),
+        (online.min_reward_gap >= 0, f"online.min_reward_gap={online.min_reward_gap}: must be >= 0"),
+        (
+            online.missing_eos_penalty is None or online.missing_eos_penalty >= 0,
+            f"online.missing_eos_penalty={online.missing_eos_penalty}: must be >= 0 (or null)",
+        ),
+        (
+            judge_is_set(cfg.judge) or online.pairing == "spin",
+            "online.enabled needs a judge to score the completions: set judge.function, judge.reward_model "
+            "or judge.llm.path",
+        ),
+        (
+            cfg.reference.mode != "precompute",
+            "reference.mode=precompute cannot apply online (the completions are new at every step): set "
+            "reference.mode=online",
+        ),
+        (
+            cfg.data.validation_fraction is None,
+            "data.validation_fraction does not apply online (data.train holds prompts): give data.validation "
+            "pairs instead",
+        ),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+
+
+def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
     """What the config points at exists and fits: a writable ``output_dir``, a model at ``model.path`` (a
     directory with ``config.json`` and weights, or a Hub id) of a family the chosen layout supports, the same
     for ``reference.path``, and a launcher with what ``torch.distributed`` needs. Runs before the model or
@@ -200,6 +253,8 @@ def check_environment(cfg: PreftuneConfig, *, tokenizer_only: bool = False) -> N
         layer_windows(model_config)  # a ConfigError for what packed rows cannot lay out
     if cfg.reference.path is not None and not tokenizer_only:
         _model_config(cfg.reference.path, cfg.model.trust_remote_code, "reference.path", tokenizer_only=False)
+    if not tokenizer_only and judge_is_set(cfg.judge):
+        check_judge(cfg.judge)  # resolves the reward functions, reads the judge model's config
     if cfg.model.lora.r > 0 and importlib.util.find_spec("peft") is None:
         raise ConfigError("model.lora.r > 0 needs peft: pip install 'preftune[lora]'")
     if env_world_size() > 1:
@@ -260,6 +315,7 @@ def absolute_paths(cfg: PreftuneConfig) -> DictConfig:
     cfg.model.path = _absolute_if_local(cfg.model.path)
     if cfg.reference.path is not None:
         cfg.reference.path = _absolute_if_local(cfg.reference.path)
+    _absolute_judge_paths(cfg.judge)
     for key in ("train", "validation"):
         sources = cfg.data[key]
         if isinstance(sources, ListConfig):
@@ -268,6 +324,26 @@ def absolute_paths(cfg: PreftuneConfig) -> DictConfig:
         elif sources is not None:
             cfg.data[key] = _absolute_source(sources)
     return cfg
+
+
+def _absolute_judge_paths(judge: DictConfig) -> None:
+    """The judge's local files made absolute: reward-function files, models, a template file."""
+    if isinstance(judge.function, str):
+        judge.function = _absolute_function(judge.function)
+    elif judge.function is not None:
+        judge.function = [_absolute_function(spec) for spec in judge.function]
+    if judge.reward_model is not None:
+        judge.reward_model = _absolute_if_local(judge.reward_model)
+    if judge.llm.path is not None and judge.llm.path != POLICY:
+        judge.llm.path = _absolute_if_local(judge.llm.path)
+    if judge.llm.template is not None and "{completion}" not in judge.llm.template:
+        judge.llm.template = _absolute_if_local(judge.llm.template)
+
+
+def _absolute_function(spec: str) -> str:
+    """``file.py:name`` with the file's path made absolute (``package.module:name`` stays as it is)."""
+    where, sep, name = spec.rpartition(":")
+    return f"{_absolute_if_local(where)}:{name}" if sep and where.endswith(".py") else spec
 
 
 def _absolute_source(source: Any) -> Any:

@@ -16,12 +16,16 @@ from transformers import AutoTokenizer
 from preftune.config import PreftuneConfig, parse_max_time
 from preftune.config_checks import absolute_paths, check_environment
 from preftune.data.dataset import PreferenceDataset
-from preftune.data.loading import load_datasets
+from preftune.data.loading import load_datasets, load_validation
+from preftune.data.prompts import PromptSet, load_prompts
 from preftune.data.tokenize import tokenizer_fingerprint
 from preftune.errors import ConfigError, DataError
+from preftune.modeling.generation import HFGenerator
 from preftune.modeling.hub import local_model_dir
+from preftune.modeling.judges import build_judge, judge_is_set
 from preftune.modeling.layout_check import check_layout
-from preftune.modeling.model import DPOModel
+from preftune.modeling.logprobs import causal_lm
+from preftune.modeling.model import DTYPES, DPOModel
 from preftune.modeling.parallel import DistInfo
 from preftune.modeling.reference_cache import (
     ReferenceCache,
@@ -35,12 +39,18 @@ from preftune.training.console import parameter_summary, quiet_libraries
 from preftune.training.distributed import env_rank, init_distributed, main_rank_first
 from preftune.training.loaders import build_dataloader, load_tokenizer, micro_batch_layout
 from preftune.training.metrics import MetricsLogger
+from preftune.training.online import OnlineSettings, OnlineStep
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.progress import run_length
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
 from preftune.training.retention import Retention
 from preftune.training.run_lock import lock_output_dir
-from preftune.training.samples import append_samples, generate_samples, truncate_samples_after
+from preftune.training.samples import (
+    append_samples,
+    generate_samples,
+    truncate_records_after,
+    truncate_samples_after,
+)
 from preftune.training.timer import RunTimer
 from preftune.training.trackers import open_trackers
 from preftune.training.trainer import DPOTrainer, resolve_max_steps
@@ -121,6 +131,79 @@ def load_training_data(
     if val_set is None:
         log("no validation data (data.validation and data.validation_fraction are null): no val/ metrics")
     return tokenizer, train_set, val_set
+
+
+def load_online_data(cfg: PreftuneConfig, info: DistInfo) -> tuple[Any, PromptSet, PreferenceDataset | None]:
+    """Online: the tokenizer, the prompts of ``data.train`` (cut to leave ``online.max_new_tokens`` of
+    ``data.max_seq_length``) and the ``data.validation`` pairs."""
+    tokenizer = load_tokenizer(cfg)
+    if cfg.reference.path is not None:
+        check_same_tokenizer(tokenizer, cfg.reference.path, cfg.model.trust_remote_code)
+    cache_dir = cfg.data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
+    max_prompt_length = cfg.data.max_seq_length - cfg.online.max_new_tokens
+    with main_rank_first(info):
+        prompts = load_prompts(cfg.data, tokenizer, cache_dir, max_prompt_length)
+        val_set = load_validation(cfg.data, tokenizer, cache_dir) if cfg.data.validation else None
+    log(prompts.load_summary())
+    if len(prompts) < cfg.data.global_batch_size:
+        raise DataError(
+            f"data.train has {len(prompts)} distinct prompts, fewer than one global batch "
+            f"(data.global_batch_size={cfg.data.global_batch_size} prompts online): lower it or add prompts"
+        )
+    if cfg.online.pairing == "spin" and prompts.chosen is None:
+        raise DataError(
+            "online.pairing=spin trains towards the data's responses, and data.train holds prompts only: "
+            "give preference pairs (their chosen responses are used) or pick another pairing"
+        )
+    return tokenizer, prompts, val_set
+
+
+def online_step(
+    cfg: PreftuneConfig, model: DPOModel, tokenizer: Any, prompts: PromptSet, info: DistInfo
+) -> OnlineStep:
+    """What turns each global batch of prompts into pairs: the policy's sampler and the judge (after
+    ``model.distribute``: under FSDP2 the sampler gathers the sharded root)."""
+    settings = OnlineSettings.from_config(cfg.online)
+    judge = None
+    if judge_is_set(cfg.judge):
+        judge = build_judge(
+            cfg.judge,
+            dtype=DTYPES[cfg.model.dtype],
+            device=info.device,
+            policy=causal_lm(model.policy),
+            policy_tokenizer=tokenizer,
+        )
+        log(f"judge: {judge.description}")
+    generator = HFGenerator(
+        model.policy,
+        settings.sampling,
+        stop_ids=prompts.stop_ids,
+        pad_id=tokenizer.eos_token_id,
+        root=model.policy_logprobs,
+        dist=info,
+    )
+    return OnlineStep(
+        settings,
+        generator,
+        judge,
+        tokenizer,
+        data_seed=cfg.data.seed,
+        dist=info,
+        output_dir=Path(cfg.output_dir),
+    )
+
+
+def online_filler_pair(prompt: dict, eos_id: int) -> dict:
+    """A pair for a rank with none to run on while others train (it counts for nothing)."""
+    return {
+        "prompt_ids": prompt["prompt_ids"],
+        "chosen_ids": [eos_id],
+        "rejected_ids": [eos_id],
+        "chosen_reward": 0.0,
+        "rejected_reward": 0.0,
+        "index": -1,
+        "ref_logps": (0.0, 0.0),
+    }
 
 
 def sample_generations(
@@ -216,9 +299,14 @@ def start_line(cfg: PreftuneConfig, info: DistInfo, model: DPOModel, trainer: DP
     layout.append(f"{model.policy.config._attn_implementation} attention")
     length = run_length(cfg.trainer.max_epochs, cfg.trainer.max_steps, trainer.steps_per_epoch)
     left = f"{trainer.max_steps - trainer.step} steps left of " if trainer.step else ""
+    batch = (
+        f"{cfg.data.global_batch_size} prompts x {cfg.online.num_generations} samples (online)"
+        if cfg.online.enabled
+        else f"{cfg.data.global_batch_size} pairs"
+    )
     return (
         f"training for {left}{length.sentence(trainer.sampler.num_samples)}; "
-        f"{cfg.data.global_batch_size} pairs a step on {where} ({', '.join(layout)})"
+        f"{batch} a step on {where} ({', '.join(layout)})"
     )
 
 
@@ -230,13 +318,15 @@ def seed_everything(seed: int) -> None:
 
 
 def open_logs(cfg: PreftuneConfig, info: DistInfo, logger: MetricsLogger, resume_step: int | None) -> None:
-    """``metrics.jsonl`` and ``samples.jsonl`` cut back to the step resumed from (a fresh start, None: emptied),
-    then the trackers opened at that step (a tracker that cannot start stops the run here, before training)."""
+    """``metrics.jsonl``, ``samples.jsonl`` and ``generations.jsonl`` cut back to the step resumed from (a fresh
+    start, None: emptied), then the trackers opened at that step (a tracker that cannot start stops the run
+    here, before training)."""
     keep = -1 if resume_step is None else resume_step
     logger.truncate_after(keep)
     if info.is_main:
         logger.attach(*open_trackers(cfg, Path(cfg.output_dir), resume_step))
         truncate_samples_after(cfg.output_dir, keep)
+        truncate_records_after(RunDir(cfg.output_dir).generations, keep)
 
 
 def finish(trainer: DPOTrainer, *, tokenized: bool, reference_computed: bool) -> TrainResult:
@@ -269,8 +359,11 @@ def _train_locked(
     timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)
     seed_everything(cfg.trainer.seed)
-    tokenizer, train_set, val_set = load_training_data(cfg, info)
-    tokenized = not all(d.from_cache for d in (train_set, val_set) if d is not None)
+    online = cfg.online.enabled
+    load = load_online_data if online else load_training_data
+    tokenizer, train_set, val_set = load(cfg, info)
+    datasets = (val_set,) if online else (train_set, val_set)  # online prompts are not a tokenization cache
+    tokenized = not all(d.from_cache for d in datasets if d is not None)
     finished = finished_run(output_dir, cfg.trainer, len(train_set) // cfg.data.global_batch_size)
     if finished is not None:
         log(finished.message())
@@ -288,6 +381,9 @@ def _train_locked(
     model.distribute(cfg.distributed.strategy, info)
     train_set, val_set, collate = cache_reference(cfg, model, train_set, val_set, collate)
     reference_computed = any(not c.from_cache for c in (train_set, val_set) if isinstance(c, ReferenceCache))
+    # online: the reference scores each completion once, then the step's pairs carry its log-probs
+    reference_collate = None if model.loss.reference_free else collate
+    online_collate = collate if model.loss.reference_free else with_cached_reference(collate)
     train_loader = build_dataloader(train_set, cfg, info, train=True)
     val_loader = build_dataloader(val_set, cfg, info, train=False) if val_set is not None else None
     optimizer = build_optimizer(model.policy, cfg.optim)
@@ -307,6 +403,11 @@ def _train_locked(
         ckpt_callback=checkpointer,
         run_timer=timer,
     )
+
+    if online:
+        trainer.online = online_step(cfg, model, tokenizer, prompts, info)
+        trainer.reference_collate, trainer.online_collate = reference_collate, online_collate
+        trainer.filler_pair = online_filler_pair(prompts[0], tokenizer.eos_token_id)
 
     # Resume from the newest complete checkpoint, then open the trackers at that step.
     if latest is not None:

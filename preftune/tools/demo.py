@@ -100,6 +100,38 @@ def obeys_rule(prompt: str, response: str) -> bool:
     return response.strip() == render([i.lower() for i in items], case, order)
 
 
+def rule_credit(prompt: str, response: str) -> float:
+    """Partial credit for the rule, 1.0 exactly when the response obeys it; otherwise five graded checks of
+    its items of the prompt's category, summed over 6 (an obeying list always beats one that does not, and
+    a response with no item of the category gets 0): their share of the items, how close the item count is
+    to the prompt's, how many distinct ones there are (of the count asked), the share written in the prompt's
+    case, and whether they are in the prompt's order."""
+    if obeys_rule(prompt, response):
+        return 1.0
+    category = next(c for c in CATEGORIES if c in prompt)
+    n = next(k for k in COUNTS if str(k) in prompt)
+    upper = any(phrase in prompt for phrase in CASES["upper"])
+    descending = any(phrase in prompt for phrase in ORDERS["descending"])
+    items = [item.strip() for item in response.strip().split(",")]
+    valid = [item for item in items if item.lower() in CATEGORIES[category]]
+    if not valid:
+        return 0.0
+    checks = (
+        len(valid) / len(items),
+        max(0.0, 1 - abs(len(items) - n) / n),
+        min(1.0, len({item.lower() for item in valid}) / n),
+        sum(item == (item.upper() if upper else item.lower()) for item in valid) / len(valid),
+        float(len(valid) > 1 and valid == sorted(valid, key=str.lower, reverse=descending)),
+    )
+    return sum(checks) / 6
+
+
+def rule_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The demo's judge (``judge.function: preftune.tools.demo:rule_reward``, TRL's reward-function
+    signature): ``rule_credit`` of each completion."""
+    return [rule_credit(prompt, completion) for prompt, completion in zip(prompts, completions, strict=True)]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """One JSON object per line."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +214,35 @@ def demo_config(paths: dict[str, Path], output_dir: Path, seed: int) -> dict:
             "samples": {"num_prompts": 64, "max_new_tokens": 40},
         },
     }
+
+
+def online_demo_config(demo_dir: Path, checkpoint: Path) -> Path:
+    """The config of ``preftune demo --online``: online DPO from the offline demo's ``checkpoint``, on the
+    demo's train prompts, judged by ``rule_reward``; greedy samples of 64 held-out prompts at each validation."""
+    demo_dir = Path(demo_dir).resolve()
+    config = OmegaConf.load(demo_dir / "demo.yaml")
+    config.output_dir = str(demo_dir / "run_online")
+    config.model.path = str(checkpoint)
+    config.data.global_batch_size = 16
+    config.data.micro_batch_size = 32
+    config.dpo = {"ref_policy_kl_penalty": 0.1, "preference_loss": "dpo", "sft_loss_weight": 0.05}
+    config.optim = {"lr": 1.0e-4, "weight_decay": 0.0, "sched": {"warmup_steps": 5, "min_lr": 5.0e-5}}
+    config.trainer.max_epochs = None
+    config.trainer.max_steps = 100
+    config.trainer.val_check_interval = 50
+    config.online = {
+        "enabled": True,
+        "num_generations": 4,
+        "max_new_tokens": 40,
+        "temperature": 0.7,
+        "top_k": 20,
+        "missing_eos_penalty": 0.5,
+    }
+    config.judge = {"function": "preftune.tools.demo:rule_reward"}
+    path = demo_dir / "demo_online.yaml"
+    OmegaConf.save(config, path)
+    print(f"[demo] online config -> {path}")
+    return path
 
 
 def rule_share(samples_path: Path) -> dict[int, float]:

@@ -6,33 +6,16 @@ collective); only rank 0 writes."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 from transformers import GenerationConfig
 
+from preftune.modeling.generation import unsharded_root
 from preftune.modeling.model import DPOModel, causal_lm
 from preftune.run_dir import RunDir
-
-
-@contextlib.contextmanager
-def unsharded_root(model: DPOModel) -> Iterator[None]:
-    """Under FSDP2 ``generate`` calls the causal LM below the sharded root (embeddings, head): gather the
-    root's parameters for the duration; the blocks gather their own in their forwards, as in training."""
-    root = model.policy_logprobs
-    if isinstance(root, FSDPModule):
-        root.unshard()
-        try:
-            yield
-        finally:
-            root.reshard()
-    else:
-        yield
 
 
 @torch.no_grad()
@@ -51,7 +34,7 @@ def generate_samples(
     was_training = lm.training
     lm.train(False)
     forked = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-    with forked, unsharded_root(model):
+    with forked, unsharded_root(model.policy_logprobs):
         for example in examples:
             prompt = torch.tensor([example["prompt_ids"]], device=device)
             output = lm.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=settings)
@@ -78,7 +61,11 @@ def append_samples(output_dir: str | Path, rows: list[dict[str, Any]]) -> None:
 
 def truncate_samples_after(output_dir: str | Path, step: int) -> None:
     """On resume from ``step``, drop the samples the interrupted run wrote after it (as ``metrics.jsonl``)."""
-    path = RunDir(output_dir).samples
+    truncate_records_after(RunDir(output_dir).samples, step)
+
+
+def truncate_records_after(path: Path, step: int) -> None:
+    """Drop the JSON lines of ``path`` whose ``step`` is after ``step`` (samples, online generations)."""
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))

@@ -22,6 +22,7 @@ from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import ChosenLogprobWatch, step_line
 from preftune.training.metrics import MetricsLogger
 from preftune.training.nonfinite import SkipGuard
+from preftune.training.online import OnlineStep
 from preftune.training.progress import after_step, run_length
 from preftune.training.timer import RunTimer
 
@@ -182,6 +183,11 @@ class DPOTrainer:
         # stops the run there, saved like a stop signal (e.g. a sweep pruning a trial)
         self.should_stop: Callable[[int, dict[str, float]], bool] | None = None
         self.stopped_by_callback = False
+        self.online: OnlineStep | None = None  # online DPO: the batches are prompts, made into pairs per step
+        self.online_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
+        """Online: lays out the step's pairs (with a reference: carrying their ``ref_logps``)."""
+        self.reference_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
+        """Online with a reference: lays out the completions the reference scores."""
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -215,32 +221,43 @@ class DPOTrainer:
         self._slowest_val_and_save = max(self._slowest_val_and_save, time.monotonic() - start)
 
     # -- one optimizer step --------------------------------------------------------------------------
-    def micro_batches(self, pairs: list[dict]) -> list[tuple[MicroBatch, bool]]:
-        """This rank's micro-batches as (batch, is_filler); every rank gets the same number, made up with
-        filler repeats of a real micro-batch that count for nothing, because FSDP2 gathers weights per
-        forward and every rank must join each one."""
-        batches = self.collate_fn(pairs)
+    def micro_batches(
+        self, pairs: list[dict], collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
+    ) -> list[tuple[MicroBatch, bool]]:
+        """This rank's micro-batches (by ``collate``, default ``collate_fn``) as (batch, is_filler); every rank
+        gets the same number, made up with filler repeats of a real micro-batch that count for nothing,
+        because FSDP2 gathers weights per forward and every rank must join each one."""
+        collate = collate or self.collate_fn
+        batches = collate(pairs)
         needed = len(batches)
         if self.model.dist.distributed:
             needed = max(gather_objects(len(batches), self.model.dist))
             if not batches and needed:
-                batches = self.collate_fn([self.filler_pair])
+                batches = collate([self.filler_pair])
                 return [(batches[0], True)] * needed
         return [(b, False) for b in batches] + [(batches[0], True)] * (needed - len(batches))
 
-    def train_single_step(self, global_batch: list[dict]) -> dict[str, float]:
+    def train_single_step(
+        self,
+        global_batch: list[dict],
+        total_pairs: int | None = None,
+        collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on this rank's pairs of a global batch of ``total_pairs`` pairs over all ranks
+        (None: ``data.global_batch_size``), laid out by ``collate`` (None: ``collate_fn``)."""
+        total_pairs = total_pairs or self.global_batch_size
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         accumulator = MetricsAccumulator()
         world = self.model.dist.world_size
-        batches = self.micro_batches(global_batch)
+        batches = self.micro_batches(global_batch, collate)
         with self.model.global_routing(global_routing(self.model, batches)):
             for i, (batch, is_filler) in enumerate(batches):
                 num_pairs = 0 if is_filler else batch.num_pairs
                 with self.model.gradient_sync(i == len(batches) - 1):
                     loss, metrics = self.model.get_loss_and_metrics(batch, forward_only=False)
                     # DDP and FSDP2 average gradients over ranks: scale to the global batch's pair count.
-                    (loss * (num_pairs * world / self.global_batch_size)).backward()
+                    (loss * (num_pairs * world / total_pairs)).backward()
                 if not is_filler:
                     accumulator.add(metrics, num_pairs, batch.num_tokens)
         params = [p for p in self.model.policy.parameters() if p.requires_grad]
@@ -264,6 +281,65 @@ class DPOTrainer:
         self.scheduler.step()
         metrics.update(grad_norm=grad_norm, lr=lr, tokens=tokens, skipped=int(skipped))
         return metrics
+
+    # -- one online step -----------------------------------------------------------------------------
+    def online_step(self, prompts: list[dict]) -> dict[str, float]:
+        """Online DPO: this rank's prompts become pairs (generate, judge, pair), then one optimizer step on
+        them. A global batch with no pair (every prompt tied) is skipped: no update, the schedule advances."""
+        batch = self.online(prompts, self.step + 1)
+        if batch.total_pairs == 0:
+            self.print(
+                f"step {self.step + 1}: no usable pair in the global batch (all tied or unscored): skipped"
+            )
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            return {**batch.metrics, "lr": lr, "tokens": 0, "pairs": 0}
+        pairs = self.attach_reference(batch.pairs)
+        metrics = self.train_single_step(pairs, batch.total_pairs, self.online_collate)
+        return {**metrics, **batch.metrics, "pairs": batch.total_pairs}
+
+    @torch.no_grad()
+    def attach_reference(self, pairs: list[dict]) -> list[dict]:
+        """``pairs`` numbered and carrying their reference log-probs (``ref_logps``), computed once per
+        distinct completion (a completion in several pairs, ``all_pairs``, is scored once): the completions
+        are laid out two by two, each with its prompt, in ``reference_collate``'s micro-batches."""
+        if self.reference_collate is None:  # reference-free losses
+            return [{**pair, "index": i} for i, pair in enumerate(pairs)]
+        completions: dict[tuple, tuple[list[int], list[int]]] = {}
+        for pair in pairs:
+            for key, ids in zip(
+                pair["completion_keys"], (pair["chosen_ids"], pair["rejected_ids"]), strict=True
+            ):
+                completions[key] = (pair["prompt_ids"], ids)
+        by_prompt: dict[int, list[tuple]] = {}
+        for key in completions:
+            by_prompt.setdefault(key[0], []).append(key)
+        layout = []
+        for keys in by_prompt.values():
+            for first, second in zip(keys[::2], keys[1::2] + keys[-1:] * (len(keys) % 2), strict=True):
+                layout.append(
+                    {
+                        "prompt_ids": completions[first][0],
+                        "chosen_ids": completions[first][1],
+                        "rejected_ids": completions[second][1],
+                        "chosen_reward": 0.0,
+                        "rejected_reward": 0.0,
+                        "index": len(layout),
+                        "keys": (first, second),
+                    }
+                )
+        logps: dict[tuple, float] = {}
+        for batch, is_filler in self.micro_batches(layout, self.reference_collate):
+            values = self.model.reference.logprobs(batch.to(self.model.device)).tolist()
+            if is_filler:
+                continue
+            for n, index in enumerate(batch.indices.tolist()):
+                first, second = layout[index]["keys"]
+                logps[first], logps[second] = values[n], values[batch.num_pairs + n]
+        return [
+            {**pair, "index": i, "ref_logps": tuple(logps[key] for key in pair["completion_keys"])}
+            for i, pair in enumerate(pairs)
+        ]
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, dataloader: Iterable[list[dict]], limit: int | float) -> dict[str, float]:
@@ -360,14 +436,17 @@ class DPOTrainer:
             self.sampler.set_epoch(self.epoch, start_batch)
             for global_batch in self.train_dataloader:
                 start = time.monotonic()
-                metrics = self.train_single_step(global_batch)
+                if self.online is None:
+                    metrics = self.train_single_step(global_batch)
+                else:
+                    metrics = self.online_step(global_batch)
                 elapsed = time.monotonic() - start
                 self._slowest_step = max(self._slowest_step, elapsed)
                 self.step += 1
                 self.consumed_samples += self.global_batch_size
                 metrics.update(
                     step_time=elapsed,
-                    pairs_per_sec=self.global_batch_size / elapsed,
+                    pairs_per_sec=metrics.pop("pairs", self.global_batch_size) / elapsed,
                     tokens_per_sec=metrics.pop("tokens") / elapsed,
                     epoch=self.epoch,
                     consumed_samples=self.consumed_samples,
@@ -411,6 +490,10 @@ class DPOTrainer:
     def _report_step(self, metrics: dict[str, float], progress: tqdm, terminal: bool) -> None:
         """A finished step's metrics to the logger (every ``log_every_n_steps``), the console and the
         falling-chosen watch."""
+        if "loss" not in metrics:  # an online batch with no pair: nothing trained
+            self.logger.log_metrics(metrics, self.step, prefix="train")
+            progress.update(1)
+            return
         if self.step % self.cfg.trainer.log_every_n_steps == 0:
             self.logger.log_metrics(metrics, self.step, prefix="train")
             if not terminal:
