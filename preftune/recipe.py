@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from preftune.config import PreftuneConfig, parse_max_time
 from preftune.config_checks import absolute_paths, check_environment
+from preftune.data.batch import MicroBatch
 from preftune.data.dataset import PreferenceDataset
 from preftune.data.loading import load_datasets, load_validation
 from preftune.data.prompts import PromptSet, load_prompts
@@ -350,6 +351,48 @@ def finish(trainer: DPOTrainer, *, tokenized: bool, reference_computed: bool) ->
     )
 
 
+def build_trainer(
+    cfg: PreftuneConfig,
+    info: DistInfo,
+    model: DPOModel,
+    data: tuple[Any, Any, Callable[[Sequence[dict]], list[MicroBatch]]],
+    checkpointer: Checkpointer,
+    timer: RunTimer,
+) -> DPOTrainer:
+    """The data loaders, optimizer, schedule and metrics log around ``model``, as one ``DPOTrainer``;
+    ``data`` is (train set, validation set or None, the micro-batch collate)."""
+    train_set, val_set, collate = data
+    train_loader = build_dataloader(train_set, cfg, info, train=True)
+    val_loader = build_dataloader(val_set, cfg, info, train=False) if val_set is not None else None
+    optimizer = build_optimizer(model.policy, cfg.optim)
+    max_steps = resolve_max_steps(cfg.trainer, train_loader.batch_sampler.batches_per_epoch)
+    return DPOTrainer(
+        cfg=cfg,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.optim, max_steps),
+        train_dataloader=train_loader,
+        val_dataloader=val_loader,
+        test_dataloader=None,
+        collate_fn=collate,
+        logger=MetricsLogger(Path(cfg.output_dir), enabled=info.is_main),
+        ckpt_callback=checkpointer,
+        run_timer=timer,
+    )
+
+
+def attach_online(
+    trainer: DPOTrainer, cfg: PreftuneConfig, tokenizer: Any, prompts: PromptSet, info: DistInfo
+) -> None:
+    """Online DPO: the trainer's batches are prompts, made into pairs each step; the reference scores each
+    completion once, then the step's pairs carry its log-probs."""
+    model, collate = trainer.model, trainer.collate_fn
+    trainer.online = online_step(cfg, model, tokenizer, prompts, info)
+    trainer.reference_collate = None if model.loss.reference_free else collate
+    trainer.online_collate = collate if model.loss.reference_free else with_cached_reference(collate)
+    trainer.filler_pair = online_filler_pair(prompts[0], tokenizer.eos_token_id)
+
+
 def _train_locked(
     cfg: PreftuneConfig,
     info: DistInfo,
@@ -362,6 +405,7 @@ def _train_locked(
     online = cfg.online.enabled
     load = load_online_data if online else load_training_data
     tokenizer, train_set, val_set = load(cfg, info)
+    prompts = train_set if online else None
     datasets = (val_set,) if online else (train_set, val_set)  # online prompts are not a tokenization cache
     tokenized = not all(d.from_cache for d in datasets if d is not None)
     finished = finished_run(output_dir, cfg.trainer, len(train_set) // cfg.data.global_batch_size)
@@ -381,39 +425,15 @@ def _train_locked(
     model.distribute(cfg.distributed.strategy, info)
     train_set, val_set, collate = cache_reference(cfg, model, train_set, val_set, collate)
     reference_computed = any(not c.from_cache for c in (train_set, val_set) if isinstance(c, ReferenceCache))
-    # online: the reference scores each completion once, then the step's pairs carry its log-probs
-    reference_collate = None if model.loss.reference_free else collate
-    online_collate = collate if model.loss.reference_free else with_cached_reference(collate)
-    train_loader = build_dataloader(train_set, cfg, info, train=True)
-    val_loader = build_dataloader(val_set, cfg, info, train=False) if val_set is not None else None
-    optimizer = build_optimizer(model.policy, cfg.optim)
-    max_steps = resolve_max_steps(cfg.trainer, train_loader.batch_sampler.batches_per_epoch)
-    scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
-    logger = MetricsLogger(output_dir, enabled=info.is_main)
-    trainer = DPOTrainer(
-        cfg=cfg,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_dataloader=train_loader,
-        val_dataloader=val_loader,
-        test_dataloader=None,
-        collate_fn=collate,
-        logger=logger,
-        ckpt_callback=checkpointer,
-        run_timer=timer,
-    )
-
+    trainer = build_trainer(cfg, info, model, (train_set, val_set, collate), checkpointer, timer)
     if online:
-        trainer.online = online_step(cfg, model, tokenizer, prompts, info)
-        trainer.reference_collate, trainer.online_collate = reference_collate, online_collate
-        trainer.filler_pair = online_filler_pair(prompts[0], tokenizer.eos_token_id)
+        attach_online(trainer, cfg, tokenizer, prompts, info)
 
     # Resume from the newest complete checkpoint, then open the trackers at that step.
     if latest is not None:
         resume_training(trainer, latest, cfg, saved_cfg)
-    open_logs(cfg, info, logger, trainer.step if latest is not None else None)
-    trainer.on_validation = sample_generations(cfg, model, tokenizer, val_set, logger)
+    open_logs(cfg, info, trainer.logger, trainer.step if latest is not None else None)
+    trainer.on_validation = sample_generations(cfg, model, tokenizer, val_set, trainer.logger)
     trainer.should_stop = should_stop
 
     log(start_line(cfg, info, model, trainer))
@@ -421,5 +441,5 @@ def _train_locked(
     try:
         trainer.fit()
     finally:
-        logger.close()
+        trainer.logger.close()
     return finish(trainer, tokenized=tokenized, reference_computed=reference_computed)
