@@ -292,6 +292,8 @@ class DPOTrainer:
                 f"step {self.step + 1}: no usable pair in the global batch (all tied or unscored): skipped"
             )
             lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()  # over no gradients (nothing changes), so the scheduler steps in order
             self.scheduler.step()
             return {**batch.metrics, "lr": lr, "tokens": 0, "pairs": 0}
         pairs = self.attach_reference(batch.pairs)
