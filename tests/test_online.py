@@ -318,8 +318,17 @@ def test_packed_shared_prompt_online_equals_padded(tmp_path, tiny_model_dir, onl
     model_dir = tiny_model_dir("llama")
     extra = ("trainer.max_steps=2", "online.pairing=all_pairs", "optim.eps=1e-4")
     padded = run_online(tmp_path, "padded", model_dir, online_files, *extra)
-    packed = run_online(tmp_path, "packed", model_dir, online_files, *extra, "data.packing=true",
-                        "data.share_prompt=true", "data.pack_length=80", "data.micro_batch_size=1")
+    packed = run_online(
+        tmp_path,
+        "packed",
+        model_dir,
+        online_files,
+        *extra,
+        "data.packing=true",
+        "data.share_prompt=true",
+        "data.pack_length=80",
+        "data.micro_batch_size=1",
+    )
     assert generations(packed) == generations(padded)
     assert train_losses(packed) == pytest.approx(train_losses(padded), abs=1e-5)
     assert train_losses(padded)[0] == pytest.approx(math.log(2), abs=1e-5)

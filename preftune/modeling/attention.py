@@ -26,7 +26,9 @@ from preftune.data.batch import Block
 
 VARLEN = "preftune_varlen"  # no "sdpa" in the name: transformers would demand sdpa support (Gemma 2 lacks it)
 
-CONTEXT, CHOSEN, REJECTED = 0, 1, 2  # branches: the context is seen by both responses, a response by itself
+# Branches: the context (a shared prompt) is seen by every response after it; response j of a prompt's group
+# (a pair's chosen: 0, rejected: 1) is branch RESPONSE + j and sees only itself and the context.
+CONTEXT, RESPONSE = 0, 1
 
 
 def visible(
@@ -45,7 +47,7 @@ def visible(
 def visible_keys(num_context: int, num_queries: int, window: int | None, device: torch.device) -> Tensor:
     """Boolean [queries, context + queries] mask of one block: its context, then its queries (a response)."""
     offsets = torch.arange(num_context + num_queries, device=device)
-    ids = (torch.zeros_like(offsets), (offsets >= num_context).long() * CHOSEN, offsets)
+    ids = (torch.zeros_like(offsets), (offsets >= num_context).long() * RESPONSE, offsets)
     query = [t[num_context:, None] for t in ids]
     key = [t[None, :] for t in ids]
     return visible(query, key, query[2], key[2], window)

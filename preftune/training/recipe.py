@@ -21,7 +21,7 @@ from preftune.data.batch import MicroBatch, padded_micro_batches
 from preftune.data.chat import load_chat_template
 from preftune.data.dataset import PreferenceDataset, load_datasets, load_validation
 from preftune.data.formats import DataError
-from preftune.data.packing import DPOPackedDataset
+from preftune.data.packing import DPOPackedDataset, group_by_prompt
 from preftune.data.prompts import PromptSet, load_prompts
 from preftune.data.sampler import GlobalBatchSampler
 from preftune.data.tokenize import tokenizer_fingerprint
@@ -123,6 +123,11 @@ def load_tokenizer(cfg: DictConfig) -> Any:
     return tokenizer
 
 
+def pack_length(cfg: DictConfig) -> int:
+    """A packed row's token budget (``data.pack_length``, default two sequences' worth)."""
+    return cfg.data.pack_length or 2 * cfg.data.max_seq_length
+
+
 def micro_batch_layout(
     cfg: DictConfig, dataset: PreferenceDataset, model: DPOModel, eos_id: int, device: torch.device
 ) -> tuple[Any, Callable[[Sequence[dict]], list[MicroBatch]]]:
@@ -133,7 +138,7 @@ def micro_batch_layout(
             dataset,
             model.policy.config,
             eos_id=eos_id,
-            pack_length=cfg.data.pack_length or 2 * cfg.data.max_seq_length,
+            pack_length=pack_length(cfg),
             pack=cfg.data.packing,
             share_prompt=cfg.data.share_prompt,
             rows_per_micro_batch=cfg.data.micro_batch_size,
@@ -372,8 +377,9 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     model.distribute(cfg.distributed.strategy, info)
     train_set, val_set, collate = cache_reference(cfg, model, train_set, val_set, collate)
     reference_collate = None
-    if online and not model.loss.reference_free:  # the reference scores each completion once, then the
-        reference_collate, collate = collate, with_cached_reference(collate)  # pairs carry its log-probs
+    grouped = online and (cfg.data.packing or cfg.data.share_prompt)  # K-completion groups: each completion
+    if online and not grouped and not model.loss.reference_free:  # once in the step; padded: the reference
+        reference_collate, collate = collate, with_cached_reference(collate)  # scores each once beforehand
     train_loader = build_dataloader(train_set, cfg, info, train=True)
     val_loader = build_dataloader(val_set, cfg, info, train=False) if val_set is not None else None
     optimizer = build_optimizer(model.policy, cfg.optim)
@@ -397,6 +403,10 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     if online:
         trainer.online = online_step(cfg, model, tokenizer, prompts, info)
         trainer.reference_collate = reference_collate
+        if grouped:
+            trainer.group_pairs = partial(
+                group_by_prompt, max_tokens=pack_length(cfg), share_prompt=cfg.data.share_prompt
+            )
         trainer.filler_pair = online_filler_pair(prompts[0], tokenizer.eos_token_id)
 
     # Resume from the newest complete checkpoint, then open the trackers at that step.

@@ -142,6 +142,9 @@ class DPOTrainer:
         self.reference_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
         """Online with a reference: lays out the completions the reference scores (``collate_fn`` then
         attaches their log-probs to the pairs)."""
+        self.group_pairs: Callable[[list[dict]], list[dict]] | None = None
+        """Online, packed or with a shared prompt: turns the step's pairs into K-completion groups (each
+        prompt's responses once, ``preftune.data.packing.group_by_prompt``) for ``collate_fn``."""
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -239,8 +242,11 @@ class DPOTrainer:
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             return {**batch.metrics, "lr": lr, "tokens": 0, "pairs": 0}
-        pairs = self.attach_reference(batch.pairs)
-        metrics = self.train_single_step(pairs, total_pairs=batch.total_pairs)
+        if self.group_pairs is not None:  # each prompt's responses laid out once; the step runs the reference
+            items = self.group_pairs(batch.pairs)
+        else:
+            items = self.attach_reference(batch.pairs)
+        metrics = self.train_single_step(items, total_pairs=batch.total_pairs)
         return {**metrics, **batch.metrics, "pairs": batch.total_pairs}
 
     @torch.no_grad()
