@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from preftune.cli import main as preftune_main
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.data.sources import resolve_sources
 from preftune.modeling.generation import HFGenerator, SamplingSettings
+from preftune.recipe import train
 from preftune.tools.demo import obeys_rule, rule_reward
 from preftune.training.checkpoint import Checkpointer
-from preftune.training.recipe import train
 
 
 def offline_checkpoint(demo_dir: Path) -> Path:

@@ -16,10 +16,10 @@ import torch
 
 from preftune import losses
 from preftune.cli import main
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.data.pairing import DATA_RESPONSE, pair_completions, penalized
 from preftune.modeling.generation import HFGenerator, SamplingSettings, prompt_seed, sample_tokens
-from preftune.training.recipe import train
+from preftune.recipe import train
 from tests.conftest import records, sentence, write_jsonl
 
 # The judge: how many times the letter "a" occurs in the completion (hand-checkable, varied, rarely tied).
@@ -194,6 +194,8 @@ def test_online_run_records_the_judge_and_starts_at_log_2(tmp_path, tiny_model_d
         tiny_model_dir("llama"),
         online_files,
         f"judge.function={online_files['judge']}:count_a",
+        f"data.validation={online_files['validation']}",
+        "trainer.val_check_interval=2",
     )
     lines = generations(output_dir)
     assert [line["step"] for line in lines] == [1] * 4 + [2] * 4 + [3] * 4
@@ -209,6 +211,7 @@ def test_online_run_records_the_judge_and_starts_at_log_2(tmp_path, tiny_model_d
                 > rewards[line["rejected_index"]]
                 == min(rewards)
             )
+    assert sorted(records(output_dir, "val")) == [2, 3]  # validation on the data.validation pairs
     train_records = records(output_dir, "train")
     assert train_records[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
     first = train_records[1]
@@ -341,7 +344,7 @@ def test_packed_shared_prompt_online_equals_padded(tmp_path, tiny_model_dir, onl
         ("judge.function=null", "online.enabled needs a judge"),
         ("reference.mode=precompute", "reference.mode=precompute cannot apply online"),
         ("online.pairing=best", "online.pairing='best': use one of"),
-        ("online.top_p=0", "online.top_p=0: must be in (0, 1]"),
+        ("online.top_p=0", "online.top_p=0.0: must be in (0, 1]"),
         ("online.max_new_tokens=40", "data.max_seq_length=40 leaves no room"),
         ("online.pairing=spin", "online.pairing=spin trains towards the data's responses"),
     ],
@@ -360,8 +363,8 @@ def test_online_config_errors(tmp_path, tiny_model_dir, online_files, capsys, ov
 TWO_STRATEGIES = """
 import sys
 from pathlib import Path
-from preftune.config import load_config
-from preftune.training.recipe import train
+from preftune.config_checks import load_config
+from preftune.recipe import train
 
 root, overrides = Path(sys.argv[1]), sys.argv[2:]
 for strategy in ("ddp", "fsdp2"):
@@ -437,8 +440,7 @@ def test_resume_after_sigkill_mid_step_equals_a_straight_run(tmp_path, tiny_mode
 
 
 def test_demo_rule_reward_by_hand():
-    """The online demo's judge: 1.0 exactly when the rule is obeyed, else the share of its five checks
-    passed over 6 (so an obeying list always beats one that is not)."""
+    """The online demo's judge: 1.0 exactly when the rule is obeyed, else five graded checks summed over 6."""
     from preftune.tools.demo import rule_reward
 
     prompt = "List 3 fruits in lowercase, alphabetically."
@@ -447,6 +449,8 @@ def test_demo_rule_reward_by_hand():
         ["apple, fig, plum", "plum, fig, apple", "apple, fig", "APPLE, dog, dog"],
         completion_ids=[[1]] * 4,
     )
-    # obeys; count + distinct + category + case (order wrong); distinct + category + case + order (count
-    # wrong); count + order (APPLE, dog, dog: not distinct, dog not a fruit, APPLE not lowercase)
-    assert got == [1.0, 4 / 6, 4 / 6, 2 / 6]
+    # plum, fig, apple: all of the category, count, distinct, case; the order wrong -> 4 / 6
+    # apple, fig: category 1, count 1 - 1/3, distinct 2/3, case 1, order 1 -> (13/3) / 6
+    # APPLE, dog, dog: of the category 1/3, count 1, distinct 1/3, case 0 (APPLE), order 0 (one item)
+    assert got == pytest.approx([1.0, 4 / 6, 13 / 18, 5 / 18])
+    assert rule_reward([prompt, prompt], ["", "dog, cat"]) == [0.0, 0.0]  # no item of the category: 0

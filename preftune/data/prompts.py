@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from preftune.data.chat import load_chat_template
-from preftune.data.dataset import PreferenceDataset, dataset_options
-from preftune.data.formats import DataError, _messages, rename_columns
+from preftune.data.dataset import PreferenceDataset
+from preftune.data.formats import _messages, rename_columns
+from preftune.data.loading import dataset_options
 from preftune.data.sources import resolve_sources
 from preftune.data.tokenize import PairTokenizer, truncate
+from preftune.errors import DataError
 
 CHAT_FORMATS = ("trl_conversational", "trl_implicit", "nemo_rl")
 PAIR_COLUMNS = {"chosen", "rejected", "chosen_response", "rejected_response", "completions", "context"}

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
-from preftune.modeling.attention import VARLEN
+from preftune.data.visibility import VARLEN
 from preftune.modeling.logprobs import causal_lm
-from preftune.training.distributed import DistInfo, any_rank
+from preftune.modeling.parallel import DistInfo, any_rank
 
 
 @dataclass(frozen=True)

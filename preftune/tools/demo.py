@@ -101,21 +101,29 @@ def obeys_rule(prompt: str, response: str) -> bool:
 
 
 def rule_credit(prompt: str, response: str) -> float:
-    """The share of the rule's five checks a response passes (1.0 exactly when it obeys the rule): the
-    prompt's number of items, all distinct, all of its category, in its case, in its order."""
+    """Partial credit for the rule, 1.0 exactly when the response obeys it; otherwise five graded checks of
+    its items of the prompt's category, summed over 6 (an obeying list always beats one that does not, and
+    a response with no item of the category gets 0): their share of the items, how close the item count is
+    to the prompt's, how many distinct ones there are (of the count asked), the share written in the prompt's
+    case, and whether they are in the prompt's order."""
+    if obeys_rule(prompt, response):
+        return 1.0
     category = next(c for c in CATEGORIES if c in prompt)
     n = next(k for k in COUNTS if str(k) in prompt)
-    case = "upper" if any(phrase in prompt for phrase in CASES["upper"]) else "lower"
-    order = "descending" if any(phrase in prompt for phrase in ORDERS["descending"]) else "ascending"
+    upper = any(phrase in prompt for phrase in CASES["upper"])
+    descending = any(phrase in prompt for phrase in ORDERS["descending"])
     items = [item.strip() for item in response.strip().split(",")]
+    valid = [item for item in items if item.lower() in CATEGORIES[category]]
+    if not valid:
+        return 0.0
     checks = (
-        len(items) == n,
-        len(set(items)) == len(items),
-        all(item.lower() in CATEGORIES[category] for item in items),
-        all(item == (item.upper() if case == "upper" else item.lower()) for item in items),
-        items == sorted(items, key=str.lower, reverse=order == "descending"),
+        len(valid) / len(items),
+        max(0.0, 1 - abs(len(items) - n) / n),
+        min(1.0, len({item.lower() for item in valid}) / n),
+        sum(item == (item.upper() if upper else item.lower()) for item in valid) / len(valid),
+        float(len(valid) > 1 and valid == sorted(valid, key=str.lower, reverse=descending)),
     )
-    return 1.0 if obeys_rule(prompt, response) else sum(checks) / (len(checks) + 1)
+    return sum(checks) / 6
 
 
 def rule_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
@@ -207,7 +215,7 @@ def online_demo_config(demo_dir: Path, checkpoint: Path) -> Path:
     config.data.global_batch_size = 16
     config.data.micro_batch_size = 32
     config.dpo = {"ref_policy_kl_penalty": 0.1, "preference_loss": "dpo", "sft_loss_weight": 0.0}
-    config.optim = {"lr": 5.0e-4, "weight_decay": 0.0, "sched": {"warmup_steps": 5, "min_lr": 5.0e-5}}
+    config.optim = {"lr": 2.0e-4, "weight_decay": 0.0, "sched": {"warmup_steps": 5, "min_lr": 5.0e-5}}
     config.trainer.max_epochs = None
     config.trainer.max_steps = 150
     config.trainer.val_check_interval = 50
@@ -215,7 +223,8 @@ def online_demo_config(demo_dir: Path, checkpoint: Path) -> Path:
         "enabled": True,
         "num_generations": 4,
         "max_new_tokens": 40,
-        "temperature": 1.0,
+        "temperature": 0.8,
+        "top_k": 20,
         "missing_eos_penalty": 0.5,
     }
     config.judge = {"function": "preftune.tools.demo:rule_reward"}

@@ -10,22 +10,22 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
-from preftune.config import ConfigError
-from preftune.config_checks import check_environment
-from preftune.data.dataset import PreferenceDataset, load_datasets, load_validation
-from preftune.data.sampler import GlobalBatchSampler
+from preftune.data.dataset import PreferenceDataset
+from preftune.data.loading import load_datasets, load_validation
+from preftune.errors import ConfigError
 from preftune.modeling.model import DPOModel
+from preftune.modeling.parallel import DistInfo
+from preftune.run_dir import RunDir
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import quiet_libraries
-from preftune.training.recipe import load_tokenizer, micro_batch_layout
-from preftune.training.trainer import MetricsAccumulator, limit_batches
+from preftune.training.loaders import build_dataloader, load_tokenizer, micro_batch_layout
+from preftune.training.trainer import evaluate as evaluate_batches
 
 
 def validation_set(cfg: DictConfig, tokenizer: Any) -> PreferenceDataset:
     """The validation pairs training would use: ``data.validation``, or the ``data.validation_fraction`` split."""
-    cache_dir = cfg.data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
+    cache_dir = RunDir(cfg.output_dir).tokenized(cfg.data.cache_dir)
     if cfg.data.validation:
         return load_validation(cfg.data, tokenizer, cache_dir)
     if cfg.data.validation_fraction is not None:
@@ -33,12 +33,10 @@ def validation_set(cfg: DictConfig, tokenizer: Any) -> PreferenceDataset:
     raise ConfigError("no validation data: set data.validation=FILE (or data.validation_fraction)")
 
 
-@torch.no_grad()
 def evaluate(cfg: DictConfig, checkpoint: str | Path | None = None) -> dict[str, float]:
     """Pair-weighted validation metrics of ``checkpoint`` (``output_dir/checkpoints/step_N``), or of the
     base model when None, over (up to ``trainer.limit_val_batches`` of) the validation set."""
     quiet_libraries()
-    check_environment(cfg)
     if checkpoint is not None and not (Path(checkpoint) / "model").is_dir():
         raise ConfigError(
             f"--checkpoint {checkpoint}: not a checkpoint (expected output_dir/checkpoints/step_N)"
@@ -51,20 +49,11 @@ def evaluate(cfg: DictConfig, checkpoint: str | Path | None = None) -> dict[str,
         Checkpointer.load_weights(Path(checkpoint), model.policy)
     model.to(device).train(False)
     dataset, collate = micro_batch_layout(cfg, dataset, model, tokenizer.eos_token_id, device)
-    sampler = GlobalBatchSampler(
-        len(dataset), cfg.data.global_batch_size, seed=cfg.data.seed, shuffle=False, drop_last=False
+    loader = build_dataloader(dataset, cfg, DistInfo(device=device), train=False)
+    metrics, pairs = evaluate_batches(
+        model, loader, lambda pairs: [(b, False) for b in collate(pairs)], cfg.trainer.limit_val_batches
     )
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=list)
-    accumulator = MetricsAccumulator()
-    num_batches = limit_batches(cfg.trainer.limit_val_batches, len(loader))
-    for i, global_batch in enumerate(loader):
-        if i >= num_batches:
-            break
-        for batch in collate(global_batch):
-            _, metrics = model.get_loss_and_metrics(batch, forward_only=True)
-            accumulator.add(metrics, batch.num_pairs)
-    means, pairs, _ = accumulator.reduce(model.dist)
-    return {**means, "pairs": pairs}
+    return {**metrics, "pairs": pairs}
 
 
 def run_eval(cfg: DictConfig, checkpoint: str | None, json_path: str | None) -> int:

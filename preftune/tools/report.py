@@ -15,7 +15,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from preftune.config import ConfigError
+from preftune.errors import ConfigError
+from preftune.run_dir import RunDir
 from preftune.training.trackers import flat_config
 
 # (file name, title, metric names): one figure each, train solid, validation dashed.
@@ -75,12 +76,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    root = Path(run_dir)
-    if not (root / "metrics.jsonl").is_file():
-        raise ConfigError(f"{root}: no metrics.jsonl (not a preftune run directory)")
-    config = flat_config(OmegaConf.load(root / "config.yaml")) if (root / "config.yaml").is_file() else {}
-    samples = read_jsonl(root / "samples.jsonl")
-    return Run(root.name, read_jsonl(root / "metrics.jsonl"), config, samples)
+    run = RunDir(run_dir)
+    if not run.metrics.is_file():
+        raise ConfigError(f"{run.root}: no {run.metrics.name} (not a preftune run directory)")
+    config = flat_config(OmegaConf.load(run.config)) if run.config.is_file() else {}
+    return Run(run.root.name, read_jsonl(run.metrics), config, read_jsonl(run.samples))
 
 
 def run_labels(runs: list[Run], dirs: list[Path]) -> None:
@@ -210,7 +210,7 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
     dirs = [Path(d) for d in run_dirs]
     runs = [load_run(d) for d in dirs]
     run_labels(runs, dirs)
-    page = Path(output) if output else dirs[0] / "report.html"
+    page = Path(output) if output else RunDir(dirs[0]).report
     images = draw_panels(runs, page.parent / f"{page.stem}_png")
     page.write_text(render_html(runs, images))
     return page

@@ -18,7 +18,7 @@ from typing import Any
 
 from preftune.data.pairing import DATA_RESPONSE, pair_completions, penalized
 from preftune.modeling.generation import Completion, Generator, SamplingSettings, prompt_seed
-from preftune.training.distributed import DistInfo, gather_objects
+from preftune.modeling.parallel import DistInfo, gather_objects
 
 GENERATIONS = "generations.jsonl"
 

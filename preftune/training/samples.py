@@ -15,6 +15,7 @@ from transformers import GenerationConfig
 
 from preftune.modeling.generation import unsharded_root
 from preftune.modeling.model import DPOModel, causal_lm
+from preftune.run_dir import RunDir
 
 
 @torch.no_grad()
@@ -54,14 +55,17 @@ def generate_samples(
 
 
 def append_samples(output_dir: str | Path, rows: list[dict[str, Any]]) -> None:
-    with (Path(output_dir) / "samples.jsonl").open("a") as f:
+    with RunDir(output_dir).samples.open("a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def truncate_samples_after(output_dir: str | Path, step: int, name: str = "samples.jsonl") -> None:
-    """On resume from ``step``, drop the records the interrupted run wrote after it to ``name`` (samples,
-    online generations), as for ``metrics.jsonl``."""
-    path = Path(output_dir) / name
+def truncate_samples_after(output_dir: str | Path, step: int) -> None:
+    """On resume from ``step``, drop the samples the interrupted run wrote after it (as ``metrics.jsonl``)."""
+    truncate_records_after(RunDir(output_dir).samples, step)
+
+
+def truncate_records_after(path: Path, step: int) -> None:
+    """Drop the JSON lines of ``path`` whose ``step`` is after ``step`` (samples, online generations)."""
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -15,10 +16,10 @@ from tqdm.auto import tqdm
 
 from preftune.data.batch import MicroBatch
 from preftune.modeling.model import DPOModel
+from preftune.modeling.parallel import DistInfo, any_rank, gather_objects
 from preftune.training import stop_signals
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import ChosenLogprobWatch, step_line
-from preftune.training.distributed import DistInfo, any_rank, gather_objects
 from preftune.training.metrics import MetricsLogger
 from preftune.training.nonfinite import SkipGuard
 from preftune.training.online import OnlineStep
@@ -67,6 +68,30 @@ def limit_batches(limit: int | float, available: int) -> int:
     if isinstance(limit, float):
         return min(available, math.ceil(limit * available))
     return min(available, limit)
+
+
+@torch.no_grad()
+def evaluate(
+    model: DPOModel,
+    dataloader: Iterable[list[dict]],
+    micro_batches: Callable[[list[dict]], list[tuple[MicroBatch, bool]]],
+    limit: int | float,
+) -> tuple[dict[str, float], int]:
+    """Pair-weighted mean metrics of ``model`` (in eval mode) over up to ``limit`` (``limit_batches``) of
+    ``dataloader``'s global batches, and the pairs they hold; ``micro_batches`` turns a global batch into this
+    rank's (micro-batch, is_filler) pairs. ``DPOTrainer.evaluate`` and ``preftune eval`` both run it."""
+    model.train(False)
+    accumulator = MetricsAccumulator()
+    num_batches = limit_batches(limit, len(dataloader))
+    for i, global_batch in enumerate(dataloader):
+        if i >= num_batches:
+            break
+        for batch, is_filler in micro_batches(global_batch):
+            _, metrics = model.get_loss_and_metrics(batch, forward_only=True)
+            if not is_filler:
+                accumulator.add(metrics, batch.num_pairs)
+    means, pairs, _ = accumulator.reduce(model.dist)
+    return means, pairs
 
 
 class DPOTrainer:
@@ -139,12 +164,14 @@ class DPOTrainer:
         self.chosen_watch = ChosenLogprobWatch()
         self.on_validation: Callable[[int], None] | None = None  # e.g. sample generations, given the step
         self.online: OnlineStep | None = None  # online DPO: the batches are prompts, made into pairs per step
+        self.online_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
+        """Online: lays out the step's pairs (with a reference: carrying their ``ref_logps``)."""
         self.reference_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
-        """Online with a reference: lays out the completions the reference scores (``collate_fn`` then
-        attaches their log-probs to the pairs)."""
+        """Online with a reference: lays out the completions the reference scores."""
         self.group_pairs: Callable[[list[dict]], list[dict]] | None = None
         """Online, packed or with a shared prompt: turns the step's pairs into K-completion groups (each
-        prompt's responses once, ``preftune.data.packing.group_by_prompt``) for ``collate_fn``."""
+        prompt's responses once, ``preftune.data.packing.group_by_prompt``) for ``online_collate``; the
+        reference then runs in the step, on the same rows."""
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -194,15 +221,20 @@ class DPOTrainer:
                 return [(batches[0], True)] * needed
         return [(b, False) for b in batches] + [(batches[0], True)] * (needed - len(batches))
 
-    def train_single_step(self, global_batch: list[dict], total_pairs: int | None = None) -> dict[str, float]:
+    def train_single_step(
+        self,
+        global_batch: list[dict],
+        total_pairs: int | None = None,
+        collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None,
+    ) -> dict[str, float]:
         """One optimizer step on this rank's pairs of a global batch of ``total_pairs`` pairs over all ranks
-        (None: ``data.global_batch_size``)."""
+        (None: ``data.global_batch_size``), laid out by ``collate`` (None: ``collate_fn``)."""
         total_pairs = total_pairs or self.global_batch_size
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         accumulator = MetricsAccumulator()
         world = self.model.dist.world_size
-        batches = self.micro_batches(global_batch)
+        batches = self.micro_batches(global_batch, collate)
         for i, (batch, is_filler) in enumerate(batches):
             num_pairs = 0 if is_filler else batch.num_pairs
             with self.model.gradient_sync(i == len(batches) - 1):
@@ -226,7 +258,9 @@ class DPOTrainer:
             self.model.observe_step_rewards(
                 metrics["rewards_chosen_mean"], metrics["rewards_rejected_mean"], pairs
             )
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step steps the scheduler before the optimizer
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         metrics.update(grad_norm=grad_norm, lr=lr, tokens=tokens, skipped=int(skipped))
         return metrics
 
@@ -246,7 +280,7 @@ class DPOTrainer:
             items = self.group_pairs(batch.pairs)
         else:
             items = self.attach_reference(batch.pairs)
-        metrics = self.train_single_step(items, total_pairs=batch.total_pairs)
+        metrics = self.train_single_step(items, batch.total_pairs, self.online_collate)
         return {**metrics, **batch.metrics, "pairs": batch.total_pairs}
 
     @torch.no_grad()
@@ -293,20 +327,11 @@ class DPOTrainer:
         ]
 
     # -- evaluation ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, dataloader: Iterable[list[dict]], limit: int | float) -> dict[str, float]:
-        self.model.train(False)
-        accumulator = MetricsAccumulator()
-        num_batches = limit_batches(limit, len(dataloader))
-        for i, global_batch in enumerate(dataloader):
-            if i >= num_batches:
-                break
-            for batch, is_filler in self.micro_batches(global_batch):
-                _, metrics = self.model.get_loss_and_metrics(batch, forward_only=True)
-                if not is_filler:
-                    accumulator.add(metrics, batch.num_pairs)
+        """Pair-weighted metrics over (up to ``limit`` of) ``dataloader``'s global batches."""
+        metrics, _ = evaluate(self.model, dataloader, self.micro_batches, limit)
         self.model.train()
-        return accumulator.reduce(self.model.dist)[0]
+        return metrics
 
     def run_validation(self) -> tuple[float, dict[str, float]]:
         """Pair-weighted mean loss and metrics over (up to ``limit_val_batches`` of) the validation set."""

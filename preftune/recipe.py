@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -12,41 +12,45 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from preftune.config import ConfigError, parse_max_time
+from preftune.config import parse_max_time
 from preftune.config_checks import absolute_paths, check_environment
-from preftune.data.batch import MicroBatch, padded_micro_batches
-from preftune.data.chat import load_chat_template
-from preftune.data.dataset import PreferenceDataset, load_datasets, load_validation
-from preftune.data.formats import DataError
-from preftune.data.packing import DPOPackedDataset, group_by_prompt
+from preftune.data.dataset import PreferenceDataset
+from preftune.data.loading import load_datasets, load_validation
+from preftune.data.packing import group_by_prompt
 from preftune.data.prompts import PromptSet, load_prompts
-from preftune.data.sampler import GlobalBatchSampler
 from preftune.data.tokenize import tokenizer_fingerprint
+from preftune.errors import ConfigError, DataError
 from preftune.modeling.generation import HFGenerator
 from preftune.modeling.hub import local_model_dir
 from preftune.modeling.judges import build_judge, judge_is_set
 from preftune.modeling.layout_check import check_layout
 from preftune.modeling.logprobs import causal_lm
 from preftune.modeling.model import DTYPES, DPOModel
+from preftune.modeling.parallel import DistInfo
 from preftune.modeling.reference_cache import (
-    ReferenceCache,
     model_fingerprint,
     precompute_reference,
     with_cached_reference,
 )
+from preftune.run_dir import RunDir
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import parameter_summary, quiet_libraries
-from preftune.training.distributed import DistInfo, env_rank, init_distributed, main_rank_first
+from preftune.training.distributed import env_rank, init_distributed, main_rank_first
+from preftune.training.loaders import build_dataloader, load_tokenizer, micro_batch_layout, pack_length
 from preftune.training.metrics import MetricsLogger
-from preftune.training.online import GENERATIONS, OnlineSettings, OnlineStep
+from preftune.training.online import OnlineSettings, OnlineStep
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
 from preftune.training.retention import Retention
 from preftune.training.run_lock import lock_output_dir
-from preftune.training.samples import append_samples, generate_samples, truncate_samples_after
+from preftune.training.samples import (
+    append_samples,
+    generate_samples,
+    truncate_records_after,
+    truncate_samples_after,
+)
 from preftune.training.timer import RunTimer
 from preftune.training.trackers import open_trackers
 from preftune.training.trainer import DPOTrainer, resolve_max_steps
@@ -66,22 +70,6 @@ def check_same_tokenizer(tokenizer: Any, reference_path: str, trust_remote_code:
             f"reference.path={reference_path} has a different tokenizer than model.path: the reference must "
             "score the policy's token ids; use a reference trained with the same tokenizer"
         )
-
-
-def build_dataloader(
-    dataset: PreferenceDataset | ReferenceCache, cfg: DictConfig, info: DistInfo, *, train: bool
-) -> DataLoader:
-    """Batches are this rank's share of a global batch, as lists of tokenized pairs."""
-    sampler = GlobalBatchSampler(
-        len(dataset),
-        cfg.data.global_batch_size,
-        seed=cfg.data.seed,
-        shuffle=train,
-        drop_last=train,
-        rank=info.rank,
-        world_size=info.world_size,
-    )
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers)
 
 
 @dataclass(frozen=True)
@@ -108,44 +96,10 @@ def run_training(cfg: DictConfig) -> TrainResult:
     lock = lock_output_dir(output_dir, info)  # one run per output_dir
     try:
         if info.is_main:
-            OmegaConf.save(cfg, output_dir / "config.yaml")
+            OmegaConf.save(cfg, RunDir(output_dir).config)
         return _train_locked(cfg, info, saved_cfg)
     finally:
         lock.release()
-
-
-def load_tokenizer(cfg: DictConfig) -> Any:
-    """``model.path``'s tokenizer, with ``data.chat_template`` when set (checkpoints then carry the template
-    the model was trained with)."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.data.chat_template:
-        tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
-    return tokenizer
-
-
-def pack_length(cfg: DictConfig) -> int:
-    """A packed row's token budget (``data.pack_length``, default two sequences' worth)."""
-    return cfg.data.pack_length or 2 * cfg.data.max_seq_length
-
-
-def micro_batch_layout(
-    cfg: DictConfig, dataset: PreferenceDataset, model: DPOModel, eos_id: int, device: torch.device
-) -> tuple[Any, Callable[[Sequence[dict]], list[MicroBatch]]]:
-    """The dataset the loader reads and the collate that turns a global batch into this rank's micro-batches:
-    packed / shared-prompt rows (``DPOPackedDataset``) or padded pairs, as ``data.*`` says."""
-    if cfg.data.packing or cfg.data.share_prompt:  # several pairs per row and/or one prompt per pair
-        packed = DPOPackedDataset(
-            dataset,
-            model.policy.config,
-            eos_id=eos_id,
-            pack_length=pack_length(cfg),
-            pack=cfg.data.packing,
-            share_prompt=cfg.data.share_prompt,
-            rows_per_micro_batch=cfg.data.micro_batch_size,
-            device=device,
-        )
-        return packed, packed.global_collate_fn  # validation batches are packed by the same collate
-    return dataset, partial(padded_micro_batches, micro_batch_size=cfg.data.micro_batch_size, eos_id=eos_id)
 
 
 def load_training_data(
@@ -156,7 +110,7 @@ def load_training_data(
     tokenizer = load_tokenizer(cfg)
     if cfg.reference.path is not None:
         check_same_tokenizer(tokenizer, cfg.reference.path, cfg.model.trust_remote_code)
-    cache_dir = cfg.data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
+    cache_dir = RunDir(cfg.output_dir).tokenized(cfg.data.cache_dir)
     with main_rank_first(info):  # however long rank 0 tokenizes, no collective times out
         train_set, val_set = load_datasets(cfg.data, tokenizer, cache_dir)
     for dataset in (train_set, val_set):
@@ -279,7 +233,7 @@ def check_packed_layout(cfg: DictConfig, model: DPOModel, info: DistInfo) -> Non
         share_prompt=cfg.data.share_prompt,
         model_path=local_model_dir(cfg.model.path),
         dtype=cfg.model.dtype,
-        cache_dir=Path(cfg.output_dir) / "cache" / "layout_check" if info.is_main else None,
+        cache_dir=RunDir(cfg.output_dir).layout_check_cache if info.is_main else None,
     )
     log(f"layout self-check: {'passed before (cached)' if cached else 'passed'}")
 
@@ -296,7 +250,7 @@ def cache_reference(
         model,
         [train_set, val_set],
         collate,
-        Path(cfg.output_dir) / "cache" / "reference",
+        RunDir(cfg.output_dir).reference_cache,
         model_fingerprint=model_fingerprint(
             local_model_dir(cfg.reference.path or cfg.model.path),
             cfg.model.dtype + "+nf4" * (cfg.model.load_in_4bit and cfg.reference.path is None),
@@ -347,13 +301,38 @@ def start_line(cfg: DictConfig, info: DistInfo, model: DPOModel, trainer: DPOTra
     return f"training for {steps} of {batch} on {where} ({', '.join(layout)})"
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators from ``trainer.seed`` (a resume then restores their states)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def open_logs(cfg: DictConfig, info: DistInfo, logger: MetricsLogger, resume_step: int | None) -> None:
+    """``metrics.jsonl``, ``samples.jsonl`` and ``generations.jsonl`` cut back to the step resumed from (a fresh start, None: emptied),
+    then the trackers opened at that step (a tracker that cannot start stops the run here, before training)."""
+    keep = -1 if resume_step is None else resume_step
+    logger.truncate_after(keep)
+    if info.is_main:
+        logger.attach(*open_trackers(cfg, Path(cfg.output_dir), resume_step))
+        truncate_samples_after(cfg.output_dir, keep)
+        truncate_records_after(RunDir(cfg.output_dir).generations, keep)
+
+
+def finish(trainer: DPOTrainer) -> TrainResult:
+    """The run's end: said, and returned (``finished`` False: stopped early, to be resumed)."""
+    finished = trainer.step >= trainer.max_steps
+    if finished:
+        log(f"done: metrics in {trainer.logger.path}, checkpoints in {trainer.ckpt_callback.root}")
+    else:
+        log(f"stopped early at step {trainer.step} of {trainer.max_steps}: the same command resumes it")
+    return TrainResult(trainer.last_val_metrics, finished)
+
+
 def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None) -> TrainResult:
     timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)
-    random.seed(cfg.trainer.seed)
-    np.random.seed(cfg.trainer.seed)
-    torch.manual_seed(cfg.trainer.seed)
-
+    seed_everything(cfg.trainer.seed)
     online = cfg.online.enabled
     if online:
         tokenizer, prompts, val_set = load_online_data(cfg, info)
@@ -376,10 +355,11 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         checkpointer.load_weights(latest, model.policy)
     model.distribute(cfg.distributed.strategy, info)
     train_set, val_set, collate = cache_reference(cfg, model, train_set, val_set, collate)
-    reference_collate = None
-    grouped = online and (cfg.data.packing or cfg.data.share_prompt)  # K-completion groups: each completion
-    if online and not grouped and not model.loss.reference_free:  # once in the step; padded: the reference
-        reference_collate, collate = collate, with_cached_reference(collate)  # scores each once beforehand
+    # online: the reference scores each completion once: padded, before the step (the step's pairs carry its
+    # log-probs); packed / shared prompt, in the step, on K-completion groups (each completion laid out once)
+    grouped = online and (cfg.data.packing or cfg.data.share_prompt)
+    reference_collate = None if model.loss.reference_free or grouped else collate
+    online_collate = collate if reference_collate is None else with_cached_reference(collate)
     train_loader = build_dataloader(train_set, cfg, info, train=True)
     val_loader = build_dataloader(val_set, cfg, info, train=False) if val_set is not None else None
     optimizer = build_optimizer(model.policy, cfg.optim)
@@ -402,7 +382,7 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
 
     if online:
         trainer.online = online_step(cfg, model, tokenizer, prompts, info)
-        trainer.reference_collate = reference_collate
+        trainer.reference_collate, trainer.online_collate = reference_collate, online_collate
         if grouped:
             trainer.group_pairs = partial(
                 group_by_prompt, max_tokens=pack_length(cfg), share_prompt=cfg.data.share_prompt
@@ -412,12 +392,7 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     # Resume from the newest complete checkpoint, then open the trackers at that step.
     if latest is not None:
         resume_training(trainer, latest, cfg, saved_cfg)
-    resume_step = trainer.step if latest is not None else None  # None: a fresh start (drop old records)
-    logger.truncate_after(-1 if resume_step is None else resume_step)
-    if info.is_main:  # a tracker that cannot start stops the run here, before any training
-        logger.attach(*open_trackers(cfg, output_dir, resume_step))
-        truncate_samples_after(output_dir, -1 if resume_step is None else resume_step)
-        truncate_samples_after(output_dir, -1 if resume_step is None else resume_step, GENERATIONS)
+    open_logs(cfg, info, logger, trainer.step if latest is not None else None)
     trainer.on_validation = sample_generations(cfg, model, tokenizer, val_set, logger)
 
     log(start_line(cfg, info, model, trainer))
@@ -426,9 +401,4 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         trainer.fit()
     finally:
         logger.close()
-    finished = trainer.step >= trainer.max_steps
-    if finished:
-        log(f"done: metrics in {logger.path}, checkpoints in {checkpointer.root}")
-    else:
-        log(f"stopped early at step {trainer.step} of {trainer.max_steps}: the same command resumes it")
-    return TrainResult(trainer.last_val_metrics, finished)
+    return finish(trainer)
