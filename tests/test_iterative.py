@@ -1,5 +1,6 @@
-"""Iterative DPO (online.iterations): generate, judge, pair, then the offline recipe trains, per iteration;
-reference: previous; a SIGKILL inside an iteration's generation resumes to the straight run."""
+"""Iterative DPO (online.iterations): generate, judge, pair, then the offline recipe trains (packed, shared
+prompt, reference precomputed), per iteration; reference: previous; a SIGKILL inside an iteration's generation
+resumes to the straight run."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from preftune.cli import main
 from preftune.config_checks import load_config
 from preftune.data.dataset import PreferenceDataset
 from preftune.recipe import iteration_config, train
@@ -46,6 +48,10 @@ ITERATIVE = (
     "online.max_new_tokens=8",
     "trainer.max_steps=-1",
     "trainer.max_epochs=1",
+    # every offline feature applies to an iteration's training
+    "data.packing=true",
+    "data.share_prompt=true",
+    "reference.mode=precompute",
 )
 
 
@@ -148,3 +154,20 @@ def test_sigkill_inside_an_iterations_generation_resumes_to_the_straight_run(
         assert losses == pytest.approx(
             [r["train/loss"] for r in train_records(straight, n).values()], abs=1e-6
         )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("online.iterations=0", "online.iterations=0: must be >= 1"),
+        ("online.prompts_per_iteration=0", "online.prompts_per_iteration=0: must be >= 1"),
+        ("online.reference=best", "online.reference='best': use initial"),
+    ],
+)
+def test_iterative_config_errors(tmp_path, tiny_model_dir, online_files, capsys, override, message):  # noqa: F811
+    args = overrides(tiny_model_dir("llama"), online_files, tmp_path / "run", override)
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    assert main(["train", "--config", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
