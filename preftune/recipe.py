@@ -124,6 +124,7 @@ def run_iterations(cfg: DictConfig) -> TrainResult:
     run = RunDir(cfg.output_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     lock = lock_output_dir(run.root, info)
+    logger = MetricsLogger(run.root)  # iteration/ metrics, one record per iteration
     try:
         OmegaConf.save(cfg, run.config)
         tokenizer = load_tokenizer(cfg)
@@ -135,10 +136,11 @@ def run_iterations(cfg: DictConfig) -> TrainResult:
         )
         log(prompts.load_summary())
         policy, records, result = cfg.model.path, [], TrainResult({}, finished=True)
+        logger.truncate_after(0)  # rewritten below from every iteration's chunks
         for n in range(1, cfg.online.iterations + 1):
             directory = run.iteration(n)
             indices = iteration_prompts(len(prompts), cfg.online.prompts_per_iteration, cfg.data.seed, n)
-            lines, pairs = generate_iteration(
+            generated = generate_iteration(
                 partial(iteration_step, cfg, policy, tokenizer, prompts, info),
                 prompts,
                 indices,
@@ -147,18 +149,24 @@ def run_iterations(cfg: DictConfig) -> TrainResult:
                 chunk_size=cfg.data.global_batch_size,
                 log=log,
             )
-            records += lines
+            records += generated.records
             write_generations(run.generations, records)
-            if len(pairs) < cfg.data.global_batch_size:
-                log(f"iteration {n}: {len(pairs)} pairs, fewer than a global batch: not trained on")
+            logger.log_metrics(generated.metrics, n, prefix="iteration")
+            pairs = write_pairs(directory, generated.pairs)
+            log(f"iteration {n}: {len(generated.pairs)} pairs from {len(indices)} prompts: {pairs}")
+            if len(generated.pairs) < cfg.data.global_batch_size:
+                log(
+                    f"iteration {n}: fewer pairs than a global batch: not trained on (the policy carries over)"
+                )
                 continue
-            result = run_training(iteration_config(cfg, n, policy, write_pairs(directory, pairs)))
+            result = run_training(iteration_config(cfg, n, policy, pairs))
             if not result.finished:
                 return result
             policy = str(export_policy(directory))
         log(f"done: {cfg.online.iterations} iterations; the last policy is {policy}")
         return result
     finally:
+        logger.close()
         lock.release()
 
 

@@ -89,9 +89,13 @@ def test_two_iterations_with_the_previous_policy_as_reference(straight, tiny_mod
     assert [line["iteration"] for line in lines] == [1] * 8 + [2] * 8
     indices = [[line["index"] for line in lines if line["iteration"] == n] for n in (1, 2)]
     assert indices == [iteration_prompts(32, 8, 1234, 1), iteration_prompts(32, 8, 1234, 2)]
+    per_iteration = records(straight, "iteration")  # the generation metrics, one record per iteration
     for n in (1, 2):
         pairs = (straight / "iterations" / f"00{n}" / "pairs.jsonl").read_text().splitlines()
         assert len(pairs) == sum(line["chosen_index"] is not None for line in lines if line["iteration"] == n)
+        assert per_iteration[n]["iteration/online_pairs"] == len(pairs)
+        rewards = [r for line in lines if line["iteration"] == n for r in line["rewards"]]
+        assert per_iteration[n]["iteration/online_reward_mean"] == pytest.approx(sum(rewards) / len(rewards))
         first, last = train_records(straight, n)[1], train_records(straight, n)[2]
         assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-5), n
         assert first["train/rewards_chosen_mean"] == pytest.approx(0.0, abs=1e-6), n

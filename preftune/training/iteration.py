@@ -13,13 +13,23 @@ import json
 import os
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from preftune.data.prompts import PromptSet
-from preftune.training.online import OnlineStep
+from preftune.training.online import OnlineStep, StepCounts
 
 PAIRS = "pairs.jsonl"
+
+
+@dataclass
+class IterationData:
+    """What an iteration's generation gave."""
+
+    records: list[dict]  # its generations.jsonl lines (with ``iteration``), in prompt order
+    pairs: list[dict]  # its preference records (format ``tokenized``), in prompt order
+    metrics: dict[str, float]  # the online step's generation metrics over the whole iteration
 
 
 def iteration_prompts(num_prompts: int, per_iteration: int | None, seed: int, iteration: int) -> list[int]:
@@ -59,18 +69,17 @@ def generate_iteration(
     *,
     chunk_size: int,
     log: Callable[[str], None],
-) -> tuple[list[dict], list[dict]]:
+) -> IterationData:
     """Generate, judge and pair for ``indices`` of ``prompts`` chunk by chunk into ``directory/chunks``
     (complete chunks of an earlier, killed run are kept; ``make_step`` loads the policy and judge only when a
-    chunk is left to generate); return the iteration's generations.jsonl lines
-    (with ``iteration``) and its preference records, in prompt order."""
+    chunk is left to generate)."""
     chunks = directory / "chunks"
     chunks.mkdir(parents=True, exist_ok=True)
     starts = range(0, len(indices), chunk_size)
     done = sum((chunks / f"{c:05d}.json").is_file() for c in range(len(starts)))
     if done:
         log(f"iteration {iteration}: {done} of {len(starts)} generation chunks done before, continuing")
-    records, pairs, step = [], [], None
+    records, pairs, counts, seconds, step = [], [], [], 0.0, None
     for c, start in enumerate(starts):
         path = chunks / f"{c:05d}.json"
         if not path.is_file():
@@ -82,12 +91,16 @@ def generate_iteration(
             chunk = {
                 "records": lines,
                 "pairs": [iteration_pair(p, step.tokenizer.decode) for p in batch.pairs],
+                "counts": vars(batch.counts),
+                "seconds": batch.generation_time,
             }
             write_atomically(path, json.dumps(chunk))
         chunk = json.loads(path.read_text())
         records += chunk["records"]
         pairs += chunk["pairs"]
-    return records, pairs
+        counts.append(StepCounts(**chunk["counts"]))
+        seconds += chunk["seconds"]
+    return IterationData(records, pairs, StepCounts.merge(counts).metrics(seconds))
 
 
 def write_pairs(directory: Path, pairs: list[dict]) -> Path:

@@ -57,6 +57,8 @@ class OnlineBatch:
     total_pairs: int  # over every rank
     metrics: dict[str, float]
     records: list[dict[str, Any]]  # every rank's generations.jsonl lines, by prompt index
+    counts: StepCounts  # the sums behind ``metrics``, over every rank
+    generation_time: float  # seconds, the slowest rank
 
 
 class OnlineStep:
@@ -130,8 +132,8 @@ class OnlineStep:
         everyone = sorted((r for g in gathered for r in g[0]), key=lambda r: r["index"])
         if self.output_dir is not None and self.dist.is_main:
             append_generations(self.output_dir, everyone)
-        metrics = total.metrics(max(g[2] for g in gathered))
-        return OnlineBatch(pairs, total.pairs, metrics, everyone)
+        seconds = max(g[2] for g in gathered)
+        return OnlineBatch(pairs, total.pairs, total.metrics(seconds), everyone, total, seconds)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
