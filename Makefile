@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned here (not in pyproject): 2.13.0 is the CPU build; an unpinned torch pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo demo-online test lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(VENV)/.installed
 demo: venv
 	rm -rf runs/demo
 	$(PY) -m preftune demo --output-dir runs/demo
+
+demo-online: venv
+	rm -rf runs/demo/run_online
+	$(PY) -m preftune demo --online --output-dir runs/demo
 
 test: venv
 	$(PY) -m ruff check preftune tests benchmarks

@@ -454,3 +454,40 @@ def test_demo_rule_reward_by_hand():
     # APPLE, dog, dog: of the category 1/3, count 1, distinct 1/3, case 0 (APPLE), order 0 (one item)
     assert got == pytest.approx([1.0, 4 / 6, 13 / 18, 5 / 18])
     assert rule_reward([prompt, prompt], ["", "dog, cat"]) == [0.0, 0.0]  # no item of the category: 0
+
+
+def test_prompts_tokenized_as_offline(tmp_path, tokenizer):
+    """Prompt-only records, text and conversational, get exactly the prompt ids offline training gives the
+    same prompt in a pair (one BOS; the chat template's generation prompt); duplicates are dropped."""
+    from preftune.config_checks import load_config
+    from preftune.data.chat import load_chat_template
+    from preftune.data.formats import parse_record
+    from preftune.data.prompts import load_prompts
+    from preftune.data.tokenize import PairTokenizer
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a red fish"}]
+    records = [{"prompt": "the cat sits"}, {"prompt": messages}, {"prompt": "the cat sits", "extra": 1}]
+    path = write_jsonl(tmp_path / "prompts.jsonl", records)
+    cfg = load_config(None, ["model.path=unused", f"data.train={path}", "data.chat_template=chatml"])
+    prompts = load_prompts(cfg.data, tokenizer, None, max_prompt_length=512)
+    assert len(prompts) == 2
+    pair_tokenizer = PairTokenizer(tokenizer, 512, load_chat_template("chatml"))
+    text = pair_tokenizer(
+        parse_record({"prompt": "the cat sits", "chosen": "a", "rejected": "b"}, "trl", "t")
+    )
+    chat = pair_tokenizer(
+        parse_record(
+            {
+                "prompt": messages,
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "trl_conversational",
+            "t",
+        )
+    )
+    assert prompts[0]["prompt_ids"] == text["prompt_ids"]
+    assert prompts[1]["prompt_ids"] == chat["prompt_ids"]
+    # chatml's <|im_end|> is no special token of this tokenizer: the template has no end-of-turn token and
+    # responses end with EOS, offline and online alike
+    assert pair_tokenizer.chat.end_id is None and prompts.stop_ids == [tokenizer.eos_token_id]

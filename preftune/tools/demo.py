@@ -214,16 +214,16 @@ def online_demo_config(demo_dir: Path, checkpoint: Path) -> Path:
     config.model.path = str(checkpoint)
     config.data.global_batch_size = 16
     config.data.micro_batch_size = 32
-    config.dpo = {"ref_policy_kl_penalty": 0.1, "preference_loss": "dpo", "sft_loss_weight": 0.0}
-    config.optim = {"lr": 2.0e-4, "weight_decay": 0.0, "sched": {"warmup_steps": 5, "min_lr": 5.0e-5}}
+    config.dpo = {"ref_policy_kl_penalty": 0.1, "preference_loss": "dpo", "sft_loss_weight": 0.05}
+    config.optim = {"lr": 1.0e-4, "weight_decay": 0.0, "sched": {"warmup_steps": 5, "min_lr": 5.0e-5}}
     config.trainer.max_epochs = None
-    config.trainer.max_steps = 150
+    config.trainer.max_steps = 100
     config.trainer.val_check_interval = 50
     config.online = {
         "enabled": True,
         "num_generations": 4,
         "max_new_tokens": 40,
-        "temperature": 0.8,
+        "temperature": 0.7,
         "top_k": 20,
         "missing_eos_penalty": 0.5,
     }
