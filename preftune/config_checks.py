@@ -50,7 +50,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def check_config(cfg: DictConfig) -> None:
     """The rules a config must follow on its own (no file or model is looked at)."""
-    _check_data(cfg.data, env_world_size(), cfg.online.enabled)
+    # online per step, the global batch is prompts; iterative DPO trains its pairs offline
+    _check_data(cfg.data, env_world_size(), cfg.online.enabled and cfg.online.iterations is None)
     _check_model(cfg)
     _check_trainer(cfg.trainer)
     _check_losses(cfg)

@@ -166,10 +166,12 @@ def test_sigkill_inside_an_iterations_generation_resumes_to_the_straight_run(
         ("online.iterations=0", "online.iterations=0: must be >= 1"),
         ("online.prompts_per_iteration=0", "online.prompts_per_iteration=0: must be >= 1"),
         ("online.reference=best", "online.reference='best': use initial"),
+        # an iteration trains its pairs offline: whole micro-batches, checked before any generation
+        ("data.packing=false data.micro_batch_size=3", "data.global_batch_size (4) must be a multiple of 3"),
     ],
 )
 def test_iterative_config_errors(tmp_path, tiny_model_dir, online_files, capsys, override, message):  # noqa: F811
-    args = overrides(tiny_model_dir("llama"), online_files, tmp_path / "run", override)
+    args = overrides(tiny_model_dir("llama"), online_files, tmp_path / "run", *override.split())
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     assert main(["train", "--config", str(config), *args]) == 2
