@@ -194,7 +194,8 @@ def iteration_config(cfg: DictConfig, n: int, policy: str, pairs: Path) -> DictC
             "model": {"path": policy},
             "reference": {"path": reference},
             "online": {"enabled": False, "iterations": None},
-            "data": {"train": str(pairs), "format": "tokenized", "columns": ColumnsConfig()},
+            # auto: the pairs file is detected as tokenized, data.validation as whatever format it is in
+            "data": {"train": str(pairs), "format": "auto", "columns": ColumnsConfig()},
         },
     )
 

@@ -76,7 +76,7 @@ def test_text_formats_nemo_and_trl(tmp_path, tok):
 
 
 def test_tokenized_format_trains_the_ids_as_they_are(tmp_path, tok):
-    """Format ``tokenized`` (iterative DPO's pairs): no BOS or EOS added, truncated to data.max_seq_length, an
+    """Format ``tokenized`` (iterative DPO's pairs; detected by its id columns): no BOS or EOS added, truncated to data.max_seq_length, an
     identical pair dropped; ids that are not a list of ints are a one-line error."""
     rows = [
         {"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [10], "chosen_reward": 2.0},
@@ -89,6 +89,9 @@ def test_tokenized_format_trains_the_ids_as_they_are(tmp_path, tok):
         [[6, 7, 8], [9, 10, 11], [12, 13]],  # the prompt cut from the left first
     ]
     assert (data.examples[0]["chosen_reward"], data.examples[0]["rejected_reward"]) == (2.0, 0.0)
+    with_texts = [{**rows[0], "prompt": "a", "chosen": "b", "rejected": "c"}]  # ids win over texts
+    detected = PreferenceDataset(dump(tmp_path / "both.jsonl", with_texts), tok, 6)
+    assert detected.stats.format == "tokenized" and detected.examples[0]["chosen_ids"] == [7, 8, 9]
     bad = dump(tmp_path / "bad.jsonl", [{"prompt_ids": [5], "chosen_ids": "7 8", "rejected_ids": [9]}])
     with pytest.raises(DataError, match=r"bad.jsonl.*'chosen_ids' must be a list of token ids"):
         PreferenceDataset(bad, tok, 6, format="tokenized")

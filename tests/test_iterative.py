@@ -56,7 +56,8 @@ ITERATIVE = (
 
 
 def overrides(model_dir: Path, files: dict, output_dir: Path, *extra: str) -> list[str]:
-    return online_overrides(model_dir, files, output_dir, *ITERATIVE, *extra)
+    validation = f"data.validation={files['validation']}"  # text pairs beside the tokenized pairs file
+    return online_overrides(model_dir, files, output_dir, *ITERATIVE, validation, *extra)
 
 
 def generations(output_dir: Path) -> list[dict]:
@@ -100,6 +101,7 @@ def test_two_iterations_with_the_previous_policy_as_reference(straight, tiny_mod
         assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-5), n
         assert first["train/rewards_chosen_mean"] == pytest.approx(0.0, abs=1e-6), n
         assert abs(last["train/reward_margin_mean"]) > 1e-3, n  # the iteration moved its policy
+        assert 2 in records(straight / "iterations" / f"00{n}" / "train", "val"), n  # validated at its end
     # the pairs file (format tokenized) gives offline training the sampled token ids themselves
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
     written = [

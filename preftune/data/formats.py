@@ -3,8 +3,8 @@
 A *text pair* has string ``prompt``, ``chosen`` and ``rejected``. A *chat pair* has ``prompt`` (the messages
 before the final assistant turn, earlier assistant turns included) and ``chosen`` / ``rejected`` (the final
 assistant message of each conversation). Both carry ``chosen_reward`` and ``rejected_reward``. A *tokenized
-pair* (format ``tokenized``, never detected: name it) holds the token ids themselves, e.g. iterative DPO's
-sampled completions, trained exactly as they are.
+pair* (format ``tokenized``: ``prompt_ids``, ``chosen_ids``, ``rejected_ids``) holds the token ids themselves,
+e.g. iterative DPO's sampled completions, trained exactly as they are.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def rename_columns(record: dict, columns: Mapping[str, str], where: str) -> dict
 def detect_format(record: dict, where: str) -> str:
     """The format a record's columns (and, for TRL, its value types) identify."""
     keys = set(record)
+    if set(FORMATS["tokenized"]) <= keys:  # before trl: such a record may carry its texts beside the ids
+        return "tokenized"
     if {"context", "completions"} <= keys:
         return "nemo_rl"
     if {"prompt", "chosen_response", "rejected_response"} <= keys:
