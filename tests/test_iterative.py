@@ -129,6 +129,23 @@ def test_two_iterations_with_the_previous_policy_as_reference(straight, tiny_mod
     assert not initial.online.enabled and initial.data.train == str(pairs)
 
 
+def test_reference_initial_keeps_the_starting_model(straight, tmp_path, tiny_model_dir, online_files):  # noqa: F811
+    """Iteration 2's training with reference: initial (on the straight run's iteration-2 pairs, from its
+    iteration-1 policy) starts away from DPO's log 2: its reference is the starting model, not the policy."""
+    args = [*overrides(tiny_model_dir("llama"), online_files, tmp_path), "online.reference=initial"]
+    policy_1 = str(straight / "iterations" / "001" / "policy")
+    cfg = iteration_config(
+        load_config(None, args), 2, policy_1, straight / "iterations" / "002" / "pairs.jsonl"
+    )
+    train(cfg)
+    first = train_records(tmp_path, 2)[1]
+    assert abs(first["train/loss"] - math.log(2)) > 1e-3
+    assert abs(first["train/rewards_chosen_mean"]) > 1e-3
+    assert first["train/rewards_chosen_mean"] != pytest.approx(
+        train_records(straight, 2)[1]["train/rewards_chosen_mean"]
+    )
+
+
 def test_sigkill_inside_an_iterations_generation_resumes_to_the_straight_run(
     straight,
     tmp_path,
