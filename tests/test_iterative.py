@@ -151,9 +151,12 @@ def test_sigkill_inside_an_iterations_generation_resumes_to_the_straight_run(
     tmp_path,
     tiny_model_dir,
     online_files,  # noqa: F811
+    monkeypatch,
+    capsys,
 ):
     """Killed while judging iteration 2's second chunk (its first chunk written), then the same command: the
-    generations and every iteration's losses equal the straight run's."""
+    generations and every iteration's losses equal the straight run's. (The rerun is in this process: the
+    kill is what needs a process of its own.)"""
     judge = tmp_path / "judge.py"
     judge.write_text(KILLING_JUDGE)
     config = tmp_path / "empty.yaml"
@@ -167,9 +170,9 @@ def test_sigkill_inside_an_iterations_generation_resumes_to_the_straight_run(
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     assert sorted(p.name for p in (output_dir / "iterations" / "002" / "chunks").iterdir()) == ["00000.json"]
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "iteration 2: 1 of 2 generation chunks done before, continuing" in second.stdout
+    monkeypatch.setenv("PREFTUNE_TEST_CALLS", str(tmp_path / "calls"))
+    assert main(["train", "--config", str(config), *args]) == 0  # the same command, in this process
+    assert "iteration 2: 1 of 2 generation chunks done before, continuing" in capsys.readouterr().out
     assert (tmp_path / "calls").read_text() == "5"  # the killed chunk judged again, nothing else
     assert generations(output_dir) == generations(straight)
     for n in (1, 2):
