@@ -104,7 +104,9 @@ class DataConfig:
     # same kinds as train; null: no validation (or see validation_fraction)
     validation: Any = field(default=None, metadata=free_form(PATHS, SOURCES, nullable=True))
     validation_fraction: float | None = None  # instead of validation: hold out this fraction of train
-    format: str = "auto"  # auto (per file) | nemo | nemo_rl | trl | trl_conversational | trl_implicit
+    format: str = (
+        "auto"  # auto (per file) | nemo | nemo_rl | trl | trl_conversational | trl_implicit | tokenized
+    )
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     completions: str = "best_vs_worst"  # nemo_rl with > 2 completions: best_vs_worst | all_pairs
     chat_template: str | None = None  # a named template, or Jinja (inline or a file); null: the tokenizer's

@@ -52,7 +52,8 @@ def check_config(cfg: PreftuneConfig) -> None:
     from preftune.training.distributed import env_world_size
     from preftune.training.optim import OPTIMIZERS, SCHEDULES
 
-    _check_data(cfg.data, env_world_size(), cfg.online.enabled)
+    # online per step, the global batch is prompts; iterative DPO trains its pairs offline
+    _check_data(cfg.data, env_world_size(), cfg.online.enabled and cfg.online.iterations is None)
     _check_model(cfg)
     _check_trainer(cfg.trainer)
     _check_losses(cfg)
@@ -225,9 +226,22 @@ def check_online(cfg: DictConfig) -> None:
             "or judge.llm.path",
         ),
         (
-            cfg.reference.mode != "precompute",
+            cfg.reference.mode != "precompute" or online.iterations is not None,
             "reference.mode=precompute cannot apply online (the completions are new at every step): set "
-            "reference.mode=online",
+            "reference.mode=online (it applies to iterative DPO, online.iterations)",
+        ),
+        (
+            online.iterations is None or online.iterations >= 1,
+            f"online.iterations={online.iterations}: must be >= 1 (or null: online DPO per step)",
+        ),
+        (
+            online.prompts_per_iteration is None or online.prompts_per_iteration >= 1,
+            f"online.prompts_per_iteration={online.prompts_per_iteration}: must be >= 1 (or null: every prompt)",
+        ),
+        (
+            online.reference in ("initial", "previous"),
+            f"online.reference={online.reference!r}: use initial (the starting model) or previous (the "
+            "previous iteration's policy)",
         ),
         (
             cfg.data.validation_fraction is None,

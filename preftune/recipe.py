@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from transformers import AutoTokenizer
 
-from preftune.config import PreftuneConfig, parse_max_time
+from preftune.config import ColumnsConfig, PreftuneConfig, parse_max_time
 from preftune.config_checks import absolute_paths, check_environment
 from preftune.data.batch import MicroBatch
 from preftune.data.dataset import PreferenceDataset
 from preftune.data.loading import load_datasets, load_validation
+from preftune.data.packing import group_by_prompt
 from preftune.data.prompts import PromptSet, load_prompts
 from preftune.data.tokenize import tokenizer_fingerprint
 from preftune.errors import ConfigError, DataError
@@ -26,7 +30,7 @@ from preftune.modeling.hub import local_model_dir
 from preftune.modeling.judges import build_judge, judge_is_set
 from preftune.modeling.layout_check import check_layout
 from preftune.modeling.logprobs import causal_lm
-from preftune.modeling.model import DTYPES, DPOModel
+from preftune.modeling.model import DTYPES, DPOModel, load_causal_lm
 from preftune.modeling.parallel import DistInfo
 from preftune.modeling.reference_cache import (
     ReferenceCache,
@@ -35,10 +39,12 @@ from preftune.modeling.reference_cache import (
     with_cached_reference,
 )
 from preftune.run_dir import RunDir
+from preftune.tools.export import export_checkpoint
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import parameter_summary, quiet_libraries
 from preftune.training.distributed import env_rank, init_distributed, main_rank_first
-from preftune.training.loaders import build_dataloader, load_tokenizer, micro_batch_layout
+from preftune.training.iteration import generate_iteration, iteration_prompts, write_generations, write_pairs
+from preftune.training.loaders import build_dataloader, load_tokenizer, micro_batch_layout, pack_length
 from preftune.training.metrics import MetricsLogger
 from preftune.training.online import OnlineSettings, OnlineStep
 from preftune.training.optim import build_optimizer, build_scheduler
@@ -93,6 +99,8 @@ def run_training(
 ) -> TrainResult:
     """Train (or resume) the run described by ``cfg``, holding ``output_dir``'s lock throughout.
     ``should_stop(step, val_metrics)``, asked after each validation during training, stops it when True."""
+    if cfg.online.enabled and cfg.online.iterations:
+        return run_iterations(cfg)
     check_environment(cfg)  # before anything is loaded
     cfg = absolute_paths(cfg)
     info = init_distributed()
@@ -108,6 +116,110 @@ def run_training(
         return _train_locked(cfg, info, saved_cfg, should_stop)
     finally:
         lock.release()
+
+
+def run_iterations(cfg: PreftuneConfig) -> TrainResult:
+    """Iterative DPO (``online.iterations``): per iteration, the policy generates for the iteration's prompts,
+    the judge scores, the pairs go to ``iterations/NNN/pairs.jsonl``, and the ordinary offline recipe trains on
+    them in ``iterations/NNN/train`` from the policy (model.path), against the starting model or the
+    iteration's own starting policy (``online.reference``); its final checkpoint becomes
+    ``iterations/NNN/policy``, the next iteration's policy. Every phase is kept once done, so the same command
+    resumes a killed run where it stopped, inside a generation included."""
+    check_environment(cfg)
+    cfg = absolute_paths(cfg)
+    info = init_distributed()
+    quiet_libraries()
+    if info.distributed:
+        raise ConfigError("online.iterations runs on one process for now: start it without torchrun")
+    run = RunDir(cfg.output_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    lock = lock_output_dir(run.root, info)
+    logger = MetricsLogger(run.root)  # iteration/ metrics, one record per iteration
+    try:
+        OmegaConf.save(cfg, run.config)
+        tokenizer = load_tokenizer(cfg)
+        prompts = load_prompts(
+            cfg.data,
+            tokenizer,
+            run.tokenized(cfg.data.cache_dir),
+            cfg.data.max_seq_length - cfg.online.max_new_tokens,
+        )
+        log(prompts.load_summary())
+        policy, records, result = cfg.model.path, [], TrainResult({}, finished=True)
+        logger.truncate_after(0)  # rewritten below from every iteration's chunks
+        for n in range(1, cfg.online.iterations + 1):
+            directory = run.iteration(n)
+            indices = iteration_prompts(len(prompts), cfg.online.prompts_per_iteration, cfg.data.seed, n)
+            generated = generate_iteration(
+                partial(iteration_step, cfg, policy, tokenizer, prompts, info),
+                prompts,
+                indices,
+                n,
+                directory,
+                chunk_size=cfg.data.global_batch_size,
+                log=log,
+            )
+            records += generated.records
+            write_generations(run.generations, records)
+            logger.log_metrics(generated.metrics, n, prefix="iteration")
+            pairs = write_pairs(directory, generated.pairs)
+            log(f"iteration {n}: {len(generated.pairs)} pairs from {len(indices)} prompts: {pairs}")
+            if len(generated.pairs) < cfg.data.global_batch_size:
+                log(
+                    f"iteration {n}: fewer pairs than a global batch: not trained on (the policy carries over)"
+                )
+                continue
+            result = run_training(iteration_config(cfg, n, policy, pairs))
+            if not result.finished:
+                return result
+            policy = str(export_policy(directory))
+        log(f"done: {cfg.online.iterations} iterations; the last policy is {policy}")
+        return result
+    finally:
+        logger.close()
+        lock.release()
+
+
+def iteration_step(
+    cfg: PreftuneConfig, policy: str, tokenizer: Any, prompts: PromptSet, info: DistInfo
+) -> OnlineStep:
+    """An iteration's generator and judge: ``policy`` (the starting model or the previous iteration's result)
+    sampling as ``online.*`` says."""
+    model_cfg = OmegaConf.merge(cfg.model, {"path": policy, "lora": {"r": 0, "init_from": None}})
+    lm = load_causal_lm(model_cfg, None).to(info.device)
+    return online_step(cfg, lm, tokenizer, prompts, info, output_dir=None)
+
+
+def iteration_config(cfg: PreftuneConfig, n: int, policy: str, pairs: Path) -> PreftuneConfig:
+    """The offline run of iteration ``n``: ``pairs`` from ``policy``, in ``iterations/NNN/train``; its
+    reference the starting model (``online.reference: initial``) or ``policy`` itself (``previous``: a null
+    reference.path is a frozen copy of the policy as it starts)."""
+    reference = cfg.reference.path  # iteration 1: the starting model either way
+    if n > 1:
+        reference = None if cfg.online.reference == "previous" else reference or cfg.model.path
+    return OmegaConf.merge(
+        cfg,
+        {
+            "output_dir": str(RunDir(cfg.output_dir).iteration(n) / "train"),
+            "model": {"path": policy},
+            "reference": {"path": reference},
+            "online": {"enabled": False, "iterations": None},
+            # auto: the pairs file is detected as tokenized, data.validation as whatever format it is in
+            "data": {"train": str(pairs), "format": "auto", "columns": ColumnsConfig()},
+        },
+    )
+
+
+def export_policy(directory: Path) -> Path:
+    """The iteration's trained policy as a model directory (LoRA merged), ``directory/policy`` (written under
+    a temporary name, then renamed)."""
+    policy = directory / "policy"
+    if not policy.is_dir():
+        tmp = directory / ".policy.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_checkpoint(Checkpointer(directory / "train").latest(), tmp, merge=True)
+        tmp.rename(policy)
+    return policy
 
 
 def load_training_data(
@@ -160,10 +272,18 @@ def load_online_data(cfg: PreftuneConfig, info: DistInfo) -> tuple[Any, PromptSe
 
 
 def online_step(
-    cfg: PreftuneConfig, model: DPOModel, tokenizer: Any, prompts: PromptSet, info: DistInfo
+    cfg: PreftuneConfig,
+    policy: nn.Module,
+    tokenizer: Any,
+    prompts: PromptSet,
+    info: DistInfo,
+    *,
+    root: nn.Module | None = None,
+    output_dir: Path | None,
 ) -> OnlineStep:
     """What turns each global batch of prompts into pairs: the policy's sampler and the judge (after
-    ``model.distribute``: under FSDP2 the sampler gathers the sharded root)."""
+    ``model.distribute``: under FSDP2 the sampler gathers the sharded ``root``); its lines go to
+    ``output_dir``'s generations.jsonl (None: kept by the caller)."""
     settings = OnlineSettings.from_config(cfg.online)
     judge = None
     if judge_is_set(cfg.judge):
@@ -171,26 +291,20 @@ def online_step(
             cfg.judge,
             dtype=DTYPES[cfg.model.dtype],
             device=info.device,
-            policy=causal_lm(model.policy),
+            policy=causal_lm(policy),
             policy_tokenizer=tokenizer,
         )
         log(f"judge: {judge.description}")
     generator = HFGenerator(
-        model.policy,
+        policy,
         settings.sampling,
         stop_ids=prompts.stop_ids,
         pad_id=tokenizer.eos_token_id,
-        root=model.policy_logprobs,
+        root=root,
         dist=info,
     )
     return OnlineStep(
-        settings,
-        generator,
-        judge,
-        tokenizer,
-        data_seed=cfg.data.seed,
-        dist=info,
-        output_dir=Path(cfg.output_dir),
+        settings, generator, judge, tokenizer, data_seed=cfg.data.seed, dist=info, output_dir=output_dir
     )
 
 
@@ -384,12 +498,26 @@ def build_trainer(
 def attach_online(
     trainer: DPOTrainer, cfg: PreftuneConfig, tokenizer: Any, prompts: PromptSet, info: DistInfo
 ) -> None:
-    """Online DPO: the trainer's batches are prompts, made into pairs each step; the reference scores each
-    completion once, then the step's pairs carry its log-probs."""
+    """Online DPO: the trainer's batches are prompts, made into pairs each step. The reference scores each
+    completion once: padded, before the step (the step's pairs carry its log-probs); packed / shared prompt, in
+    the step, on K-completion groups (each completion laid out once)."""
     model, collate = trainer.model, trainer.collate_fn
-    trainer.online = online_step(cfg, model, tokenizer, prompts, info)
-    trainer.reference_collate = None if model.loss.reference_free else collate
-    trainer.online_collate = collate if model.loss.reference_free else with_cached_reference(collate)
+    grouped = cfg.data.packing or cfg.data.share_prompt
+    trainer.online = online_step(
+        cfg,
+        model.policy,
+        tokenizer,
+        prompts,
+        info,
+        root=model.policy_logprobs,
+        output_dir=Path(cfg.output_dir),
+    )
+    trainer.reference_collate = None if model.loss.reference_free or grouped else collate
+    trainer.online_collate = collate if trainer.reference_collate is None else with_cached_reference(collate)
+    if grouped:
+        trainer.group_pairs = partial(
+            group_by_prompt, max_tokens=pack_length(cfg), share_prompt=cfg.data.share_prompt
+        )
     trainer.filler_pair = online_filler_pair(prompts[0], tokenizer.eos_token_id)
 
 

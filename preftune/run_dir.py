@@ -6,7 +6,9 @@
       config.yaml          the run's config, absolute paths (a re-run compares its schedule with it)
       metrics.jsonl        one timestamped record per logged step (train/, val/ metrics)
       samples.jsonl        greedy generations at each validation (trainer.samples)
-      generations.jsonl    generations of online training
+      generations.jsonl    generations of online training (iterative: of every iteration, with ``iteration``)
+      iterations/NNN/      iterative DPO, iteration NNN: chunks/ (its generations, written chunk by chunk),
+                           pairs.jsonl (the pairs it trains on), train/ (its offline run), policy/ (the result)
       trackers.json        the trackers' run ids and the last step sent to them
       tensorboard/         TensorBoard event files (logger.tensorboard)
       wandb/               W&B's local files (logger.wandb; W&B makes it inside the directory it is given)
@@ -52,6 +54,10 @@ class RunDir:
     @property
     def generations(self) -> Path:
         return self.root / "generations.jsonl"
+
+    def iteration(self, n: int) -> Path:
+        """Iterative DPO: iteration ``n``'s directory (``iterations/001`` for the first)."""
+        return self.root / "iterations" / f"{n:03d}"
 
     @property
     def trackers(self) -> Path:

@@ -109,7 +109,7 @@ class _Item:
     record: int
     line: int
     pair: dict[str, Any] | None
-    texts: tuple[str, str, str] | str
+    texts: tuple[str, str, str] | str | None  # None: a tokenized pair (no texts to encode)
 
 
 @dataclass
@@ -185,7 +185,7 @@ class _Reader(threading.Thread):
                 chunk.items.append(_Item(records, n, None, TIED))
             for pair in pairs:
                 try:
-                    texts = self.pair_tokenizer.texts(pair)
+                    texts = None if fmt == "tokenized" else self.pair_tokenizer.texts(pair)
                 except DataError as e:
                     raise DataError(f"{where}: {e}") from None
                 chunk.items.append(_Item(records, n, pair, texts))
@@ -220,6 +220,8 @@ class _Collector:
             example = item.texts
             if isinstance(example, tuple):
                 example = self.pair_tokenizer.finish(item.pair, next(encoded), next(encoded), next(encoded))
+            elif example is None:
+                example = self.pair_tokenizer.finish_ids(item.pair)
             if isinstance(example, dict):
                 self.store.add(example)
                 self.origins.extend((chunk.file_index, item.record, item.line))

@@ -95,6 +95,24 @@ class PairTokenizer:
             "rejected_reward": pair["rejected_reward"],
         }
 
+    def finish_ids(self, pair: dict[str, Any]) -> dict[str, Any] | str:
+        """The example of a tokenized pair: its ids as they are (no BOS or EOS added), truncated; or the
+        reason it is dropped."""
+        prompt, chosen, rejected = truncate(
+            pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"], self.max_seq_length, self.bos_id
+        )
+        if not chosen or not rejected:
+            return TRUNCATED_AWAY
+        if chosen == rejected:
+            return IDENTICAL
+        return {
+            "prompt_ids": prompt,
+            "chosen_ids": chosen,
+            "rejected_ids": rejected,
+            "chosen_reward": pair["chosen_reward"],
+            "rejected_reward": pair["rejected_reward"],
+        }
+
     def __call__(self, pair: dict[str, Any]) -> dict[str, Any] | str:
         """A tokenized example, or the reason it is dropped (one pair; ``preftune.data.pipeline`` batches)."""
         texts = self.texts(pair)

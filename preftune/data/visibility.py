@@ -1,8 +1,8 @@
 """Which token of a packed or shared-prompt row sees which: the one rule every mask and attention block
 follows (``visible``), the branch ids it reads, and the attention implementations that can lay such rows out.
 
-A row holds segments (one pair each); a segment holds a context (the prompt, seen by both responses) and the
-chosen and rejected branches (each seen only by itself). Imports no torch: ``visible`` works elementwise on
+A row holds segments (one pair, or one prompt's K responses, each); a segment holds a context (the prompt,
+seen by every response) and one branch per response (each seen only by itself). Imports no torch: ``visible`` works elementwise on
 whatever tensors (or numbers) it is given.
 """
 
@@ -16,7 +16,9 @@ from preftune.errors import ConfigError
 VARLEN = "preftune_varlen"  # no "sdpa" in the name: transformers would demand sdpa support (Gemma 2 lacks it)
 ATTENTION_IMPLEMENTATIONS = (VARLEN, "sdpa", "eager", "flex_attention")  # what packed rows can run on
 
-CONTEXT, CHOSEN, REJECTED = 0, 1, 2  # branches: the context is seen by both responses, a response by itself
+# Branches: the context (a shared prompt) is seen by every response after it; response j of a segment (a
+# pair's chosen: 0, rejected: 1) is branch RESPONSE + j and sees only itself and the context.
+CONTEXT, RESPONSE = 0, 1
 
 
 def visible(query: Sequence[Any], key: Sequence[Any], q: Any, k: Any, window: int | None) -> Any:

@@ -25,13 +25,13 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 
 from preftune.data.batch import Block
-from preftune.data.visibility import CHOSEN, VARLEN, visible
+from preftune.data.visibility import RESPONSE, VARLEN, visible
 
 
 def visible_keys(num_context: int, num_queries: int, window: int | None, device: torch.device) -> Tensor:
     """Boolean [queries, context + queries] mask of one block: its context, then its queries (a response)."""
     offsets = torch.arange(num_context + num_queries, device=device)
-    ids = (torch.zeros_like(offsets), (offsets >= num_context).long() * CHOSEN, offsets)
+    ids = (torch.zeros_like(offsets), (offsets >= num_context).long() * RESPONSE, offsets)
     query = [t[num_context:, None] for t in ids]
     key = [t[None, :] for t in ids]
     return visible(query, key, query[2], key[2], window)

@@ -163,7 +163,8 @@ def causal_lm(model: nn.Module) -> PreTrainedModel:
 
 class SequenceLogprobs(nn.Module):
     """Runs a causal LM on a ``MicroBatch`` and returns per-sequence summed response log-probs and response
-    token counts, [2P] each (chosen of every pair, then rejected). It is the module DDP wraps and FSDP2
+    token counts, [2P] each (chosen of every pair, then rejected; a response of a K-completion group that is in
+    several pairs is computed once and repeated). It is the module DDP wraps and FSDP2
     shards, so the forward goes through their hooks.
 
     One forward over the whole micro-batch; the lm-head runs only on the hidden states that predict a
@@ -224,7 +225,11 @@ class SequenceLogprobs(nn.Module):
             chunk_size=auto_chunk_size(head.weight.shape[0]) if self.chunk_size is None else self.chunk_size,
             softcap=getattr(config, "final_logit_softcapping", None),
         )
-        num_sequences = 2 * batch.num_pairs
+        num_sequences = batch.sequence_count()
         logps = torch.zeros(num_sequences, device=token_lp.device, dtype=torch.float32)
         logps = logps.index_add(0, batch.sequence_index, token_lp)
-        return logps, torch.bincount(batch.sequence_index, minlength=num_sequences)
+        counts = torch.bincount(batch.sequence_index, minlength=num_sequences)
+        if batch.pair_sequences is not None:  # K-completion groups: each pair's two responses, computed once
+            order = batch.pair_sequences.flatten()
+            logps, counts = logps[order], counts[order]
+        return logps, counts

@@ -31,6 +31,11 @@ def load_tokenizer(cfg: PreftuneConfig) -> Any:
     return tokenizer
 
 
+def pack_length(cfg: PreftuneConfig) -> int:
+    """A packed row's token budget (``data.pack_length``, default two sequences' worth)."""
+    return cfg.data.pack_length or 2 * cfg.data.max_seq_length
+
+
 def micro_batch_layout(
     cfg: PreftuneConfig, dataset: PreferenceDataset, model: DPOModel, eos_id: int, device: torch.device
 ) -> tuple[Any, Callable[[Sequence[dict]], list[MicroBatch]]]:
@@ -41,7 +46,7 @@ def micro_batch_layout(
             dataset,
             model.policy.config,
             eos_id=eos_id,
-            pack_length=cfg.data.pack_length or 2 * cfg.data.max_seq_length,
+            pack_length=pack_length(cfg),
             pack=cfg.data.packing,
             share_prompt=cfg.data.share_prompt,
             rows_per_micro_batch=cfg.data.micro_batch_size,

@@ -56,6 +56,9 @@ class OnlineBatch:
     pairs: list[dict[str, Any]]  # tokenized pairs, as a dataset gives them (plus completion keys)
     total_pairs: int  # over every rank
     metrics: dict[str, float]
+    records: list[dict[str, Any]]  # every rank's generations.jsonl lines, by prompt index
+    counts: StepCounts  # the sums behind ``metrics``, over every rank
+    generation_time: float  # seconds, the slowest rank
 
 
 class OnlineStep:
@@ -126,11 +129,11 @@ class OnlineStep:
             )
         gathered = gather_objects((records, counts, generation_time), self.dist)
         total = StepCounts.merge([g[1] for g in gathered])
+        everyone = sorted((r for g in gathered for r in g[0]), key=lambda r: r["index"])
         if self.output_dir is not None and self.dist.is_main:
-            everyone = sorted((r for g in gathered for r in g[0]), key=lambda r: r["index"])
             append_generations(self.output_dir, everyone)
-        metrics = total.metrics(max(g[2] for g in gathered))
-        return OnlineBatch(pairs, total.pairs, metrics)
+        seconds = max(g[2] for g in gathered)
+        return OnlineBatch(pairs, total.pairs, total.metrics(seconds), everyone, total, seconds)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

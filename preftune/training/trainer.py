@@ -188,6 +188,10 @@ class DPOTrainer:
         """Online: lays out the step's pairs (with a reference: carrying their ``ref_logps``)."""
         self.reference_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
         """Online with a reference: lays out the completions the reference scores."""
+        self.group_pairs: Callable[[list[dict]], list[dict]] | None = None
+        """Online, packed or with a shared prompt: turns the step's pairs into K-completion groups (each
+        prompt's responses once, ``preftune.data.packing.group_by_prompt``) for ``online_collate``; the
+        reference then runs in the step, on the same rows."""
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -296,8 +300,11 @@ class DPOTrainer:
             self.optimizer.step()  # over no gradients (nothing changes), so the scheduler steps in order
             self.scheduler.step()
             return {**batch.metrics, "lr": lr, "tokens": 0, "pairs": 0}
-        pairs = self.attach_reference(batch.pairs)
-        metrics = self.train_single_step(pairs, batch.total_pairs, self.online_collate)
+        if self.group_pairs is not None:  # each prompt's responses laid out once; the step runs the reference
+            items = self.group_pairs(batch.pairs)
+        else:
+            items = self.attach_reference(batch.pairs)
+        metrics = self.train_single_step(items, batch.total_pairs, self.online_collate)
         return {**metrics, **batch.metrics, "pairs": batch.total_pairs}
 
     @torch.no_grad()
