@@ -54,6 +54,7 @@ def test_lc_equals_an_independent_grid_maximum_likelihood_fit():
     outcomes = rng.choice([0.0, 0.5, 1.0], n, p=[0.35, 0.15, 0.5]).tolist()
     x = np.tanh((policy - reference) / (policy - reference).std())
     y = np.array(outcomes)
+
     def best(a_values: np.ndarray, b_values: np.ndarray) -> tuple[float, float]:
         a, b = np.meshgrid(a_values, b_values, indexing="ij")
         z = a[..., None] + b[..., None] * x

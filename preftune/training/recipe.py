@@ -26,22 +26,24 @@ from preftune.data.sampler import GlobalBatchSampler
 from preftune.data.tokenize import tokenizer_fingerprint
 from preftune.modeling.hub import local_model_dir
 from preftune.modeling.layout_check import check_layout
+from preftune.modeling.logprobs import causal_lm
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference_cache import (
     ReferenceCache,
-    model_fingerprint,
     precompute_reference,
+    reference_model_fingerprint,
     with_cached_reference,
 )
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import parameter_summary, quiet_libraries
 from preftune.training.distributed import DistInfo, env_rank, init_distributed, main_rank_first
+from preftune.training.judged import JudgedValidation, prepare_judged_validation
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
 from preftune.training.retention import Retention
 from preftune.training.run_lock import lock_output_dir
-from preftune.training.samples import append_samples, generate_samples, truncate_samples_after
+from preftune.training.samples import append_jsonl, greedy_generate, sample_rows, truncate_jsonl_after
 from preftune.training.timer import RunTimer
 from preftune.training.trackers import open_trackers
 from preftune.training.trainer import DPOTrainer, resolve_max_steps
@@ -162,27 +164,45 @@ def load_training_data(
     return tokenizer, train_set, val_set
 
 
-def sample_generations(
+def validation_generations(
     cfg: DictConfig,
     model: DPOModel,
     tokenizer: Any,
     val_set: PreferenceDataset | None,
     logger: MetricsLogger,
-) -> Callable[[int], None] | None:
-    """What the trainer calls after each validation (given the step) to write greedy generations for the
-    first ``trainer.samples.num_prompts`` validation prompts; None when off."""
-    num_prompts = min(cfg.trainer.samples.num_prompts, len(val_set) if val_set is not None else 0)
-    if num_prompts == 0:
+    judged: JudgedValidation | None,
+) -> Callable[[int], dict[str, float]] | None:
+    """What the trainer calls at each validation (given the step): the policy's greedy generations for the
+    first validation prompts, the first ``trainer.samples.num_prompts`` of them written as samples, the first
+    ``trainer.judge_prompts`` judged against the reference's (returns their ``val/`` metrics); None when off."""
+    num_samples = min(cfg.trainer.samples.num_prompts, len(val_set) if val_set is not None else 0)
+    num_judged = len(judged.examples) if judged is not None else 0
+    if max(num_samples, num_judged) == 0:
         return None
-    prompts = [val_set[i] for i in range(num_prompts)]
+    prompts = [val_set[i]["prompt_ids"] for i in range(max(num_samples, num_judged))]
+    output_dir = Path(cfg.output_dir)
 
-    def sample(step: int) -> None:  # every rank generates; rank 0 writes
-        rows = generate_samples(model, tokenizer, prompts, cfg.trainer.samples.max_new_tokens, step)
+    def generate(step: int) -> dict[str, float]:  # every rank generates and judges; rank 0 writes
+        generations = greedy_generate(
+            causal_lm(model.policy),
+            prompts,
+            cfg.trainer.samples.max_new_tokens,
+            tokenizer.eos_token_id,
+            root=model.policy_logprobs,
+        )
+        if num_samples:
+            rows = sample_rows(tokenizer, [val_set[i] for i in range(num_samples)], generations, step)
+            if model.dist.is_main:
+                append_jsonl(output_dir / "samples.jsonl", rows)
+                logger.send("log_samples", rows, step)
+        if judged is None:
+            return {}
+        metrics, rows = judged(generations[:num_judged], tokenizer, step)
         if model.dist.is_main:
-            append_samples(Path(cfg.output_dir), rows)
-            logger.send("log_samples", rows, step)
+            append_jsonl(output_dir / "judged.jsonl", rows)
+        return metrics
 
-    return sample
+    return generate
 
 
 def check_packed_layout(cfg: DictConfig, model: DPOModel, info: DistInfo) -> None:
@@ -214,10 +234,7 @@ def cache_reference(
         [train_set, val_set],
         collate,
         Path(cfg.output_dir) / "cache" / "reference",
-        model_fingerprint=model_fingerprint(
-            local_model_dir(cfg.reference.path or cfg.model.path),
-            cfg.model.dtype + "+nf4" * (cfg.model.load_in_4bit and cfg.reference.path is None),
-        ),
+        model_fingerprint=reference_model_fingerprint(cfg.model, cfg.reference.path),
         batch_pairs=cfg.data.global_batch_size,
     )
     for cache in (c for c in (train_set, val_set) if c is not None):
@@ -272,10 +289,11 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         log(finished.message())
         return TrainResult(finished.val_metrics, finished=True)
 
-    # Model: the policy and its reference (built before any checkpoint is restored), then the newest
-    # checkpoint's weights, then DDP/FSDP2, then the reference's cached log-probs, then the optimizer.
+    # Model: the policy and its reference (built before any checkpoint is restored; the reference's judged
+    # generations are made then, or loaded), then the newest checkpoint's weights, then DDP/FSDP2, then the reference's cached log-probs, then the optimizer.
     model = DPOModel.from_config(cfg).to(info.device)
     check_packed_layout(cfg, model, info)
+    judged = prepare_judged_validation(cfg, model, tokenizer, val_set, write=info.is_main, log=log)
     train_set, collate = micro_batch_layout(cfg, train_set, model, tokenizer.eos_token_id, info.device)
     checkpointer = Checkpointer(output_dir, tokenizer, Retention.from_config(cfg.trainer))
     latest = checkpointer.resume_point(warn=log)
@@ -310,8 +328,9 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     logger.truncate_after(-1 if resume_step is None else resume_step)
     if info.is_main:  # a tracker that cannot start stops the run here, before any training
         logger.attach(*open_trackers(cfg, output_dir, resume_step))
-        truncate_samples_after(output_dir, -1 if resume_step is None else resume_step)
-    trainer.on_validation = sample_generations(cfg, model, tokenizer, val_set, logger)
+        for name in ("samples.jsonl", "judged.jsonl"):
+            truncate_jsonl_after(output_dir / name, -1 if resume_step is None else resume_step)
+    trainer.on_validation = validation_generations(cfg, model, tokenizer, val_set, logger, judged)
 
     log(start_line(cfg, info, model, trainer))
     log(parameter_summary(model))

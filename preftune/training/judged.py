@@ -1,0 +1,215 @@
+"""Judged validation (``trainer.judge_prompts``): the policy's greedy generations for the first N validation
+prompts against the reference's, scored by the judge (``judge.*``).
+
+The reference's generations are made once per run: by the model the reference is (``reference.path``; else
+the starting policy, for LoRA with its adapters off; for a reference-free loss too), before any checkpoint
+is restored, and cached in ``output_dir/cache/judge_reference/`` under a fingerprint of that model's weights,
+the prompts' token ids and the generation length, so a resumed run and ``preftune eval`` load them. Each
+validation then logs (``val/`` prefix):
+
+- ``judge_reward`` / ``judge_reward_reference``: the mean judged reward of the policy's / reference's
+  generations (prompts the judge could not score left out);
+- ``win_rate``: the share of prompts whose policy generation beats the reference's, ties half: pairwise for
+  an LLM judge (its ``compare``, asked in both orders), else by comparing the two rewards;
+- ``lc_win_rate`` and ``length_ratio``: see ``preftune.training.win_rate``.
+
+Generation is greedy and does not touch the RNG; the judge scores what the samples show. Prompts reach the
+judge as the decoded prompt tokens (the chat template's text included, special tokens left out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.data.checked_file import load_checked, save_checked
+from preftune.modeling.logprobs import causal_lm, is_peft
+from preftune.modeling.model import DPOModel
+from preftune.modeling.reference import FrozenReference
+from preftune.modeling.reference_cache import reference_model_fingerprint
+from preftune.training.samples import decode_generation, greedy_generate
+from preftune.training.win_rate import lc_win_rate, length_ratio, score_outcomes, win_rate
+
+CACHE_VERSION = 1  # bump when the generation changes: every cached file becomes stale
+
+
+@contextlib.contextmanager
+def reference_lm(model: DPOModel) -> Iterator[torch.nn.Module]:
+    """The causal LM the reference's generations come from (call before a checkpoint is restored): a
+    separate reference model, else the policy (for LoRA with its adapters off)."""
+    if isinstance(model.reference, FrozenReference):
+        yield causal_lm(model.reference.model)
+    elif is_peft(model.policy):
+        with model.policy.disable_adapter():
+            yield causal_lm(model.policy)
+    else:
+        yield causal_lm(model.policy)
+
+
+def generate_reference(
+    model: DPOModel, prompts: list[list[int]], max_new_tokens: int, eos_id: int
+) -> list[list[int]]:
+    """The reference's greedy generations for ``prompts``."""
+    with reference_lm(model) as lm:
+        return greedy_generate(lm, prompts, max_new_tokens, eos_id)
+
+
+def reference_generations(
+    cfg: Any,
+    model: DPOModel,
+    prompts: list[list[int]],
+    eos_id: int,
+    *,
+    write: bool,
+    log: Any = print,
+) -> list[list[int]]:
+    """The reference's generations for ``prompts``: loaded from ``output_dir/cache/judge_reference`` or made
+    (and saved there when ``write``, rank 0)."""
+    max_new_tokens = cfg.trainer.samples.max_new_tokens
+    reference_path = None if model.loss.reference_free else cfg.reference.path
+    key = json.dumps(
+        [
+            CACHE_VERSION,
+            reference_model_fingerprint(cfg.model, reference_path),
+            prompts,
+            max_new_tokens,
+            eos_id,
+        ]
+    )
+    path = (
+        Path(cfg.output_dir)
+        / "cache"
+        / "judge_reference"
+        / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+    )
+    cached = load_checked(path)
+    if cached is not None:
+        log(f"judged validation: the reference's {len(prompts)} generations loaded from {path}")
+        return cached
+    generations = generate_reference(model, prompts, max_new_tokens, eos_id)
+    if write:
+        save_checked(generations, path)
+    log(f"judged validation: the reference's {len(prompts)} generations made, cached in {path}")
+    return generations
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What the judge said of the policy's and the reference's generations, per prompt."""
+
+    rewards: list[float]
+    reference_rewards: list[float]
+    outcomes: list[float]  # 1.0 policy wins, 0.0 reference wins, 0.5 tie, NaN unjudged
+    lengths: list[int]
+    reference_lengths: list[int]
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "judge_reward": nan_mean(self.rewards),
+            "judge_reward_reference": nan_mean(self.reference_rewards),
+            "win_rate": win_rate(self.outcomes),
+            "lc_win_rate": lc_win_rate(self.outcomes, self.lengths, self.reference_lengths),
+            "length_ratio": length_ratio(self.lengths, self.reference_lengths),
+        }
+
+
+def nan_mean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def judge_generations(
+    judge: Any, prompts: list[str], policy: list[list[int]], reference: list[list[int]], tokenizer: Any
+) -> tuple[Judgement, list[str], list[str]]:
+    """Score both sides' generations (token ids); compare them pairwise when the judge can (an LLM judge,
+    both orders), else by reward. Returns the judgement and the two sides' texts."""
+    texts = [decode_generation(tokenizer, ids) for ids in policy]
+    reference_texts = [decode_generation(tokenizer, ids) for ids in reference]
+    rewards = judge.score(prompts, texts, policy).rewards
+    reference_rewards = judge.score(prompts, reference_texts, reference).rewards
+    compare = getattr(judge, "compare", None)
+    outcomes = (
+        list(compare(prompts, texts, reference_texts).outcomes)
+        if compare is not None
+        else score_outcomes(rewards, reference_rewards)
+    )
+    judgement = Judgement(
+        rewards, reference_rewards, outcomes, [len(ids) for ids in policy], [len(ids) for ids in reference]
+    )
+    return judgement, texts, reference_texts
+
+
+def judged_rows(
+    step: int, prompts: list[str], judgement: Judgement, texts: list[str], reference_texts: list[str]
+) -> list[dict[str, Any]]:
+    """One ``judged.jsonl`` record per prompt: both generations side by side with their rewards."""
+    return [
+        {
+            "step": step,
+            "prompt": prompts[i],
+            "generation": texts[i],
+            "reference": reference_texts[i],
+            "reward": judgement.rewards[i],
+            "reference_reward": judgement.reference_rewards[i],
+            "outcome": judgement.outcomes[i],
+            "num_tokens": judgement.lengths[i],
+            "reference_num_tokens": judgement.reference_lengths[i],
+        }
+        for i in range(len(prompts))
+    ]
+
+
+@dataclass(frozen=True)
+class JudgedValidation:
+    """What judging a validation needs: the judge, the first N validation pairs (their prompts decoded for
+    the judge) and the reference's generations for them."""
+
+    judge: Any
+    examples: list[dict[str, Any]]
+    prompts: list[str]
+    reference: list[list[int]]
+
+    def __call__(
+        self, generations: list[list[int]], tokenizer: Any, step: int
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """The ``val/`` metrics of the policy's generations for ``examples`` and their ``judged.jsonl`` rows."""
+        judgement, texts, reference_texts = judge_generations(
+            self.judge, self.prompts, generations, self.reference, tokenizer
+        )
+        return judgement.metrics(), judged_rows(step, self.prompts, judgement, texts, reference_texts)
+
+
+def prepare_judged_validation(
+    cfg: Any, model: DPOModel, tokenizer: Any, val_set: Any, *, write: bool, log: Any = print
+) -> JudgedValidation | None:
+    """With ``trainer.judge_prompts`` > 0 and validation data: the judge (built without touching the RNG) and
+    the reference's generations. Call before a checkpoint is restored into ``model`` (they are the starting
+    model's when not cached). None: judging is off."""
+    from preftune.modeling.judges import build_judge, judge_is_set
+    from preftune.modeling.model import DTYPES
+
+    num = min(cfg.trainer.judge_prompts, len(val_set) if val_set is not None else 0)
+    if num == 0 or not judge_is_set(cfg.judge):
+        return None
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        judge = build_judge(
+            cfg.judge,
+            dtype=DTYPES[cfg.model.dtype],
+            device=model.device,
+            policy=causal_lm(model.policy),
+            policy_tokenizer=tokenizer,
+        )
+    log(f"judged validation: {num} prompts, judge: {judge.description}")
+    examples = [val_set[i] for i in range(num)]
+    prompt_ids = [example["prompt_ids"] for example in examples]
+    reference = reference_generations(cfg, model, prompt_ids, tokenizer.eos_token_id, write=write, log=log)
+    prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
+    return JudgedValidation(judge, examples, prompts, reference)
