@@ -46,6 +46,11 @@ TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "trainer.val_check_interval": (NUMBER, False),
     "trainer.limit_val_batches": (NUMBER, False),
     "trainer.gradient_clip_val": (NUMBER, True),
+    "judge.function": ((str, list), True),
+    "judge.weights": ((list,), True),
+    "judge.reward_model": ((str,), True),
+    "judge.llm.path": ((str,), True),
+    "judge.llm.template": ((str,), True),
 }
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
 
@@ -166,6 +171,11 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
         layer_windows(model_config)  # a ConfigError for what packed rows cannot lay out
     if cfg.reference.path is not None and not tokenizer_only:
         _model_config({**cfg.model, "path": cfg.reference.path}, "reference.path", tokenizer_only=False)
+    if not tokenizer_only:
+        from preftune.modeling.judges import check_judge, judge_is_set
+
+        if judge_is_set(cfg.judge):
+            check_judge(cfg.judge)  # resolves the reward functions, reads the judge model's config
     if cfg.model.lora.r > 0 and importlib.util.find_spec("peft") is None:
         raise ConfigError("model.lora.r > 0 needs peft: pip install 'preftune[lora]'")
     if env_world_size() > 1:
@@ -226,6 +236,7 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
     cfg.model.path = _absolute_if_local(cfg.model.path)
     if cfg.reference.path is not None:
         cfg.reference.path = _absolute_if_local(cfg.reference.path)
+    _absolute_judge_paths(cfg.judge)
     for key in ("train", "validation"):
         sources = cfg.data[key]
         if isinstance(sources, ListConfig):
@@ -234,6 +245,28 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
         elif sources is not None:
             cfg.data[key] = _absolute_source(sources)
     return cfg
+
+
+def _absolute_judge_paths(judge: DictConfig) -> None:
+    """The judge's local files made absolute: reward-function files, models, a template file."""
+    from preftune.modeling.judges import POLICY
+
+    if isinstance(judge.function, str):
+        judge.function = _absolute_function(judge.function)
+    elif judge.function is not None:
+        judge.function = [_absolute_function(spec) for spec in judge.function]
+    if judge.reward_model is not None:
+        judge.reward_model = _absolute_if_local(judge.reward_model)
+    if judge.llm.path is not None and judge.llm.path != POLICY:
+        judge.llm.path = _absolute_if_local(judge.llm.path)
+    if judge.llm.template is not None and "{completion}" not in judge.llm.template:
+        judge.llm.template = _absolute_if_local(judge.llm.template)
+
+
+def _absolute_function(spec: str) -> str:
+    """``file.py:name`` with the file's path made absolute (``package.module:name`` stays as it is)."""
+    where, sep, name = spec.rpartition(":")
+    return f"{_absolute_if_local(where)}:{name}" if sep and where.endswith(".py") else spec
 
 
 def _absolute_source(source: Any) -> Any:
