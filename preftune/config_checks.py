@@ -139,6 +139,7 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use one of {', '.join(OPTIMIZERS)}")
     if cfg.optim.sched.name not in SCHEDULES:
         raise ConfigError(f"optim.sched.name={cfg.optim.sched.name!r}: use one of {', '.join(SCHEDULES)}")
+    _check_judged_validation(cfg)
     attention = packed_attention(cfg)
     if cfg.model.compile and attention == VARLEN:
         raise ConfigError(
@@ -156,6 +157,20 @@ def check_settings(cfg: DictConfig) -> None:
                 f"data.pack_length={data.pack_length}: a pair can take 2 x data.max_seq_length = "
                 f"{2 * data.max_seq_length} tokens; raise data.pack_length or lower data.max_seq_length"
             )
+
+
+def _check_judged_validation(cfg: DictConfig) -> None:
+    """``trainer.judge_prompts``: a count, and a judge to score them."""
+    from preftune.modeling.judges import judge_is_set
+
+    num = cfg.trainer.judge_prompts
+    if num < 0:
+        raise ConfigError(f"trainer.judge_prompts={num}: use a number of validation prompts >= 0 (0: off)")
+    if num > 0 and not judge_is_set(cfg.judge):
+        raise ConfigError(
+            f"trainer.judge_prompts={num} needs a judge: set judge.function, judge.reward_model or "
+            "judge.llm.path (or trainer.judge_prompts=0)"
+        )
 
 
 def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from preftune.data.checked_file import load_checked, save_checked
+from preftune.modeling.judges import build_judge, judge_is_set
 from preftune.modeling.logprobs import causal_lm, is_peft
-from preftune.modeling.model import DPOModel
+from preftune.modeling.model import DTYPES, DPOModel
 from preftune.modeling.reference import FrozenReference
 from preftune.modeling.reference_cache import reference_model_fingerprint
 from preftune.training.samples import decode_generation, greedy_generate
@@ -74,22 +75,10 @@ def reference_generations(
     """The reference's generations for ``prompts``: loaded from ``output_dir/cache/judge_reference`` or made
     (and saved there when ``write``, rank 0)."""
     max_new_tokens = cfg.trainer.samples.max_new_tokens
-    reference_path = None if model.loss.reference_free else cfg.reference.path
-    key = json.dumps(
-        [
-            CACHE_VERSION,
-            reference_model_fingerprint(cfg.model, reference_path),
-            prompts,
-            max_new_tokens,
-            eos_id,
-        ]
-    )
-    path = (
-        Path(cfg.output_dir)
-        / "cache"
-        / "judge_reference"
-        / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
-    )
+    fingerprint = reference_model_fingerprint(cfg.model, cfg.reference.path)  # null for reference-free losses
+    key = json.dumps([CACHE_VERSION, fingerprint, prompts, max_new_tokens, eos_id])
+    name = hashlib.sha256(key.encode()).hexdigest()[:24]
+    path = Path(cfg.output_dir) / "cache" / "judge_reference" / f"{name}.pt"
     cached = load_checked(path)
     if cached is not None:
         log(f"judged validation: the reference's {len(prompts)} generations loaded from {path}")
@@ -193,9 +182,6 @@ def prepare_judged_validation(
     """With ``trainer.judge_prompts`` > 0 and validation data: the judge (built without touching the RNG) and
     the reference's generations. Call before a checkpoint is restored into ``model`` (they are the starting
     model's when not cached). None: judging is off."""
-    from preftune.modeling.judges import build_judge, judge_is_set
-    from preftune.modeling.model import DTYPES
-
     num = min(cfg.trainer.judge_prompts, len(val_set) if val_set is not None else 0)
     if num == 0 or not judge_is_set(cfg.judge):
         return None

@@ -191,7 +191,9 @@ def validation_generations(
             root=model.policy_logprobs,
         )
         if num_samples:
-            rows = sample_rows(tokenizer, [val_set[i] for i in range(num_samples)], generations, step)
+            rows = sample_rows(
+                tokenizer, [val_set[i] for i in range(num_samples)], generations[:num_samples], step
+            )
             if model.dist.is_main:
                 append_jsonl(output_dir / "samples.jsonl", rows)
                 logger.send("log_samples", rows, step)

@@ -1,0 +1,109 @@
+"""Judged validation (``trainer.judge_prompts``): the same training trajectory with judging on or off, the
+logged metrics recomputed from the judged generations, the reference's generations made once per run (a
+resume loads them) and equal to the base model's own greedy answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from test_samples import greedy
+
+from preftune.training import judged
+from preftune.training.win_rate import lc_win_rate, length_ratio, score_outcomes, win_rate
+
+from conftest import records, run
+
+pytestmark = pytest.mark.slow
+
+JUDGE = '''
+def length(prompts, completions, **kwargs):
+    """Longer is better: a judge with a length bias."""
+    return [float(len(c.split())) for c in completions]
+'''
+
+
+@pytest.fixture
+def judge_file(tmp_path):
+    path = tmp_path / "judge.py"
+    path.write_text(JUDGE)
+    return f"{path}:length"
+
+
+def base_greedy(model_dir, prompt: str, max_new_tokens: int) -> tuple[str, int]:
+    """The base model's greedy answer from transformers directly, a cut multi-byte character dropped."""
+    text, num_tokens = greedy(model_dir, prompt, max_new_tokens)
+    return text.rstrip("\ufffd"), num_tokens
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_judging_leaves_the_trajectory_unchanged(tmp_path, tiny_model_dir, pair_files, judge_file):
+    model_dir = tiny_model_dir("llama")
+    common = ("trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.samples.max_new_tokens=6")
+    _, off = run(tmp_path, "off", model_dir, pair_files, *common)
+    judging = (f"judge.function={judge_file}", "trainer.judge_prompts=5", "trainer.samples.num_prompts=2")
+    _, on = run(tmp_path, "on", model_dir, pair_files, *common, *judging)
+    a, b = records(off, "train"), records(on, "train")
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for step in a:
+        for key in ("train/loss", "train/grad_norm", "train/acc"):
+            assert a[step][key] == b[step][key], (step, key)
+    assert records(off, "val")[4]["val/loss"] == records(on, "val")[4]["val/loss"]
+
+    rows = read_jsonl(on / "judged.jsonl")
+    assert [r["step"] for r in rows] == [0] * 5 + [2] * 5 + [4] * 5
+    first_two = {r["prompt"] for r in rows[:2]}
+    samples = read_jsonl(on / "samples.jsonl")  # the samples are the first judged generations
+    assert [s["generation"] for s in samples] == [r["generation"] for r in rows if r["prompt"] in first_two]
+    for step, val in records(on, "val").items():
+        judged_rows = [r for r in rows if r["step"] == step]
+        for row in judged_rows:
+            assert row["reward"] == len(row["generation"].split())  # the judge's number, unaltered
+            assert row["reference_reward"] == len(row["reference"].split())
+        outcomes = score_outcomes(
+            [r["reward"] for r in judged_rows], [r["reference_reward"] for r in judged_rows]
+        )
+        lengths = [r["num_tokens"] for r in judged_rows], [r["reference_num_tokens"] for r in judged_rows]
+        assert [r["outcome"] for r in judged_rows] == outcomes
+        assert val["val/win_rate"] == win_rate(outcomes)
+        assert val["val/lc_win_rate"] == pytest.approx(lc_win_rate(outcomes, *lengths), abs=1e-12)
+        assert val["val/length_ratio"] == length_ratio(*lengths)
+        assert val["val/judge_reward"] == pytest.approx(sum(r["reward"] for r in judged_rows) / 5)
+        assert val["val/judge_reward_reference"] == pytest.approx(
+            sum(r["reference_reward"] for r in judged_rows) / 5
+        )
+    step0 = records(on, "val")[0]  # the step-0 policy is the reference: every prompt a tie
+    assert step0["val/win_rate"] == 0.5 and step0["val/length_ratio"] == 1.0
+    assert step0["val/lc_win_rate"] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_reference_generations_made_once_per_run(
+    tmp_path, tiny_model_dir, pair_files, judge_file, monkeypatch
+):
+    calls = []
+    real = judged.generate_reference
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(judged, "generate_reference", counted)
+    model_dir = tiny_model_dir("llama")
+    common = (f"judge.function={judge_file}", "trainer.judge_prompts=3", "trainer.samples.max_new_tokens=5")
+    _, out = run(tmp_path, "run", model_dir, pair_files, "trainer.max_steps=2", *common)
+    assert len(calls) == 1
+    _, out = run(tmp_path, "run", model_dir, pair_files, "trainer.max_steps=4", *common)  # resumes at step 2
+    assert len(calls) == 1, "the resumed run loads the reference's generations"
+    rows = read_jsonl(out / "judged.jsonl")
+    assert [r["step"] for r in rows] == [0] * 3 + [2] * 3 + [4] * 3
+    assert len({(r["prompt"], r["reference"]) for r in rows}) == 3  # the same reference at every step
+    validation = read_jsonl(pair_files["validation"])
+    whole = [(r, p) for r, p in zip(rows[:3], validation, strict=False) if r["prompt"].strip() == p["prompt"]]
+    assert len(whole) == 2  # the other prompt was cut to data.max_seq_length
+    for row, pair in whole:
+        assert (row["reference"], row["reference_num_tokens"]) == base_greedy(model_dir, pair["prompt"], 5)
+    assert math.isfinite(records(out, "val")[4]["val/lc_win_rate"])
