@@ -70,9 +70,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from preftune.tools.evaluate import run_eval
+    from preftune.tools.evaluate import run_eval, run_eval_all
 
-    return run_eval(load_config(args.config, args.overrides), args.checkpoint, args.json)
+    cfg = load_config(args.config, args.overrides)
+    if args.all_checkpoints:
+        return run_eval_all(cfg, args.all_checkpoints, args.json)
+    return run_eval(cfg, args.checkpoint, args.json)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -127,11 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.format=trl")
     inspect.set_defaults(run=_inspect)
     evaluate = sub.add_parser(
-        "eval", help="validation metrics of a checkpoint (or of model.path) on the configured validation data"
+        "eval",
+        help="validation metrics (judged ones with a judge) of a checkpoint, of model.path, or of every "
+        "checkpoint of a run",
     )
     evaluate.add_argument("--config", required=True, help="YAML config file (the run's config.yaml works)")
-    evaluate.add_argument("--checkpoint", help="output_dir/checkpoints/step_N; omitted: model.path itself")
-    evaluate.add_argument("--json", help="also write the metrics as JSON to this path")
+    which = evaluate.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="output_dir/checkpoints/step_N; omitted: model.path itself")
+    which.add_argument(
+        "--all-checkpoints",
+        metavar="RUN_DIR",
+        help="every checkpoint of the run in step order (resumable: results kept in RUN_DIR/eval_checkpoints.json)",
+    )
+    evaluate.add_argument("--json", help="also write the metrics (the table) as JSON to this path")
     evaluate.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides, e.g. data.validation=f.jsonl"
     )

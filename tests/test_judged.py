@@ -107,3 +107,71 @@ def test_reference_generations_made_once_per_run(
     for row, pair in whole:
         assert (row["reference"], row["reference_num_tokens"]) == base_greedy(model_dir, pair["prompt"], 5)
     assert math.isfinite(records(out, "val")[4]["val/lc_win_rate"])
+
+
+def test_eval_judges_and_all_checkpoints_resume(
+    tmp_path, tiny_model_dir, pair_files, judge_file, monkeypatch, capsys
+):
+    """``preftune eval`` of the final checkpoint repeats the run's last judged validation (the reference's
+    generations read from the run's cache) and checks the judge on the pairs; ``--all-checkpoints``
+    interrupted after one checkpoint goes on without redoing it."""
+    from preftune.cli import main
+    from preftune.tools import evaluate
+
+    judging = (f"judge.function={judge_file}", "trainer.judge_prompts=4", "trainer.samples.max_new_tokens=5")
+    steps = ("trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.save_interval=2")
+    _, out = run(tmp_path, "run", tiny_model_dir("llama"), pair_files, *steps, *judging)
+    config = str(out / "config.yaml")
+    reference_calls = []
+    monkeypatch.setattr(judged, "generate_reference", lambda *a, **k: reference_calls.append(1))
+    report = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--config",
+                config,
+                "--checkpoint",
+                str(out / "checkpoints/step_4"),
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads(report.read_text())["metrics"]
+    last = records(out, "val")[4]
+    for key in ("win_rate", "lc_win_rate", "length_ratio", "judge_reward", "judge_reward_reference"):
+        assert metrics[key] == pytest.approx(last[f"val/{key}"], abs=1e-9), key
+    assert reference_calls == []
+    # the judge on the data's pairs: chosen longer (in words) than rejected, ties wrong
+    validation = read_jsonl(pair_files["validation"])
+    longer = [len(p["chosen_response"].split()) > len(p["rejected_response"].split()) for p in validation]
+    assert metrics["judge_pairs"] == 16 and metrics["judge_pair_acc"] == sum(longer) / 16
+
+    evaluated = []
+    real = evaluate.Evaluation.metrics
+
+    def interrupted_after_one(self, path):
+        if evaluated:
+            raise KeyboardInterrupt
+        evaluated.append(path.name)
+        return real(self, path)
+
+    monkeypatch.setattr(evaluate.Evaluation, "metrics", interrupted_after_one)
+    assert main(["eval", "--config", config, "--all-checkpoints", str(out)]) == 130
+    assert evaluated == ["step_2"] and "interrupted" in capsys.readouterr().out
+
+    def counted(self, path):
+        evaluated.append(path.name)
+        return real(self, path)
+
+    monkeypatch.setattr(evaluate.Evaluation, "metrics", counted)
+    table = tmp_path / "table.json"
+    assert main(["eval", "--config", config, "--all-checkpoints", str(out), "--json", str(table)]) == 0
+    assert evaluated == ["step_2", "step_4"], "step_2 was not evaluated again"
+    rows = json.loads(table.read_text())["checkpoints"]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert rows[1]["metrics"]["win_rate"] == metrics["win_rate"]
+    assert rows[0]["metrics"]["loss"] == pytest.approx(records(out, "val")[2]["val/loss"], rel=1e-5)
+    assert "evaluated before" in capsys.readouterr().out

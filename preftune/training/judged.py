@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from preftune.data.checked_file import load_checked, save_checked
-from preftune.modeling.judges import build_judge, judge_is_set
+from preftune.modeling.judges import Judge, build_judge, judge_is_set
 from preftune.modeling.logprobs import causal_lm, is_peft
 from preftune.modeling.model import DTYPES, DPOModel
 from preftune.modeling.reference import FrozenReference
@@ -161,7 +161,7 @@ class JudgedValidation:
     """What judging a validation needs: the judge, the first N validation pairs (their prompts decoded for
     the judge) and the reference's generations for them."""
 
-    judge: Any
+    judge: Judge
     examples: list[dict[str, Any]]
     prompts: list[str]
     reference: list[list[int]]
@@ -176,23 +176,37 @@ class JudgedValidation:
         return judgement.metrics(), judged_rows(step, self.prompts, judgement, texts, reference_texts)
 
 
-def prepare_judged_validation(
-    cfg: Any, model: DPOModel, tokenizer: Any, val_set: Any, *, write: bool, log: Any = print
-) -> JudgedValidation | None:
-    """With ``trainer.judge_prompts`` > 0 and validation data: the judge (built without touching the RNG) and
-    the reference's generations. Call before a checkpoint is restored into ``model`` (they are the starting
-    model's when not cached). None: judging is off."""
-    num = min(cfg.trainer.judge_prompts, len(val_set) if val_set is not None else 0)
-    if num == 0 or not judge_is_set(cfg.judge):
+def build_run_judge(cfg: Any, model: DPOModel, tokenizer: Any) -> Judge | None:
+    """The judge ``judge.*`` names (None: none), built without drawing from the RNG (a reward model's
+    head, say, is not initialised from it), so the training trajectory is the same with or without one."""
+    if not judge_is_set(cfg.judge):
         return None
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        judge = build_judge(
+        return build_judge(
             cfg.judge,
             dtype=DTYPES[cfg.model.dtype],
             device=model.device,
             policy=causal_lm(model.policy),
             policy_tokenizer=tokenizer,
         )
+
+
+def prepare_judged_validation(
+    cfg: Any,
+    model: DPOModel,
+    tokenizer: Any,
+    val_set: Any,
+    judge: Judge | None,
+    *,
+    write: bool,
+    log: Any = print,
+) -> JudgedValidation | None:
+    """With a judge, ``trainer.judge_prompts`` > 0 and validation data: the prompts and the reference's
+    generations. Call before a checkpoint is restored into ``model`` (they are the starting model's when
+    not cached). None: judging is off."""
+    num = min(cfg.trainer.judge_prompts, len(val_set) if val_set is not None else 0)
+    if num == 0 or judge is None:
+        return None
     log(f"judged validation: {num} prompts, judge: {judge.description}")
     examples = [val_set[i] for i in range(num)]
     prompt_ids = [example["prompt_ids"] for example in examples]

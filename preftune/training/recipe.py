@@ -37,7 +37,7 @@ from preftune.modeling.reference_cache import (
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import parameter_summary, quiet_libraries
 from preftune.training.distributed import DistInfo, env_rank, init_distributed, main_rank_first
-from preftune.training.judged import JudgedValidation, prepare_judged_validation
+from preftune.training.judged import JudgedValidation, build_run_judge, prepare_judged_validation
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
@@ -295,7 +295,8 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     # generations are made then, or loaded), then the newest checkpoint's weights, then DDP/FSDP2, then the reference's cached log-probs, then the optimizer.
     model = DPOModel.from_config(cfg).to(info.device)
     check_packed_layout(cfg, model, info)
-    judged = prepare_judged_validation(cfg, model, tokenizer, val_set, write=info.is_main, log=log)
+    judge = build_run_judge(cfg, model, tokenizer) if cfg.trainer.judge_prompts > 0 else None
+    judged = prepare_judged_validation(cfg, model, tokenizer, val_set, judge, write=info.is_main, log=log)
     train_set, collate = micro_batch_layout(cfg, train_set, model, tokenizer.eos_token_id, info.device)
     checkpointer = Checkpointer(output_dir, tokenizer, Retention.from_config(cfg.trainer))
     latest = checkpointer.resume_point(warn=log)
