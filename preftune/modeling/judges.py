@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from preftune.config import ConfigError
+from preftune.data.chat import tokenizer_template
 
 Prompt = str | list[dict[str, str]]  # the data's prompt: text, or TRL conversational messages
 POLICY = "policy"  # judge.llm.path naming the policy being trained (self-rewarding)
@@ -53,7 +54,7 @@ Request:
 Reply:
 {completion}
 
-Justify the grade in at most 100 words. Then finish with one last line of the form "Score: N", where N is \
+Justify the grade in at most 60 words. Then finish with one last line of the form "Score: N", where N is \
 the total number of points (0 to 5)."""
 
 PAIRWISE_TEMPLATE = """\
@@ -115,24 +116,34 @@ class PairwiseJudge(Protocol):
 
 def judge_is_set(judge_cfg: Any) -> bool:
     """Whether the `judge` section names a judge."""
-    return bool(judge_cfg.function) or bool(judge_cfg.reward_model) or bool(judge_cfg.llm.path)
+    return bool(_kinds_set(judge_cfg))
+
+
+def _kinds_set(judge_cfg: Any) -> list[str]:
+    kinds = {
+        "judge.function": judge_cfg.function,
+        "judge.reward_model": judge_cfg.reward_model,
+        "judge.llm.path": judge_cfg.llm.path,
+    }
+    return [key for key, value in kinds.items() if value is not None]
 
 
 def check_judge(judge_cfg: Any) -> None:
     """The cheap checks made at load, before any weights: exactly one kind set, the functions resolve, the
     reward model's config has one label, the LLM judge's model and template exist. `ConfigError`, one line."""
-    kinds = [key for key, value in _kinds(judge_cfg).items() if value]
+    kinds = _kinds_set(judge_cfg)
     if len(kinds) > 1:
         raise ConfigError(f"{' and '.join(kinds)} are both set: a run uses one judge, set only one of them")
     if judge_cfg.batch_size < 1:
         raise ConfigError(f"judge.batch_size={judge_cfg.batch_size}: must be >= 1")
-    if judge_cfg.weights is not None and not judge_cfg.function:
+    if judge_cfg.weights is not None and judge_cfg.function is None:
         raise ConfigError("judge.weights is set without judge.function: weights apply to reward functions")
-    if judge_cfg.function:
+    if judge_cfg.function is not None:
         _resolve_functions(judge_cfg)
-    elif judge_cfg.reward_model:
+        _weights(judge_cfg)
+    elif judge_cfg.reward_model is not None:
         _check_reward_model_config(str(judge_cfg.reward_model))
-    elif judge_cfg.llm.path:
+    elif judge_cfg.llm.path is not None:
         if judge_cfg.llm.max_new_tokens < 1:
             raise ConfigError(f"judge.llm.max_new_tokens={judge_cfg.llm.max_new_tokens}: must be >= 1")
         if judge_cfg.llm.path != POLICY:
@@ -143,19 +154,23 @@ def check_judge(judge_cfg: Any) -> None:
 def build_judge(
     judge_cfg: Any,
     *,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     policy: Any = None,
     policy_tokenizer: Any = None,
+    policy_chat_template: str | None = None,
 ) -> Judge:
-    """The judge the `judge` section names; `policy` (the causal LM itself) and its tokenizer serve
-    `judge.llm.path: policy`. Raises `ConfigError` for a section naming no judge or a bad one."""
+    """The judge the `judge` section names. A judge model is loaded in `dtype` (the run's `model.dtype`;
+    None: as saved) on `device`; `policy` (the causal LM itself, not a DDP/DPOModel wrapper) and its tokenizer
+    serve `judge.llm.path: policy`, with the run's chat template (`policy_chat_template`, the Jinja text of
+    `data.chat_template`; None: the tokenizer's own). Raises `ConfigError` for a section naming no judge or a
+    bad one."""
     check_judge(judge_cfg)
-    if judge_cfg.function:
+    if judge_cfg.function is not None:
         return FunctionJudge(_resolve_functions(judge_cfg), _weights(judge_cfg))
-    if judge_cfg.reward_model:
+    if judge_cfg.reward_model is not None:
         return RewardModelJudge.load(str(judge_cfg.reward_model), dtype, device, judge_cfg.batch_size)
-    if judge_cfg.llm.path:
+    if judge_cfg.llm.path is not None:
         template = grading_template(judge_cfg.llm.template)
         if judge_cfg.llm.path == POLICY:
             if policy is None or policy_tokenizer is None:
@@ -163,19 +178,13 @@ def build_judge(
                     "judge.llm.path=policy needs the policy and its tokenizer passed to build_judge"
                 )
             model, tokenizer, name = policy, policy_tokenizer, "the policy (self-rewarding)"
+            chat_template = policy_chat_template or tokenizer_template(tokenizer)
         else:
             model, tokenizer = _load_causal_lm(str(judge_cfg.llm.path), dtype, device)
-            name = str(judge_cfg.llm.path)
-        return LLMJudge(model, tokenizer, template, judge_cfg.llm.max_new_tokens, judge_cfg.batch_size, name)
+            name, chat_template = str(judge_cfg.llm.path), tokenizer_template(tokenizer)
+        settings = (template, judge_cfg.llm.max_new_tokens, judge_cfg.batch_size)
+        return LLMJudge(model, tokenizer, chat_template, *settings, name)
     raise ConfigError("no judge is set: set judge.function, judge.reward_model or judge.llm.path")
-
-
-def _kinds(judge_cfg: Any) -> dict[str, Any]:
-    return {
-        "judge.function": judge_cfg.function,
-        "judge.reward_model": judge_cfg.reward_model,
-        "judge.llm.path": judge_cfg.llm.path,
-    }
 
 
 # --- reward functions -----------------------------------------------------------------------------------------
@@ -271,7 +280,7 @@ def _one_line(error: BaseException) -> str:
 def _checked_rewards(spec: str, returned: Any, expected: int) -> list[float]:
     """A reward function's output as floats (None: NaN, as in TRL), or a one-line `ConfigError`."""
     what = f"judge.function {spec} returned"
-    if isinstance(returned, torch.Tensor):
+    if hasattr(returned, "tolist"):  # a numpy array or a tensor
         returned = returned.tolist()
     if isinstance(returned, (str, bytes)) or not isinstance(returned, Sequence):
         raise ConfigError(
@@ -382,11 +391,11 @@ class RewardModelJudge:
     def __init__(self, model: Any, tokenizer: Any, batch_size: int, name: str):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.description = f"reward model {name}"
-        self.has_template = _has_chat_template(tokenizer)
+        self.chat_template = tokenizer_template(tokenizer)
 
     @classmethod
     def load(
-        cls, path: str, dtype: torch.dtype, device: torch.device | str, batch_size: int
+        cls, path: str, dtype: torch.dtype | None, device: torch.device | str, batch_size: int
     ) -> RewardModelJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -400,7 +409,7 @@ class RewardModelJudge:
 
     def texts(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[str]:
         """What the reward model reads for each completion (its chat template's rendering, or prompt + text)."""
-        if self.has_template:
+        if self.chat_template:
             return [
                 self.tokenizer.apply_chat_template(_as_messages(p, c), tokenize=False)
                 for p, c in zip(prompts, completions, strict=True)
@@ -426,20 +435,13 @@ class RewardModelJudge:
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
                 texts[start : start + self.batch_size],
-                add_special_tokens=not self.has_template,  # a rendered template holds its special tokens
+                add_special_tokens=not self.chat_template,  # a rendered template holds its special tokens
                 padding=True,
                 return_tensors="pt",
             ).to(device)
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             rewards.extend(logits[:, 0].float().tolist())
         return Scores(rewards, sum(math.isnan(r) for r in rewards))
-
-
-def _has_chat_template(tokenizer: Any) -> bool:
-    try:
-        return bool(tokenizer.get_chat_template())
-    except ValueError:
-        return False
 
 
 # --- LLM judge ------------------------------------------------------------------------------------------------
@@ -464,7 +466,7 @@ def grading_template(setting: str | None) -> str:
     return text
 
 
-def _load_causal_lm(path: str, dtype: torch.dtype, device: torch.device | str) -> tuple[Any, Any]:
+def _load_causal_lm(path: str, dtype: torch.dtype | None, device: torch.device | str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -502,12 +504,23 @@ class LLMJudge:
     """A causal LM grading each completion with a template; the score parsed from its greedy answer."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, template: str, max_new_tokens: int, batch_size: int, name: str
+        self,
+        model: Any,
+        tokenizer: Any,
+        chat_template: str | None,
+        template: str,
+        max_new_tokens: int,
+        batch_size: int,
+        name: str,
     ):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.model, self.tokenizer, self.chat_template, self.template = (
+            model,
+            tokenizer,
+            chat_template,
+            template,
+        )
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.description = f"LLM judge {name}"
-        self.has_template = _has_chat_template(tokenizer)
         self.last_answers: list[str] = []  # the judge's raw answers of the last call (for logs and tests)
 
     def score(
@@ -549,9 +562,12 @@ class LLMJudge:
 
     def render(self, question: str) -> list[int]:
         """The judge's input ids for one question: a user turn under its chat template, else the plain text."""
-        if self.has_template:
+        if self.chat_template:
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+                [{"role": "user", "content": question}],
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
             )
             return self.tokenizer(text, add_special_tokens=False).input_ids
         return self.tokenizer(question).input_ids
