@@ -8,8 +8,12 @@ import json
 import math
 
 import pytest
+from omegaconf import OmegaConf
+from test_judges import judge_tokenizer, prefer, scripted  # noqa: F401 (judge_tokenizer: a fixture)
 from test_samples import greedy
 
+from preftune.config import default_config
+from preftune.modeling.judges import build_judge
 from preftune.training import judged
 from preftune.training.win_rate import lc_win_rate, length_ratio, score_outcomes, win_rate
 
@@ -39,6 +43,35 @@ def base_greedy(model_dir, prompt: str, max_new_tokens: int) -> tuple[str, int]:
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_an_llm_judge_compares_in_both_orders(judge_tokenizer):  # noqa: F811 (the fixture)
+    """With an LLM judge the win rate is its pairwise verdict, asked with the policy first and then second: a
+    judge that always answers "A" between two equal replies gives a tie, not a win; the rewards are its
+    grades (all equal here, so by score every prompt would tie)."""
+
+    def answer(question: str) -> str:
+        return prefer(question) if "Reply A:" in question else "Score: 2"
+
+    judge = build_judge(
+        OmegaConf.merge(default_config().judge, {"llm": {"path": "policy"}}),
+        policy=scripted(judge_tokenizer, answer),
+        policy_tokenizer=judge_tokenizer,
+    )
+    policy = ["good x", "same", "good z"]
+    reference = ["plain", "same", "plain"]
+
+    def ids(texts):
+        return [judge_tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+    judgement, texts, reference_texts = judged.judge_generations(
+        judge, ["p"] * 3, ids(policy), ids(reference), judge_tokenizer
+    )
+    assert (texts, reference_texts) == (policy, reference)
+    assert judgement.outcomes == [1.0, 0.5, 1.0]
+    assert judgement.rewards == judgement.reference_rewards == [2.0] * 3
+    metrics = judgement.metrics()
+    assert metrics["win_rate"] == pytest.approx(2.5 / 3) and metrics["judge_reward"] == 2.0
 
 
 def test_judging_leaves_the_trajectory_unchanged(tmp_path, tiny_model_dir, pair_files, judge_file):
