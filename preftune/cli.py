@@ -64,7 +64,15 @@ def _demo(args: argparse.Namespace) -> int:
             f"greedy generations for held-out prompts that obey the rule: {share[first]:.0%} at step {first}, "
             f"{share[last]:.0%} at step {last}"
         )
-    log(f"run directory: {cfg.output_dir}  (metrics.jsonl, samples.jsonl, checkpoints/step_N/model)")
+    if "win_rate" in metrics:
+        log(
+            f"judged by the rule against the step-0 model on {cfg.trainer.judge_prompts} held-out prompts: "
+            f"win rate {metrics['win_rate']:.3f}, length-controlled {metrics['lc_win_rate']:.3f} "
+            f"(length ratio {metrics['length_ratio']:.2f})"
+        )
+    log(
+        f"run directory: {cfg.output_dir}  (metrics.jsonl, samples.jsonl, judged.jsonl, checkpoints/step_N/model)"
+    )
     log(f"report: {write_report([cfg.output_dir])}")
     return 0
 

@@ -100,6 +100,12 @@ def obeys_rule(prompt: str, response: str) -> bool:
     return response.strip() == render([i.lower() for i in items], case, order)
 
 
+def rule_reward(prompts: list[str], completions: list[str], **columns: list) -> list[float]:
+    """The demo's judge (a reward function with TRL's signature): 1.0 where the completion obeys its prompt's
+    rule (``obeys_rule``), else 0.0."""
+    return [float(obeys_rule(p, c)) for p, c in zip(prompts, completions, strict=True)]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """One JSON object per line."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +172,9 @@ def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: 
             "limit_val_batches": 1.0,
             "gradient_clip_val": 1.0,
             "samples": {"num_prompts": 64, "max_new_tokens": 40},
+            "judge_prompts": 64,  # the same 64 generations, judged by the rule against the step-0 model's
         },
+        "judge": {"function": "preftune.tools.demo:rule_reward"},
     }
     OmegaConf.save(OmegaConf.create(config), paths["config"])
     print(f"[demo] config -> {paths['config']}")
