@@ -6,7 +6,8 @@ With a judge (``judge.*``) and ``trainer.judge_prompts`` > 0, the judged metrics
 too (``preftune.training.judged``: the reference's generations come from the run's cache when the config is
 the run's). A judge that scores completions (``judge.function``, ``judge.reward_model``) is also checked
 against the preference data: ``judge_pair_acc`` is the share of validation pairs whose chosen response it
-scores strictly above the rejected one (RewardBench's accuracy; pairs it could not score left out).
+scores strictly above the rejected one (RewardBench's accuracy; pairs it could not score left out), the
+responses as the policy reads them (decoded tokens, cut to ``data.max_seq_length``).
 
 ``--all-checkpoints RUN_DIR`` evaluates each complete checkpoint in step order and keeps each result in
 ``RUN_DIR/eval_checkpoints.json`` as soon as it is done, so an interrupted evaluation, re-run, goes on
@@ -133,7 +134,7 @@ class Evaluation:
         count = min(len(self.pairs), self.num_batches * self.cfg.data.global_batch_size)
         examples = [self.pairs[i] for i in range(count)]
         decode = self.tokenizer.decode
-        prompts = [decode(e["prompt_ids"], skip_special_tokens=True) for e in examples]
+        prompts = self.pairs.prompts(count)
         chosen = judge.score(
             prompts,
             [decode(e["chosen_ids"], skip_special_tokens=True) for e in examples],

@@ -13,8 +13,9 @@ validation then logs (``val/`` prefix):
   an LLM judge (its ``compare``, asked in both orders), else by comparing the two rewards;
 - ``lc_win_rate`` and ``length_ratio``: see ``preftune.training.win_rate``.
 
-Generation is greedy and does not touch the RNG; the judge scores what the samples show. Prompts reach the
-judge as the decoded prompt tokens (the chat template's text included, special tokens left out).
+Generation is greedy and does not touch the RNG; the judge scores what the samples show. The judge gets the
+data's own prompts (text, or messages for conversational data, as TRL passes them) and the generations'
+decoded text and token ids.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from preftune.data.checked_file import load_checked, save_checked
-from preftune.modeling.judges import Judge, build_judge, judge_is_set
+from preftune.modeling.judges import Judge, Prompt, _prompt_text, build_judge, judge_is_set
 from preftune.modeling.logprobs import causal_lm, is_peft
 from preftune.modeling.model import DTYPES, DPOModel
 from preftune.modeling.reference import FrozenReference
@@ -116,7 +117,7 @@ def nan_mean(values: list[float]) -> float:
 
 
 def judge_generations(
-    judge: Any, prompts: list[str], policy: list[list[int]], reference: list[list[int]], tokenizer: Any
+    judge: Any, prompts: list[Prompt], policy: list[list[int]], reference: list[list[int]], tokenizer: Any
 ) -> tuple[Judgement, list[str], list[str]]:
     """Score both sides' generations (token ids); compare them pairwise when the judge can (an LLM judge,
     both orders), else by reward. Returns the judgement and the two sides' texts."""
@@ -137,13 +138,13 @@ def judge_generations(
 
 
 def judged_rows(
-    step: int, prompts: list[str], judgement: Judgement, texts: list[str], reference_texts: list[str]
+    step: int, prompts: list[Prompt], judgement: Judgement, texts: list[str], reference_texts: list[str]
 ) -> list[dict[str, Any]]:
     """One ``judged.jsonl`` record per prompt: both generations side by side with their rewards."""
     return [
         {
             "step": step,
-            "prompt": prompts[i],
+            "prompt": _prompt_text(prompts[i]),
             "generation": texts[i],
             "reference": reference_texts[i],
             "reward": judgement.rewards[i],
@@ -158,12 +159,12 @@ def judged_rows(
 
 @dataclass(frozen=True)
 class JudgedValidation:
-    """What judging a validation needs: the judge, the first N validation pairs (their prompts decoded for
-    the judge) and the reference's generations for them."""
+    """What judging a validation needs: the judge, the first N validation pairs, their prompts as the data
+    gives them, and the reference's generations for them."""
 
     judge: Judge
     examples: list[dict[str, Any]]
-    prompts: list[str]
+    prompts: list[Prompt]
     reference: list[list[int]]
 
     def __call__(
@@ -211,5 +212,4 @@ def prepare_judged_validation(
     examples = [val_set[i] for i in range(num)]
     prompt_ids = [example["prompt_ids"] for example in examples]
     reference = reference_generations(cfg, model, prompt_ids, tokenizer.eos_token_id, write=write, log=log)
-    prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
-    return JudgedValidation(judge, examples, prompts, reference)
+    return JudgedValidation(judge, examples, val_set.prompts(num), reference)
