@@ -13,6 +13,7 @@ import html
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ JUDGED_PANELS = (
 FINAL_METRICS = ("loss", "preference_loss", "acc", "reward_margin_mean", "logps_chosen_mean")
 FINAL_JUDGED = ("win_rate", "lc_win_rate", "judge_reward", "length_ratio")
 SIDE_BY_SIDE = 6  # prompts shown with both generations
+MAX_SAMPLES = 16  # samples shown per run
 
 
 @dataclass
@@ -135,8 +137,8 @@ SOURCES = (
 def draw_panels(
     runs: list[Run], out_dir: Path, panels: tuple = PANELS, level: dict[str, float | None] | None = None
 ) -> dict[str, Path]:
-    """One PNG per panel with data, in ``out_dir``: a colour per run, a line style per metric; the legend
-    sits below the axes, never over a curve. ``level``: a panel's horizontal reference line."""
+    """One PNG per panel with data, in ``out_dir``; the legend sits below the axes, never over a curve.
+    ``level``: a panel's horizontal reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,13 +152,15 @@ def draw_panels(
         drawn = 0
         for i, run in enumerate(runs):
             for j, metric in enumerate(metrics):
-                style = ("-", "--", ":", "-.")[j % 4]
+                # several metrics: a colour each, a line style per run; one metric: a colour per run
+                color = colors[(j if len(metrics) > 1 else i) % len(colors)]
+                style = ("-", "--", ":", "-.")[(i if len(metrics) > 1 else 0) % 4]
                 label_metric = f" {metric}" if len(metrics) > 1 else ""
                 for prefix, options in SOURCES:
                     steps, values = run.series(prefix, metric)
                     if steps:
                         label = f"{run.name} {prefix}{label_metric}"
-                        ax.plot(steps, values, style, color=colors[i % len(colors)], label=label, **options)
+                        ax.plot(steps, values, style, color=color, label=label, **options)
                         drawn += 1
         if drawn:
             if level and level.get(name) is not None:
@@ -208,9 +212,12 @@ def better(outcome: float) -> str:
 
 
 def side_by_side(run: Run) -> str:
-    """The first ``SIDE_BY_SIDE`` judged prompts of the run's latest judged validation: the reference's and
-    the policy's generations with their rewards, and which won."""
+    """The run's latest judged validation: its tally, then up to ``SIDE_BY_SIDE`` prompts (those one side won
+    first) with the reference's and the policy's generations and their rewards."""
     last = max(r["step"] for r in run.judged)
+    judged = [r for r in run.judged if r["step"] == last]
+    tally = Counter(better(r["outcome"]) for r in judged)
+    shown = sorted(judged, key=lambda r: better(r["outcome"]) in ("tie", "not judged"))[:SIDE_BY_SIDE]
     rows = [
         [
             r["prompt"],
@@ -220,11 +227,16 @@ def side_by_side(run: Run) -> str:
             r["reward"],
             better(r["outcome"]),
         ]
-        for r in run.judged
-        if r["step"] == last
-    ][:SIDE_BY_SIDE]
+        for r in shown
+    ]
     header = ["prompt", "reference", "reward", f"policy, step {last}", "reward", "better"]
-    return f"<h3>{html.escape(run.name)}, step {last}</h3>" + _table(header, rows, generated=True)
+    summary = ", ".join(
+        f"{name} {tally[name]}" for name in ("policy", "reference", "tie", "not judged") if tally[name]
+    )
+    return (
+        f"<h3>{html.escape(run.name)}, step {last}</h3><p>better on {len(judged)} prompts: {summary}; "
+        f"{len(rows)} shown, decided ones first</p>" + _table(header, rows, generated=True)
+    )
 
 
 def render_html(runs: list[Run], images: dict[str, Path], judged_images: dict[str, Path]) -> str:
@@ -264,12 +276,10 @@ def render_html(runs: list[Run], images: dict[str, Path], judged_images: dict[st
             )
             continue
         last = max(s["step"] for s in run.samples)
-        rows = [
-            [s["prompt"], s["chosen"], s["generation"], s["num_tokens"]]
-            for s in run.samples
-            if s["step"] == last
-        ]
-        parts.append(f"<h3>{html.escape(run.name)}, step {last}</h3>")
+        latest = [s for s in run.samples if s["step"] == last]
+        rows = [[s["prompt"], s["chosen"], s["generation"], s["num_tokens"]] for s in latest[:MAX_SAMPLES]]
+        shown = f" (the first {len(rows)} of {len(latest)})" if len(rows) < len(latest) else ""
+        parts.append(f"<h3>{html.escape(run.name)}, step {last}{shown}</h3>")
         parts.append(_table(["prompt", "chosen (data)", "generation", "tokens"], rows, generated=True))
     parts.append("</body></html>")
     return "\n".join(parts)
