@@ -230,12 +230,14 @@ def side_by_side(run: Run) -> str:
         for r in shown
     ]
     header = ["prompt", "reference", "reward", f"policy, step {last}", "reward", "better"]
-    summary = ", ".join(
-        f"{name} {tally[name]}" for name in ("policy", "reference", "tie", "not judged") if tally[name]
+    unjudged = f", {tally['not judged']} not judged" if tally["not judged"] else ""
+    summary = (
+        f"{len(judged)} prompts judged: the policy better on {tally['policy']}, the reference on "
+        f"{tally['reference']}, {tally['tie']} ties{unjudged}"
     )
     return (
-        f"<h3>{html.escape(run.name)}, step {last}</h3><p>better on {len(judged)} prompts: {summary}; "
-        f"{len(rows)} shown, decided ones first</p>" + _table(header, rows, generated=True)
+        f"<h3>{html.escape(run.name)}, step {last}</h3><p>{summary}; {len(rows)} shown, decided ones first</p>"
+        + _table(header, rows, generated=True)
     )
 
 
@@ -253,7 +255,8 @@ def render_html(runs: list[Run], images: dict[str, Path], judged_images: dict[st
         "<!doctype html><html><head><meta charset='utf-8'><title>preftune report</title><style>",
         "body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 24px}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:13px;vertical-align:top}"
-        ".gen td{white-space:pre-wrap;max-width:380px;font-family:monospace;font-size:12px}"
+        ".gen td{white-space:pre-wrap;overflow-wrap:anywhere;max-width:380px;font-family:monospace;"
+        "font-size:12px}"
         "th{background:#f3f3f3}img{margin:4px;border:1px solid #eee}.grid{display:flex;flex-wrap:wrap;"
         "align-items:flex-start}",
         "</style></head><body>",
