@@ -4,14 +4,17 @@ resume loads them) and equal to the base model's own greedy answers."""
 
 from __future__ import annotations
 
+import html
 import json
 import math
+from collections import Counter
 
 import pytest
 from omegaconf import OmegaConf
 from test_judges import judge_tokenizer, prefer, scripted  # noqa: F401 (judge_tokenizer: a fixture)
 from test_samples import greedy
 
+from preftune.cli import main
 from preftune.config import default_config
 from preftune.modeling.judges import build_judge
 from preftune.training import judged
@@ -113,6 +116,20 @@ def test_judging_leaves_the_trajectory_unchanged(tmp_path, tiny_model_dir, pair_
     assert step0["val/win_rate"] == 0.5 and step0["val/length_ratio"] == 1.0
     assert step0["val/lc_win_rate"] == pytest.approx(0.5, abs=1e-9)
 
+    # the report draws the judged curves of the judged run and shows its last judged prompts side by side
+    page = tmp_path / "report/report.html"
+    assert main(["report", str(on), str(off), "--output", str(page)]) == 0
+    pngs = {p.stem for p in (tmp_path / "report/report_png").glob("*.png")}
+    assert {"win_rate", "judge_reward", "length_ratio"} <= pngs
+    judged_part = page.read_text().split("Judged against the reference")[1].split("<h2>")[0]
+    assert "<h3>on, step 4</h3>" in judged_part and "<h3>off" not in judged_part
+    last = [r for r in rows if r["step"] == 4]
+    tally = Counter({1.0: "policy", 0.0: "reference", 0.5: "tie"}[r["outcome"]] for r in last)
+    assert f"the policy better on {tally['policy']}, the reference on {tally['reference']}" in judged_part
+    assert judged_part.count("<tr><td>") == 5
+    for r in last:
+        assert html.escape(r["generation"]) in judged_part and html.escape(r["reference"]) in judged_part
+
 
 def test_reference_generations_made_once_per_run(
     tmp_path, tiny_model_dir, pair_files, judge_file, monkeypatch
@@ -148,8 +165,8 @@ def test_eval_judges_and_all_checkpoints_resume(
     """``preftune eval`` of the final checkpoint repeats the run's last judged validation (the reference's
     generations read from the run's cache) and checks the judge on the pairs; ``--all-checkpoints``
     interrupted after one checkpoint goes on without redoing it."""
-    from preftune.cli import main
     from preftune.tools import evaluate
+    from preftune.tools.report import load_run
 
     judging = (f"judge.function={judge_file}", "trainer.judge_prompts=4", "trainer.samples.max_new_tokens=5")
     steps = ("trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.save_interval=2")
@@ -208,3 +225,16 @@ def test_eval_judges_and_all_checkpoints_resume(
     assert rows[1]["metrics"]["win_rate"] == metrics["win_rate"]
     assert rows[0]["metrics"]["loss"] == pytest.approx(records(out, "val")[2]["val/loss"], rel=1e-5)
     assert "evaluated before" in capsys.readouterr().out
+    run_record = load_run(out)  # the report reads --all-checkpoints' results as eval/ curves
+    assert run_record.series("eval", "win_rate") == ([2, 4], [r["metrics"]["win_rate"] for r in rows])
+
+
+def test_a_generation_cut_inside_a_character_drops_the_broken_tail(tokenizer):
+    from preftune.training.samples import decode_generation
+
+    ids = tokenizer("red purple é", add_special_tokens=False).input_ids
+    cut = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    assert tokenizer.decode(ids[:cut]).endswith("\ufffd")  # the byte-level tokens stop inside "é"
+    assert decode_generation(tokenizer, ids[:cut]) == tokenizer.decode(ids[:cut]).rstrip("\ufffd")
+    assert decode_generation(tokenizer, ids[:cut]) == "red purple "
+    assert decode_generation(tokenizer, ids) == "red purple é"
