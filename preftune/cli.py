@@ -10,8 +10,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from preftune.config import ConfigError, load_config
-from preftune.data.formats import DataError
+from omegaconf import DictConfig
+
+from preftune.errors import PreftuneError, PushError
+from preftune.run_dir import RunDir
 from preftune.training.stop_signals import EXIT_INTERRUPTED
 
 # Exit statuses (README "Failures and recovery"): a finished run, a mistake to fix, a run that stopped
@@ -20,11 +22,18 @@ EXIT_FINISHED, EXIT_MISTAKE, EXIT_STOPPED = 0, 2, 75
 TORCHRUN_GRACE_S = 10  # how long other ranks wait for torchrun to stop them once rank 0 reported a mistake
 
 
-def _train(args: argparse.Namespace) -> int:
-    from preftune.training.distributed import shutdown
-    from preftune.training.recipe import run_training
+def _config(path: str | Path | None, overrides: Sequence[str]) -> DictConfig:
+    """The checked config (imported here: ``preftune --help`` loads no checks)."""
+    from preftune.config_checks import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    return load_config(path, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from preftune.recipe import run_training
+    from preftune.training.distributed import shutdown
+
+    cfg = _config(args.config, args.overrides)
     try:
         result = run_training(cfg)
     except BaseException:
@@ -38,27 +47,27 @@ def _inspect(args: argparse.Namespace) -> int:
     from preftune.config_checks import check_environment
     from preftune.tools.inspect_data import run_inspect
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config(args.config, args.overrides)
     check_environment(cfg, tokenizer_only=True)  # inspect reads the tokenizer, not the model
     return run_inspect(cfg, args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from preftune.recipe import log, train
     from preftune.tools.demo import prepare_demo, rule_share
     from preftune.tools.report import write_report
     from preftune.training.console import quiet_libraries
-    from preftune.training.recipe import log, train
 
     quiet_libraries()
     paths = prepare_demo(Path(args.output_dir))
-    cfg = load_config(paths["config"], args.overrides)
+    cfg = _config(paths["config"], args.overrides)
     metrics = train(cfg)
     acc = metrics.get("acc", float("nan"))
     log(f"demo config: {paths['config']}")
     log(f"held-out pairs: acc {acc:.3f}, loss {metrics.get('loss', float('nan')):.4f} (acc was 0 at step 0)")
-    samples = Path(cfg.output_dir) / "samples.jsonl"
-    if samples.is_file():
-        share = rule_share(samples)
+    run = RunDir(cfg.output_dir)
+    if run.samples.is_file():
+        share = rule_share(run.samples)
         first, last = min(share), max(share)
         log(
             f"greedy generations for held-out prompts that obey the rule: {share[first]:.0%} at step {first}, "
@@ -71,16 +80,19 @@ def _demo(args: argparse.Namespace) -> int:
             f"(length ratio {metrics['length_ratio']:.2f})"
         )
     log(
-        f"run directory: {cfg.output_dir}  (metrics.jsonl, samples.jsonl, judged.jsonl, checkpoints/step_N/model)"
+        f"run directory: {run.root}  ({run.metrics.name}, {run.samples.name}, {run.judged.name}, "
+        f"{run.checkpoints.name}/step_N/model)"
     )
     log(f"report: {write_report([cfg.output_dir])}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from preftune.config_checks import check_environment
     from preftune.tools.evaluate import run_eval, run_eval_all
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config(args.config, args.overrides)
+    check_environment(cfg)
     if args.all_checkpoints:
         return run_eval_all(cfg, args.all_checkpoints, args.json)
     return run_eval(cfg, args.checkpoint, args.json)
@@ -96,7 +108,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from preftune.tools.export import export_checkpoint
-    from preftune.tools.hub_upload import PushError, check_can_push, push_folder
+    from preftune.tools.hub_upload import check_can_push, push_folder
 
     try:
         if args.push_to_hub:
@@ -105,12 +117,12 @@ def _export(args: argparse.Namespace) -> int:
         print(f"[preftune] exported {args.checkpoint} to {out}")
         if args.push_to_hub:
             print(f"[preftune] pushed {out} to {push_folder(out, args.push_to_hub, private=args.private)}")
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"preftune: error: {e}", file=sys.stderr)
-        return EXIT_MISTAKE
     except PushError as e:
         print(f"preftune: error: {e}", file=sys.stderr)
         return EXIT_MISTAKE if e.user_fixable else 1
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"preftune: error: {e}", file=sys.stderr)
+        return EXIT_MISTAKE
     return 0
 
 
@@ -185,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, DataError) as e:
+    except PreftuneError as e:  # a mistake to fix: its one line, exit 2
         _report_mistake(f"preftune: error: {e}")
         return EXIT_MISTAKE
     except KeyboardInterrupt:  # Ctrl-C before training started (during it, the trainer stops cleanly)

@@ -67,10 +67,8 @@ def robust_loss(margin: Tensor, beta: float, label_smoothing: float) -> Tensor:
     2024, "Provably Robust DPO", arXiv:2403.00409). Unlike cDPO the flipped-label term enters with a
     minus sign, which makes the loss an unbiased estimate of the clean-label loss (and unbounded below).
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(
-            f"robust DPO needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2ε), got {label_smoothing}"
-        )
+    if problem := robust_epsilon_problem(label_smoothing):
+        raise ValueError(f"{problem}, got {label_smoothing}")
     logits = beta * margin
     clean = -(1 - label_smoothing) * F.logsigmoid(logits)
     return (clean + label_smoothing * F.logsigmoid(-logits)) / (1 - 2 * label_smoothing)
@@ -352,12 +350,27 @@ NEEDS_LENGTHS: frozenset[str] = frozenset({"rdpo"})
 """Losses that need the response token counts (chosen_lengths, rejected_lengths)."""
 
 
+def unknown_loss(name: str) -> str:
+    """What is wrong with loss name ``name`` (not in ``LOSS_NAMES``): the nearest name, or where an SFT term
+    goes, and the valid names."""
+    nearest = difflib.get_close_matches(name, LOSS_NAMES, n=1)
+    hint = f" Did you mean '{nearest[0]}'?" if nearest else ""
+    if name == "sft":
+        hint = " The SFT term is not a preference loss: set dpo.sft_loss_weight (e.g. 1.0) instead."
+    return f"unknown loss '{name}'.{hint} Valid: {', '.join(LOSS_NAMES)}"
+
+
+def robust_epsilon_problem(label_smoothing: float) -> str | None:
+    """The robust loss divides by 1 - 2ε: what is wrong with ε = ``label_smoothing``, or None."""
+    if 0.0 <= label_smoothing < 0.5:
+        return None
+    return "the robust loss needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2ε)"
+
+
 def _check_inputs(name: str, policy_chosen_logps: Tensor, **others: Tensor | None) -> None:
     """Raise ValueError for an unknown name, inputs `name` needs but lacks, refs it must not get, bad shapes."""
     if name not in _LOSSES:
-        close = difflib.get_close_matches(name, LOSS_NAMES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown preference loss {name!r}{hint}; valid names: {', '.join(LOSS_NAMES)}")
+        raise ValueError(unknown_loss(name))
     missing = [key for key, tensor in others.items() if tensor is None]
     refs = ["ref_chosen_logps", "ref_rejected_logps"]
     if name in REFERENCE_FREE_LOSSES:
@@ -556,7 +569,7 @@ class LossSettings:
 
     @classmethod
     def from_config(cls, dpo: Any) -> LossSettings:
-        """From the ``dpo`` section (a mapping; names and weights are checked by ``preftune.config``)."""
+        """From the ``dpo`` section (a mapping; names and weights are checked by ``preftune.config_checks``)."""
         names = loss_names(dpo["preference_loss"])
         average = dpo["preference_average_log_probs"]
         return cls(

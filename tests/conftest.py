@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.formats import parse_record
 from preftune.data.tokenize import PairTokenizer
+from preftune.recipe import train
 from preftune.tools.tiny import build_tiny_model, save_tiny, train_tokenizer
-from preftune.training.recipe import train
 
 WORDS = (
     "the a cat dog bird fish red blue green small large quick slow runs jumps sits sleeps eats sings "

@@ -14,7 +14,7 @@ from tokenizers import processors
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.chat import BAD_END, BROKEN_PREFIX
 from preftune.data.dataset import PreferenceDataset
-from preftune.data.formats import DataError
+from preftune.errors import DataError
 from preftune.tools.tiny import EOS_ID, train_tokenizer
 
 SPECIALS = (

@@ -14,7 +14,8 @@ from test_distributed import torchrun
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from preftune.cli import main
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
+from preftune.errors import ConfigError
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

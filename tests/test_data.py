@@ -12,8 +12,8 @@ import torch
 
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.dataset import PreferenceDataset, TokenizedPairs
-from preftune.data.formats import DataError
 from preftune.data.sampler import GlobalBatchSampler
+from preftune.errors import DataError
 from preftune.tools.tiny import BOS_ID, EOS_ID, train_tokenizer
 
 VOCAB = [

@@ -21,19 +21,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from preftune.cli import main
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import Block, MicroBatch, dpo_custom_collate, micro_batch_from_padded
 from preftune.data.packing import build_packed_collate
+from preftune.data.visibility import VARLEN
+from preftune.data.windows import layer_windows
+from preftune.errors import ConfigError
 from preftune.losses import LossSettings
-from preftune.modeling.attention import VARLEN
-from preftune.modeling.compat import layer_windows
 from preftune.modeling.layout_check import check_layout
 from preftune.modeling.logprobs import SequenceLogprobs
 from preftune.modeling.model import DPOModel, disable_dropout
+from preftune.modeling.parallel import _blocks
 from preftune.modeling.reference import FrozenReference
 from preftune.modeling.router import router_loss
 from preftune.tools.tiny import save_tiny
-from preftune.training.distributed import _blocks
 
 from conftest import records, run
 

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from preftune.config import ConfigError, load_config
-from preftune.data.dataset import TIED, PreferenceDataset, load_datasets
-from preftune.data.formats import DataError
+from preftune.config_checks import load_config
+from preftune.data.dataset import TIED, PreferenceDataset
+from preftune.data.loading import load_datasets
 from preftune.data.sources import read_json_array
+from preftune.errors import ConfigError, DataError
 from preftune.tools.tiny import train_tokenizer
 
 CHATML = (

@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference import AdaptersOffReference
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen3Config
 
 import preftune
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import as_micro_batch, dpo_custom_collate, pair_length
 from preftune.data.packing import build_packed_collate, dense_mask, layout_rows
 from preftune.modeling.attention import varlen_attention_forward, visible_keys

@@ -20,16 +20,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from preftune.cli import main
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import padded_micro_batches
 from preftune.data.dataset import PreferenceDataset
 from preftune.data.sampler import GlobalBatchSampler
+from preftune.errors import CheckpointError, ConfigError
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference_cache import ReferenceCache, model_fingerprint
-from preftune.training.checkpoint import Checkpointer, CheckpointError
+from preftune.run_dir import LOCK_FILE
+from preftune.training.checkpoint import Checkpointer
 from preftune.training.manifest import manifest_bytes, problem, write_manifest
 from preftune.training.retention import Retention, SavedCheckpoint, checkpoints_to_delete
-from preftune.training.run_lock import LOCK_FILE
 
 from conftest import make_pairs, records, run, write_jsonl
 

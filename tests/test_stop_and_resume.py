@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from preftune.config import load_config
-from preftune.training.recipe import train
+from preftune.config_checks import load_config
+from preftune.recipe import train
 
 from conftest import records, run
 

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from preftune.cli import main
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.training.metrics import MetricsLogger
 from preftune.training.trackers import MlflowTracker, TrackerState
 

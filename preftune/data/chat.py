@@ -17,7 +17,7 @@ from typing import Any
 
 import jinja2
 
-from preftune.data.formats import DataError
+from preftune.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -19,16 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from preftune.config import ConfigError
 from preftune.data.chat import load_chat_template
 from preftune.data.checked_file import load_checked, save_checked
-from preftune.data.formats import COMPLETION_PAIRINGS, FORMAT_NAMES, DataError, parse_pairs, rename_columns
+from preftune.data.formats import COMPLETION_PAIRINGS, FORMAT_NAMES, parse_pairs, rename_columns
 from preftune.data.hub import HubSource
-from preftune.data.mixture import WeightedPairs, weighted
 from preftune.data.pipeline import REWARD_FIELDS, TOKEN_FIELDS, store_columns, tokenize_sources
 from preftune.data.pipeline import TIED as TIED  # the drop reason of a tied NeMo-RL record, named here too
 from preftune.data.sources import Source, SourceSpec, resolve_sources
 from preftune.data.tokenize import PairTokenizer, tokenizer_fingerprint
+from preftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -268,45 +267,3 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.examples[index], "index": index}
-
-
-def dataset_options(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``PreferenceDataset`` keyword arguments the ``data.*`` config sets."""
-    return {
-        "format": data["format"],
-        "columns": {k: v for k, v in data["columns"].items() if v is not None},
-        "chat_template": data["chat_template"],
-        "completions": data["completions"],
-    }
-
-
-def load_datasets(
-    data: Mapping[str, Any], tokenizer: Any, cache_dir: str | Path | None
-) -> tuple[PreferenceDataset | WeightedPairs, PreferenceDataset | None]:
-    """The train and validation sets the ``data.*`` config describes: ``data.validation`` files, a
-    ``data.validation_fraction`` split of ``data.train`` drawn with ``data.seed``, or none. Train is drawn
-    by its sources' weights (``preftune.data.mixture``) after any split."""
-    fraction = data["validation_fraction"]
-    if fraction is not None and data["validation"]:
-        raise ConfigError("set data.validation or data.validation_fraction, not both")
-    if fraction is not None and not 0 < fraction < 1:
-        raise ConfigError(f"data.validation_fraction={fraction}: must be between 0 and 1")
-    options = dataset_options(data)
-    train = PreferenceDataset(data["train"], tokenizer, data["max_seq_length"], cache_dir, **options)
-    val = None
-    if fraction is not None:
-        train, val = train.split(fraction, data["seed"])
-    elif data["validation"]:
-        val = load_validation(data, tokenizer, cache_dir)
-    return weighted(train, data["seed"]), val
-
-
-def load_validation(
-    data: Mapping[str, Any], tokenizer: Any, cache_dir: str | Path | None
-) -> PreferenceDataset:
-    """The pairs of ``data.validation``."""
-    options = dataset_options(data)
-    val = PreferenceDataset(data["validation"], tokenizer, data["max_seq_length"], cache_dir, **options)
-    if any(source.weight != 1 for source in val.sources):
-        raise ConfigError("data.validation: weights apply to data.train only; drop them from validation")
-    return val

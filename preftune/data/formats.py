@@ -12,10 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the line or row and what to do."""
-
+from preftune.errors import DataError
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "nemo": ("prompt", "chosen_response", "rejected_response"),

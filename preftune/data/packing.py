@@ -28,10 +28,9 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import PretrainedConfig
 
 from preftune.data.batch import Block, MicroBatch, pad_right, pair_length
-from preftune.modeling.attention import CHOSEN, CONTEXT, REJECTED, VARLEN, visible
-from preftune.modeling.compat import mask_windows
+from preftune.data.visibility import CHOSEN, CONTEXT, REJECTED, VARLEN, check_packed_attention, visible
+from preftune.data.windows import mask_windows
 
-ATTENTION_IMPLEMENTATIONS = (VARLEN, "sdpa", "eager", "flex_attention")
 FLEX_BLOCK_SIZE = 128
 
 
@@ -245,12 +244,7 @@ def build_packed_collate(
         raise ValueError(
             "build_packed_collate needs pack or share_prompt; the plain layout is padded_micro_batches"
         )
-    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"packing / shared prompt needs segment-wise attention or an explicit attention mask, which "
-            f"attn_implementation {attn_implementation!r} does not take; use one of "
-            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
-        )
+    check_packed_attention(attn_implementation)
     windows = mask_windows(model_config)
     dtype = model_config.dtype
     # One shape for every flex micro-batch: each new shape recompiles flex_attention, and the dynamic-shape

@@ -27,9 +27,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from preftune.data.chat import BAD_END, BROKEN_PREFIX
-from preftune.data.formats import DataError, detect_format, parse_pairs, rename_columns
+from preftune.data.formats import detect_format, parse_pairs, rename_columns
 from preftune.data.sources import Source
 from preftune.data.tokenize import PairTokenizer
+from preftune.errors import DataError
 
 logger = logging.getLogger(__name__)
 

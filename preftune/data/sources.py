@@ -20,8 +20,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preftune.data.formats import DataError
 from preftune.data.hub import HubSource, hub_source
+from preftune.errors import DataError
 
 ROW_BATCH = 1024  # Parquet rows converted to Python at a time
 MAX_JSON_RECORD = 64 << 20  # characters one JSON-array record may span before it is called invalid

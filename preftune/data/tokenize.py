@@ -17,7 +17,7 @@ from preftune.data.chat import (
     ChatTemplate,
     tokenizer_template,
 )
-from preftune.data.formats import DataError
+from preftune.errors import DataError
 
 IDENTICAL = "identical chosen and rejected"
 TRUNCATED_AWAY = "response truncated to zero tokens"

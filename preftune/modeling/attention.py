@@ -23,23 +23,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 
 from preftune.data.batch import Block
-
-VARLEN = "preftune_varlen"  # no "sdpa" in the name: transformers would demand sdpa support (Gemma 2 lacks it)
-
-CONTEXT, CHOSEN, REJECTED = 0, 1, 2  # branches: the context is seen by both responses, a response by itself
-
-
-def visible(
-    query: Sequence[Tensor], key: Sequence[Tensor], q: Tensor, k: Tensor, window: int | None
-) -> Tensor:
-    """Whether query token q may attend to key token k, elementwise: the one rule of every mask and block.
-    ``query`` and ``key`` are the tokens' (segment, branch, position) ids, ``q`` and ``k`` their offsets in
-    the row: same segment, not after the query, context or the query's own branch, within the window."""
-    (seg_q, branch_q, pos_q), (seg_k, branch_k, pos_k) = query, key
-    ok = (seg_q == seg_k) & (k <= q) & ((branch_k == CONTEXT) | (branch_k == branch_q))
-    if window is not None:
-        ok = ok & (pos_q - pos_k < window)
-    return ok
+from preftune.data.visibility import CHOSEN, VARLEN, visible
 
 
 def visible_keys(num_context: int, num_queries: int, window: int | None, device: torch.device) -> Tensor:

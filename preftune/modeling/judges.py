@@ -32,8 +32,9 @@ from typing import Any, Protocol
 
 import torch
 
-from preftune.config import ConfigError
+from preftune.config import JudgeConfig
 from preftune.data.chat import tokenizer_template
+from preftune.errors import ConfigError
 
 Prompt = str | list[dict[str, str]]  # the data's prompt: text, or TRL conversational messages
 POLICY = "policy"  # judge.llm.path naming the policy being trained (self-rewarding)
@@ -114,12 +115,12 @@ class PairwiseJudge(Protocol):
         ...
 
 
-def judge_is_set(judge_cfg: Any) -> bool:
+def judge_is_set(judge_cfg: JudgeConfig) -> bool:
     """Whether the `judge` section names a judge."""
     return bool(_kinds_set(judge_cfg))
 
 
-def _kinds_set(judge_cfg: Any) -> list[str]:
+def _kinds_set(judge_cfg: JudgeConfig) -> list[str]:
     kinds = {
         "judge.function": judge_cfg.function,
         "judge.reward_model": judge_cfg.reward_model,
@@ -128,31 +129,48 @@ def _kinds_set(judge_cfg: Any) -> list[str]:
     return [key for key, value in kinds.items() if value is not None]
 
 
-def check_judge(judge_cfg: Any) -> None:
-    """The cheap checks made at load, before any weights: exactly one kind set, the functions resolve, the
-    reward model's config has one label, the LLM judge's model and template exist. `ConfigError`, one line."""
+def check_judge_settings(judge_cfg: JudgeConfig) -> None:
+    """The `judge` section's rules on its own (no file or model read): at most one kind set, one weight per
+    function, sizes >= 1. `ConfigError`, one line."""
     kinds = _kinds_set(judge_cfg)
     if len(kinds) > 1:
         raise ConfigError(f"{' and '.join(kinds)} are both set: a run uses one judge, set only one of them")
     if judge_cfg.batch_size < 1:
         raise ConfigError(f"judge.batch_size={judge_cfg.batch_size}: must be >= 1")
-    if judge_cfg.weights is not None and judge_cfg.function is None:
-        raise ConfigError("judge.weights is set without judge.function: weights apply to reward functions")
+    if judge_cfg.llm.max_new_tokens < 1:
+        raise ConfigError(f"judge.llm.max_new_tokens={judge_cfg.llm.max_new_tokens}: must be >= 1")
+    if judge_cfg.weights is not None:
+        if judge_cfg.function is None:
+            raise ConfigError(
+                "judge.weights is set without judge.function: weights apply to reward functions"
+            )
+        specs = _function_specs(judge_cfg)
+        if len(judge_cfg.weights) != len(specs):
+            raise ConfigError(
+                f"judge.weights has {len(judge_cfg.weights)} entries for {len(specs)} judge.function entries: "
+                "give one each"
+            )
+    elif judge_cfg.function is not None:
+        _function_specs(judge_cfg)
+
+
+def check_judge(judge_cfg: JudgeConfig) -> None:
+    """Everything that can be checked before any weights load: `check_judge_settings`, then the functions
+    resolve (a file is imported), the reward model's config has one label, the LLM judge's model and template
+    exist. `ConfigError`, one line."""
+    check_judge_settings(judge_cfg)
     if judge_cfg.function is not None:
         _resolve_functions(judge_cfg)
-        _weights(judge_cfg)
     elif judge_cfg.reward_model is not None:
         _check_reward_model_config(str(judge_cfg.reward_model))
     elif judge_cfg.llm.path is not None:
-        if judge_cfg.llm.max_new_tokens < 1:
-            raise ConfigError(f"judge.llm.max_new_tokens={judge_cfg.llm.max_new_tokens}: must be >= 1")
         if judge_cfg.llm.path != POLICY:
             _check_source(str(judge_cfg.llm.path), "judge.llm.path")
         grading_template(judge_cfg.llm.template)
 
 
 def build_judge(
-    judge_cfg: Any,
+    judge_cfg: JudgeConfig,
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
@@ -193,7 +211,7 @@ RewardFunction = Callable[..., Sequence[Any]]
 _FILE_MODULES: dict[Path, ModuleType] = {}  # user files imported once per process
 
 
-def _function_specs(judge_cfg: Any) -> list[str]:
+def _function_specs(judge_cfg: JudgeConfig) -> list[str]:
     value = judge_cfg.function
     specs = [value] if isinstance(value, str) else list(value)
     if not specs:
@@ -203,24 +221,14 @@ def _function_specs(judge_cfg: Any) -> list[str]:
     return [str(spec) for spec in specs]
 
 
-def _resolve_functions(judge_cfg: Any) -> list[tuple[str, RewardFunction]]:
+def _resolve_functions(judge_cfg: JudgeConfig) -> list[tuple[str, RewardFunction]]:
     """Each `judge.function` entry as (its spec, the callable)."""
-    specs = _function_specs(judge_cfg)
-    weights = judge_cfg.weights
-    if weights is not None and len(weights) != len(specs):
-        raise ConfigError(
-            f"judge.weights has {len(weights)} entries for {len(specs)} judge.function entries: give one each"
-        )
-    return [(spec, resolve_function(spec)) for spec in specs]
+    return [(spec, resolve_function(spec)) for spec in _function_specs(judge_cfg)]
 
 
-def _weights(judge_cfg: Any) -> list[float]:
-    specs = _function_specs(judge_cfg)
+def _weights(judge_cfg: JudgeConfig) -> list[float]:
     if judge_cfg.weights is None:
-        return [1.0] * len(specs)
-    for w in judge_cfg.weights:
-        if isinstance(w, bool) or not isinstance(w, numbers.Real):
-            raise ConfigError(f"judge.weights: {w!r} is not a number")
+        return [1.0] * len(_function_specs(judge_cfg))
     return [float(w) for w in judge_cfg.weights]
 
 

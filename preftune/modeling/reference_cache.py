@@ -28,8 +28,8 @@ from preftune.data.checked_file import load_checked, save_checked
 from preftune.data.dataset import PreferenceDataset
 from preftune.modeling.hub import local_model_dir
 from preftune.modeling.model import DPOModel
+from preftune.modeling.parallel import barrier, gather_objects
 from preftune.modeling.reference import CachedReference, FrozenReference, NoReference
-from preftune.training.distributed import barrier, gather_objects
 
 CACHE_VERSION = 1  # bump when the computation changes: every cached file becomes stale
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

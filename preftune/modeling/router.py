@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
-from preftune.config import ConfigError
+from preftune.errors import ConfigError
 
 
 @dataclass(frozen=True)

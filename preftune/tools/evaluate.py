@@ -25,25 +25,25 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
-from preftune.config import ConfigError
-from preftune.config_checks import check_environment
 from preftune.data.checked_file import content_digest
-from preftune.data.dataset import PreferenceDataset, load_datasets, load_validation
-from preftune.data.sampler import GlobalBatchSampler
+from preftune.data.dataset import PreferenceDataset
+from preftune.data.loading import load_datasets, load_validation
+from preftune.errors import ConfigError
 from preftune.modeling.logprobs import causal_lm
 from preftune.modeling.model import DPOModel
+from preftune.modeling.parallel import DistInfo
+from preftune.run_dir import RunDir
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import quiet_libraries
 from preftune.training.judged import build_run_judge, prepare_judged_validation
+from preftune.training.loaders import build_dataloader, load_tokenizer, micro_batch_layout
 from preftune.training.manifest import MANIFEST
-from preftune.training.recipe import load_tokenizer, micro_batch_layout
 from preftune.training.samples import greedy_generate
 from preftune.training.stop_signals import EXIT_INTERRUPTED
-from preftune.training.trainer import MetricsAccumulator, limit_batches
+from preftune.training.trainer import evaluate as evaluate_batches
+from preftune.training.trainer import limit_batches
 
-RESULTS_FILE = "eval_checkpoints.json"  # in the run directory: --all-checkpoints' results, per checkpoint
 TABLE_METRICS = (
     "loss",
     "acc",
@@ -57,7 +57,7 @@ TABLE_METRICS = (
 
 def validation_set(cfg: DictConfig, tokenizer: Any) -> PreferenceDataset:
     """The validation pairs training would use: ``data.validation``, or the ``data.validation_fraction`` split."""
-    cache_dir = cfg.data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
+    cache_dir = RunDir(cfg.output_dir).tokenized(cfg.data.cache_dir)
     if cfg.data.validation:
         return load_validation(cfg.data, tokenizer, cache_dir)
     if cfg.data.validation_fraction is not None:
@@ -79,7 +79,6 @@ class Evaluation:
 
     def __init__(self, cfg: DictConfig):
         quiet_libraries()
-        check_environment(cfg)
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg)
         self.pairs: Any = validation_set(cfg, self.tokenizer)
@@ -91,14 +90,10 @@ class Evaluation:
         self.judged = prepare_judged_validation(
             cfg, self.model, self.tokenizer, self.pairs, self.judge, write=True
         )
-        self.dataset, self.collate = micro_batch_layout(
+        dataset, self.collate = micro_batch_layout(
             cfg, self.pairs, self.model, self.tokenizer.eos_token_id, device
         )
-        sampler = GlobalBatchSampler(
-            len(self.dataset), cfg.data.global_batch_size, seed=cfg.data.seed, shuffle=False, drop_last=False
-        )
-        self.loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=list)
-        self.num_batches = limit_batches(cfg.trainer.limit_val_batches, len(self.loader))
+        self.loader = build_dataloader(dataset, cfg, DistInfo(device=device), train=False)
 
     @torch.no_grad()
     def metrics(self, checkpoint: Path | None) -> dict[str, float]:
@@ -106,15 +101,13 @@ class Evaluation:
         base model at first), and the judged metrics with a judge."""
         if checkpoint is not None:
             Checkpointer.load_weights(checkpoint, self.model.policy)
-        accumulator = MetricsAccumulator()
-        for i, global_batch in enumerate(self.loader):
-            if i >= self.num_batches:
-                break
-            for batch in self.collate(global_batch):
-                _, metrics = self.model.get_loss_and_metrics(batch, forward_only=True)
-                accumulator.add(metrics, batch.num_pairs)
-        means, pairs, _ = accumulator.reduce(self.model.dist)
-        result = {**means, "pairs": pairs}
+        metrics, pairs = evaluate_batches(
+            self.model,
+            self.loader,
+            lambda pairs: [(b, False) for b in self.collate(pairs)],
+            self.cfg.trainer.limit_val_batches,
+        )
+        result = {**metrics, "pairs": pairs}
         if self.judged is not None:
             generations = greedy_generate(
                 causal_lm(self.model.policy),
@@ -131,7 +124,8 @@ class Evaluation:
         judge = self.judge
         if judge is None or hasattr(judge, "compare"):  # an LLM judge: its own generations, not measured
             return {}
-        count = min(len(self.pairs), self.num_batches * self.cfg.data.global_batch_size)
+        num_batches = limit_batches(self.cfg.trainer.limit_val_batches, len(self.loader))
+        count = min(len(self.pairs), num_batches * self.cfg.data.global_batch_size)
         examples = [self.pairs[i] for i in range(count)]
         decode = self.tokenizer.decode
         prompts = self.pairs.prompts(count)
@@ -192,14 +186,16 @@ def checkpoint_key(path: Path) -> str:
 
 
 def evaluate_checkpoints(cfg: DictConfig, run_dir: str | Path) -> tuple[list[dict[str, Any]], Path]:
-    """Every complete checkpoint of ``run_dir`` in step order, each result kept in ``RESULTS_FILE`` as soon
+    """Every complete checkpoint of ``run_dir`` in step order, each result kept in ``eval_checkpoints.json`` as soon
     as it is done; results already there (same config, same checkpoint) are reused. Returns the rows (step,
     checkpoint, metrics) and the file."""
     run_dir = Path(run_dir)
     checkpoints = Checkpointer(run_dir).complete()
     if not checkpoints:
-        raise ConfigError(f"--all-checkpoints {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
-    results_path = run_dir / RESULTS_FILE
+        raise ConfigError(
+            f"--all-checkpoints {run_dir}: no complete checkpoint in {RunDir(run_dir).checkpoints}"
+        )
+    results_path = RunDir(run_dir).eval_checkpoints
     config = content_digest(OmegaConf.to_container(cfg, resolve=True))
     saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
     done = saved.get("results", {}) if saved.get("config") == config else {}
@@ -245,7 +241,7 @@ def run_eval_all(cfg: DictConfig, run_dir: str, json_path: str | None) -> int:
         rows, results_path = evaluate_checkpoints(cfg, run_dir)
     except KeyboardInterrupt:
         print(
-            f"\n[preftune] interrupted: the checkpoints evaluated so far are kept in {Path(run_dir) / RESULTS_FILE}; "
+            f"\n[preftune] interrupted: the checkpoints evaluated so far are kept in {RunDir(run_dir).eval_checkpoints}; "
             "the same command goes on from there"
         )
         return EXIT_INTERRUPTED

@@ -9,12 +9,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from preftune.run_dir import RunDir
 from preftune.tools.model_card import ModelCard
 
 
 def run_config(checkpoint: Path) -> DictConfig | None:
     """The config the checkpoint's run trained with (``output_dir/config.yaml``), if it is still there."""
-    path = checkpoint.parent.parent / "config.yaml"
+    path = RunDir.of_checkpoint(checkpoint).config
     return OmegaConf.load(path) if path.is_file() else None
 
 

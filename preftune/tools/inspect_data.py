@@ -19,8 +19,10 @@ from omegaconf import DictConfig
 
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.chat import tokenizer_template
-from preftune.data.dataset import PreferenceDataset, TokenizedPairs, load_datasets
+from preftune.data.dataset import PreferenceDataset, TokenizedPairs
+from preftune.data.loading import load_datasets
 from preftune.data.mixture import WeightedPairs
+from preftune.run_dir import RunDir
 
 PERCENTILES = (50, 90, 99, 100)
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the trained (labelled) tokens in the rendered first pair
@@ -146,8 +148,7 @@ def _text(report: dict[str, Any]) -> str:
 def inspect_data(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
     """The report of ``inspect`` as a dict (what ``--json`` writes)."""
     data = cfg.data
-    cache_dir = data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
-    train, val = load_datasets(data, tokenizer, cache_dir)
+    train, val = load_datasets(data, tokenizer, RunDir(cfg.output_dir).tokenized(data.cache_dir))
     if data.chat_template:
         template = "data.chat_template"
     else:

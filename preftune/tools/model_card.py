@@ -12,6 +12,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from preftune.losses import loss_names
+from preftune.run_dir import RunDir
 
 
 @dataclass
@@ -137,7 +138,7 @@ def _sources(entries: Any) -> list[tuple[str, str]]:
 
 def _last_validation(run_dir: Path, step: int) -> tuple[int | None, dict[str, float]]:
     """The last validation record of ``run_dir/metrics.jsonl`` at or before ``step`` (prefix removed)."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     found: tuple[int | None, dict[str, float]] = (None, {})
     if not path.is_file():
         return found

@@ -20,7 +20,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from preftune.config import ConfigError
+from preftune.errors import ConfigError
+from preftune.run_dir import RunDir
 from preftune.training.trackers import flat_config
 
 # (file name, title, metric names): one figure each, train solid, validation dashed.
@@ -92,20 +93,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    root = Path(run_dir)
-    if not (root / "metrics.jsonl").is_file():
-        raise ConfigError(f"{root}: no metrics.jsonl (not a preftune run directory)")
-    config = flat_config(OmegaConf.load(root / "config.yaml")) if (root / "config.yaml").is_file() else {}
-    records = read_jsonl(root / "metrics.jsonl")
-    if (root / "eval_checkpoints.json").is_file():  # preftune eval --all-checkpoints
-        results = json.loads((root / "eval_checkpoints.json").read_text())["results"].values()
+    run = RunDir(run_dir)
+    if not run.metrics.is_file():
+        raise ConfigError(f"{run.root}: no {run.metrics.name} (not a preftune run directory)")
+    config = flat_config(OmegaConf.load(run.config)) if run.config.is_file() else {}
+    records = read_jsonl(run.metrics)
+    if run.eval_checkpoints.is_file():  # preftune eval --all-checkpoints
+        results = json.loads(run.eval_checkpoints.read_text())["results"].values()
         records += [
             {"step": r["step"], **{f"eval/{k}": v for k, v in r["metrics"].items()}}
             for r in sorted(results, key=lambda r: r["step"])
         ]
-    return Run(
-        root.name, records, config, read_jsonl(root / "samples.jsonl"), read_jsonl(root / "judged.jsonl")
-    )
+    return Run(run.root.name, records, config, read_jsonl(run.samples), read_jsonl(run.judged))
 
 
 def run_labels(runs: list[Run], dirs: list[Path]) -> None:
@@ -293,7 +292,7 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
     dirs = [Path(d) for d in run_dirs]
     runs = [load_run(d) for d in dirs]
     run_labels(runs, dirs)
-    page = Path(output) if output else dirs[0] / "report.html"
+    page = Path(output) if output else RunDir(dirs[0]).report
     png_dir = page.parent / f"{page.stem}_png"
     levels = {name: level for name, _, _, level in JUDGED_PANELS}
     judged_images = draw_panels(runs, png_dir, JUDGED_PANELS, levels)

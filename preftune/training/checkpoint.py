@@ -10,6 +10,7 @@ damaged. Only tensors and plain values are ever loaded (``torch.load(weights_onl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -18,7 +19,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +36,29 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from preftune.config import ConfigError
+from preftune.errors import CheckpointError, NonFiniteError
 from preftune.modeling.logprobs import is_peft
 from preftune.modeling.model import DPOModel
-from preftune.training.distributed import any_rank, barrier, unwrap
+from preftune.modeling.parallel import any_rank, barrier, unwrap
+from preftune.run_dir import RunDir
 from preftune.training.manifest import MANIFEST, manifest_bytes, problem, write_manifest
-from preftune.training.nonfinite import NonFiniteError, nonfinite_parameters
+from preftune.training.nonfinite import nonfinite_parameters
 from preftune.training.retention import Retention, SavedCheckpoint, checkpoints_to_delete
-
-# DCP warns that it assumes one process when no process group exists: that is exactly the intent here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 VAL_METRICS_FILE = "val_metrics.json"  # the validation metrics of the checkpoint's step, if validated there
 
 
-class CheckpointError(ConfigError):
-    """A checkpoint could not be written or read; the message says what to do."""
+@contextlib.contextmanager
+def one_process_dcp() -> Iterator[None]:
+    """DCP warns that it assumes one process when no process group exists: exactly the intent here, so that
+    warning is silenced inside this block (and nowhere else)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,7 +90,7 @@ class Checkpointer:
     """
 
     def __init__(self, output_dir: str | Path, tokenizer: Any = None, retention: Retention | None = None):
-        self.root = Path(output_dir) / "checkpoints"
+        self.root = RunDir(output_dir).checkpoints
         self.tokenizer = tokenizer
         self.retention = retention or Retention()
         self.resumed_from: int | None = None  # the step resumed from: retention never deletes it
@@ -174,10 +180,11 @@ class Checkpointer:
         if any_rank(main_error is not None, info):  # the other ranks must not wait in dcp.save
             raise main_error or OSError(errno.EIO, "failed on rank 0")
         if optimizer.state:  # empty until a step is applied (every step so far skipped): nothing to save
-            dcp.save(
-                get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer),
-                checkpoint_id=tmp / "optimizer",
-            )
+            with one_process_dcp():
+                dcp.save(
+                    get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer),
+                    checkpoint_id=tmp / "optimizer",
+                )
         barrier(info)
         if info.is_main:
             try:
@@ -281,7 +288,8 @@ class Checkpointer:
         """Restore optimizer (resharded to this run's ranks), scheduler and RNG; return the trainer state."""
         if (path / "optimizer").is_dir():  # absent: saved before any step was applied (a fresh optimizer)
             state = get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer)
-            dcp.load(state, checkpoint_id=path / "optimizer")
+            with one_process_dcp():
+                dcp.load(state, checkpoint_id=path / "optimizer")
             set_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer, state)
         scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
         if not (path / "optimizer").is_dir():  # the learning rate is otherwise restored with the optimizer

@@ -9,26 +9,16 @@ saved from non-finite weights (``nonfinite_parameters`` is checked before every 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 
-from preftune.config import ConfigError
-
-# A skipped first step steps the scheduler before the optimizer has ever stepped: intended here.
-warnings.filterwarnings(
-    "ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
-)
+from preftune.errors import NonFiniteError
 
 ADVICE = (
     "try a lower optim.lr, trainer.gradient_clip_val (e.g. 1.0), float32 instead of bfloat16/float16 "
     "(model.dtype, model.autocast) if they overflow, and check the data's rewards"
 )
-
-
-class NonFiniteError(ConfigError):
-    """The run cannot go on: its loss, gradients or weights are no longer finite."""
 
 
 class SkipGuard:

@@ -19,9 +19,8 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from preftune.config import ConfigError
-
-STATE_FILE = "trackers.json"
+from preftune.errors import ConfigError
+from preftune.run_dir import RunDir
 
 
 class Tracker(Protocol):
@@ -47,11 +46,11 @@ class TrackerState:
 
     @classmethod
     def load(cls, output_dir: Path) -> TrackerState:
-        path = output_dir / STATE_FILE
+        path = RunDir(output_dir).trackers
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
     def save(self, output_dir: Path) -> None:
-        path = output_dir / STATE_FILE
+        path = RunDir(output_dir).trackers
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self)) + "\n")
         os.replace(tmp, path)
@@ -210,7 +209,7 @@ def open_trackers(
             (
                 "logger.tensorboard",
                 "tensorboard",
-                lambda: TensorBoardTracker(output_dir / "tensorboard", cfg, resume_step),
+                lambda: TensorBoardTracker(RunDir(output_dir).tensorboard, cfg, resume_step),
             )
         )
     if lcfg.wandb.project is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -15,10 +16,10 @@ from tqdm.auto import tqdm
 
 from preftune.data.batch import MicroBatch
 from preftune.modeling.model import DPOModel
+from preftune.modeling.parallel import DistInfo, any_rank, gather_objects
 from preftune.training import stop_signals
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import ChosenLogprobWatch, step_line
-from preftune.training.distributed import DistInfo, any_rank, gather_objects
 from preftune.training.metrics import MetricsLogger
 from preftune.training.nonfinite import SkipGuard
 from preftune.training.progress import after_step
@@ -66,6 +67,30 @@ def limit_batches(limit: int | float, available: int) -> int:
     if isinstance(limit, float):
         return min(available, math.ceil(limit * available))
     return min(available, limit)
+
+
+@torch.no_grad()
+def evaluate(
+    model: DPOModel,
+    dataloader: Iterable[list[dict]],
+    micro_batches: Callable[[list[dict]], list[tuple[MicroBatch, bool]]],
+    limit: int | float,
+) -> tuple[dict[str, float], int]:
+    """Pair-weighted mean metrics of ``model`` (in eval mode) over up to ``limit`` (``limit_batches``) of
+    ``dataloader``'s global batches, and the pairs they hold; ``micro_batches`` turns a global batch into this
+    rank's (micro-batch, is_filler) pairs. ``DPOTrainer.evaluate`` and ``preftune eval`` both run it."""
+    model.train(False)
+    accumulator = MetricsAccumulator()
+    num_batches = limit_batches(limit, len(dataloader))
+    for i, global_batch in enumerate(dataloader):
+        if i >= num_batches:
+            break
+        for batch, is_filler in micro_batches(global_batch):
+            _, metrics = model.get_loss_and_metrics(batch, forward_only=True)
+            if not is_filler:
+                accumulator.add(metrics, batch.num_pairs)
+    means, pairs, _ = accumulator.reduce(model.dist)
+    return means, pairs
 
 
 class DPOTrainer:
@@ -213,25 +238,18 @@ class DPOTrainer:
             self.model.observe_step_rewards(
                 metrics["rewards_chosen_mean"], metrics["rewards_rejected_mean"], pairs
             )
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step steps the scheduler before the optimizer
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         metrics.update(grad_norm=grad_norm, lr=lr, tokens=tokens, skipped=int(skipped))
         return metrics
 
     # -- evaluation ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, dataloader: Iterable[list[dict]], limit: int | float) -> dict[str, float]:
-        self.model.train(False)
-        accumulator = MetricsAccumulator()
-        num_batches = limit_batches(limit, len(dataloader))
-        for i, global_batch in enumerate(dataloader):
-            if i >= num_batches:
-                break
-            for batch, is_filler in self.micro_batches(global_batch):
-                _, metrics = self.model.get_loss_and_metrics(batch, forward_only=True)
-                if not is_filler:
-                    accumulator.add(metrics, batch.num_pairs)
+        """Pair-weighted metrics over (up to ``limit`` of) ``dataloader``'s global batches."""
+        metrics, _ = evaluate(self.model, dataloader, self.micro_batches, limit)
         self.model.train()
-        return accumulator.reduce(self.model.dist)[0]
+        return metrics
 
     def run_validation(self) -> tuple[float, dict[str, float]]:
         """Pair-weighted mean loss and metrics over (up to ``limit_val_batches`` of) the validation set."""

@@ -3,41 +3,38 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from preftune.config import ConfigError, parse_max_time
+from preftune.config import parse_max_time
 from preftune.config_checks import absolute_paths, check_environment
-from preftune.data.batch import MicroBatch, padded_micro_batches
-from preftune.data.chat import load_chat_template
-from preftune.data.dataset import PreferenceDataset, load_datasets
-from preftune.data.formats import DataError
-from preftune.data.packing import DPOPackedDataset
-from preftune.data.sampler import GlobalBatchSampler
+from preftune.data.dataset import PreferenceDataset
+from preftune.data.loading import load_datasets
 from preftune.data.tokenize import tokenizer_fingerprint
+from preftune.errors import ConfigError, DataError
 from preftune.modeling.hub import local_model_dir
 from preftune.modeling.layout_check import check_layout
 from preftune.modeling.logprobs import causal_lm
 from preftune.modeling.model import DPOModel
+from preftune.modeling.parallel import DistInfo
 from preftune.modeling.reference_cache import (
-    ReferenceCache,
     precompute_reference,
     reference_model_fingerprint,
     with_cached_reference,
 )
+from preftune.run_dir import RunDir
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import parameter_summary, quiet_libraries
-from preftune.training.distributed import DistInfo, env_rank, init_distributed, main_rank_first
+from preftune.training.distributed import env_rank, init_distributed, main_rank_first
 from preftune.training.judged import JudgedValidation, build_run_judge, prepare_judged_validation
+from preftune.training.loaders import build_dataloader, load_tokenizer, micro_batch_layout
 from preftune.training.metrics import MetricsLogger
 from preftune.training.optim import build_optimizer, build_scheduler
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
@@ -65,22 +62,6 @@ def check_same_tokenizer(tokenizer: Any, reference_path: str, trust_remote_code:
         )
 
 
-def build_dataloader(
-    dataset: PreferenceDataset | ReferenceCache, cfg: DictConfig, info: DistInfo, *, train: bool
-) -> DataLoader:
-    """Batches are this rank's share of a global batch, as lists of tokenized pairs."""
-    sampler = GlobalBatchSampler(
-        len(dataset),
-        cfg.data.global_batch_size,
-        seed=cfg.data.seed,
-        shuffle=train,
-        drop_last=train,
-        rank=info.rank,
-        world_size=info.world_size,
-    )
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers)
-
-
 @dataclass(frozen=True)
 class TrainResult:
     val_metrics: dict[str, float]  # the last validation's metrics ({} without validation data)
@@ -105,39 +86,10 @@ def run_training(cfg: DictConfig) -> TrainResult:
     lock = lock_output_dir(output_dir, info)  # one run per output_dir
     try:
         if info.is_main:
-            OmegaConf.save(cfg, output_dir / "config.yaml")
+            OmegaConf.save(cfg, RunDir(output_dir).config)
         return _train_locked(cfg, info, saved_cfg)
     finally:
         lock.release()
-
-
-def load_tokenizer(cfg: DictConfig) -> Any:
-    """``model.path``'s tokenizer, with ``data.chat_template`` when set (checkpoints then carry the template
-    the model was trained with)."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.data.chat_template:
-        tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
-    return tokenizer
-
-
-def micro_batch_layout(
-    cfg: DictConfig, dataset: PreferenceDataset, model: DPOModel, eos_id: int, device: torch.device
-) -> tuple[Any, Callable[[Sequence[dict]], list[MicroBatch]]]:
-    """The dataset the loader reads and the collate that turns a global batch into this rank's micro-batches:
-    packed / shared-prompt rows (``DPOPackedDataset``) or padded pairs, as ``data.*`` says."""
-    if cfg.data.packing or cfg.data.share_prompt:  # several pairs per row and/or one prompt per pair
-        packed = DPOPackedDataset(
-            dataset,
-            model.policy.config,
-            eos_id=eos_id,
-            pack_length=cfg.data.pack_length or 2 * cfg.data.max_seq_length,
-            pack=cfg.data.packing,
-            share_prompt=cfg.data.share_prompt,
-            rows_per_micro_batch=cfg.data.micro_batch_size,
-            device=device,
-        )
-        return packed, packed.global_collate_fn  # validation batches are packed by the same collate
-    return dataset, partial(padded_micro_batches, micro_batch_size=cfg.data.micro_batch_size, eos_id=eos_id)
 
 
 def load_training_data(
@@ -148,7 +100,7 @@ def load_training_data(
     tokenizer = load_tokenizer(cfg)
     if cfg.reference.path is not None:
         check_same_tokenizer(tokenizer, cfg.reference.path, cfg.model.trust_remote_code)
-    cache_dir = cfg.data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
+    cache_dir = RunDir(cfg.output_dir).tokenized(cfg.data.cache_dir)
     with main_rank_first(info):  # however long rank 0 tokenizes, no collective times out
         train_set, val_set = load_datasets(cfg.data, tokenizer, cache_dir)
     for dataset in (train_set, val_set):
@@ -180,7 +132,7 @@ def validation_generations(
     if max(num_samples, num_judged) == 0:
         return None
     prompts = [val_set[i]["prompt_ids"] for i in range(max(num_samples, num_judged))]
-    output_dir = Path(cfg.output_dir)
+    run = RunDir(cfg.output_dir)
 
     def generate(step: int) -> dict[str, float]:  # every rank generates and judges; rank 0 writes
         generations = greedy_generate(
@@ -191,17 +143,16 @@ def validation_generations(
             root=model.policy_logprobs,
         )
         if num_samples:
-            rows = sample_rows(
-                tokenizer, [val_set[i] for i in range(num_samples)], generations[:num_samples], step
-            )
+            examples = [val_set[i] for i in range(num_samples)]
+            rows = sample_rows(tokenizer, examples, generations[:num_samples], step)
             if model.dist.is_main:
-                append_jsonl(output_dir / "samples.jsonl", rows)
+                append_jsonl(run.samples, rows)
                 logger.send("log_samples", rows, step)
         if judged is None:
             return {}
         metrics, rows = judged(generations[:num_judged], tokenizer, step)
         if model.dist.is_main:
-            append_jsonl(output_dir / "judged.jsonl", rows)
+            append_jsonl(run.judged, rows)
         return metrics
 
     return generate
@@ -218,7 +169,7 @@ def check_packed_layout(cfg: DictConfig, model: DPOModel, info: DistInfo) -> Non
         share_prompt=cfg.data.share_prompt,
         model_path=local_model_dir(cfg.model.path),
         dtype=cfg.model.dtype,
-        cache_dir=Path(cfg.output_dir) / "cache" / "layout_check" if info.is_main else None,
+        cache_dir=RunDir(cfg.output_dir).layout_check_cache if info.is_main else None,
     )
     log(f"layout self-check: {'passed before (cached)' if cached else 'passed'}")
 
@@ -235,7 +186,7 @@ def cache_reference(
         model,
         [train_set, val_set],
         collate,
-        Path(cfg.output_dir) / "cache" / "reference",
+        RunDir(cfg.output_dir).reference_cache,
         model_fingerprint=reference_model_fingerprint(cfg.model, cfg.reference.path),
         batch_pairs=cfg.data.global_batch_size,
     )
@@ -278,13 +229,39 @@ def start_line(cfg: DictConfig, info: DistInfo, model: DPOModel, trainer: DPOTra
     return f"training for {steps} of {cfg.data.global_batch_size} pairs on {where} ({', '.join(layout)})"
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators from ``trainer.seed`` (a resume then restores their states)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def open_logs(cfg: DictConfig, info: DistInfo, logger: MetricsLogger, resume_step: int | None) -> None:
+    """``metrics.jsonl``, ``samples.jsonl`` and ``judged.jsonl`` cut back to the step resumed from (a fresh start, None: emptied),
+    then the trackers opened at that step (a tracker that cannot start stops the run here, before training)."""
+    keep = -1 if resume_step is None else resume_step
+    logger.truncate_after(keep)
+    if info.is_main:
+        logger.attach(*open_trackers(cfg, Path(cfg.output_dir), resume_step))
+        run = RunDir(cfg.output_dir)
+        for path in (run.samples, run.judged):
+            truncate_jsonl_after(path, keep)
+
+
+def finish(trainer: DPOTrainer) -> TrainResult:
+    """The run's end: said, and returned (``finished`` False: stopped early, to be resumed)."""
+    finished = trainer.step >= trainer.max_steps
+    if finished:
+        log(f"done: metrics in {trainer.logger.path}, checkpoints in {trainer.ckpt_callback.root}")
+    else:
+        log(f"stopped early at step {trainer.step} of {trainer.max_steps}: the same command resumes it")
+    return TrainResult(trainer.last_val_metrics, finished)
+
+
 def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None) -> TrainResult:
     timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)
-    random.seed(cfg.trainer.seed)
-    np.random.seed(cfg.trainer.seed)
-    torch.manual_seed(cfg.trainer.seed)
-
+    seed_everything(cfg.trainer.seed)
     tokenizer, train_set, val_set = load_training_data(cfg, info)
     finished = finished_run(output_dir, cfg.trainer, len(train_set) // cfg.data.global_batch_size)
     if finished is not None:
@@ -292,7 +269,8 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         return TrainResult(finished.val_metrics, finished=True)
 
     # Model: the policy and its reference (built before any checkpoint is restored; the reference's judged
-    # generations are made then, or loaded), then the newest checkpoint's weights, then DDP/FSDP2, then the reference's cached log-probs, then the optimizer.
+    # generations are made then, or loaded), then the newest checkpoint's weights, then DDP/FSDP2, then the
+    # reference's cached log-probs, then the optimizer.
     model = DPOModel.from_config(cfg).to(info.device)
     check_packed_layout(cfg, model, info)
     judge = build_run_judge(cfg, model, tokenizer) if cfg.trainer.judge_prompts > 0 else None
@@ -327,12 +305,7 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
     # Resume from the newest complete checkpoint, then open the trackers at that step.
     if latest is not None:
         resume_training(trainer, latest, cfg, saved_cfg)
-    resume_step = trainer.step if latest is not None else None  # None: a fresh start (drop old records)
-    logger.truncate_after(-1 if resume_step is None else resume_step)
-    if info.is_main:  # a tracker that cannot start stops the run here, before any training
-        logger.attach(*open_trackers(cfg, output_dir, resume_step))
-        for name in ("samples.jsonl", "judged.jsonl"):
-            truncate_jsonl_after(output_dir / name, -1 if resume_step is None else resume_step)
+    open_logs(cfg, info, logger, trainer.step if latest is not None else None)
     trainer.on_validation = validation_generations(cfg, model, tokenizer, val_set, logger, judged)
 
     log(start_line(cfg, info, model, trainer))
@@ -341,9 +314,4 @@ def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None)
         trainer.fit()
     finally:
         logger.close()
-    finished = trainer.step >= trainer.max_steps
-    if finished:
-        log(f"done: metrics in {logger.path}, checkpoints in {checkpointer.root}")
-    else:
-        log(f"stopped early at step {trainer.step} of {trainer.max_steps}: the same command resumes it")
-    return TrainResult(trainer.last_val_metrics, finished)
+    return finish(trainer)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from preftune.config import ConfigError
+from preftune.errors import ConfigError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 HINT = "set data.packing=false and data.share_prompt=false"
