@@ -26,7 +26,6 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from preftune.modeling.logprobs import causal_lm, is_peft
 from preftune.modeling.model import DTYPES, DPOModel
 from preftune.modeling.reference import FrozenReference
 from preftune.modeling.reference_cache import reference_model_fingerprint
+from preftune.run_dir import RunDir
 from preftune.training.samples import decode_generation, greedy_generate
 from preftune.training.win_rate import lc_win_rate, length_ratio, score_outcomes, win_rate
 
@@ -79,7 +79,7 @@ def reference_generations(
     fingerprint = reference_model_fingerprint(cfg.model, cfg.reference.path)  # null for reference-free losses
     key = json.dumps([CACHE_VERSION, fingerprint, prompts, max_new_tokens, eos_id])
     name = hashlib.sha256(key.encode()).hexdigest()[:24]
-    path = Path(cfg.output_dir) / "cache" / "judge_reference" / f"{name}.pt"
+    path = RunDir(cfg.output_dir).judge_reference_cache / f"{name}.pt"
     cached = load_checked(path)
     if cached is not None:
         log(f"judged validation: the reference's {len(prompts)} generations loaded from {path}")
