@@ -20,19 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig
-from transformers import AutoConfig
 
-from preftune import losses
-from preftune.config import parse_max_time, read_config
+from preftune.config import DataConfig, PreftuneConfig, TrainerConfig, parse_max_time, read_config
 from preftune.data.visibility import VARLEN, check_packed_attention, packed_attention
 from preftune.data.windows import layer_windows
 from preftune.errors import ConfigError
-from preftune.modeling.hub import check_model_source
-from preftune.modeling.judges import POLICY, check_judge, check_judge_settings, judge_is_set
-from preftune.modeling.parallel import STRATEGIES
-from preftune.training.distributed import env_world_size
-from preftune.training.optim import OPTIMIZERS, SCHEDULES
 from preftune.training.retention import Retention
+
+# The rules that need torch or transformers import them where they run, so that importing this module (the
+# CLI does, before any config is read) stays light.
 
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
 AUTOCAST = (None, "bfloat16", "float16")  # model.autocast
@@ -47,8 +43,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: PreftuneConfig) -> None:
     """The rules a config must follow on its own (no file or model is looked at)."""
+    from preftune.modeling.parallel import STRATEGIES
+    from preftune.training.distributed import env_world_size
+    from preftune.training.optim import OPTIMIZERS, SCHEDULES
+
     _check_data(cfg.data, env_world_size())
     _check_model(cfg)
     _check_trainer(cfg.trainer)
@@ -61,12 +61,16 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.sched.name={cfg.optim.sched.name!r}: use one of {', '.join(SCHEDULES)}")
     if cfg.distributed.strategy not in STRATEGIES:
         raise ConfigError(f"distributed.strategy={cfg.distributed.strategy}: use {' or '.join(STRATEGIES)}")
+    from preftune.modeling.judges import check_judge_settings
+
     check_judge_settings(cfg.judge)
     _check_judged_validation(cfg)
 
 
-def _check_judged_validation(cfg: DictConfig) -> None:
+def _check_judged_validation(cfg: PreftuneConfig) -> None:
     """``trainer.judge_prompts``: a count, and a judge to score them."""
+    from preftune.modeling.judges import judge_is_set
+
     num = cfg.trainer.judge_prompts
     if num < 0:
         raise ConfigError(f"trainer.judge_prompts={num}: use a number of validation prompts >= 0 (0: off)")
@@ -77,7 +81,7 @@ def _check_judged_validation(cfg: DictConfig) -> None:
         )
 
 
-def _check_data(data: DictConfig, world: int) -> None:
+def _check_data(data: DataConfig, world: int) -> None:
     """``data.*``: batch sizes and their divisibility over the ranks, lengths, the validation split."""
     if data.micro_batch_size < 1 or data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be >= 1")
@@ -111,7 +115,7 @@ def _check_data(data: DictConfig, world: int) -> None:
         )
 
 
-def _check_model(cfg: DictConfig) -> None:
+def _check_model(cfg: PreftuneConfig) -> None:
     """``model.*``: dtypes, and the attention a packed / shared-prompt layout needs."""
     model, data = cfg.model, cfg.data
     if model.dtype not in DTYPES:
@@ -129,7 +133,7 @@ def _check_model(cfg: DictConfig) -> None:
         check_packed_attention(attention)
 
 
-def _check_trainer(trainer: DictConfig) -> None:
+def _check_trainer(trainer: TrainerConfig) -> None:
     """``trainer.*``: intervals, limits, checkpoint retention, the NaN/inf skip limit."""
     interval = trainer.val_check_interval
     if isinstance(interval, float) and not 0 < interval <= 1:
@@ -149,9 +153,11 @@ def _check_trainer(trainer: DictConfig) -> None:
         )
 
 
-def _check_losses(cfg: DictConfig) -> None:
+def _check_losses(cfg: PreftuneConfig) -> None:
     """``dpo.*`` and ``reference.*``: known loss names, no mix of reference-free and other losses, one weight
     per loss, beta > 0, and a reference only for losses that use one."""
+    from preftune import losses
+
     names = losses.loss_names(cfg.dpo.preference_loss)
     unknown = [n for n in names if n not in losses.LOSS_NAMES]
     if unknown:
@@ -179,17 +185,21 @@ def _check_losses(cfg: DictConfig) -> None:
         )
 
 
-def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
+def check_environment(cfg: PreftuneConfig, *, tokenizer_only: bool = False) -> None:
     """What the config points at exists and fits: a writable ``output_dir``, a model at ``model.path`` (a
     directory with ``config.json`` and weights, or a Hub id) of a family the chosen layout supports, the same
     for ``reference.path``, and a launcher with what ``torch.distributed`` needs. Runs before the model or
     data is loaded. ``tokenizer_only`` (``inspect``): a local ``model.path`` may hold just a tokenizer."""
+    from preftune.training.distributed import env_world_size
+
     _check_output_dir(Path(cfg.output_dir))
     model_config = _model_config(cfg.model.path, cfg.model.trust_remote_code, "model.path", tokenizer_only)
     if model_config is not None and (cfg.data.packing or cfg.data.share_prompt):
         layer_windows(model_config)  # a ConfigError for what packed rows cannot lay out
     if cfg.reference.path is not None and not tokenizer_only:
         _model_config(cfg.reference.path, cfg.model.trust_remote_code, "reference.path", tokenizer_only=False)
+    from preftune.modeling.judges import check_judge, judge_is_set
+
     if not tokenizer_only and judge_is_set(cfg.judge):
         check_judge(cfg.judge)  # resolves the reward functions, reads the judge model's config
     if cfg.model.lora.r > 0 and importlib.util.find_spec("peft") is None:
@@ -223,6 +233,10 @@ def _check_output_dir(output_dir: Path) -> None:
 def _model_config(path: str, trust_remote_code: bool, key: str, tokenizer_only: bool) -> Any:
     """The ``transformers`` config of the model at ``path`` (a local directory, else a Hub id) named by
     ``key``; None for a local directory without ``config.json`` when ``tokenizer_only``."""
+    from transformers import AutoConfig
+
+    from preftune.modeling.hub import check_model_source
+
     check_model_source(path, key, tokenizer_only=tokenizer_only)
     local = Path(path).expanduser()
     if local.is_dir() and not (local / "config.json").is_file():
@@ -237,7 +251,7 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def absolute_paths(cfg: DictConfig) -> DictConfig:
+def absolute_paths(cfg: PreftuneConfig) -> DictConfig:
     """``cfg`` with ``output_dir``, ``data.cache_dir`` and local model and data paths made absolute, so the saved
     ``config.yaml`` and a LoRA adapter's ``base_model_name_or_path`` work from any directory."""
     cfg = cfg.copy()
@@ -260,6 +274,8 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
 
 def _absolute_judge_paths(judge: DictConfig) -> None:
     """The judge's local files made absolute: reward-function files, models, a template file."""
+    from preftune.modeling.judges import POLICY
+
     if isinstance(judge.function, str):
         judge.function = _absolute_function(judge.function)
     elif judge.function is not None:

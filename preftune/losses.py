@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor
+
+from preftune.config import DPOConfig
 
 # --------------------------------------------------------------------------------------------------
 # Losses on the policy margin Δ
@@ -568,24 +571,26 @@ class LossSettings:
     rdpo_alpha: float
 
     @classmethod
-    def from_config(cls, dpo: Any) -> LossSettings:
-        """From the ``dpo`` section (a mapping; names and weights are checked by ``preftune.config_checks``)."""
-        names = loss_names(dpo["preference_loss"])
-        average = dpo["preference_average_log_probs"]
+    def from_config(cls, dpo: DPOConfig | Mapping[str, Any]) -> LossSettings:
+        """From the ``dpo`` section (names and weights are checked by ``preftune.config_checks``); a plain
+        mapping is read over ``DPOConfig``'s defaults."""
+        dpo = OmegaConf.merge(OmegaConf.structured(DPOConfig), dpo)
+        names = loss_names(dpo.preference_loss)
+        average = dpo.preference_average_log_probs
         return cls(
             names=names,
-            weights=tuple(dpo["preference_loss_weights"] or [1.0] * len(names)),
-            beta=float(dpo["ref_policy_kl_penalty"]),
+            weights=tuple(dpo.preference_loss_weights or [1.0] * len(names)),
+            beta=float(dpo.ref_policy_kl_penalty),
             average_logps=(
                 any(n in LENGTH_AVERAGED_LOSSES for n in names) if average is None else bool(average)
             ),
-            sft_average_logps=bool(dpo["sft_average_log_probs"]),
-            preference_weight=float(dpo["preference_loss_weight"]),
-            sft_weight=float(dpo["sft_loss_weight"]),
-            gt_reward_scale=float(dpo["gt_reward_scale"]),
-            label_smoothing=float(dpo["label_smoothing"]),
-            simpo_gamma=float(dpo["simpo_gamma"]),
-            rdpo_alpha=float(dpo["rdpo_alpha"]),
+            sft_average_logps=bool(dpo.sft_average_log_probs),
+            preference_weight=float(dpo.preference_loss_weight),
+            sft_weight=float(dpo.sft_loss_weight),
+            gt_reward_scale=float(dpo.gt_reward_scale),
+            label_smoothing=float(dpo.label_smoothing),
+            simpo_gamma=float(dpo.simpo_gamma),
+            rdpo_alpha=float(dpo.rdpo_alpha),
         )
 
     @property

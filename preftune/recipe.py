@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
-from preftune.config import parse_max_time
+from preftune.config import PreftuneConfig, parse_max_time
 from preftune.config_checks import absolute_paths, check_environment
 from preftune.data.dataset import PreferenceDataset
 from preftune.data.loading import load_datasets
@@ -68,12 +68,12 @@ class TrainResult:
     finished: bool  # False: stopped early (a stop signal or trainer.max_time), to be resumed
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: PreftuneConfig) -> dict[str, float]:
     """Train (or resume) the run described by ``cfg``; return the last validation metrics."""
     return run_training(cfg).val_metrics
 
 
-def run_training(cfg: DictConfig) -> TrainResult:
+def run_training(cfg: PreftuneConfig) -> TrainResult:
     """Train (or resume) the run described by ``cfg``, holding ``output_dir``'s lock throughout."""
     check_environment(cfg)  # before anything is loaded
     cfg = absolute_paths(cfg)
@@ -93,7 +93,7 @@ def run_training(cfg: DictConfig) -> TrainResult:
 
 
 def load_training_data(
-    cfg: DictConfig, info: DistInfo
+    cfg: PreftuneConfig, info: DistInfo
 ) -> tuple[Any, PreferenceDataset, PreferenceDataset | None]:
     """The tokenizer and the tokenized train and validation sets: tokenized once (rank 0 first, the other
     ranks then read its cache)."""
@@ -117,7 +117,7 @@ def load_training_data(
 
 
 def validation_generations(
-    cfg: DictConfig,
+    cfg: PreftuneConfig,
     model: DPOModel,
     tokenizer: Any,
     val_set: PreferenceDataset | None,
@@ -158,7 +158,7 @@ def validation_generations(
     return generate
 
 
-def check_packed_layout(cfg: DictConfig, model: DPOModel, info: DistInfo) -> None:
+def check_packed_layout(cfg: PreftuneConfig, model: DPOModel, info: DistInfo) -> None:
     """Packed / shared-prompt runs: the real model's laid-out rows against separate forwards (a pass is cached
     in ``output_dir/cache/layout_check``)."""
     if not (cfg.data.packing or cfg.data.share_prompt):
@@ -175,7 +175,7 @@ def check_packed_layout(cfg: DictConfig, model: DPOModel, info: DistInfo) -> Non
 
 
 def cache_reference(
-    cfg: DictConfig, model: DPOModel, train_set: Any, val_set: Any, collate: Callable
+    cfg: PreftuneConfig, model: DPOModel, train_set: Any, val_set: Any, collate: Callable
 ) -> tuple[Any, Any, Callable]:
     """``reference.mode: precompute``: one pass of the reference over train and validation, cached per (data,
     model) in ``output_dir/cache/reference`` (a resumed run loads them); the reference model is then freed.
@@ -196,7 +196,7 @@ def cache_reference(
 
 
 def resume_training(
-    trainer: DPOTrainer, checkpoint: Path, cfg: DictConfig, saved_cfg: DictConfig | None
+    trainer: DPOTrainer, checkpoint: Path, cfg: PreftuneConfig, saved_cfg: DictConfig | None
 ) -> None:
     """Restore the optimizer, scheduler, RNG and trainer state of ``checkpoint``; follow a changed schedule."""
     state = trainer.ckpt_callback.load_training_state(
@@ -210,7 +210,7 @@ def resume_training(
         log(change)
 
 
-def start_line(cfg: DictConfig, info: DistInfo, model: DPOModel, trainer: DPOTrainer) -> str:
+def start_line(cfg: PreftuneConfig, info: DistInfo, model: DPOModel, trainer: DPOTrainer) -> str:
     """``training for N steps of B pairs on WHERE (LAYOUT)`` (a resumed run: the steps left)."""
     where = (
         f"{info.world_size} x {info.device.type} ({cfg.distributed.strategy})"
@@ -236,7 +236,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def open_logs(cfg: DictConfig, info: DistInfo, logger: MetricsLogger, resume_step: int | None) -> None:
+def open_logs(cfg: PreftuneConfig, info: DistInfo, logger: MetricsLogger, resume_step: int | None) -> None:
     """``metrics.jsonl``, ``samples.jsonl`` and ``judged.jsonl`` cut back to the step resumed from (a fresh start, None: emptied),
     then the trackers opened at that step (a tracker that cannot start stops the run here, before training)."""
     keep = -1 if resume_step is None else resume_step
@@ -258,7 +258,7 @@ def finish(trainer: DPOTrainer) -> TrainResult:
     return TrainResult(trainer.last_val_metrics, finished)
 
 
-def _train_locked(cfg: DictConfig, info: DistInfo, saved_cfg: DictConfig | None) -> TrainResult:
+def _train_locked(cfg: PreftuneConfig, info: DistInfo, saved_cfg: DictConfig | None) -> TrainResult:
     timer = RunTimer(parse_max_time(cfg.trainer.max_time) if cfg.trainer.max_time else None)
     output_dir = Path(cfg.output_dir)
     seed_everything(cfg.trainer.seed)

@@ -74,27 +74,28 @@ def test_no_relative_imports() -> None:
                 pytest.fail(f"{path}:{node.lineno}: relative import in {name}; import from preftune.*")
 
 
-def test_no_import_goes_up_a_layer() -> None:
-    upward = [
+def upward(graph: dict[str, list[tuple[str, int]]]) -> list[str]:
+    """Every import of a higher layer, as a line naming it."""
+    return [
         f"{source} (layer {layer_of(source)}) imports {target} (layer {layer_of(target)}) at line {line}"
-        for source, targets in graph().items()
+        for source, targets in graph.items()
         if source != "preftune"
         for target, line in targets
         if layer_of(target) > layer_of(source)
     ]
-    assert not upward, "imports up the layers:\n" + "\n".join(upward)
 
 
-def test_no_import_circle() -> None:
-    edges = {source: {t for t, _ in targets if t != "preftune"} for source, targets in graph().items()}
-    lines = {(s, t): line for s, targets in graph().items() for t, line in targets}
+def circle(graph: dict[str, list[tuple[str, int]]]) -> list[str]:
+    """One import circle as its arrows ([] when there is none)."""
+    edges = {source: sorted({t for t, _ in targets if t != "preftune"}) for source, targets in graph.items()}
+    lines = {(s, t): line for s, targets in graph.items() for t, line in targets}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
 
     def visit(node: str) -> list[str] | None:
         state[node] = 1
         path.append(node)
-        for nxt in sorted(edges.get(node, ())):
+        for nxt in edges.get(node, ()):
             if state.get(nxt) == 1:
                 return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (cycle := visit(nxt)):
@@ -105,8 +106,35 @@ def test_no_import_circle() -> None:
 
     for start in sorted(edges):
         if start not in state and (cycle := visit(start)):
-            arrows = [f"{a} -> {b} (line {lines[a, b]})" for a, b in itertools.pairwise(cycle)]
-            pytest.fail("import circle:\n" + "\n".join(arrows))
+            return [f"{a} -> {b} (line {lines[a, b]})" for a, b in itertools.pairwise(cycle)]
+    return []
+
+
+def test_no_import_goes_up_a_layer() -> None:
+    found = upward(graph())
+    assert not found, "imports up the layers:\n" + "\n".join(found)
+
+
+def test_no_import_circle() -> None:
+    found = circle(graph())
+    assert not found, "import circle:\n" + "\n".join(found)
+
+
+def test_the_checks_find_a_function_local_upward_import_and_a_circle(tmp_path) -> None:
+    source = tmp_path / "model.py"
+    source.write_text(
+        "def f():\n    from preftune.training.trainer import DPOTrainer\n    return DPOTrainer\n"
+    )
+    found = imports(source, {"preftune.training.trainer"})
+    assert found == [("preftune.training.trainer", 2)]
+    assert upward({"preftune.modeling.model": found}) == [
+        "preftune.modeling.model (layer 3) imports preftune.training.trainer (layer 4) at line 2"
+    ]
+    two = {"preftune.data.a": [("preftune.data.b", 3)], "preftune.data.b": [("preftune.data.a", 7)]}
+    assert circle(two) == [
+        "preftune.data.a -> preftune.data.b (line 3)",
+        "preftune.data.b -> preftune.data.a (line 7)",
+    ]
 
 
 def test_the_layer_rules_catch_what_they_should() -> None:
@@ -121,3 +149,28 @@ def test_the_layer_rules_catch_what_they_should() -> None:
         layer_of("preftune.training.trainer") < layer_of("preftune.tools.report") < layer_of("preftune.cli")
     )
     assert layer_of("preftune.config_checks") == layer_of("preftune.recipe") == layer_of("preftune.cli")
+
+
+def test_every_module_is_listed_in_the_layout_doc() -> None:
+    layout = (PACKAGE.parent / "docs" / "LAYOUT.md").read_text()
+    missing = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in modules().values()
+        if path.name != "__init__.py" and f"`{path.relative_to(PACKAGE.parent)}`" not in layout
+    ]
+    assert not missing, f"modules not in docs/LAYOUT.md: {', '.join(missing)}"
+
+
+def test_importing_changes_no_warning_filter() -> None:
+    """No module calls ``warnings.filterwarnings`` / ``simplefilter`` at import (outside any function): the
+    library silences a warning only around the call that emits it."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.parse(path.read_text()).body:
+            for call in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else ():
+                if isinstance(call, ast.Call) and getattr(call.func, "attr", "") in (
+                    "filterwarnings",
+                    "simplefilter",
+                ):
+                    found.append(f"{name}:{call.lineno}")
+    assert not found, f"warning filters changed at import: {', '.join(found)}"

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from preftune.config import PreftuneConfig
 from preftune.data.checked_file import content_digest
 from preftune.data.dataset import PreferenceDataset
 from preftune.data.loading import load_datasets, load_validation
@@ -55,7 +56,7 @@ TABLE_METRICS = (
 )
 
 
-def validation_set(cfg: DictConfig, tokenizer: Any) -> PreferenceDataset:
+def validation_set(cfg: PreftuneConfig, tokenizer: Any) -> PreferenceDataset:
     """The validation pairs training would use: ``data.validation``, or the ``data.validation_fraction`` split."""
     cache_dir = RunDir(cfg.output_dir).tokenized(cfg.data.cache_dir)
     if cfg.data.validation:
@@ -77,7 +78,7 @@ class Evaluation:
     """What ``preftune eval`` builds once (tokenizer, validation pairs, the model with its starting weights and
     reference, the judged validation), then evaluates any number of checkpoints with."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: PreftuneConfig):
         quiet_libraries()
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg)
@@ -146,7 +147,7 @@ class Evaluation:
         return {"judge_pair_acc": accuracy, "judge_pairs": len(scored)}
 
 
-def evaluate(cfg: DictConfig, checkpoint: str | Path | None = None) -> dict[str, float]:
+def evaluate(cfg: PreftuneConfig, checkpoint: str | Path | None = None) -> dict[str, float]:
     """The metrics of ``checkpoint`` (``output_dir/checkpoints/step_N``), or of the base model when None,
     over (up to ``trainer.limit_val_batches`` of) the validation set."""
     path = check_checkpoint(checkpoint) if checkpoint is not None else None
@@ -160,7 +161,7 @@ def print_metrics(metrics: dict[str, Any]) -> None:
         print(f"  {key:<{width}}  {value:.6g}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
 
 
-def run_eval(cfg: DictConfig, checkpoint: str | None, json_path: str | None) -> int:
+def run_eval(cfg: PreftuneConfig, checkpoint: str | None, json_path: str | None) -> int:
     """The CLI for one model: print a table of the metrics, optionally write them as JSON."""
     metrics = evaluate(cfg, checkpoint)
     what = checkpoint or f"{cfg.model.path} (base model)"
@@ -185,7 +186,7 @@ def checkpoint_key(path: Path) -> str:
     return f"{path.name}:{hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()[:16]}"
 
 
-def evaluate_checkpoints(cfg: DictConfig, run_dir: str | Path) -> tuple[list[dict[str, Any]], Path]:
+def evaluate_checkpoints(cfg: PreftuneConfig, run_dir: str | Path) -> tuple[list[dict[str, Any]], Path]:
     """Every complete checkpoint of ``run_dir`` in step order, each result kept in ``eval_checkpoints.json`` as soon
     as it is done; results already there (same config, same checkpoint) are reused. Returns the rows (step,
     checkpoint, metrics) and the file."""
@@ -235,7 +236,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(cells))
 
 
-def run_eval_all(cfg: DictConfig, run_dir: str, json_path: str | None) -> int:
+def run_eval_all(cfg: PreftuneConfig, run_dir: str, json_path: str | None) -> int:
     """The CLI for ``--all-checkpoints``: evaluate (or go on evaluating), print the table, write JSON."""
     try:
         rows, results_path = evaluate_checkpoints(cfg, run_dir)

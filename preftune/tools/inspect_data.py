@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
 
+from preftune.config import PreftuneConfig
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.chat import tokenizer_template
 from preftune.data.dataset import PreferenceDataset, TokenizedPairs
@@ -145,7 +145,7 @@ def _text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def inspect_data(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
+def inspect_data(cfg: PreftuneConfig, tokenizer: Any) -> dict[str, Any]:
     """The report of ``inspect`` as a dict (what ``--json`` writes)."""
     data = cfg.data
     train, val = load_datasets(data, tokenizer, RunDir(cfg.output_dir).tokenized(data.cache_dir))
@@ -175,7 +175,7 @@ def inspect_data(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
     return report
 
 
-def run_inspect(cfg: DictConfig, json_path: str | Path | None) -> int:
+def run_inspect(cfg: PreftuneConfig, json_path: str | Path | None) -> int:
     """Print the data report of ``cfg`` (and write it as JSON to ``json_path``); the exit status."""
     from transformers import AutoTokenizer
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from preftune.config import PreftuneConfig
 from preftune.data.checked_file import load_checked, save_checked
 from preftune.modeling.judges import Judge, Prompt, _prompt_text, build_judge, judge_is_set
 from preftune.modeling.logprobs import causal_lm, is_peft
@@ -65,7 +66,7 @@ def generate_reference(
 
 
 def reference_generations(
-    cfg: Any,
+    cfg: PreftuneConfig,
     model: DPOModel,
     prompts: list[list[int]],
     eos_id: int,
@@ -177,7 +178,7 @@ class JudgedValidation:
         return judgement.metrics(), judged_rows(step, self.prompts, judgement, texts, reference_texts)
 
 
-def build_run_judge(cfg: Any, model: DPOModel, tokenizer: Any) -> Judge | None:
+def build_run_judge(cfg: PreftuneConfig, model: DPOModel, tokenizer: Any) -> Judge | None:
     """The judge ``judge.*`` names (None: none), built without drawing from the RNG (a reward model's
     head, say, is not initialised from it), so the training trajectory is the same with or without one."""
     if not judge_is_set(cfg.judge):
@@ -193,7 +194,7 @@ def build_run_judge(cfg: Any, model: DPOModel, tokenizer: Any) -> Judge | None:
 
 
 def prepare_judged_validation(
-    cfg: Any,
+    cfg: PreftuneConfig,
     model: DPOModel,
     tokenizer: Any,
     val_set: Any,

@@ -8,10 +8,10 @@ from functools import partial
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
+from preftune.config import PreftuneConfig
 from preftune.data.batch import MicroBatch, padded_micro_batches
 from preftune.data.chat import load_chat_template
 from preftune.data.dataset import PreferenceDataset
@@ -22,7 +22,7 @@ from preftune.modeling.parallel import DistInfo
 from preftune.modeling.reference_cache import ReferenceCache
 
 
-def load_tokenizer(cfg: DictConfig) -> Any:
+def load_tokenizer(cfg: PreftuneConfig) -> Any:
     """``model.path``'s tokenizer, with ``data.chat_template`` when set (checkpoints then carry the template
     the model was trained with)."""
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -32,7 +32,7 @@ def load_tokenizer(cfg: DictConfig) -> Any:
 
 
 def micro_batch_layout(
-    cfg: DictConfig, dataset: PreferenceDataset, model: DPOModel, eos_id: int, device: torch.device
+    cfg: PreftuneConfig, dataset: PreferenceDataset, model: DPOModel, eos_id: int, device: torch.device
 ) -> tuple[Any, Callable[[Sequence[dict]], list[MicroBatch]]]:
     """The dataset the loader reads and the collate that turns a global batch into this rank's micro-batches:
     packed / shared-prompt rows (``DPOPackedDataset``) or padded pairs, as ``data.*`` says."""
@@ -52,7 +52,7 @@ def micro_batch_layout(
 
 
 def build_dataloader(
-    dataset: PreferenceDataset | ReferenceCache, cfg: DictConfig, info: DistInfo, *, train: bool
+    dataset: PreferenceDataset | ReferenceCache, cfg: PreftuneConfig, info: DistInfo, *, train: bool
 ) -> DataLoader:
     """Batches are this rank's share of a global batch, as lists of tokenized pairs."""
     sampler = GlobalBatchSampler(

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 
-from preftune.config import default_config
+from preftune.config import PreftuneConfig, TrainerConfig, default_config
 from preftune.run_dir import RunDir
 from preftune.training.checkpoint import STATE_FILE, Checkpointer
 from preftune.training.optim import cosine_with_warmup
@@ -33,7 +33,7 @@ class FinishedRun:
         )
 
 
-def finished_run(output_dir: Path, trainer_cfg: DictConfig, steps_per_epoch: int) -> FinishedRun | None:
+def finished_run(output_dir: Path, trainer_cfg: TrainerConfig, steps_per_epoch: int) -> FinishedRun | None:
     """The ``FinishedRun`` in ``output_dir`` if its newest checkpoint reached this config's last step."""
     latest = Checkpointer(output_dir).latest()
     if latest is None or steps_per_epoch == 0:
@@ -66,7 +66,7 @@ class Schedule:
     total: int
 
     @classmethod
-    def of(cls, cfg: DictConfig, steps_per_epoch: int) -> Schedule:
+    def of(cls, cfg: PreftuneConfig, steps_per_epoch: int) -> Schedule:
         sched = cfg.optim.sched
         total = (
             sched.max_steps

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
+from preftune.config import PreftuneConfig
 from preftune.errors import ConfigError
 from preftune.run_dir import RunDir
 
@@ -56,7 +57,7 @@ class TrackerState:
         os.replace(tmp, path)
 
 
-def flat_config(cfg: DictConfig) -> dict[str, Any]:
+def flat_config(cfg: PreftuneConfig) -> dict[str, Any]:
     """The resolved config as ``{"optim.lr": 5e-3, ...}``; lists become their JSON text."""
 
     def walk(node: Any, prefix: str) -> dict[str, Any]:
@@ -91,7 +92,7 @@ class TensorBoardTracker:
 
     name = "tensorboard"
 
-    def __init__(self, log_dir: Path, cfg: DictConfig, resume_step: int | None):
+    def __init__(self, log_dir: Path, cfg: PreftuneConfig, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -120,7 +121,9 @@ class WandbTracker:
 
     name = "wandb"
 
-    def __init__(self, wcfg: DictConfig, output_dir: Path, cfg: DictConfig, state: TrackerState, skip: int):
+    def __init__(
+        self, wcfg: DictConfig, output_dir: Path, cfg: PreftuneConfig, state: TrackerState, skip: int
+    ):
         import wandb
 
         self.wandb = wandb
@@ -158,7 +161,7 @@ class MlflowTracker:
 
     name = "mlflow"
 
-    def __init__(self, mcfg: DictConfig, cfg: DictConfig, state: TrackerState, skip: int):
+    def __init__(self, mcfg: DictConfig, cfg: PreftuneConfig, state: TrackerState, skip: int):
         uri = str(mcfg.tracking_uri)
         if "://" not in uri or uri.startswith("file:"):
             # MLflow 3 asks for an opt-in to its file store; the user asked for one by naming it.
@@ -196,7 +199,7 @@ class MlflowTracker:
 
 
 def open_trackers(
-    cfg: DictConfig, output_dir: Path, resume_step: int | None
+    cfg: PreftuneConfig, output_dir: Path, resume_step: int | None
 ) -> tuple[list[Tracker], TrackerState]:
     """The configured trackers, started (rank 0 only); a tracker that cannot start is a ``ConfigError``.
     ``resume_step``: the checkpoint's step when resuming (its records were all sent), None on a fresh start."""

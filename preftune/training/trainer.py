@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from preftune.config import PreftuneConfig, TrainerConfig
 from preftune.data.batch import MicroBatch
 from preftune.modeling.model import DPOModel
 from preftune.modeling.parallel import DistInfo, any_rank, gather_objects
@@ -54,7 +54,7 @@ class MetricsAccumulator:
         return {key: value / max(1, pairs) for key, value in totals.items()}, pairs, tokens
 
 
-def resolve_max_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
+def resolve_max_steps(trainer_cfg: TrainerConfig, steps_per_epoch: int) -> int:
     """The run's length: the first of ``max_steps`` (-1: none) and ``max_epochs`` (null: none) reached."""
     limits = [trainer_cfg.max_steps] if trainer_cfg.max_steps != -1 else []
     if trainer_cfg.max_epochs is not None:
@@ -117,7 +117,7 @@ class DPOTrainer:
 
     def __init__(
         self,
-        cfg: DictConfig,
+        cfg: PreftuneConfig,
         model: DPOModel,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
