@@ -238,3 +238,15 @@ def test_a_generation_cut_inside_a_character_drops_the_broken_tail(tokenizer):
     assert decode_generation(tokenizer, ids[:cut]) == tokenizer.decode(ids[:cut]).rstrip("\ufffd")
     assert decode_generation(tokenizer, ids[:cut]) == "red purple "
     assert decode_generation(tokenizer, ids) == "red purple é"
+
+
+def test_judge_prompts_need_a_judge(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {path: m}\ndata: {train: t.jsonl}\n")
+    assert main(["train", "--config", str(config), "trainer.judge_prompts=3"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "preftune: error: trainer.judge_prompts=3 needs a judge: set judge.function, judge.reward_model or "
+        "judge.llm.path (or trainer.judge_prompts=0)"
+    ]
+    assert main(["train", "--config", str(config), "trainer.judge_prompts=-1"]) == 2
+    assert "trainer.judge_prompts=-1: use a number of validation prompts >= 0" in capsys.readouterr().err
