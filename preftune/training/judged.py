@@ -77,7 +77,8 @@ def reference_generations(
     """The reference's generations for ``prompts``: loaded from ``output_dir/cache/judge_reference`` or made
     (and saved there when ``write``, rank 0)."""
     max_new_tokens = cfg.trainer.samples.max_new_tokens
-    fingerprint = reference_model_fingerprint(cfg.model, cfg.reference.path)  # null for reference-free losses
+    # reference.path is null with a reference-free loss (the config allows no other): the starting policy's
+    fingerprint = reference_model_fingerprint(cfg.model, cfg.reference.path)
     key = json.dumps([CACHE_VERSION, fingerprint, prompts, max_new_tokens, eos_id])
     name = hashlib.sha256(key.encode()).hexdigest()[:24]
     path = RunDir(cfg.output_dir).judge_reference_cache / f"{name}.pt"
