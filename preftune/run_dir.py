@@ -10,6 +10,7 @@
       generations.jsonl    generations of online training
       trackers.json        the trackers' run ids and the last step sent to them
       tensorboard/         TensorBoard event files (logger.tensorboard)
+      wandb/               W&B's local files (logger.wandb; W&B makes it inside the directory it is given)
       checkpoints/step_N/  complete checkpoints (written as .tmp_step_N, then renamed)
       cache/tokenized/     tokenized data (data.cache_dir overrides it)
       cache/reference/     the reference's log-probs (reference.mode: precompute)
@@ -64,6 +65,10 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / "wandb"
 
     @property
     def checkpoints(self) -> Path:

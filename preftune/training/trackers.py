@@ -138,7 +138,7 @@ class WandbTracker:
             mode=wcfg.mode,
             id=state.wandb_run_id,
             resume="allow",
-            dir=str(output_dir),
+            dir=str(RunDir(output_dir).wandb.parent),  # W&B writes into <dir>/wandb
             config=flat_config(cfg) if fresh else None,
             # the console stays the user's (W&B would otherwise wrap stdout and stderr)
             settings=wandb.Settings(console="off", silent=True),
