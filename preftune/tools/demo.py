@@ -100,10 +100,36 @@ def obeys_rule(prompt: str, response: str) -> bool:
     return response.strip() == render([i.lower() for i in items], case, order)
 
 
-def rule_reward(prompts: list[str], completions: list[str], **columns: list) -> list[float]:
-    """The demo's judge (a reward function with TRL's signature): 1.0 where the completion obeys its prompt's
-    rule (``obeys_rule``), else 0.0."""
-    return [float(obeys_rule(p, c)) for p, c in zip(prompts, completions, strict=True)]
+def rule_credit(prompt: str, response: str) -> float:
+    """Partial credit for the rule, 1.0 exactly when the response obeys it; otherwise five graded checks of
+    its items of the prompt's category, summed over 6 (an obeying list always beats one that does not, and
+    a response with no item of the category gets 0): their share of the items, how close the item count is
+    to the prompt's, how many distinct ones there are (of the count asked), the share written in the prompt's
+    case, and whether they are in the prompt's order."""
+    if obeys_rule(prompt, response):
+        return 1.0
+    category = next(c for c in CATEGORIES if c in prompt)
+    n = next(k for k in COUNTS if str(k) in prompt)
+    upper = any(phrase in prompt for phrase in CASES["upper"])
+    descending = any(phrase in prompt for phrase in ORDERS["descending"])
+    items = [item.strip() for item in response.strip().split(",")]
+    valid = [item for item in items if item.lower() in CATEGORIES[category]]
+    if not valid:
+        return 0.0
+    checks = (
+        len(valid) / len(items),
+        max(0.0, 1 - abs(len(items) - n) / n),
+        min(1.0, len({item.lower() for item in valid}) / n),
+        sum(item == (item.upper() if upper else item.lower()) for item in valid) / len(valid),
+        float(len(valid) > 1 and valid == sorted(valid, key=str.lower, reverse=descending)),
+    )
+    return sum(checks) / 6
+
+
+def rule_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The demo's judge (``judge.function: preftune.tools.demo:rule_reward``, TRL's reward-function
+    signature): ``rule_credit`` of each completion."""
+    return [rule_credit(prompt, completion) for prompt, completion in zip(prompts, completions, strict=True)]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -172,7 +198,7 @@ def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: 
             "limit_val_batches": 1.0,
             "gradient_clip_val": 1.0,
             "samples": {"num_prompts": 64, "max_new_tokens": 40},
-            "judge_prompts": 64,  # the same 64 generations, judged by the rule against the step-0 model's
+            "judge_prompts": 64,  # the same 64 generations, judged by rule_reward against the step-0 model's
         },
         "judge": {"function": "preftune.tools.demo:rule_reward"},
     }
