@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from preftune.training.win_rate import (
+    INTERCEPT_PENALTY,
+    SLOPE_PENALTY,
     fit_length_model,
     lc_win_rate,
     length_ratio,
@@ -38,15 +40,17 @@ def test_lc_equals_the_closed_form_of_two_length_groups():
     a = (logit(p+) + logit(p-)) / 2."""
     longer = [1.0] * 24 + [0.0] * 6  # 30 prompts 8 tokens longer: wins 0.8
     shorter = [1.0] * 4 + [0.5] * 2 + [0.0] * 4  # 10 prompts 8 tokens shorter: 0.5 (ties half)
-    outcomes = longer + shorter
-    policy = [40] * 30 + [32] * 10
-    reference = [32] * 30 + [40] * 10
+    # 50 copies: the penalties (a weak prior on the slope) move the fit by less than 1e-4
+    outcomes = (longer + shorter) * 50
+    policy = ([40] * 30 + [32] * 10) * 50
+    reference = ([32] * 30 + [40] * 10) * 50
     a = (logit(0.8) + logit(0.5)) / 2
     assert win_rate(outcomes) == pytest.approx(0.725)
     assert lc_win_rate(outcomes, policy, reference) == pytest.approx(1 / (1 + math.exp(-a)), abs=1e-4)
 
 
-def test_lc_equals_an_independent_grid_maximum_likelihood_fit():
+def test_lc_equals_an_independent_grid_fit():
+    """The same penalised likelihood maximised over a grid (coarse, then fine around its best)."""
     rng = np.random.default_rng(0)
     n = 60
     policy = rng.integers(5, 60, n)
@@ -59,6 +63,7 @@ def test_lc_equals_an_independent_grid_maximum_likelihood_fit():
         a, b = np.meshgrid(a_values, b_values, indexing="ij")
         z = a[..., None] + b[..., None] * x
         loglik = (y * -np.logaddexp(0, -z) + (1 - y) * -np.logaddexp(0, z)).sum(-1)
+        loglik -= INTERCEPT_PENALTY / 2 * a**2 + SLOPE_PENALTY / 2 * b**2  # the fit's documented penalties
         i, j = np.unravel_index(np.argmax(loglik), loglik.shape)
         return float(a_values[i]), float(b_values[j])
 
@@ -100,6 +105,13 @@ def test_degenerate_data_gives_finite_rates():
     assert 0.999 < lc_win_rate([1.0] * 4, *lengths) < 1.0
     assert 0.0 < lc_win_rate([0.0] * 4, *lengths) < 0.001
     assert lc_win_rate([0.5] * 4, *lengths) == pytest.approx(0.5, abs=1e-9)
+    # every policy generation far shorter (tanh saturated, the length feature nearly constant): the lengths
+    # cannot tell length from quality, so the rate stays near the plain win rate, not at 0 or 1
+    rng = np.random.default_rng(2)
+    reference = [40] * 64
+    policy = (14 + rng.integers(-5, 6, 64)).tolist()
+    outcomes = [1.0] * 50 + [0.5] * 14
+    assert abs(lc_win_rate(outcomes, policy, reference) - win_rate(outcomes)) < 0.05
     # a NaN outcome is left out of the fit like of the win rate; none at all: NaN
     assert lc_win_rate([1.0, math.nan, 0.0], [3, 4, 5], [3, 9, 5]) == pytest.approx(0.5, abs=1e-6)
     assert math.isnan(lc_win_rate([math.nan], [1], [2]))

@@ -10,10 +10,13 @@ judge could not score one of the two (left out of every rate).
   prediction at zero length difference. A judge that prefers longer answers raises ``win_rate`` but not it.
 - ``length_ratio``: the policy's mean generation length over the reference's.
 
-The fit is Newton's method on the log-likelihood with a tiny L2 penalty (``L2_PENALTY``, on both
-coefficients), so degenerate data has a finite answer instead of NaN: all lengths equal (``std(d) = 0``:
-``x = 0``, the rate is the plain win rate up to the penalty) and all wins or all losses (the rate is within
-~1e-4 of 1 or 0 rather than the unbounded maximum-likelihood fit).
+The fit is Newton's method on the log-likelihood plus two L2 penalties, so it has a finite answer where the
+maximum-likelihood fit has none: ``INTERCEPT_PENALTY`` (tiny) keeps all wins or all losses within ~1e-4 of 1
+or 0; ``SLOPE_PENALTY`` (a Gaussian prior of standard deviation 3 on the length coefficient, weak beside the
+data when lengths vary both ways) keeps the slope near 0 when the lengths cannot tell length from quality:
+all lengths equal (``std(d) = 0``: ``x = 0``) or every difference far on one side (``tanh`` saturated, ``x``
+nearly constant, e.g. a policy that always writes much less), where the rate then stays near the plain
+win rate instead of swinging to 0 or 1.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-L2_PENALTY = 1e-4
-"""Added to the negative log-likelihood (summed over prompts) as ``L2_PENALTY / 2 * (a² + b²)``."""
+INTERCEPT_PENALTY = 1e-4
+SLOPE_PENALTY = 1 / 9
+"""Added to the negative log-likelihood (summed over prompts): ``INTERCEPT_PENALTY / 2 * a²`` and
+``SLOPE_PENALTY / 2 * b²`` (``b ~ N(0, 3²)``)."""
 
 
 def score_outcomes(policy: Sequence[float], reference: Sequence[float]) -> list[float]:
@@ -66,18 +71,19 @@ def fit_length_model(
     std = d.std()
     x = np.tanh(d / std) if std > 0 else np.zeros_like(d)
     features = np.stack([np.ones_like(x), x], axis=1)
+    penalty = np.array([INTERCEPT_PENALTY, SLOPE_PENALTY])
 
     def objective(theta: np.ndarray) -> float:
         z = features @ theta
         # -[y log s(z) + (1 - y) log(1 - s(z))] = softplus(z) - y z, computed stably
-        return float(np.sum(np.logaddexp(0.0, z) - y * z) + L2_PENALTY / 2 * theta @ theta)
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + penalty @ theta**2 / 2)
 
     theta = np.zeros(2)
     value = objective(theta)
     for _ in range(100):
         p = 1.0 / (1.0 + np.exp(-(features @ theta)))
-        gradient = features.T @ (p - y) + L2_PENALTY * theta
-        hessian = (features * (p * (1 - p))[:, None]).T @ features + L2_PENALTY * np.eye(2)
+        gradient = features.T @ (p - y) + penalty * theta
+        hessian = (features * (p * (1 - p))[:, None]).T @ features + np.diag(penalty)
         step = np.linalg.solve(hessian, gradient)
         scale = 1.0
         while objective(theta - scale * step) > value and scale > 1e-8:  # never uphill
