@@ -75,8 +75,15 @@ def _demo(args: argparse.Namespace) -> int:
             f"greedy generations for held-out prompts that obey the rule: {share[first]:.0%} at step {first}, "
             f"{share[last]:.0%} at step {last}"
         )
+    if "win_rate" in metrics:
+        log(
+            f"judged by the rule against the step-0 model on {cfg.trainer.judge_prompts} held-out prompts: "
+            f"win rate {metrics['win_rate']:.3f}, length-controlled {metrics['lc_win_rate']:.3f} "
+            f"(length ratio {metrics['length_ratio']:.2f})"
+        )
     log(
-        f"run directory: {run.root}  ({run.metrics.name}, {run.samples.name}, {run.checkpoints.name}/step_N/model)"
+        f"run directory: {run.root}  ({run.metrics.name}, {run.samples.name}, {run.judged.name}, "
+        f"{run.checkpoints.name}/step_N/model)"
     )
     log(f"report: {write_report([cfg.output_dir])}")
     return 0
@@ -110,10 +117,12 @@ def _demo_online(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from preftune.config_checks import check_environment
-    from preftune.tools.evaluate import run_eval
+    from preftune.tools.evaluate import run_eval, run_eval_all
 
     cfg = _config(args.config, args.overrides)
     check_environment(cfg)
+    if args.all_checkpoints:
+        return run_eval_all(cfg, args.all_checkpoints, args.json)
     return run_eval(cfg, args.checkpoint, args.json)
 
 
@@ -191,11 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.format=trl")
     inspect.set_defaults(run=_inspect)
     evaluate = sub.add_parser(
-        "eval", help="validation metrics of a checkpoint (or of model.path) on the configured validation data"
+        "eval",
+        help="validation metrics (judged ones with a judge) of a checkpoint, of model.path, or of every "
+        "checkpoint of a run",
     )
     evaluate.add_argument("--config", required=True, help="YAML config file (the run's config.yaml works)")
-    evaluate.add_argument("--checkpoint", help="output_dir/checkpoints/step_N; omitted: model.path itself")
-    evaluate.add_argument("--json", help="also write the metrics as JSON to this path")
+    which = evaluate.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="output_dir/checkpoints/step_N; omitted: model.path itself")
+    which.add_argument(
+        "--all-checkpoints",
+        metavar="RUN_DIR",
+        help="every checkpoint of the run in step order (resumable: results kept in RUN_DIR/eval_checkpoints.json)",
+    )
+    evaluate.add_argument("--json", help="also write the metrics (the table) as JSON to this path")
     evaluate.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides, e.g. data.validation=f.jsonl"
     )

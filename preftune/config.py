@@ -168,7 +168,7 @@ class SamplesConfig:
     """Greedy generations for the first validation prompts at each validation."""
 
     num_prompts: int = 0  # how many (0: off); written to <output_dir>/samples.jsonl and the trackers
-    max_new_tokens: int = 64  # tokens generated per prompt
+    max_new_tokens: int = 64  # tokens generated per prompt (also the judged generations' length)
 
 
 @dataclass
@@ -194,6 +194,7 @@ class TrainerConfig:
     seed: int = 1234  # weights-independent randomness (RNG state is checkpointed)
     log_every_n_steps: int = 1  # train metrics to metrics.jsonl / trackers every N steps
     samples: SamplesConfig = field(default_factory=SamplesConfig)
+    judge_prompts: int = 0  # judged validation (needs judge.*): the first N validation prompts; 0: off
     val_before_training: bool = True  # validate once before the first step (logged as step 0)
     keep_last: int | None = None  # keep the N newest checkpoints; null: all
     keep_best: KeepBestConfig = field(default_factory=KeepBestConfig)

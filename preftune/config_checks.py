@@ -26,7 +26,6 @@ from preftune.data.pairing import PAIRINGS
 from preftune.data.visibility import VARLEN, check_packed_attention, packed_attention
 from preftune.data.windows import layer_windows
 from preftune.errors import ConfigError
-from preftune.modeling.judges import POLICY, check_judge, check_judge_settings, judge_is_set
 from preftune.training.progress import limit
 from preftune.training.retention import Retention
 
@@ -65,8 +64,25 @@ def check_config(cfg: PreftuneConfig) -> None:
         raise ConfigError(f"optim.sched.name={cfg.optim.sched.name!r}: use one of {', '.join(SCHEDULES)}")
     if cfg.distributed.strategy not in STRATEGIES:
         raise ConfigError(f"distributed.strategy={cfg.distributed.strategy}: use {' or '.join(STRATEGIES)}")
+    from preftune.modeling.judges import check_judge_settings
+
     check_judge_settings(cfg.judge)
     check_online(cfg)
+    _check_judged_validation(cfg)
+
+
+def _check_judged_validation(cfg: PreftuneConfig) -> None:
+    """``trainer.judge_prompts``: a count, and a judge to score them."""
+    from preftune.modeling.judges import judge_is_set
+
+    num = cfg.trainer.judge_prompts
+    if num < 0:
+        raise ConfigError(f"trainer.judge_prompts={num}: use a number of validation prompts >= 0 (0: off)")
+    if num > 0 and not judge_is_set(cfg.judge):
+        raise ConfigError(
+            f"trainer.judge_prompts={num} needs a judge: set judge.function, judge.reward_model or "
+            "judge.llm.path (or trainer.judge_prompts=0)"
+        )
 
 
 def _check_data(data: DataConfig, world: int, online: bool) -> None:
@@ -193,8 +209,10 @@ def _check_losses(cfg: PreftuneConfig) -> None:
         )
 
 
-def check_online(cfg: DictConfig) -> None:
+def check_online(cfg: PreftuneConfig) -> None:
     """``online.*``: the sampling settings, the pairing, and what online training cannot combine with."""
+    from preftune.modeling.judges import judge_is_set
+
     online = cfg.online
     if not online.enabled:
         return
@@ -267,6 +285,8 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
         layer_windows(model_config)  # a ConfigError for what packed rows cannot lay out
     if cfg.reference.path is not None and not tokenizer_only:
         _model_config(cfg.reference.path, cfg.model.trust_remote_code, "reference.path", tokenizer_only=False)
+    from preftune.modeling.judges import check_judge, judge_is_set
+
     if not tokenizer_only and judge_is_set(cfg.judge):
         check_judge(cfg.judge)  # resolves the reward functions, reads the judge model's config
     if cfg.model.lora.r > 0 and importlib.util.find_spec("peft") is None:
@@ -342,6 +362,8 @@ def absolute_paths(cfg: PreftuneConfig) -> DictConfig:
 
 def _absolute_judge_paths(judge: DictConfig) -> None:
     """The judge's local files made absolute: reward-function files, models, a template file."""
+    from preftune.modeling.judges import POLICY
+
     if isinstance(judge.function, str):
         judge.function = _absolute_function(judge.function)
     elif judge.function is not None:

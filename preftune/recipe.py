@@ -34,8 +34,8 @@ from preftune.modeling.model import DTYPES, DPOModel, load_causal_lm
 from preftune.modeling.parallel import DistInfo
 from preftune.modeling.reference_cache import (
     ReferenceCache,
-    model_fingerprint,
     precompute_reference,
+    reference_model_fingerprint,
     with_cached_reference,
 )
 from preftune.run_dir import RunDir
@@ -44,6 +44,7 @@ from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import parameter_summary, quiet_libraries
 from preftune.training.distributed import env_rank, init_distributed, main_rank_first
 from preftune.training.iteration import generate_iteration, iteration_prompts, write_generations, write_pairs
+from preftune.training.judged import JudgedValidation, build_run_judge, prepare_judged_validation
 from preftune.training.loaders import build_dataloader, load_tokenizer, micro_batch_layout, pack_length
 from preftune.training.metrics import MetricsLogger
 from preftune.training.online import OnlineSettings, OnlineStep
@@ -52,12 +53,7 @@ from preftune.training.progress import run_length
 from preftune.training.resume import finished_run, restart_schedule, saved_config, schedule_change
 from preftune.training.retention import Retention
 from preftune.training.run_lock import lock_output_dir
-from preftune.training.samples import (
-    append_samples,
-    generate_samples,
-    truncate_records_after,
-    truncate_samples_after,
-)
+from preftune.training.samples import append_jsonl, greedy_generate, sample_rows, truncate_jsonl_after
 from preftune.training.timer import RunTimer
 from preftune.training.trackers import open_trackers
 from preftune.training.trainer import DPOTrainer, resolve_max_steps
@@ -321,27 +317,46 @@ def online_filler_pair(prompt: dict, eos_id: int) -> dict:
     }
 
 
-def sample_generations(
+def validation_generations(
     cfg: PreftuneConfig,
     model: DPOModel,
     tokenizer: Any,
     val_set: PreferenceDataset | None,
     logger: MetricsLogger,
-) -> Callable[[int], None] | None:
-    """What the trainer calls after each validation (given the step) to write greedy generations for the
-    first ``trainer.samples.num_prompts`` validation prompts; None when off."""
-    num_prompts = min(cfg.trainer.samples.num_prompts, len(val_set) if val_set is not None else 0)
-    if num_prompts == 0:
+    judged: JudgedValidation | None,
+) -> Callable[[int], dict[str, float]] | None:
+    """What the trainer calls at each validation (given the step): the policy's greedy generations for the
+    first validation prompts, the first ``trainer.samples.num_prompts`` of them written as samples, the first
+    ``trainer.judge_prompts`` judged against the reference's (returns their ``val/`` metrics); None when off."""
+    num_samples = min(cfg.trainer.samples.num_prompts, len(val_set) if val_set is not None else 0)
+    num_judged = len(judged.examples) if judged is not None else 0
+    if max(num_samples, num_judged) == 0:
         return None
-    prompts = [val_set[i] for i in range(num_prompts)]
+    prompts = [val_set[i]["prompt_ids"] for i in range(max(num_samples, num_judged))]
+    run = RunDir(cfg.output_dir)
 
-    def sample(step: int) -> None:  # every rank generates; rank 0 writes
-        rows = generate_samples(model, tokenizer, prompts, cfg.trainer.samples.max_new_tokens, step)
+    def generate(step: int) -> dict[str, float]:  # every rank generates and judges; rank 0 writes
+        generations = greedy_generate(
+            causal_lm(model.policy),
+            prompts,
+            cfg.trainer.samples.max_new_tokens,
+            tokenizer.eos_token_id,
+            root=model.policy_logprobs,
+        )
+        if num_samples:
+            examples = [val_set[i] for i in range(num_samples)]
+            rows = sample_rows(tokenizer, examples, generations[:num_samples], step)
+            if model.dist.is_main:
+                append_jsonl(run.samples, rows)
+                logger.send("log_samples", rows, step)
+        if judged is None:
+            return {}
+        metrics, rows = judged(generations[:num_judged], tokenizer, step)
         if model.dist.is_main:
-            append_samples(Path(cfg.output_dir), rows)
-            logger.send("log_samples", rows, step)
+            append_jsonl(run.judged, rows)
+        return metrics
 
-    return sample
+    return generate
 
 
 def check_packed_layout(cfg: PreftuneConfig, model: DPOModel, info: DistInfo) -> None:
@@ -374,10 +389,7 @@ def cache_reference(
         [train_set, val_set],
         collate,
         RunDir(cfg.output_dir).reference_cache(cfg.reference.cache_dir),
-        model_fingerprint=model_fingerprint(
-            local_model_dir(cfg.reference.path or cfg.model.path),
-            cfg.model.dtype + "+nf4" * (cfg.model.load_in_4bit and cfg.reference.path is None),
-        ),
+        model_fingerprint=reference_model_fingerprint(cfg.model, cfg.reference.path),
         batch_pairs=cfg.data.global_batch_size,
     )
     for cache in (c for c in (train_set, val_set) if c is not None):
@@ -433,15 +445,16 @@ def seed_everything(seed: int) -> None:
 
 
 def open_logs(cfg: PreftuneConfig, info: DistInfo, logger: MetricsLogger, resume_step: int | None) -> None:
-    """``metrics.jsonl``, ``samples.jsonl`` and ``generations.jsonl`` cut back to the step resumed from (a fresh
-    start, None: emptied), then the trackers opened at that step (a tracker that cannot start stops the run
-    here, before training)."""
+    """``metrics.jsonl``, ``samples.jsonl``, ``judged.jsonl`` and ``generations.jsonl`` cut back to the step
+    resumed from (a fresh start, None: emptied), then the trackers opened at that step (a tracker that cannot
+    start stops the run here, before training)."""
     keep = -1 if resume_step is None else resume_step
     logger.truncate_after(keep)
     if info.is_main:
         logger.attach(*open_trackers(cfg, Path(cfg.output_dir), resume_step))
-        truncate_samples_after(cfg.output_dir, keep)
-        truncate_records_after(RunDir(cfg.output_dir).generations, keep)
+        run = RunDir(cfg.output_dir)
+        for path in (run.samples, run.judged, run.generations):
+            truncate_jsonl_after(path, keep)
 
 
 def finish(trainer: DPOTrainer, *, tokenized: bool, reference_computed: bool) -> TrainResult:
@@ -541,10 +554,13 @@ def _train_locked(
         log(finished.message())
         return TrainResult(finished.val_metrics, finished=True, steps=finished.step, tokenized=tokenized)
 
-    # Model: the policy and its reference (built before any checkpoint is restored), then the newest
-    # checkpoint's weights, then DDP/FSDP2, then the reference's cached log-probs, then the optimizer.
+    # Model: the policy and its reference (built before any checkpoint is restored; the reference's judged
+    # generations are made then, or loaded), then the newest checkpoint's weights, then DDP/FSDP2, then the
+    # reference's cached log-probs, then the optimizer.
     model = DPOModel.from_config(cfg).to(info.device)
     check_packed_layout(cfg, model, info)
+    judge = build_run_judge(cfg, model, tokenizer) if cfg.trainer.judge_prompts > 0 else None
+    judged = prepare_judged_validation(cfg, model, tokenizer, val_set, judge, write=info.is_main, log=log)
     train_set, collate = micro_batch_layout(cfg, train_set, model, tokenizer.eos_token_id, info.device)
     checkpointer = Checkpointer(output_dir, tokenizer, Retention.from_config(cfg.trainer))
     latest = checkpointer.resume_point(warn=log)
@@ -561,7 +577,7 @@ def _train_locked(
     if latest is not None:
         resume_training(trainer, latest, cfg, saved_cfg)
     open_logs(cfg, info, trainer.logger, trainer.step if latest is not None else None)
-    trainer.on_validation = sample_generations(cfg, model, tokenizer, val_set, trainer.logger)
+    trainer.on_validation = validation_generations(cfg, model, tokenizer, val_set, trainer.logger, judged)
     trainer.should_stop = should_stop
 
     log(start_line(cfg, info, model, trainer))

@@ -6,6 +6,7 @@
       config.yaml          the run's config, absolute paths (a re-run compares its schedule with it)
       metrics.jsonl        one timestamped record per logged step (train/, val/ metrics)
       samples.jsonl        greedy generations at each validation (trainer.samples)
+      judged.jsonl         judged validation: the policy's and the reference's generations, rewards, outcomes
       generations.jsonl    generations of online training (iterative: of every iteration, with ``iteration``)
       iterations/NNN/      iterative DPO, iteration NNN: chunks/ (its generations, written chunk by chunk),
                            pairs.jsonl (the pairs it trains on), train/ (its offline run), policy/ (the result)
@@ -16,6 +17,8 @@
       cache/tokenized/     tokenized data (data.cache_dir overrides it)
       cache/reference/     the reference's log-probs (reference.mode: precompute; reference.cache_dir overrides it)
       cache/layout_check/  passed packing self-checks
+      cache/judge_reference/  the reference's generations for judged validation (and preftune eval)
+      eval_checkpoints.json   ``preftune eval --all-checkpoints``'s results, per checkpoint
       report.html          ``preftune report``'s page (and its PNGs beside it)
       .preftune.lock       one run per output_dir
       sweep_trial.json     a sweep's trial: its values, state and metric (preftune sweep; see SweepDir)
@@ -50,6 +53,10 @@ class RunDir:
     @property
     def samples(self) -> Path:
         return self.root / "samples.jsonl"
+
+    @property
+    def judged(self) -> Path:
+        return self.root / "judged.jsonl"
 
     @property
     def generations(self) -> Path:
@@ -90,6 +97,14 @@ class RunDir:
     @property
     def layout_check_cache(self) -> Path:
         return self.cache / "layout_check"
+
+    @property
+    def judge_reference_cache(self) -> Path:
+        return self.cache / "judge_reference"
+
+    @property
+    def eval_checkpoints(self) -> Path:
+        return self.root / "eval_checkpoints.json"
 
     @property
     def report(self) -> Path:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from preftune.data.chat import load_chat_template
 from preftune.data.checked_file import load_checked, save_checked
-from preftune.data.formats import COMPLETION_PAIRINGS, FORMAT_NAMES
+from preftune.data.formats import COMPLETION_PAIRINGS, FORMAT_NAMES, parse_pairs, rename_columns
 from preftune.data.hub import HubSource
 from preftune.data.pipeline import REWARD_FIELDS, TOKEN_FIELDS, store_columns, tokenize_sources
 from preftune.data.pipeline import TIED as TIED  # the drop reason of a tied NeMo-RL record, named here too
@@ -133,6 +133,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.sources: list[Source | HubSource] = resolve_sources(path, key)
         self.split_name: str | None = None
         columns = dict(columns or {})
+        self.columns, self.completions = columns, completions  # to read a record's prompt again (prompts)
         pair_tokenizer = PairTokenizer(tokenizer, max_seq_length, load_chat_template(chat_template))
         key = [
             CACHE_VERSION,
@@ -244,6 +245,24 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 raise DataError(f"{part.stats.summary()}; the {name} split has no pairs left")
             parts.append(part)
         return parts[0], parts[1]
+
+    def prompts(self, count: int) -> list[str | list[dict]]:
+        """The data's own prompts of the first ``count`` pairs, read again from their records: text, or the
+        messages before the final assistant turn for conversational data (what a judge gets, as in TRL)."""
+        origins = [tuple(o) for o in self.origins[:count, :2].tolist()]
+        found: dict[tuple[int, int], Any] = {}
+        for file_index in sorted({f for f, _ in origins}):
+            wanted = {r for f, r in origins if f == file_index}
+            source = self.sources[file_index]
+            for record_index, (n, record) in enumerate(source.records()):
+                if record_index in wanted:
+                    where = source.where(n)
+                    record = rename_columns(record, self.columns, where)
+                    pair = parse_pairs(record, self.formats[file_index], where, self.completions)[0]
+                    found[(file_index, record_index)] = pair["prompt"]
+                if record_index >= max(wanted):
+                    break
+        return [found[origin] for origin in origins]
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -212,7 +212,9 @@ def demo_config(paths: dict[str, Path], output_dir: Path, seed: int) -> dict:
             "limit_val_batches": 1.0,
             "gradient_clip_val": 1.0,
             "samples": {"num_prompts": 64, "max_new_tokens": 40},
+            "judge_prompts": 64,  # the same 64 generations, judged by rule_reward against the step-0 model's
         },
+        "judge": {"function": "preftune.tools.demo:rule_reward"},
     }
 
 

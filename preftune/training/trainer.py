@@ -178,7 +178,8 @@ class DPOTrainer:
         self._slowest_step = 0.0
         self._slowest_val_and_save = 0.0
         self.chosen_watch = ChosenLogprobWatch()
-        self.on_validation: Callable[[int], None] | None = None  # e.g. sample generations, given the step
+        # called at each validation with the step: generations (samples, judging); returns more val/ metrics
+        self.on_validation: Callable[[int], dict[str, float]] | None = None
         # asked after each validation during training (given the step and the validation metrics): True
         # stops the run there, saved like a stop signal (e.g. a sweep pruning a trial)
         self.should_stop: Callable[[int, dict[str, float]], bool] | None = None
@@ -373,16 +374,21 @@ class DPOTrainer:
         if self.val_dataloader is None or self.cfg.trainer.limit_val_batches == 0:
             return
         _, metrics = self.run_validation()
+        if self.on_validation is not None:  # generations: samples, judged metrics
+            metrics.update(self.on_validation(self.step))
         self.logger.log_metrics(metrics, self.step, prefix="val")
         self.last_val_metrics = metrics
         self.last_val_step = self.step
+        judged = (
+            f", win rate {metrics['win_rate']:.3f} (LC {metrics['lc_win_rate']:.3f})"
+            if "win_rate" in metrics
+            else ""
+        )
         self.print(
             f"step {self.step}: val loss {metrics['loss']:.4f} (preference {metrics['preference_loss']:.4f}), "
             f"acc {metrics['acc']:.3f}, "
-            f"margin {metrics['reward_margin_mean']:.3f}"
+            f"margin {metrics['reward_margin_mean']:.3f}{judged}"
         )
-        if self.on_validation is not None:
-            self.on_validation(self.step)
 
     def print(self, message: str) -> None:
         if self.model.dist.is_main:
