@@ -117,6 +117,10 @@ def varlen_attention_forward(
         "sinks": s_aux,
     }
     if attention_blocks is None:  # padded rows: each row is one causal sequence
+        if key.shape[2] != query.shape[2]:
+            raise ValueError(
+                f"{VARLEN} cannot decode with a KV cache: generate under SDPA (masked_attention)"
+            )
         return block_attention(query, key, value, 0, **options).transpose(1, 2), None
     length = query.shape[2]
     by_row: dict[int, list[Block]] = {}

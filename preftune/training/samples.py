@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from preftune.modeling.generation import unsharded_root
+from preftune.modeling.generation import masked_attention, unsharded_root
 
 
 def decode_generation(tokenizer: Any, ids: list[int]) -> str:
@@ -45,7 +45,8 @@ def greedy_generate(
     was_training = lm.training
     lm.train(False)
     forked = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-    with forked, unsharded_root(root) if root is not None else contextlib.nullcontext():
+    root_gathered = unsharded_root(root) if root is not None else contextlib.nullcontext()
+    with forked, root_gathered, masked_attention(lm):
         for prompt_ids in prompts:
             prompt = torch.tensor([prompt_ids], device=device)
             output = lm.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=settings)
