@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned here (not in pyproject): 2.13.0 is the CPU build; an unpinned torch pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo demo-online test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(VENV)/.installed
 demo: venv
 	rm -rf runs/demo
 	$(PY) -m preftune demo --output-dir runs/demo
+
+demo-online: venv
+	rm -rf runs/demo/run_online
+	$(PY) -m preftune demo --online --output-dir runs/demo
 
 # One test process per core (pytest-xdist; an idle one takes tests queued for the other), one thread each;
 # the 15 slowest tests are listed at the end.

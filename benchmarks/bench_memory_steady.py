@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from preftune.config import load_config
+from preftune import recipe
+from preftune.config_checks import load_config
 from preftune.tools.demo import prepare_demo
-from preftune.training import recipe
 from preftune.training.trainer import DPOTrainer
 
 

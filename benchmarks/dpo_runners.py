@@ -164,8 +164,8 @@ def child_preftune(spec: dict[str, Any]) -> dict[str, Any]:
     tracker = PeakTracker()
     import torch
 
-    import preftune.training.recipe as recipe
-    from preftune.config import load_config
+    import preftune.recipe as recipe
+    from preftune.config_checks import load_config
     from preftune.training.trainer import DPOTrainer
 
     out_dir = Path(spec["run_dir"]) / "preftune"

@@ -1,9 +1,13 @@
-"""Checks of a run's settings that would otherwise fail deep inside training, each made once, at load.
+"""Every rule between a run's settings, each written once, and the loading that applies them.
 
-``check_types`` and ``check_settings`` read the config alone (``preftune.config.load_config`` runs them);
-``check_environment`` reads what the config points at (the output directory, the model's directory or Hub
-id, the launcher's ranks) and runs before any model or data is loaded, in ``train`` and ``inspect`` alike.
-Each raises ``ConfigError``: one line naming the key, what is wrong and what to set instead.
+``load_config`` reads a config (``preftune.config.read_config``: keys and types, checked against the
+dataclasses) and then ``check_config``: value ranges and rules between keys that the modules reading them
+would otherwise break on mid-run. ``check_environment`` reads what the config points at (the output
+directory, the model's directory or Hub id, the launcher's ranks) and runs before any model or data is
+loaded, in ``train``, ``inspect`` and ``eval`` alike. Where a rule also guards a library function that runs
+without a config (a loss name, the robust loss's epsilon, packed attention, checkpoint retention, a model
+family's attention layers), both call the one function that holds it. Each raises ``ConfigError``: one line
+naming the key, what is wrong and what to set instead.
 """
 
 from __future__ import annotations
@@ -11,146 +15,261 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
-from preftune.config import ConfigError, _leaf_keys
+from preftune.config import DataConfig, PreftuneConfig, TrainerConfig, parse_max_time, read_config
+from preftune.data.pairing import PAIRINGS
+from preftune.data.visibility import VARLEN, check_packed_attention, packed_attention
+from preftune.data.windows import layer_windows
+from preftune.errors import ConfigError
 from preftune.training.launcher import env_world_size
+from preftune.training.progress import limit
+from preftune.training.retention import Retention
 
-NUMBER = (int, float)
-PATHS = (str, list)  # one path, or a list of them
+# The rules that need torch or transformers import them where they run, so that importing this module (the
+# CLI does, before any config is read) stays light.
 
-# Keys whose type the default does not tell (it is null or missing, or more than one type is accepted):
-# (accepted types, whether null is accepted). Every other key takes its default's type and no null.
-TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
-    "output_dir": ((str,), False),
-    "model.path": ((str,), False),
-    "model.attn_implementation": ((str,), True),
-    "model.logprob_chunk_size": ((int,), True),
-    "model.autocast": ((str,), True),
-    "model.lora.target_modules": ((list, str), True),
-    "data.train": (PATHS, False),
-    "data.validation": (PATHS, True),
-    "data.validation_fraction": (NUMBER, True),
-    "data.chat_template": ((str,), True),
-    "data.pack_length": ((int,), True),
-    "data.cache_dir": ((str,), True),
-    "dpo.preference_loss": ((str, list), False),
-    "dpo.preference_loss_weights": ((list,), True),
-    "dpo.preference_average_log_probs": ((bool,), True),
-    "optim.sched.max_steps": ((int,), True),
-    "trainer.max_epochs": ((int,), True),
-    "trainer.max_time": ((str, int, float), True),
-    "trainer.val_check_interval": (NUMBER, False),
-    "trainer.limit_val_batches": (NUMBER, False),
-    "trainer.gradient_clip_val": (NUMBER, True),
-}
-TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
+AUTOCAST = (None, "bfloat16", "float16")  # model.autocast
+REFERENCE_MODES = ("online", "precompute")  # reference.mode
 
 
-def _expected(key: str, default: Any) -> tuple[tuple[type, ...], bool] | None:
-    if key in TYPES:
-        return TYPES[key]
-    if default is None or default == "???":
-        return None  # a key another module owns and types itself
-    if isinstance(default, bool):
-        return (bool,), False
-    if isinstance(default, float):
-        return NUMBER, False
-    if isinstance(default, ListConfig):
-        return (list,), False
-    return (type(default),), False
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults, then the YAML file at ``path`` (or ``preset:NAME``), then ``key=value`` overrides, checked:
+    keys and types (``read_config``), then every rule of ``check_config``."""
+    cfg = read_config(path, overrides)
+    check_config(cfg)
+    return cfg
 
 
-def _matches(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):  # YAML's true is an int to Python: only a bool key takes it
-        return bool in types
-    if isinstance(value, ListConfig):
-        return list in types
-    return isinstance(value, types)
-
-
-def check_types(layer: DictConfig, defaults: DictConfig, source: str) -> None:
-    """Every value ``layer`` sets has the type its key takes (``optim.lr=abc``, ``trainer.max_steps=two``,
-    ``data.train=null`` and ``model=abc`` are refused)."""
-    for key in _leaf_keys(layer):
-        value = OmegaConf.select(layer, key, throw_on_missing=False)
-        default = OmegaConf.select(defaults, key, default=None, throw_on_missing=False)
-        if isinstance(default, DictConfig):
-            if not isinstance(value, DictConfig):
-                raise ConfigError(
-                    f"{source}: {key}={value!r}: '{key}' is a section; set its keys ({key}.<name>=...)"
-                )
-            continue
-        expected = _expected(key, default)
-        if expected is None or isinstance(value, DictConfig):
-            continue
-        types, nullable = expected
-        if value is None:
-            if not nullable:
-                raise ConfigError(f"{source}: {key} cannot be null: set it to {_describe(types)}")
-        elif not _matches(value, types):
-            raise ConfigError(f"{source}: {key}={value!r}: expected {_describe(types)}")
-
-
-def _describe(types: tuple[type, ...]) -> str:
-    if types == NUMBER:
-        return "a number"
-    if types == PATHS:
-        return "a path or a list of paths"
-    return " or ".join(TYPE_NAMES[t] for t in types)
-
-
-def packed_attention(cfg: DictConfig) -> str | None:
-    """The attention implementation the policy is loaded with (None: transformers' choice)."""
-    from preftune.modeling.attention import VARLEN
-
-    packed = cfg.data.packing or cfg.data.share_prompt
-    return cfg.model.attn_implementation or (VARLEN if packed else None)
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Rules between keys that the modules reading them would otherwise break on mid-run."""
-    from preftune.data.packing import ATTENTION_IMPLEMENTATIONS
-    from preftune.modeling.attention import VARLEN
+def check_config(cfg: PreftuneConfig) -> None:
+    """The rules a config must follow on its own (no file or model is looked at)."""
+    from preftune.modeling.parallel import STRATEGIES
     from preftune.training.optim import OPTIMIZERS, SCHEDULES
 
-    data, world = cfg.data, env_world_size()
+    # online per step, the global batch is prompts; iterative DPO trains its pairs offline
+    _check_data(cfg.data, env_world_size(), cfg.online.enabled and cfg.online.iterations is None)
+    _check_model(cfg)
+    _check_trainer(cfg.trainer)
+    _check_losses(cfg)
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas must be a list of two floats")
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: use one of {', '.join(OPTIMIZERS)}")
+    if cfg.optim.sched.name not in SCHEDULES:
+        raise ConfigError(f"optim.sched.name={cfg.optim.sched.name!r}: use one of {', '.join(SCHEDULES)}")
+    if cfg.distributed.strategy not in STRATEGIES:
+        raise ConfigError(f"distributed.strategy={cfg.distributed.strategy}: use {' or '.join(STRATEGIES)}")
+    from preftune.modeling.judges import check_judge_settings
+
+    check_judge_settings(cfg.judge)
+    check_online(cfg)
+    _check_judged_validation(cfg)
+
+
+def _check_judged_validation(cfg: PreftuneConfig) -> None:
+    """``trainer.judge_prompts``: a count, and a judge to score them."""
+    from preftune.modeling.judges import judge_is_set
+
+    num = cfg.trainer.judge_prompts
+    if num < 0:
+        raise ConfigError(f"trainer.judge_prompts={num}: use a number of validation prompts >= 0 (0: off)")
+    if num > 0 and not judge_is_set(cfg.judge):
+        raise ConfigError(
+            f"trainer.judge_prompts={num} needs a judge: set judge.function, judge.reward_model or "
+            "judge.llm.path (or trainer.judge_prompts=0)"
+        )
+
+
+def _check_data(data: DataConfig, world: int, online: bool) -> None:
+    """``data.*``: batch sizes and their divisibility over the ranks, lengths, the validation split."""
+    if data.micro_batch_size < 1 or data.global_batch_size < 1:
+        raise ConfigError("data.micro_batch_size and data.global_batch_size must be >= 1")
+    if data.max_seq_length < 2:
+        raise ConfigError("data.max_seq_length must be >= 2 (one prompt token and one response token)")
     if isinstance(data.train, ListConfig) and not data.train:
         raise ConfigError("data.train is an empty list: set it to a data file, a directory or a list of them")
-    # Each rank takes an equal share of the pairs; unpacked, in whole micro-batches (packing counts rows).
+    fraction = data.validation_fraction
+    if fraction is not None and data.validation:
+        raise ConfigError("set data.validation or data.validation_fraction, not both")
+    if fraction is not None and not 0 < fraction < 1:
+        raise ConfigError(f"data.validation_fraction={fraction}: must be between 0 and 1")
+    # Each rank takes an equal share of the pairs; unpacked, in whole micro-batches (packing counts rows;
+    # online, the global batch is prompts).
     unit, why = (
         (world, f"{world} ranks")
-        if data.packing
+        if data.packing or online
         else (data.micro_batch_size * world, f"data.micro_batch_size {data.micro_batch_size} x {world} ranks")
     )
     if data.global_batch_size % unit:
         raise ConfigError(
             f"data.global_batch_size ({data.global_batch_size}) must be a multiple of {unit} ({why})"
         )
-    if cfg.optim.name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name={cfg.optim.name!r}: use one of {', '.join(OPTIMIZERS)}")
-    if cfg.optim.sched.name not in SCHEDULES:
-        raise ConfigError(f"optim.sched.name={cfg.optim.sched.name!r}: use one of {', '.join(SCHEDULES)}")
-    attention = packed_attention(cfg)
-    if cfg.model.compile and attention == VARLEN:
+    if (
+        (data.packing or data.share_prompt)
+        and data.pack_length is not None
+        and data.pack_length < 2 * data.max_seq_length
+    ):
+        raise ConfigError(
+            f"data.pack_length={data.pack_length}: a pair can take 2 x data.max_seq_length = "
+            f"{2 * data.max_seq_length} tokens; raise data.pack_length or lower data.max_seq_length"
+        )
+
+
+def _check_model(cfg: PreftuneConfig) -> None:
+    """``model.*``: dtypes, the balancing loss's scope, and the attention a packed / shared-prompt layout
+    needs."""
+    from preftune.modeling.router import SCOPES
+
+    model, data = cfg.model, cfg.data
+    if model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={model.dtype}: use {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
+    if model.autocast not in AUTOCAST:
+        raise ConfigError(f"model.autocast={model.autocast}: use null, bfloat16 or float16")
+    if model.router_aux_loss_scope not in SCOPES:
+        raise ConfigError(
+            f"model.router_aux_loss_scope={model.router_aux_loss_scope!r}: use one of {', '.join(SCOPES)}"
+        )
+    packed = data.packing or data.share_prompt
+    attention = packed_attention(model.attn_implementation, packed)
+    if model.compile and attention == VARLEN:
         raise ConfigError(
             f"model.compile does not support {VARLEN} attention (its per-sequence loop would recompile on "
             "every batch); set model.attn_implementation=sdpa or model.compile=false"
         )
-    if data.packing or data.share_prompt:
-        if attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(
-                f"model.attn_implementation={attention}: packing / shared prompt needs one of "
-                f"{', '.join(ATTENTION_IMPLEMENTATIONS)} (or set data.packing=false and data.share_prompt=false)"
-            )
-        if data.pack_length is not None and data.pack_length < 2 * data.max_seq_length:
-            raise ConfigError(
-                f"data.pack_length={data.pack_length}: a pair can take 2 x data.max_seq_length = "
-                f"{2 * data.max_seq_length} tokens; raise data.pack_length or lower data.max_seq_length"
-            )
+    if packed:
+        check_packed_attention(attention)
+
+
+def _check_trainer(trainer: TrainerConfig) -> None:
+    """``trainer.*``: intervals, limits, checkpoint retention, the NaN/inf skip limit."""
+    interval = trainer.val_check_interval
+    if isinstance(interval, float) and not 0 < interval <= 1:
+        raise ConfigError(f"trainer.val_check_interval={interval}: a float must be a fraction in (0, 1]")
+    if isinstance(interval, int) and interval < 1:
+        raise ConfigError(f"trainer.val_check_interval={interval}: an int must be >= 1 (steps)")
+    if trainer.save_interval < 1:
+        raise ConfigError("trainer.save_interval must be >= 1")
+    _check_run_length(trainer)
+    if trainer.max_time is not None:
+        parse_max_time(trainer.max_time)
+    Retention.from_config(trainer)  # trainer.keep_last, trainer.keep_best
+    if trainer.max_skipped_steps < 1:
+        raise ConfigError(
+            f"trainer.max_skipped_steps={trainer.max_skipped_steps}: use a number of steps >= 1"
+        )
+
+
+def _check_run_length(trainer: TrainerConfig) -> None:
+    """``trainer.max_epochs`` and ``trainer.max_steps``: each a number >= 1 or no limit (-1 / null, the one
+    rule: ``progress.limit``), not both off."""
+    for key in ("max_epochs", "max_steps"):
+        value = limit(getattr(trainer, key))
+        if value is not None and value < 1:
+            raise ConfigError(f"trainer.{key}={value}: use a number >= 1, or -1 / null for no limit")
+    if limit(trainer.max_epochs) is None and limit(trainer.max_steps) is None:
+        raise ConfigError(
+            "trainer.max_epochs and trainer.max_steps are both off (-1 / null): set one of them to end the run"
+        )
+
+
+def _check_losses(cfg: PreftuneConfig) -> None:
+    """``dpo.*`` and ``reference.*``: known loss names, no mix of reference-free and other losses, one weight
+    per loss, beta > 0, and a reference only for losses that use one."""
+    from preftune import losses
+
+    names = losses.loss_names(cfg.dpo.preference_loss)
+    unknown = [n for n in names if n not in losses.LOSS_NAMES]
+    if unknown:
+        raise ConfigError(f"dpo.preference_loss: {losses.unknown_loss(unknown[0])}")
+    free = {n in losses.REFERENCE_FREE_LOSSES for n in names}
+    if len(free) > 1:
+        raise ConfigError(
+            "dpo.preference_loss: reference-free losses (simpo, orpo) cannot be mixed with others"
+        )
+    weights = cfg.dpo.preference_loss_weights
+    if weights is not None and len(weights) != len(names):
+        raise ConfigError(
+            f"dpo.preference_loss_weights has {len(weights)} weights for {len(names)} losses ({', '.join(names)})"
+        )
+    if cfg.dpo.ref_policy_kl_penalty <= 0:
+        raise ConfigError("dpo.ref_policy_kl_penalty (beta) must be > 0")
+    if "robust" in names and (problem := losses.robust_epsilon_problem(cfg.dpo.label_smoothing)):
+        raise ConfigError(f"dpo.label_smoothing={cfg.dpo.label_smoothing}: {problem}")
+    if cfg.reference.mode not in REFERENCE_MODES:
+        raise ConfigError(f"reference.mode={cfg.reference.mode}: use online or precompute")
+    if cfg.reference.path is not None and free == {True}:
+        raise ConfigError(
+            f"reference.path is set but dpo.preference_loss ({', '.join(names)}) uses no reference: "
+            "remove reference.path"
+        )
+
+
+def check_online(cfg: PreftuneConfig) -> None:
+    """``online.*``: the sampling settings, the pairing, and what online training cannot combine with."""
+    from preftune.modeling.judges import judge_is_set
+
+    online = cfg.online
+    if not online.enabled:
+        return
+    least = 1 if online.pairing == "spin" else 2
+    rules = [
+        (online.pairing in PAIRINGS, f"online.pairing={online.pairing!r}: use one of {', '.join(PAIRINGS)}"),
+        (
+            online.num_generations >= least,
+            f"online.num_generations={online.num_generations}: a pair needs two completions of a prompt; "
+            f"set it to {least} or more",
+        ),
+        (online.max_new_tokens >= 1, f"online.max_new_tokens={online.max_new_tokens}: must be >= 1"),
+        (
+            cfg.data.max_seq_length > online.max_new_tokens,
+            f"data.max_seq_length={cfg.data.max_seq_length} leaves no room for a prompt before "
+            f"online.max_new_tokens={online.max_new_tokens}: raise it (prompt + completion)",
+        ),
+        (online.temperature >= 0, f"online.temperature={online.temperature}: must be >= 0 (0: greedy)"),
+        (0 < online.top_p <= 1, f"online.top_p={online.top_p}: must be in (0, 1]"),
+        (online.top_k >= 0, f"online.top_k={online.top_k}: must be >= 0 (0: all tokens)"),
+        (online.min_reward_gap >= 0, f"online.min_reward_gap={online.min_reward_gap}: must be >= 0"),
+        (
+            online.missing_eos_penalty is None or online.missing_eos_penalty >= 0,
+            f"online.missing_eos_penalty={online.missing_eos_penalty}: must be >= 0 (or null)",
+        ),
+        (
+            judge_is_set(cfg.judge) or online.pairing == "spin",
+            "online.enabled needs a judge to score the completions: set judge.function, judge.reward_model "
+            "or judge.llm.path",
+        ),
+        (
+            cfg.reference.mode != "precompute" or online.iterations is not None,
+            "reference.mode=precompute cannot apply online (the completions are new at every step): set "
+            "reference.mode=online (it applies to iterative DPO, online.iterations)",
+        ),
+        (
+            online.iterations is None or online.iterations >= 1,
+            f"online.iterations={online.iterations}: must be >= 1 (or null: online DPO per step)",
+        ),
+        (
+            online.prompts_per_iteration is None or online.prompts_per_iteration >= 1,
+            f"online.prompts_per_iteration={online.prompts_per_iteration}: must be >= 1 (or null: every prompt)",
+        ),
+        (
+            online.reference in ("initial", "previous"),
+            f"online.reference={online.reference!r}: use initial (the starting model) or previous (the "
+            "previous iteration's policy)",
+        ),
+        (
+            cfg.data.validation_fraction is None,
+            "data.validation_fraction does not apply online (data.train holds prompts): give data.validation "
+            "pairs instead",
+        ),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
 
 
 def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
@@ -158,14 +277,17 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
     directory with ``config.json`` and weights, or a Hub id) of a family the chosen layout supports, the same
     for ``reference.path``, and a launcher with what ``torch.distributed`` needs. Runs before the model or
     data is loaded. ``tokenizer_only`` (``inspect``): a local ``model.path`` may hold just a tokenizer."""
-    _check_output_dir(Path(cfg.output_dir))
-    model_config = _model_config(cfg.model, "model.path", tokenizer_only)
-    if model_config is not None and (cfg.data.packing or cfg.data.share_prompt):
-        from preftune.modeling.compat import layer_windows
 
+    _check_output_dir(Path(cfg.output_dir))
+    model_config = _model_config(cfg.model.path, cfg.model.trust_remote_code, "model.path", tokenizer_only)
+    if model_config is not None and (cfg.data.packing or cfg.data.share_prompt):
         layer_windows(model_config)  # a ConfigError for what packed rows cannot lay out
     if cfg.reference.path is not None and not tokenizer_only:
-        _model_config({**cfg.model, "path": cfg.reference.path}, "reference.path", tokenizer_only=False)
+        _model_config(cfg.reference.path, cfg.model.trust_remote_code, "reference.path", tokenizer_only=False)
+    from preftune.modeling.judges import check_judge, judge_is_set
+
+    if not tokenizer_only and judge_is_set(cfg.judge):
+        check_judge(cfg.judge)  # resolves the reward functions, reads the judge model's config
     if cfg.model.lora.r > 0 and importlib.util.find_spec("peft") is None:
         raise ConfigError("model.lora.r > 0 needs peft: pip install 'preftune[lora]'")
     if env_world_size() > 1:
@@ -194,20 +316,19 @@ def _check_output_dir(output_dir: Path) -> None:
         ) from None
 
 
-def _model_config(model_cfg: Any, key: str, tokenizer_only: bool) -> Any:
-    """The ``transformers`` config of the model at ``model_cfg["path"]`` (a local directory, else a Hub id)
-    named by ``key``; None for a local directory without ``config.json`` when ``tokenizer_only``."""
+def _model_config(path: str, trust_remote_code: bool, key: str, tokenizer_only: bool) -> Any:
+    """The ``transformers`` config of the model at ``path`` (a local directory, else a Hub id) named by
+    ``key``; None for a local directory without ``config.json`` when ``tokenizer_only``."""
     from transformers import AutoConfig
 
     from preftune.modeling.hub import check_model_source
 
-    path = str(model_cfg["path"])
     check_model_source(path, key, tokenizer_only=tokenizer_only)
     local = Path(path).expanduser()
     if local.is_dir() and not (local / "config.json").is_file():
         return None  # a tokenizer alone (inspect): check_model_source refuses it otherwise
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}={path}: its config.json cannot be read: {_first_line(e)}") from None
 
@@ -216,16 +337,18 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def absolute_paths(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with ``output_dir``, ``data.cache_dir`` and local model and data paths made absolute, so the saved
-    ``config.yaml`` and a LoRA adapter's ``base_model_name_or_path`` work from any directory."""
+def absolute_paths(cfg: PreftuneConfig) -> DictConfig:
+    """``cfg`` with ``output_dir``, the cache directories and local model and data paths made absolute, so the
+    saved ``config.yaml`` and a LoRA adapter's ``base_model_name_or_path`` work from any directory."""
     cfg = cfg.copy()
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
-    if cfg.data.cache_dir:
-        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+    for section in (cfg.data, cfg.reference):
+        if section.cache_dir:
+            section.cache_dir = str(Path(section.cache_dir).expanduser().resolve())
     cfg.model.path = _absolute_if_local(cfg.model.path)
     if cfg.reference.path is not None:
         cfg.reference.path = _absolute_if_local(cfg.reference.path)
+    _absolute_judge_paths(cfg.judge)
     for key in ("train", "validation"):
         sources = cfg.data[key]
         if isinstance(sources, ListConfig):
@@ -234,6 +357,28 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
         elif sources is not None:
             cfg.data[key] = _absolute_source(sources)
     return cfg
+
+
+def _absolute_judge_paths(judge: DictConfig) -> None:
+    """The judge's local files made absolute: reward-function files, models, a template file."""
+    from preftune.modeling.judges import POLICY
+
+    if isinstance(judge.function, str):
+        judge.function = _absolute_function(judge.function)
+    elif judge.function is not None:
+        judge.function = [_absolute_function(spec) for spec in judge.function]
+    if judge.reward_model is not None:
+        judge.reward_model = _absolute_if_local(judge.reward_model)
+    if judge.llm.path is not None and judge.llm.path != POLICY:
+        judge.llm.path = _absolute_if_local(judge.llm.path)
+    if judge.llm.template is not None and "{completion}" not in judge.llm.template:
+        judge.llm.template = _absolute_if_local(judge.llm.template)
+
+
+def _absolute_function(spec: str) -> str:
+    """``file.py:name`` with the file's path made absolute (``package.module:name`` stays as it is)."""
+    where, sep, name = spec.rpartition(":")
+    return f"{_absolute_if_local(where)}:{name}" if sep and where.endswith(".py") else spec
 
 
 def _absolute_source(source: Any) -> Any:

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor
+
+from preftune.config import DPOConfig
 
 # --------------------------------------------------------------------------------------------------
 # Losses on the policy margin Δ
@@ -67,10 +70,8 @@ def robust_loss(margin: Tensor, beta: float, label_smoothing: float) -> Tensor:
     2024, "Provably Robust DPO", arXiv:2403.00409). Unlike cDPO the flipped-label term enters with a
     minus sign, which makes the loss an unbiased estimate of the clean-label loss (and unbounded below).
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(
-            f"robust DPO needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2ε), got {label_smoothing}"
-        )
+    if problem := robust_epsilon_problem(label_smoothing):
+        raise ValueError(f"{problem}, got {label_smoothing}")
     logits = beta * margin
     clean = -(1 - label_smoothing) * F.logsigmoid(logits)
     return (clean + label_smoothing * F.logsigmoid(-logits)) / (1 - 2 * label_smoothing)
@@ -352,12 +353,28 @@ NEEDS_LENGTHS: frozenset[str] = frozenset({"rdpo"})
 """Losses that need the response token counts (chosen_lengths, rejected_lengths)."""
 
 
-def _check_inputs(name: str, policy_chosen_logps: Tensor, **others: Tensor | None) -> None:
-    """Raise ValueError for an unknown name, inputs `name` needs but lacks, refs it must not get, bad shapes."""
+def unknown_loss(name: str) -> str:
+    """What is wrong with loss name ``name`` (not in ``LOSS_NAMES``): the nearest name, or where an SFT term
+    goes, and the valid names."""
+    nearest = difflib.get_close_matches(name, LOSS_NAMES, n=1)
+    hint = f" Did you mean '{nearest[0]}'?" if nearest else ""
+    if name == "sft":
+        hint = " The SFT term is not a preference loss: set dpo.sft_loss_weight (e.g. 1.0) instead."
+    return f"unknown loss '{name}'.{hint} Valid: {', '.join(LOSS_NAMES)}"
+
+
+def robust_epsilon_problem(label_smoothing: float) -> str | None:
+    """The robust loss divides by 1 - 2ε: what is wrong with ε = ``label_smoothing``, or None."""
+    if 0.0 <= label_smoothing < 0.5:
+        return None
+    return "the robust loss needs 0 <= label_smoothing < 0.5 (it divides by 1 - 2ε)"
+
+
+def _check_inputs(name: str, beta: float, policy_chosen_logps: Tensor, **others: Tensor | None) -> None:
+    """Raise ValueError for an unknown name, inputs `name` needs but lacks, refs it must not get, bad shapes,
+    a beta <= 0."""
     if name not in _LOSSES:
-        close = difflib.get_close_matches(name, LOSS_NAMES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown preference loss {name!r}{hint}; valid names: {', '.join(LOSS_NAMES)}")
+        raise ValueError(unknown_loss(name))
     missing = [key for key, tensor in others.items() if tensor is None]
     refs = ["ref_chosen_logps", "ref_rejected_logps"]
     if name in REFERENCE_FREE_LOSSES:
@@ -382,10 +399,25 @@ def _check_inputs(name: str, policy_chosen_logps: Tensor, **others: Tensor | Non
             raise ValueError(
                 f"{key} has shape {tuple(tensor.shape)}, expected {tuple(policy_chosen_logps.shape)}"
             )
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
 
 
 def _fp32(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.float()
+
+
+def _gt_margin(chosen_rewards: Tensor | None, rejected_rewards: Tensor | None, scale: float) -> Tensor | None:
+    """Δgt = η·(rc − rr) in fp32 (None without rewards)."""
+    if chosen_rewards is None or rejected_rewards is None:
+        return None
+    return scale * (chosen_rewards.float() - rejected_rewards.float())
+
+
+def _bco_delta(bco_delta: Tensor | float | None, device: torch.device) -> Tensor:
+    """BCO's δ as a constant fp32 tensor on ``device`` (None: 0)."""
+    delta = torch.as_tensor(0.0 if bco_delta is None else bco_delta, dtype=torch.float32)
+    return delta.detach().to(device)
 
 
 def preference_loss(
@@ -409,22 +441,21 @@ def preference_loss(
     """Per-pair preference loss `name` (one of `LOSS_NAMES`), shape [B], fp32.
 
     Args:
-        name: the loss, see `LOSS_NAMES`.
         policy_chosen_logps, policy_rejected_logps: [B] policy log-probs of the responses, summed or
             length-averaged (see `LENGTH_AVERAGED_LOSSES`).
         ref_chosen_logps, ref_rejected_logps: [B] the same for the reference model; None, and only None,
             for `REFERENCE_FREE_LOSSES`.
         beta: β, the inverse temperature (IPO's τ, ORPO's λ, SimPO's reward scale).
-        chosen_rewards, rejected_rewards: [B] ground-truth rewards, for `NEEDS_REWARDS`.
-        gt_reward_scale: η in Δgt = η·(rc − rr).
+        chosen_rewards, rejected_rewards: [B] ground-truth rewards, for `NEEDS_REWARDS`; gt_reward_scale: η
+            in Δgt = η·(rc − rr).
         chosen_lengths, rejected_lengths: [B] response token counts, for `NEEDS_LENGTHS` (R-DPO).
         label_smoothing: ε of cDPO ("dpo", "aot", "aot_pair"), of "robust" and of "exo_pair".
-        simpo_gamma: SimPO's target reward margin γ (0.5 as TRL; the paper tunes it with β).
-        rdpo_alpha: R-DPO's length penalty α.
+        simpo_gamma, rdpo_alpha: SimPO's target margin γ (0.5 as TRL; tuned with β), R-DPO's length penalty α.
         bco_delta: BCO's reward shift δ (the trainer's running mean of implicit rewards); None means 0.
     """
     _check_inputs(
         name,
+        beta,
         policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
         ref_chosen_logps=ref_chosen_logps,
@@ -434,25 +465,19 @@ def preference_loss(
         chosen_lengths=chosen_lengths,
         rejected_lengths=rejected_lengths,
     )
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    gt_margin = None
-    if chosen_rewards is not None and rejected_rewards is not None:
-        gt_margin = gt_reward_scale * (chosen_rewards.float() - rejected_rewards.float())
-    delta = torch.as_tensor(0.0 if bco_delta is None else bco_delta, dtype=torch.float32)
     pairs = _Pairs(
         policy_chosen=policy_chosen_logps.float(),
         policy_rejected=policy_rejected_logps.float(),
         ref_chosen=_fp32(ref_chosen_logps),
         ref_rejected=_fp32(ref_rejected_logps),
         beta=beta,
-        gt_margin=gt_margin,
+        gt_margin=_gt_margin(chosen_rewards, rejected_rewards, gt_reward_scale),
         chosen_lengths=_fp32(chosen_lengths),
         rejected_lengths=_fp32(rejected_lengths),
         label_smoothing=label_smoothing,
         simpo_gamma=simpo_gamma,
         rdpo_alpha=rdpo_alpha,
-        bco_delta=delta.detach().to(policy_chosen_logps.device),
+        bco_delta=_bco_delta(bco_delta, policy_chosen_logps.device),
     )
     return _LOSSES[name](pairs)
 
@@ -555,24 +580,26 @@ class LossSettings:
     rdpo_alpha: float
 
     @classmethod
-    def from_config(cls, dpo: Any) -> LossSettings:
-        """From the ``dpo`` section (a mapping; names and weights are checked by ``preftune.config``)."""
-        names = loss_names(dpo["preference_loss"])
-        average = dpo["preference_average_log_probs"]
+    def from_config(cls, dpo: DPOConfig | Mapping[str, Any]) -> LossSettings:
+        """From the ``dpo`` section (names and weights are checked by ``preftune.config_checks``); a plain
+        mapping is read over ``DPOConfig``'s defaults."""
+        dpo = OmegaConf.merge(OmegaConf.structured(DPOConfig), dpo)
+        names = loss_names(dpo.preference_loss)
+        average = dpo.preference_average_log_probs
         return cls(
             names=names,
-            weights=tuple(dpo["preference_loss_weights"] or [1.0] * len(names)),
-            beta=float(dpo["ref_policy_kl_penalty"]),
+            weights=tuple(dpo.preference_loss_weights or [1.0] * len(names)),
+            beta=float(dpo.ref_policy_kl_penalty),
             average_logps=(
                 any(n in LENGTH_AVERAGED_LOSSES for n in names) if average is None else bool(average)
             ),
-            sft_average_logps=bool(dpo["sft_average_log_probs"]),
-            preference_weight=float(dpo["preference_loss_weight"]),
-            sft_weight=float(dpo["sft_loss_weight"]),
-            gt_reward_scale=float(dpo["gt_reward_scale"]),
-            label_smoothing=float(dpo["label_smoothing"]),
-            simpo_gamma=float(dpo["simpo_gamma"]),
-            rdpo_alpha=float(dpo["rdpo_alpha"]),
+            sft_average_logps=bool(dpo.sft_average_log_probs),
+            preference_weight=float(dpo.preference_loss_weight),
+            sft_weight=float(dpo.sft_loss_weight),
+            gt_reward_scale=float(dpo.gt_reward_scale),
+            label_smoothing=float(dpo.label_smoothing),
+            simpo_gamma=float(dpo.simpo_gamma),
+            rdpo_alpha=float(dpo.rdpo_alpha),
         )
 
     @property

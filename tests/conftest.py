@@ -14,12 +14,12 @@ import pytest
 import torch
 from filelock import FileLock
 
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.formats import parse_record
 from preftune.data.tokenize import PairTokenizer
+from preftune.recipe import train
 from preftune.tools.tiny import build_tiny_model, save_tiny, train_tokenizer
-from preftune.training.recipe import train
 
 # Tiny matrices: one thread per test process (and per process a test starts) is many times faster than
 # several threads fighting over shared cores, and pytest-xdist runs one test process per core.

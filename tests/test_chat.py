@@ -14,7 +14,7 @@ from tokenizers import processors
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.chat import BAD_END, BROKEN_PREFIX
 from preftune.data.dataset import PreferenceDataset
-from preftune.data.formats import DataError
+from preftune.errors import DataError
 from preftune.tools.tiny import EOS_ID, train_tokenizer
 
 SPECIALS = (
@@ -152,6 +152,24 @@ def test_every_conversational_format_gives_the_same_tokens(tmp_path, chat_tok):
         for fmt in ("trl_conversational", "trl_implicit", "nemo_rl")
     ]
     assert examples[0] == examples[1] == examples[2]
+
+
+def test_prompts_are_the_datas_own(tmp_path, chat_tok):
+    """``PreferenceDataset.prompts``: each pair's prompt as its record gives it (the messages before the final
+    turn, as a judge gets them), read again from the file, for every conversational format and a plain one,
+    also after a tied record (no pair) and through a column mapping."""
+    _, tok = chat_tok
+    other = [msg("user", "the dog sits")]
+    for fmt in ("trl_conversational", "trl_implicit", "nemo_rl"):
+        path = dump(tmp_path / f"p-{fmt}.jsonl", [records(fmt), records(fmt, prompt=other)])
+        assert PreferenceDataset(path, tok, 512).prompts(2) == [PROMPT, other]
+    tied = {"context": other, "completions": [{"rank": 0, "completion": [msg("assistant", "a")]}] * 2}
+    path = dump(tmp_path / "tied.jsonl", [tied, records("nemo_rl")])
+    assert PreferenceDataset(path, tok, 512).prompts(1) == [PROMPT]
+    plain = [{"question": f"the cat {i}", "chosen": "yes", "rejected": "no"} for i in range(3)]
+    path = dump(tmp_path / "plain.jsonl", plain)
+    dataset = PreferenceDataset(path, tok, 512, format="trl", columns={"prompt": "question"})
+    assert dataset.prompts(2) == ["the cat 0", "the cat 1"]
 
 
 def test_prefix_breaking_pair_is_dropped_counted_and_logged(tmp_path, caplog):

@@ -11,7 +11,7 @@ import pytest
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.chat import NAMED_TEMPLATES, NO_TEMPLATE, load_chat_template
 from preftune.data.dataset import PreferenceDataset
-from preftune.data.formats import DataError
+from preftune.errors import DataError
 from preftune.tools.tiny import train_tokenizer
 
 SPECIALS = (

@@ -14,7 +14,8 @@ from test_distributed import torchrun
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from preftune.cli import main
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
+from preftune.errors import ConfigError
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -91,6 +92,10 @@ def mistakes(
         "compile-varlen": (["data.packing=true", "model.compile=true"], ("model.compile",)),
         "pack-length": (["data.packing=true", "data.pack_length=50"], ("data.pack_length=50",)),
         "optim-name": (["optim.name=sgd"], ("optim.name='sgd'", "adamw")),
+        "router-scope": (
+            ["model.router_aux_loss_scope=batch"],
+            ("model.router_aux_loss_scope='batch'", "global_batch, micro_batch"),
+        ),
         "robust-smoothing": (["dpo.preference_loss=robust", "dpo.label_smoothing=0.5"], ("label_smoothing",)),
         "batch-divisibility": (["data.global_batch_size=6"], ("data.global_batch_size (6)", "multiple of 4")),
         "too-few-pairs": (
@@ -172,7 +177,7 @@ def test_torchrun_reports_a_mistake_once(tmp_path, tiny_model_dir, pair_files, e
         timeout=300,
         env=OFFLINE,
     )
-    line = f"preftune: error: data file not found: {tmp_path}/no.jsonl"
+    line = f"preftune: error: data.train: data file not found: {tmp_path}/no.jsonl"
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert [x for x in output.splitlines() if x.startswith("preftune: error")] == [line]

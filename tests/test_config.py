@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 
 import pytest
-from omegaconf import ListConfig
+from omegaconf import ListConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
-from preftune.config import ConfigError, default_config, load_config, parse_max_time
+from preftune.config import DataConfig, default_config, known_keys, parse_max_time, parse_yaml
+from preftune.config_checks import load_config
+from preftune.errors import ConfigError
 
 REQUIRED = ("model.path=/models/tiny", "data.train=/data/train.jsonl")
 
@@ -208,6 +212,22 @@ def test_good_dtype_accepted(dtype):
     assert load(f"model.dtype={dtype}").model.dtype == dtype
 
 
+@pytest.mark.parametrize("off", ["-1", "null"])
+def test_minus_one_and_null_mean_no_limit_for_max_epochs_and_max_steps(off):
+    """README: ``-1`` / ``null``: no limit, for either key; the run then ends at the other one."""
+    assert load(f"trainer.max_epochs={off}", "trainer.max_steps=40").trainer.max_steps == 40
+    assert load("trainer.max_epochs=2", f"trainer.max_steps={off}").trainer.max_epochs == 2
+    with pytest.raises(ConfigError, match=r"^trainer.max_epochs and trainer.max_steps are both off"):
+        load(f"trainer.max_epochs={off}", f"trainer.max_steps={off}")
+
+
+@pytest.mark.parametrize("setting", ["trainer.max_epochs=0", "trainer.max_steps=0", "trainer.max_epochs=-2"])
+def test_max_epochs_and_max_steps_below_one_rejected(setting):
+    key, value = setting.split("=")
+    with pytest.raises(ConfigError, match=rf"^{key}={value}: use a number >= 1, or -1 / null for no limit$"):
+        load(setting, "trainer.max_steps=5" if "epochs" in key else "trainer.max_epochs=1")
+
+
 def test_betas_must_be_a_pair():
     with pytest.raises(ConfigError, match="betas"):
         load("optim.betas=[0.9,0.95,0.99]")
@@ -264,3 +284,60 @@ def test_max_time_days_field_from_yaml_means_days(tmp_path):
 def test_override_without_equals_rejected(item):
     with pytest.raises(ConfigError, match=re.escape(item)):
         load(item)
+
+
+# ---------------------------------------------------------------- the schema
+
+
+def test_default_yaml_equals_the_dataclasses():
+    """``default.yaml`` (the commented file users read) holds every key of the dataclasses with the same
+    default, and no other key."""
+    text = resources.files("preftune").joinpath("configs/default.yaml").read_text()
+    from_yaml = parse_yaml(text, "default.yaml")
+    from_dataclasses = OmegaConf.to_container(default_config())
+    assert from_yaml == from_dataclasses
+    assert set(flat_keys(from_yaml)) == set(known_keys()), "a key missing on one side"
+
+
+def flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict) and prefix + key not in ("data.train", "data.validation"):
+            keys.extend(flat_keys(value, f"{prefix}{key}."))
+    return keys
+
+
+def test_sections_are_typed():
+    cfg = load("data.micro_batch_size=2", "trainer.max_time=1:00:00")
+    assert OmegaConf.get_type(cfg.data) is DataConfig
+    assert isinstance(cfg.data.micro_batch_size, int) and cfg.data.micro_batch_size == 2
+    assert cfg.trainer.max_time == "1:00:00"
+    with pytest.raises(ValidationError):  # OmegaConf keeps checking after loading
+        cfg.data.micro_batch_size = "two"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.betas=[a,b]", "optim.betas=['a', 'b']: expected a list of numbers"),
+        ("data.columns.prompt=5", "data.columns.prompt=5: expected a string"),
+        ("trainer.max_time=true", "trainer.max_time=True: expected a string or a number"),
+        ("optim.lr={a: 1}", "optim.lr={'a': 1}: expected a number"),
+        ("optim.betas=null", "optim.betas cannot be null: set it to a list of numbers"),
+    ],
+)
+def test_values_are_checked_against_the_dataclass_types(override, message):
+    with pytest.raises(ConfigError) as info:
+        load(override)
+    assert str(info.value) == f"override '{override}': {message}"
+
+
+def test_free_form_keys_replace_earlier_values_whole():
+    cfg = load(
+        "data.train=[a, b]",
+        "data.train={hub: x}",
+        "dpo.preference_loss=[dpo, ipo]",
+        "dpo.preference_loss=dpo",
+    )
+    assert dict(cfg.data.train) == {"hub": "x"} and cfg.dpo.preference_loss == "dpo"

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from preftune.config_checks import load_config
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.dataset import PreferenceDataset, TokenizedPairs
-from preftune.data.formats import DataError
+from preftune.data.loading import load_datasets
 from preftune.data.sampler import GlobalBatchSampler
+from preftune.errors import DataError
 from preftune.tools.tiny import BOS_ID, EOS_ID, train_tokenizer
 
 VOCAB = [
@@ -145,6 +147,22 @@ def test_trl_rewards_carried(tmp_path, tok):
 def test_missing_file_raises(tmp_path, tok):
     with pytest.raises(DataError, match="not found"):
         PreferenceDataset(tmp_path / "absent.jsonl", tok, 64)
+
+
+def test_a_missing_file_names_its_key_and_path(tmp_path, tok):
+    """The one line names the config key (a list entry by its index) and the path, not the path alone."""
+    present = dump(tmp_path / "t.jsonl", [nemo("q", "yes", "no")] * 4)
+    absent = tmp_path / "absent.jsonl"
+    lines = {
+        f"data.train={absent}": f"data.train: data file not found: {absent}",
+        f"data.train=[{present}, {{path: {absent}, weight: 2}}]": f"data.train[1]: data file not found: {absent}",
+        f"data.validation={absent}": f"data.validation: data file not found: {absent}",
+    }
+    for override, line in lines.items():
+        data = load_config(None, ["model.path=m", f"data.train={present}", override]).data
+        with pytest.raises(DataError) as info:
+            load_datasets(data, tok, None)
+        assert str(info.value) == line
 
 
 # ---------------------------------------------------------------- tokenization

@@ -24,3 +24,8 @@ def test_demo_learns_the_rule(tmp_path, capsys):
     assert val[-1]["val/acc"] >= 0.90
     assert f"held-out pairs: acc {val[-1]['val/acc']:.3f}" in out
     assert (tmp_path / f"run/checkpoints/step_{val[-1]['step']}/model/model.safetensors").is_file()
+    # judged by the rule against the step-0 model: a tie everywhere at step 0, the figures said at the end
+    assert val[0]["val/win_rate"] == 0.5 and val[0]["val/length_ratio"] == 1.0
+    assert (
+        f"win rate {val[-1]['val/win_rate']:.3f}, length-controlled {val[-1]['val/lc_win_rate']:.3f}" in out
+    )

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from preftune.cli import main
 
-from conftest import built_once
+from conftest import built_once, run
 
 pytestmark = pytest.mark.slow
 
@@ -212,3 +212,21 @@ def test_reference_path_under_two_processes(
     assert_same_run(single_with_reference, multi, keys, strategy)
     first = train_records(single_with_reference)[1]["train/preference_loss"]
     assert abs(first - math.log(2)) > 1e-3  # the reference is not the policy
+
+
+def test_global_batch_balancing_under_two_processes(tmp_path, tokenizer, pair_files):
+    """A Mixtral policy's balancing loss over the global batch (``model.router_aux_loss_scope``'s
+    default): two FSDP2 ranks, each running two of the four micro-batches (and its statistics forwards
+    through the sharded model), train what one process trains. DDP takes the same path (measured equal)."""
+    strategy = "fsdp2"
+    from test_families import saved_family
+
+    model_dir = saved_family("mixtral", tokenizer, tmp_path / "model")
+    steps = f"trainer.max_steps={STEPS}"
+    single = run(tmp_path, "single", model_dir, pair_files, steps, "data.micro_batch_size=2", "optim.eps=1e-4",
+                 f"optim.sched.max_steps={STEPS}")[1]  # fmt: skip
+    multi = launch(tmp_path, strategy, 2, model_dir, pair_files, steps, "optim.sched.warmup_steps=2",
+                   f"distributed.strategy={strategy}")  # fmt: skip
+    keys = ("train/loss", "train/aux_loss", "train/preference_loss", "train/grad_norm")
+    assert_same_run(single, multi, keys, strategy)
+    assert train_records(single)[1]["train/aux_loss"] > 1

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,19 +22,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from preftune.cli import main
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import Block, MicroBatch, dpo_custom_collate, micro_batch_from_padded
 from preftune.data.packing import build_packed_collate
+from preftune.data.visibility import VARLEN
+from preftune.data.windows import layer_windows
+from preftune.errors import ConfigError
 from preftune.losses import LossSettings
-from preftune.modeling.attention import VARLEN
-from preftune.modeling.compat import layer_windows
-from preftune.modeling.layout_check import check_layout
+from preftune.modeling.layout_check import check_layout, layout_error
 from preftune.modeling.logprobs import SequenceLogprobs
 from preftune.modeling.model import DPOModel, disable_dropout
+from preftune.modeling.parallel import _blocks
 from preftune.modeling.reference import FrozenReference
-from preftune.modeling.router import router_loss
+from preftune.modeling.router import GlobalRouting, router_loss
 from preftune.tools.tiny import save_tiny
-from preftune.training.distributed import _blocks
 
 from conftest import records, run
 
@@ -60,6 +62,9 @@ FAMILIES = {
     "gpt_neox": dict(partial_rotary_factor=0.25, use_parallel_residual=True),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=128),  # learned positions
     "smollm3": dict(no_rope_layers=[1, 0]),  # the second layer has no rotary embedding
+    # decoder layers that drop the extra keywords on the way to the attention; partial rotary
+    "stablelm": dict(qk_layernorm=True, use_qkv_bias=True, use_parallel_residual=True),  # per-head q/k norm
+    "nemotron": {},  # LayerNorm1P (weight + 1), squared-ReLU MLP
     "mixtral": dict(**MOE, **SLIDING, num_local_experts=4),
     "qwen3_moe": dict(MOE, num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]),
     "gpt_oss": dict(**MOE, **SLIDING, num_local_experts=4, layer_types=["sliding_attention", "full_attention"]),
@@ -182,6 +187,8 @@ def test_logprobs_match_plain(model_type):
         with torch.no_grad():
             logps = in_pair_order(batch, model.policy_logprobs(batch)[0])
         torch.testing.assert_close(logps, plain, rtol=1e-6, atol=1e-5, msg=f"{layout} {attention}")
+    use_attention(model, VARLEN)
+    assert layout_error(model, pack=True, share_prompt=True) is None  # the run's self-check passes
     batch = laid_out(model, "packed+shared", exs, VARLEN)
     one_block = dataclasses.replace(batch, attention_blocks=(Block(0, 0, 0, 0, batch.input_ids.shape[1]),))
     with torch.no_grad():
@@ -242,6 +249,43 @@ def test_router_loss_is_transformers_without_padding(model_type):
     )
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_global_balancing_splits_exactly(model_type):
+    """Global-batch scope on one padded batch cut into micro-batches of 2, 2 and 1 pairs: each one's
+    balancing loss is the whole batch's, and their gradients, weighted by their share of the pairs as the
+    trainer weights them, add up to the whole batch's (plain autograd); per micro-batch they do not."""
+    model, exs = trained(model_type), pairs()
+    use_attention(model, "eager")
+    runner = model.policy_runner
+
+    def aux_and_grads(batch: MicroBatch, weight: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.policy_logprobs(batch)
+        (runner.aux_loss * weight).backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.policy.parameters()]
+        return runner.aux_loss.detach(), grads
+
+    model.policy.zero_grad(set_to_none=True)
+    whole, whole_grads = aux_and_grads(micro_batch_from_padded(dpo_custom_collate(exs, EOS)))
+    assert max(g.abs().max().item() for g in whole_grads) > 1e-3
+    parts = [micro_batch_from_padded(dpo_custom_collate(part, EOS)) for part in (exs[:2], exs[2:4], exs[4:])]
+    statistics = [model.routing_statistics(part) for part in parts]
+    total = statistics[0] + statistics[1] + statistics[2]
+    for scope, routing in (("global", GlobalRouting(total, len(exs))), ("micro", None)):
+        model.policy.zero_grad(set_to_none=True)
+        with model.global_routing(routing):
+            values = [aux_and_grads(part, part.num_pairs / len(exs)) for part in parts]
+        grads = values[-1][1]
+        if scope == "global":
+            for value, _ in values:
+                torch.testing.assert_close(value, whole, rtol=0, atol=1e-6)
+            for grad, expected in zip(grads, whole_grads, strict=True):
+                torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+        else:
+            assert max((value - whole).abs().item() for value, _ in values) > 1e-3
+            assert max((g - e).abs().max().item() for g, e in zip(grads, whole_grads, strict=True)) > 1e-5
+    assert runner.global_routing is None
+
+
 def test_windows_read_from_config():
     assert layer_windows(family_model("llama").config) == [None, None]
     assert layer_windows(family_model("mistral").config) == [WINDOW, WINDOW]
@@ -281,13 +325,20 @@ def test_self_check_passes_caches_and_refuses(tmp_path, tokenizer):
     assert "\n" not in str(error.value)
 
 
+def saved_family(model_type: str, tokenizer, directory) -> Path:
+    """The family's seeded random model at the tokenizer's vocabulary size, saved with it in ``directory``."""
+    config = AutoConfig.for_model(
+        model_type, **{**SIZES, **FAMILIES[model_type], "vocab_size": len(tokenizer)}
+    )
+    torch.manual_seed(0)
+    return save_tiny(AutoModelForCausalLM.from_config(config), tokenizer, directory)
+
+
 @pytest.mark.slow
 def test_moe_trains_packed_like_plain(tmp_path, tokenizer, pair_files):
     """gpt-oss (sinks, sliding layers, experts) trained packed with a shared prompt follows the padded run,
     the router's balancing loss logged as aux_loss; the self-check's pass is cached with the run."""
-    config = AutoConfig.for_model("gpt_oss", **{**SIZES, **FAMILIES["gpt_oss"], "vocab_size": len(tokenizer)})
-    torch.manual_seed(0)
-    model_dir = save_tiny(AutoModelForCausalLM.from_config(config), tokenizer, tmp_path / "model")
+    model_dir = saved_family("gpt_oss", tokenizer, tmp_path / "model")
     common = ("trainer.max_steps=2", "optim.eps=1e-4", "data.micro_batch_size=8")  # one micro-batch a step
     _, padded = run(tmp_path, "padded", model_dir, pair_files, *common)
     layout = ("data.packing=true", "data.share_prompt=true", "data.pack_length=512")
@@ -298,6 +349,39 @@ def test_moe_trains_packed_like_plain(tmp_path, tokenizer, pair_files):
         for key in ("train/loss", "train/aux_loss", "train/preference_loss", "train/grad_norm"):
             assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
     assert len(list((packed / "cache" / "layout_check").glob("*.json"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_global_batch_balancing_is_layout_independent(model_type, tmp_path, tokenizer, pair_files):
+    """``model.router_aux_loss_scope=global_batch``: two steps as one padded micro-batch (the global batch's
+    loss straight through autograd, no statistics pass), as padded micro-batches of 2 pairs, packed rows one
+    per micro-batch, and shared-prompt micro-batches give the same loss, balancing loss and gradient norm
+    (1e-5), so the same weights; per micro-batch (transformers' way) the balancing loss differs."""
+    model_dir = saved_family(model_type, tokenizer, tmp_path / "model")
+    common = ("trainer.max_steps=2", "optim.eps=1e-4", "trainer.val_check_interval=2")
+    layouts = {
+        "whole": ("data.micro_batch_size=8",),
+        "padded": ("data.micro_batch_size=2",),
+        "packed": ("data.micro_batch_size=1", "data.packing=true", "data.pack_length=96"),
+        "shared": ("data.micro_batch_size=2", "data.share_prompt=true"),
+        "per micro-batch": ("data.micro_batch_size=2", "model.router_aux_loss_scope=micro_batch"),
+    }
+    runs = {
+        name: run(tmp_path, name, model_dir, pair_files, *common, *extra)[1]
+        for name, extra in layouts.items()
+    }
+    whole = records(runs["whole"], "train")
+    assert whole[1]["train/aux_loss"] > 1
+    for name in ("padded", "packed", "shared"):
+        got = records(runs[name], "train")
+        for step in (1, 2):
+            for key in ("train/loss", "train/aux_loss", "train/preference_loss", "train/grad_norm"):
+                assert got[step][key] == pytest.approx(whole[step][key], abs=1e-5), (name, step, key)
+        val = records(runs[name], "val")[2]["val/aux_loss"]
+        assert val == pytest.approx(records(runs["whole"], "val")[2]["val/aux_loss"], abs=1e-5), name
+    per_micro_batch = records(runs["per micro-batch"], "train")[1]["train/aux_loss"]
+    assert abs(per_micro_batch - whole[1]["train/aux_loss"]) > 1e-4
 
 
 def test_cli_refuses_an_unroutable_family_in_one_line(tmp_path, tokenizer, pair_files, capsys):

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from preftune.config import ConfigError, load_config
-from preftune.data.dataset import TIED, PreferenceDataset, load_datasets
-from preftune.data.formats import DataError
+from preftune.config_checks import load_config
+from preftune.data.dataset import TIED, PreferenceDataset
+from preftune.data.loading import load_datasets
 from preftune.data.sources import read_json_array
+from preftune.errors import ConfigError, DataError
 from preftune.tools.tiny import train_tokenizer
 
 CHATML = (
@@ -72,6 +73,28 @@ def test_text_formats_nemo_and_trl(tmp_path, tok):
         assert x["prompt_ids"] == y["prompt_ids"] == [tok.bos_token_id, *enc(tok, row["prompt"])]
         assert x["chosen_ids"] == y["chosen_ids"] == [*enc(tok, row["chosen"]), tok.eos_token_id]
     assert (a.examples[1]["chosen_reward"], a.examples[1]["rejected_reward"]) == (2.5, -1.0)
+
+
+def test_tokenized_format_trains_the_ids_as_they_are(tmp_path, tok):
+    """Format ``tokenized`` (iterative DPO's pairs; detected by its id columns): no BOS or EOS added, truncated to data.max_seq_length, an
+    identical pair dropped; ids that are not a list of ints are a one-line error."""
+    rows = [
+        {"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [10], "chosen_reward": 2.0},
+        {"prompt_ids": [], "chosen_ids": [7], "rejected_ids": [7]},
+        {"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10, 11], "rejected_ids": [12, 13]},
+    ]
+    data = PreferenceDataset(dump(tmp_path / "ids.jsonl", rows), tok, 6, format="tokenized")
+    assert [[ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")] for ex in data.examples] == [
+        [[5, 6], [7, 8, 9], [10]],
+        [[6, 7, 8], [9, 10, 11], [12, 13]],  # the prompt cut from the left first
+    ]
+    assert (data.examples[0]["chosen_reward"], data.examples[0]["rejected_reward"]) == (2.0, 0.0)
+    with_texts = [{**rows[0], "prompt": "a", "chosen": "b", "rejected": "c"}]  # ids win over texts
+    detected = PreferenceDataset(dump(tmp_path / "both.jsonl", with_texts), tok, 6)
+    assert detected.stats.format == "tokenized" and detected.examples[0]["chosen_ids"] == [7, 8, 9]
+    bad = dump(tmp_path / "bad.jsonl", [{"prompt_ids": [5], "chosen_ids": "7 8", "rejected_ids": [9]}])
+    with pytest.raises(DataError, match=r"bad.jsonl.*'chosen_ids' must be a list of token ids"):
+        PreferenceDataset(bad, tok, 6, format="tokenized")
 
 
 def nemo_rl(ranks_and_answers: list[tuple[float, str]], question: str = "hello cat") -> dict:

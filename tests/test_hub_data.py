@@ -12,10 +12,11 @@ import pyarrow as pa
 import pytest
 
 from preftune.cli import main
-from preftune.config import load_config
-from preftune.data.dataset import PreferenceDataset, load_datasets
-from preftune.data.formats import DataError
+from preftune.config_checks import load_config
+from preftune.data.dataset import PreferenceDataset
+from preftune.data.loading import load_datasets
 from preftune.data.mixture import WeightedPairs
+from preftune.errors import DataError
 
 from conftest import make_pairs, write_jsonl
 

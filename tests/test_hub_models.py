@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
-from preftune.config import ConfigError
+from preftune.errors import ConfigError
 from preftune.modeling.hub import check_model_source, local_model_dir
 from preftune.modeling.reference_cache import model_fingerprint
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference import AdaptersOffReference
+from preftune.tools.export import export_checkpoint
 
 from conftest import pair_batch, records, run
 
@@ -109,3 +112,23 @@ def test_export_full_finetune_copies_model(tmp_path, tiny_model_dir, pair_files,
     a = AutoModelForCausalLM.from_pretrained(export)(ids).logits
     b = AutoModelForCausalLM.from_pretrained(out / "checkpoints/step_1/model")(ids).logits
     assert torch.equal(a, b)
+
+
+def test_checkpoint_and_export_files_follow_the_umask(tmp_path, tiny_model_dir, pair_files):
+    """A teammate can read what a run writes: under umask 022 every file of a checkpoint and of a merged
+    export is 0644 and every directory 0755 (safetensors wrote its files 0600)."""
+    previous = os.umask(0o022)
+    try:
+        _, out = run(tmp_path, "run", tiny_model_dir("llama"), pair_files, "trainer.max_steps=1", *LORA)
+        export = export_checkpoint(out / "checkpoints/step_1", tmp_path / "export", merge=True)
+    finally:
+        os.umask(previous)
+    for root in (out / "checkpoints/step_1", export):
+        modes = {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")}
+        assert any(name.endswith(".safetensors") for name in modes), modes
+        wrong = {
+            name: oct(mode)
+            for name, mode in modes.items()
+            if mode != (0o755 if (root / name).is_dir() else 0o644)
+        }
+        assert wrong == {}, root

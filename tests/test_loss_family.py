@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from preftune import losses
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
+from preftune.errors import ConfigError
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference import NoReference
 

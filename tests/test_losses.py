@@ -238,10 +238,10 @@ def test_dpo_margin_keeps_growing() -> None:
 
 def test_unknown_name_names_the_nearest() -> None:
     pc, pr, rc, rr = fixed()
-    with pytest.raises(ValueError, match="did you mean 'simpo'") as info:
+    with pytest.raises(ValueError, match="Did you mean 'simpo'") as info:
         preference_loss("simp0", pc, pr, None, None, beta=BETA)
     assert "rpo_bwd_kl" in str(info.value)  # lists the valid names
-    with pytest.raises(ValueError, match="did you mean 'bco_pair'"):
+    with pytest.raises(ValueError, match="Did you mean 'bco_pair'"):
         preference_loss("bco-pair", pc, pr, rc, rr, beta=BETA)
 
 

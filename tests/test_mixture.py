@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from preftune.cli import main
-from preftune.config import ConfigError, load_config
-from preftune.data.dataset import load_datasets
-from preftune.data.formats import DataError
+from preftune.config_checks import load_config
+from preftune.data.loading import load_datasets
 from preftune.data.mixture import WeightedPairs, mixture_indices
+from preftune.errors import ConfigError, DataError
 
 from conftest import make_pairs, records, run, write_jsonl
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.formats import parse_record
 from preftune.data.tokenize import PairTokenizer

@@ -48,8 +48,9 @@ def test_data_sources_split_into_hub_ids_and_local_files():
             "/data/b.jsonl",
         ]
     )
-    assert _sources(entries) == [("hub", "org/prefs"), ("local", "/data/a.jsonl"), ("local", "b.jsonl")]
-    assert _sources(None) == [] and _sources("/x/y.parquet") == [("local", "y.parquet")]
+    # a local file by its path (not its name alone: train.jsonl in which directory?)
+    assert _sources(entries) == [("hub", "org/prefs"), ("local", "/data/a.jsonl"), ("local", "/data/b.jsonl")]
+    assert _sources(None) == [] and _sources("/x/y.parquet") == [("local", "/x/y.parquet")]
 
 
 def closed_port() -> int:
@@ -95,6 +96,7 @@ def test_push_to_hub_failures_are_one_line_and_never_reported_done(
     assert "exported" in stdout and "pushed" not in stdout
     card = (tmp_path / "unreachable/README.md").read_text()
     assert 'from_pretrained("me/x")' in card and "| optimizer steps | 1 |" in card
-    assert "| training data | train.jsonl |" in card and "| validation data | validation.jsonl |" in card
+    assert f"| training data | {pair_files['train']} |" in card
+    assert f"| validation data | {pair_files['validation']} |" in card
     val = records(out, "val")[1]
     assert f"| reward_margin_mean | {val['val/reward_margin_mean']:.4f} |" in card

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen3Config
 
 import preftune
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import as_micro_batch, dpo_custom_collate, pair_length
-from preftune.data.packing import build_packed_collate, dense_mask, layout_rows
+from preftune.data.packing import build_packed_collate, dense_mask, group_by_prompt, layout_rows
 from preftune.modeling.attention import varlen_attention_forward, visible_keys
 from preftune.modeling.model import DPOModel
 from preftune.tools.tiny import EOS_ID, SLIDING_WINDOW, TINY_ARCHS, save_tiny
@@ -330,3 +330,119 @@ def test_dpo_packed_dataset(tiny_model_dir, tokenizer):
         values = [model.sequence_logprobs(model.policy, b) for b in batches]
     padded = padded_logprobs(build(tiny_model_dir("llama")), exs)
     assert_same_logprobs(in_pair_order(batches, values, len(exs)), padded, "DPOPackedDataset")
+
+
+def groups(vocab: int, k: int, seed: int) -> list[dict]:
+    """K-completion groups (one prompt, K responses, every ordered pair of responses whose rewards differ,
+    as ``all_pairs`` draws them): an empty prompt, one-token responses, and prompt + response longer than
+    the sliding window."""
+    rng = random.Random(seed)
+    lengths = [(0, [1] * k), (28, [rng.randint(1, 30) for _ in range(k)])]
+    lengths += [(rng.randint(1, 20), [rng.randint(1, 20) for _ in range(k)]) for _ in range(3)]
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    out = []
+    for i, (p, sizes) in enumerate(lengths):
+        rewards = [float(rng.randrange(3)) for _ in range(k)]
+        pairs = [(a, b) for a in range(k) for b in range(k) if rewards[a] > rewards[b]] or [(0, k - 1)]
+        out.append({"prompt_ids": tokens(p), "responses": [tokens(n) for n in sizes], "pairs": pairs,
+                    "rewards": rewards, "index": 100 + i})  # fmt: skip
+    return out
+
+
+def as_pairs(groups_: list[dict]) -> list[dict]:
+    """The groups' pairs as separate preference pairs (each response repeated in every pair it is in)."""
+    return [
+        {"prompt_ids": g["prompt_ids"], "chosen_ids": g["responses"][c], "rejected_ids": g["responses"][r],
+         "chosen_reward": g["rewards"][c], "rejected_reward": g["rewards"][r], "index": n}
+        for n, (g, (c, r)) in enumerate((g, pair) for g in groups_ for pair in g["pairs"])
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("arch", "attention"), [("llama", "preftune_varlen"), ("mistral", "sdpa")])
+def test_k_completion_groups_match_separate_sequences(arch, attention, tiny_model_dir, tokenizer):
+    """A prompt's K responses laid out after one shared prompt (or packed, each with its own prompt), several
+    groups per row: each response's log-prob is computed once, and every pair's log-probs, loss and gradients
+    equal those of its chosen and rejected as separate padded sequences (the family's default attention)."""
+    model = build(tiny_model_dir(arch), f"model.attn_implementation={attention}")
+    with torch.no_grad():  # move the policy away from the reference so the rewards are not all zero
+        for p in model.policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+    def loss_and_grads(micro_batches, num_pairs: int) -> tuple[float, list[torch.Tensor]]:
+        model.policy.zero_grad(set_to_none=True)
+        total = 0.0
+        for batch in micro_batches:
+            loss, _ = model.get_loss_and_metrics(batch, forward_only=False)
+            weighted = loss * (as_micro_batch(batch).num_pairs / num_pairs)
+            weighted.backward()
+            total += weighted.item()
+        return total, [p.grad.clone() for p in model.policy.parameters()]
+
+    for k in (3, 4):
+        gs = groups(len(tokenizer), k, seed=k)
+        pairs = as_pairs(gs)
+        model.policy.set_attn_implementation("sdpa")
+        padded = padded_logprobs(model, pairs)
+        padded_loss, padded_grads = loss_and_grads([dpo_custom_collate(pairs, EOS_ID)], len(pairs))
+        model.policy.set_attn_implementation(attention)
+        for layout in LAYOUTS:
+            batches = collate_for(model, layout, max_tokens_per_row=160)(gs)
+            assert any(len(set(b.indices.tolist())) > 1 for b in batches)  # several groups per micro-batch
+            responses = sum(len(r) for g in gs for r in g["responses"]) - k  # the empty prompt's first tokens
+            assert sum(len(b.target_ids) for b in batches) == responses  # each response once
+            assert sum(b.num_pairs for b in batches) == len(pairs)
+            with torch.no_grad():
+                got = [model.sequence_logprobs(model.policy, b) for b in batches]
+            # pairs come out group by group, in each micro-batch's order: map them back to the pairs' order
+            order = {
+                (g["index"], pair): n for n, (g, pair) in enumerate((g, p) for g in gs for p in g["pairs"])
+            }
+            logps, counts = torch.zeros(2 * len(pairs)), torch.zeros(2 * len(pairs), dtype=torch.long)
+            for batch, (lp, count) in zip(batches, got, strict=True):
+                by_group = {g["index"]: g for g in gs}
+                seen = [
+                    (i, tuple(p)) for i in dict.fromkeys(batch.indices.tolist()) for p in by_group[i]["pairs"]
+                ]
+                at = torch.tensor([order[key] for key in seen])
+                logps[torch.cat([at, at + len(pairs)])] = lp
+                counts[torch.cat([at, at + len(pairs)])] = count
+            assert_same_logprobs((logps, counts), padded, f"K={k} {layout}")
+            loss, grads = loss_and_grads(batches, len(pairs))
+            assert loss == pytest.approx(padded_loss, abs=1e-5), f"K={k} {layout}"
+            assert any(g.abs().max() > 1e-3 for g in padded_grads)
+            for got_grad, want in zip(grads, padded_grads, strict=True):
+                torch.testing.assert_close(got_grad, want, rtol=0, atol=1e-5, msg=f"K={k} {layout}")
+
+
+def test_group_by_prompt_lays_each_completion_out_once():
+    """all_pairs over 3 completions of prompt 7 (3 pairs) and one pair of prompt 9: two groups, each completion
+    once; a budget too small for a whole group starts the prompt's next group with the pair that did not fit."""
+    completions = {7: [[11], [12, 13], [14, 15, 16]], 9: [[21], [22]]}
+
+    def pair(prompt: int, c: int, r: int) -> dict:
+        ids = completions[prompt]
+        return {"prompt_ids": [prompt] * 2, "chosen_ids": ids[c], "rejected_ids": ids[r],
+                "chosen_reward": float(3 - c), "rejected_reward": float(3 - r),
+                "completion_keys": ((prompt, c), (prompt, r))}  # fmt: skip
+
+    pairs = [pair(7, 0, 1), pair(9, 1, 0), pair(7, 0, 2), pair(7, 1, 2)]
+    groups_ = group_by_prompt(pairs, 100, share_prompt=True)
+    assert [(g["index"], g["responses"], g["pairs"], g["rewards"]) for g in groups_] == [
+        (7, [[11], [12, 13], [14, 15, 16]], [(0, 1), (0, 2), (1, 2)], [3.0, 2.0, 1.0]),
+        (9, [[22], [21]], [(0, 1)], [2.0, 3.0]),
+    ]
+    # shared prompt, budget 6: prompt 7's group holds [11] [12 13] (2 + 1 + 2 = 5 tokens); adding [14 15 16]
+    # would make 8, so pair (0, 2) starts a new group (6 tokens), and pair (1, 2) the next one
+    split = group_by_prompt(pairs, 6, share_prompt=True)
+    assert [(g["index"], g["responses"], g["pairs"]) for g in split] == [
+        (7, [[11], [12, 13]], [(0, 1)]),
+        (9, [[22], [21]], [(0, 1)]),
+        (7, [[11], [14, 15, 16]], [(0, 1)]),
+        (7, [[12, 13], [14, 15, 16]], [(0, 1)]),
+    ]
+    # each prompt's own copy when not shared: prompt 7's group of three takes 3 x 2 + 6 = 12 tokens
+    assert len(group_by_prompt(pairs, 12, share_prompt=False)) == 2
+    assert len(group_by_prompt(pairs, 11, share_prompt=False)) == 4  # as the shared split above

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
+from preftune.errors import ConfigError
 from preftune.modeling.model import DPOModel
 from preftune.tools.export import export_checkpoint
 from preftune.tools.tiny import build_tiny_model, save_tiny
@@ -166,6 +167,11 @@ def test_qlora_on_this_cpu_and_its_dequantised_merge(tmp_path, tiny_model_dir, t
 
 
 def model_quantisation():
+    from omegaconf import OmegaConf
+
+    from preftune import config
     from preftune.modeling.peft_setup import quantization_config
 
-    return quantization_config({"load_in_4bit": True, "lora": {"r": 4, "init_from": None}})
+    return quantization_config(
+        OmegaConf.structured(config.ModelConfig(load_in_4bit=True, lora=config.LoraConfig(r=4)))
+    )

@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from preftune.cli import main
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
+from preftune.errors import ConfigError
+from preftune.recipe import train
 from preftune.tools.presets import preset_names, preset_text
-from preftune.training.recipe import train
 
 from conftest import records
 

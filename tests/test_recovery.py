@@ -3,9 +3,11 @@ a full disk, damaged checkpoints and caches, one run per directory, nothing unsa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -18,18 +20,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from preftune.cli import main
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import padded_micro_batches
 from preftune.data.dataset import PreferenceDataset
 from preftune.data.sampler import GlobalBatchSampler
+from preftune.errors import CheckpointError, ConfigError
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference_cache import ReferenceCache, model_fingerprint
-from preftune.training.checkpoint import Checkpointer, CheckpointError
+from preftune.run_dir import LOCK_FILE
+from preftune.training.checkpoint import Checkpointer
 from preftune.training.manifest import manifest_bytes, problem, write_manifest
 from preftune.training.retention import Retention, SavedCheckpoint, checkpoints_to_delete
-from preftune.training.run_lock import LOCK_FILE
 
 from conftest import copy_run, make_pairs, records, run, write_jsonl
 
@@ -185,6 +189,24 @@ def test_nonfinite_steps_are_skipped_and_resume_stays_exact(
     assert_same_run(tmp_path / "resumed", skipping)
 
 
+def test_a_skipped_first_step_steps_no_scheduler_before_the_optimizer(
+    tmp_path, tiny_model_dir, pair_files, recwarn
+):
+    """PyTorch warns when the scheduler steps before the optimizer ever has, which a skipped first step did:
+    its gradients are dropped and the optimizer steps over none, then the scheduler. The schedule still
+    advances through the skipped step: warmup 2 at lr 5e-3 gives 2.5e-3, then 5e-3."""
+    first_batch = next(iter(GlobalBatchSampler(48, 8, seed=1234)))  # data.seed: the pairs of step 1
+    pairs = make_pairs(48, seed=1)
+    pairs[first_batch[0]].update(chosen_reward=1e39, rejected_reward=0.0)  # float32: an infinite RPO loss
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", pairs), "validation": pair_files["validation"]}
+    overrides = ("dpo.preference_loss=rpo_sq", "trainer.max_steps=2")
+    _, out = run(tmp_path, "skipping", tiny_model_dir("llama"), files, *overrides)
+    assert [str(w.message) for w in recwarn if "lr_scheduler.step()" in str(w.message)] == []
+    recs = records(out, "train")
+    assert [recs[s]["train/skipped"] for s in (1, 2)] == [1, 0]
+    assert [recs[s]["train/lr"] for s in (1, 2)] == [2.5e-3, 5e-3]
+
+
 @pytest.fixture
 def broken_model_dir(tmp_path, tiny_model_dir):
     """The tiny model with one infinite weight: every loss is NaN."""
@@ -221,6 +243,9 @@ def test_nonfinite_steps_in_a_row_stop_with_one_line(tmp_path, broken_model_dir,
 # ------------------------------------------------------------------------------------------ full disk
 
 
+FULL_DISK_SETTINGS = ("trainer.save_interval=2", "trainer.keep_last=1", "optim.sched.max_steps=6")
+
+
 def mount_tmpfs(where: Path, size: int, remount: bool = False) -> bool:
     where.mkdir(exist_ok=True)
     options = f"{'remount,' if remount else ''}size={size}"
@@ -231,51 +256,133 @@ def mount_tmpfs(where: Path, size: int, remount: bool = False) -> bool:
         return False
 
 
-@pytest.mark.slow
-def test_full_disk_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, pair_files, straight_run, capsys):
-    """A checkpoint save on a full filesystem (a small tmpfs; RLIMIT_FSIZE where mounting is not allowed)."""
-    model_dir = tiny_model_dir("llama")
+@pytest.fixture
+def small_disk(tmp_path):
+    """``tmp_path/disk``: a tmpfs of its own (64 MiB until a test shrinks it), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("a size-limited filesystem is a tmpfs this test mounts, which needs root")
     disk = tmp_path / "disk"
-    on_tmpfs = mount_tmpfs(disk, 64 << 20)
-    disk.mkdir(exist_ok=True)
-    out = disk / "run"
-    settings = ("trainer.save_interval=2", "trainer.keep_last=1", "optim.sched.max_steps=6")
+    if not mount_tmpfs(disk, 64 << 20):
+        pytest.skip("mount -t tmpfs was refused (a container without CAP_SYS_ADMIN?)")
     try:
-        run(disk, "run", model_dir, pair_files, "trainer.max_steps=2", *settings)
-        step_2 = out / "checkpoints/step_2"
-        size = manifest_bytes(step_2)
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+def save_fails_then_resumes(out: Path, model_dir: Path, pair_files: dict, straight: Path, capsys, limited):
+    """Train to step 2 (step_2 saved), then towards step 6 inside ``limited(step_2)`` (a context manager that
+    leaves too little room for step_4): exit 2 with one line, nothing but an intact step_2 left. Then the
+    same command without the limit resumes to the straight run. Returns the line and the error the write
+    raised (observed, not replaced)."""
+    run(out.parent, out.name, model_dir, pair_files, "trainer.max_steps=2", *FULL_DISK_SETTINGS)
+    step_2 = out / "checkpoints/step_2"
+    raised = []
+    write = Checkpointer._write
+
+    def observed_write(self, *args, **kwargs):
+        try:
+            return write(self, *args, **kwargs)
+        except BaseException as error:
+            raised.append(error)
+            raise
+
+    Checkpointer._write = observed_write
+    try:
+        with limited(step_2):
+            status, _, err = cli_train(
+                out, model_dir, pair_files, capsys, "trainer.max_steps=6", *FULL_DISK_SETTINGS
+            )
+    finally:
+        Checkpointer._write = write
+    assert status == 2 and len(raised) == 1
+    line = error_line(err)
+    assert f"could not save checkpoint step_4 in {out / 'checkpoints'}: " in line, line
+    assert f"{manifest_bytes(step_2):,} bytes" in line and "resumes from step_2" in line, line
+    assert "The partial checkpoint was removed; free space and run the same command" in line, line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]  # partial one removed
+    assert problem(step_2) is None  # the earlier checkpoint untouched (keep_last=1 deleted nothing)
+
+    status, _, err = cli_train(out, model_dir, pair_files, capsys, "trainer.max_steps=6", *FULL_DISK_SETTINGS)
+    assert status == 0, err
+    assert_same_run(out, straight)
+    # keep_last=1 kept step_6 and the checkpoint this run resumed from
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_6"]
+    return line, raised[0]
+
+
+def pages(size: int) -> int:
+    """Bytes a file of ``size`` bytes takes on a tmpfs (whole 4 KiB pages)."""
+    return -(-size // 4096) * 4096
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fails_in", ["weights", "optimizer"])
+def test_full_disk_stops_cleanly_and_resumes(
+    fails_in, small_disk, tiny_model_dir, pair_files, straight_run, capsys
+):
+    """A real full filesystem (a tmpfs shrunk to what is there plus part of a checkpoint) fails step_4's
+    save in safetensors' write of the weights (a ``SafetensorError``) or in DCP's write of the optimizer
+    state (torch's zip writer: ``RuntimeError: unexpected pos``, wrapped in DCP's ``CheckpointException``)."""
+    room = {}
+
+    @contextlib.contextmanager
+    def full_disk(step_2: Path):
+        files = {str(p.relative_to(step_2)): p.stat().st_size for p in step_2.rglob("*") if p.is_file()}
+        weights, optimizer_data = files["model/model.safetensors"], files["optimizer/__0_0.distcp"]
+        if fails_in == "weights":  # half the weights file (it is written first)
+            room["bytes"] = pages(files["model/config.json"]) + weights // 2
+        else:  # every other file, and a twentieth of the optimizer state's data
+            before = [n for n in files if not n.startswith("optimizer/") and n != "manifest.json"]
+            room["bytes"] = sum(pages(files[n]) for n in before) + pages(files["optimizer/.metadata"])
+            room["bytes"] += optimizer_data // 20
+        stat = os.statvfs(small_disk)
+        used = (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+        assert mount_tmpfs(small_disk, used + room["bytes"], remount=True)
+        try:
+            yield
+        finally:  # space freed
+            assert mount_tmpfs(small_disk, 64 << 20, remount=True)
+
+    line, raised = save_fails_then_resumes(
+        small_disk / "run", tiny_model_dir("llama"), pair_files, straight_run, capsys, full_disk
+    )
+    if fails_in == "weights":
+        assert type(raised).__name__ == "SafetensorError", repr(raised)
+    else:
+        assert isinstance(raised, CheckpointException), repr(raised)
+        assert [type(e) for e, _ in raised.failures.values()] == [RuntimeError], raised.failures
+        assert "unexpected pos" in str(raised)
+    assert "the disk is full (" in line and "No space left on device" in line, line
+    free = int(
+        re.search(r"; ([\d,]+) bytes free on that filesystem, a checkpoint needs ", line)[1].replace(",", "")
+    )
+    assert 0 < free <= room["bytes"], (free, room)
+
+
+@pytest.mark.slow
+def test_file_size_limit_stops_cleanly_and_resumes(
+    tmp_path, tiny_model_dir, pair_files, straight_run, capsys
+):
+    """No file may grow as large as the checkpoint's largest (RLIMIT_FSIZE; no root needed)."""
+
+    @contextlib.contextmanager
+    def file_size_limit(step_2: Path):
+        largest = max(p.stat().st_size for p in step_2.rglob("*") if p.is_file())
         previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
         previous_handler = signal.getsignal(signal.SIGXFSZ)
-        if on_tmpfs:  # room for what is there and half a checkpoint
-            stat = os.statvfs(disk)
-            assert mount_tmpfs(disk, (stat.f_blocks - stat.f_bfree) * stat.f_frsize + size // 2, remount=True)
-        else:  # no file may grow as large as the checkpoint's largest
-            largest = max(p.stat().st_size for p in step_2.rglob("*") if p.is_file())
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (largest - 1, previous_limit[1]))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (largest - 1, previous_limit[1]))
         try:
-            status, _, err = cli_train(out, model_dir, pair_files, capsys, "trainer.max_steps=6", *settings)
+            yield
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
             signal.signal(signal.SIGXFSZ, previous_handler)
-        assert status == 2
-        line = error_line(err)
-        assert f"could not save checkpoint step_4 in {out / 'checkpoints'}" in line, line
-        assert f"{size:,} bytes" in line and "resumes from step_2" in line, line
-        assert ("No space left on device" if on_tmpfs else "File too large") in line, line
-        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]  # partial one removed
-        assert problem(step_2) is None  # the earlier checkpoint untouched (keep_last=1 deleted nothing)
 
-        if on_tmpfs:
-            assert mount_tmpfs(disk, 64 << 20, remount=True)  # space freed
-        status, _, err = cli_train(out, model_dir, pair_files, capsys, "trainer.max_steps=6", *settings)
-        assert status == 0, err
-        assert_same_run(out, straight_run)
-        # keep_last=1 kept step_6 and the checkpoint this run resumed from
-        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_6"]
-    finally:
-        if on_tmpfs:
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+    line, _ = save_fails_then_resumes(
+        tmp_path / "run", tiny_model_dir("llama"), pair_files, straight_run, capsys, file_size_limit
+    )
+    assert "the write failed (File too large); " in line, line
 
 
 # ------------------------------------------------------------------------------- damaged checkpoints

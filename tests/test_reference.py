@@ -9,13 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from preftune.config import ConfigError, load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import as_micro_batch
+from preftune.errors import ConfigError
 from preftune.modeling.logprobs import SequenceLogprobs
 from preftune.modeling.model import DPOModel
 from preftune.modeling.reference import CachedReference, FrozenReference, NoReference
+from preftune.recipe import check_same_tokenizer
 from preftune.tools.tiny import build_tiny_model, save_tiny, train_tokenizer
-from preftune.training.recipe import check_same_tokenizer
 
 from conftest import pair_batch, records, run
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.data.batch import dpo_custom_collate, padded_micro_batches
 from preftune.data.dataset import PreferenceDataset
 from preftune.data.sampler import GlobalBatchSampler

@@ -46,3 +46,27 @@ def test_report_of_two_runs(tmp_path, tiny_model_dir, pair_files, capsys):
     assert f"<td>{last_val['val/loss']:.4g}</td>" in final and "<td>b</td><td>3</td>" in final
     samples = text.split("Latest samples")[1]
     assert "a, step 3" in samples and "b, step 3" in samples and samples.count("<tr><td>") == 4
+
+
+def test_labels_booleans_and_cut_characters(tmp_path):
+    """Read at a glance: runs named by their paths below the common parent (one run: with its parent's name,
+    never a bare "run"), YAML's true/false/null in the config table, a generation cut inside a multi-byte
+    character shown without the broken tail."""
+    from preftune.tools.report import Run, render_html, run_labels
+
+    dirs = [tmp_path / "sweep/lr1/run", tmp_path / "sweep/lr2/run", tmp_path / "base"]
+    runs = [Run("run", [], {"data.packing": v, "model.autocast": None}) for v in (True, False, True)]
+    run_labels(runs, dirs)
+    assert [r.name for r in runs] == ["sweep/lr1/run", "sweep/lr2/run", "base"]
+    single = [Run("run", [], {})]
+    run_labels(single, [tmp_path / "demo/run"])
+    assert single[0].name == "demo/run"
+
+    runs[0].samples = [
+        {"step": 3, "prompt": "p", "chosen": "c", "generation": "red, purple\ufffd", "num_tokens": 4}
+    ]
+    page = render_html(runs, {}, {})
+    diff = page.split("Config keys that differ")[1].split("<h2>")[0]
+    assert "<tr><td>data.packing</td><td>true</td><td>false</td><td>true</td></tr>" in diff
+    assert "True" not in page and "False" not in page
+    assert "<td>red, purple</td>" in page and "\ufffd" not in page

@@ -72,3 +72,19 @@ def test_samples_under_fsdp2(tmp_path, tiny_model_dir, pair_files):
     validation = [json.loads(line) for line in pair_files["validation"].read_text().splitlines()]
     for row, pair in zip(rows[:2], validation, strict=False):
         assert (row["generation"], row["num_tokens"]) == greedy(model_dir, pair["prompt"], 6)
+
+
+def test_greedy_generation_of_a_packed_run_equals_sdpa(tiny_model_dir):
+    """A packed run's policy runs ``preftune_varlen``, which cannot decode with a KV cache (its causal rule
+    has no cached keys): greedy generation switches to SDPA, so its tokens equal an SDPA model's."""
+    from preftune.modeling.attention import varlen_attention_forward  # noqa: F401 (registers preftune_varlen)
+    from preftune.training.samples import greedy_generate
+
+    model_dir = tiny_model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tokenizer("the cat sits")["input_ids"], tokenizer("a red bird sings near")["input_ids"]]
+    sdpa = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    varlen = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="preftune_varlen")
+    expected = greedy_generate(sdpa, prompts, 12, tokenizer.eos_token_id)
+    assert greedy_generate(varlen, prompts, 12, tokenizer.eos_token_id) == expected
+    assert varlen.config._attn_implementation == "preftune_varlen"  # restored after generating

@@ -15,8 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from preftune.cli import main
-from preftune.config import load_config
-from preftune.training.recipe import train
+from preftune.config_checks import load_config
+from preftune.recipe import train
 
 from conftest import records, run
 

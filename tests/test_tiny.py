@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from preftune.config import load_config
+from preftune.config_checks import load_config
 from preftune.tools.demo import CATEGORIES, make_preference_pairs, prepare_demo
 from preftune.tools.tiny import TINY_ARCHS, build_tiny_model, save_tiny, train_tokenizer
 

@@ -17,9 +17,10 @@ import torch
 
 from preftune.data import pipeline
 from preftune.data.dataset import PreferenceDataset
-from preftune.data.formats import DataError, parse_pairs
+from preftune.data.formats import parse_pairs
 from preftune.data.pipeline import PairStoreBuilder
 from preftune.data.tokenize import PairTokenizer
+from preftune.errors import DataError
 from preftune.tools.inspect_data import file_reports
 
 from conftest import make_pairs, write_jsonl

@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from preftune.cli import main
-from preftune.config import load_config
+from preftune.config_checks import load_config
+from preftune.run_dir import RunDir
 from preftune.training.metrics import MetricsLogger
 from preftune.training.trackers import MlflowTracker, TrackerState
 
@@ -140,6 +141,19 @@ def test_trackers_hold_metrics_jsonl_across_a_resume(tmp_path, tiny_model_dir, p
     assert mlflow_run.info.run_id == state["mlflow_run_id"] and mlflow_run.info.status == "FINISHED"
     assert_same(mlflow_series(client, state["mlflow_run_id"]), expected, "mlflow")
     assert mlflow_run.data.params["dpo.ref_policy_kl_penalty"] == "0.1"
+
+    layout = RunDir(out)  # every file the run wrote is one RunDir names
+    named = [
+        layout.config,
+        layout.metrics,
+        layout.trackers,
+        layout.tensorboard,
+        layout.wandb,
+        layout.checkpoints,
+        layout.cache,
+    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in named)
+    assert layout.tokenized().is_dir() and (layout.checkpoints / "step_6").is_dir()
     assert mlflow_run.data.params["trainer.max_steps"] == "4"  # the config of the run's first start
 
 

@@ -74,6 +74,20 @@ def test_rerun_of_finished_run_changes_nothing(tmp_path, tiny_model_dir, pair_fi
     assert sorted(records(out, "train")) == [1, 2]
 
 
+def test_max_epochs_minus_one_is_no_limit_and_the_start_line_names_the_limit(
+    tmp_path, tiny_model_dir, pair_files, capsys
+):
+    """README: ``-1``: no limit. ``max_epochs=-1`` used to start "training for -6 steps" and end with no step
+    trained and no checkpoint."""
+    overrides = ("trainer.max_epochs=-1", "trainer.max_steps=2")
+    _, out = run(tmp_path, "no-epoch-limit", tiny_model_dir("llama"), pair_files, *overrides)
+    assert (
+        "training for 2 steps: max_steps=2 (max_epochs: no limit); 8 pairs a step" in capsys.readouterr().out
+    )
+    assert sorted(records(out, "train")) == [1, 2] and sorted(records(out, "val")) == [0, 2]
+    assert Checkpointer(out).latest().name == "step_2"
+
+
 def test_gradient_accumulation_matches_full_batch(tmp_path, tiny_model_dir, pair_files):
     model_dir = tiny_model_dir("llama")
     _, full = run(tmp_path, "full", model_dir, pair_files, "trainer.max_steps=3", "data.micro_batch_size=8")

@@ -32,7 +32,8 @@ class MicroBatch:
     The model runs on ``input_ids``/``position_ids``/``attention_mask`` (or ``attention_blocks``); then only the
     hidden states that predict a response token go through the lm-head: trained token n is ``target_ids[n]``,
     predicted by the hidden state at flat position ``hidden_index[n]`` of the [R * L] rows, and belongs to
-    sequence ``sequence_index[n]`` (pair i's chosen response is sequence i, its rejected one P + i).
+    sequence ``sequence_index[n]`` (pair i's chosen response is sequence i, its rejected one P + i; with
+    K-completion groups, ``pair_sequences`` says which of the ``num_sequences`` responses each pair compares).
 
     Two pairs, A = (prompt [5 6], chosen [7 E], rejected [8 9 E]) and B = (prompt [5], chosen [4 E],
     rejected [3 E]), E the EOS id 2 (also the padding):
@@ -57,6 +58,19 @@ class MicroBatch:
         sequence_index [0 0  2 2 2  1 1   3  3 ]
 
     Either way the per-sequence sums of the targets' log-probs are the same (tests compare them to 1e-5).
+
+    K-completion groups (``preftune.data.packing``, online training): one prompt's K responses share its
+    prompt, each response a sequence of its own computed once; the pairs refer to them by sequence. Prompt [5],
+    responses [4 E], [3 E], [6 E] with pairs (0, 2) and (1, 2), shared prompt::
+
+        input_ids      [[5 4 E 3 E 6 E]]
+        position_ids   [[0 1 2 1 2 1 2]]
+        attention_blocks  (0,0,0,0,3) (0,0,1,3,2) (0,0,1,5,2)
+        hidden_index   [0 1  0 3  0 5]
+        target_ids     [4 E  3 E  6 E]
+        sequence_index [0 0  1 1  2 2]
+        pair_sequences [[0 1]          chosen of each pair
+                        [2 2]]         rejected of each pair
     """
 
     input_ids: Tensor
@@ -88,9 +102,18 @@ class MicroBatch:
     """[2P] cached reference log-probs (chosen of every pair, then rejected), with ``reference.mode:
     precompute``."""
     token_weights: Tensor | None = None
-    """[R, L] how many tokens of the padded layout each token stands for: 1 per real token, 2 per shared-prompt
-    token (it serves both responses), 0 for padding. A mixture-of-experts router's balancing loss weights its
-    tokens by it, so every layout balances the padded layout's tokens."""
+    """[R, L] how many tokens of the padded layout each token stands for: 1 per real token, K per shared-prompt
+    token (it serves the K responses after it), 0 for padding. A mixture-of-experts router's balancing loss
+    weights its tokens by it, so every layout balances the padded layout's tokens."""
+    pair_sequences: Tensor | None = None
+    """[2, P] K-completion groups: the sequences of each pair's chosen (row 0) and rejected (row 1) response
+    (None: pair i is sequences i and P + i)."""
+    num_sequences: int | None = None
+    """The sequences laid out (None: 2P)."""
+
+    def sequence_count(self) -> int:
+        """The sequences the per-sequence log-probs are summed into."""
+        return 2 * self.num_pairs if self.num_sequences is None else self.num_sequences
 
     def to(self, device: torch.device | str) -> MicroBatch:
         """The batch with its tensors on ``device`` (a prepared mask is built on the device already)."""
@@ -113,12 +136,18 @@ def pad_right(seqs: Sequence[Sequence[int]], length: int, value: int) -> Tensor:
 
 
 def pair_length(pair: Mapping[str, Any], layout: Literal["padded", "packed", "shared"]) -> int:
-    """Tokens a pair takes: ``padded``, the row length it needs (prompt + the longer response); ``packed``,
-    its room in a packed row (prompt twice, both responses); ``shared``, with the prompt once."""
-    prompt, chosen, rejected = (len(pair[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    """Tokens a pair (or a group of K responses) takes: ``padded``, the row length it needs (prompt + the
+    longest response); ``packed``, its room in a packed row (the prompt once per response, every response);
+    ``shared``, with the prompt once."""
+    prompt, responses = len(pair["prompt_ids"]), [len(r) for r in item_responses(pair)]
     if layout == "padded":
-        return prompt + max(chosen, rejected)
-    return (1 if layout == "shared" else 2) * prompt + chosen + rejected
+        return prompt + max(responses)
+    return (1 if layout == "shared" else len(responses)) * prompt + sum(responses)
+
+
+def item_responses(item: Mapping[str, Any]) -> list[list[int]]:
+    """The responses of a laid-out item: a group's ``responses``, or a pair's chosen and rejected."""
+    return item["responses"] if "responses" in item else [item["chosen_ids"], item["rejected_ids"]]
 
 
 def dpo_custom_collate(

@@ -17,7 +17,7 @@ from typing import Any
 
 import jinja2
 
-from preftune.data.formats import DataError
+from preftune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,10 @@ class ChatTemplate:
             return None
         return ids[: end + 1]
 
+    def render_prompt(self, prompt: list[dict]) -> str:
+        """The text of a conversation before the assistant's turn, with the generation prompt."""
+        return self.render(self._fold_system(prompt), add_generation_prompt=True)
+
     def render_pair(self, prompt: list[dict], chosen: dict, rejected: dict) -> tuple[str, str, str] | str:
         """The prompt text and the text each response adds to it, or the reason the pair cannot be trained on.
 
@@ -130,7 +134,7 @@ class ChatTemplate:
         each response's ids then go through ``end_response``.
         """
         prompt = self._fold_system(prompt)
-        prompt_text = self.render(prompt, add_generation_prompt=True)
+        prompt_text = self.render_prompt(prompt)
         responses = []
         for message in (chosen, rejected):
             text = self.render([*prompt, message], add_generation_prompt=False)

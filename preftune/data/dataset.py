@@ -19,16 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from preftune.config import ConfigError
 from preftune.data.chat import load_chat_template
 from preftune.data.checked_file import load_checked, save_checked
-from preftune.data.formats import COMPLETION_PAIRINGS, FORMAT_NAMES, DataError
+from preftune.data.formats import COMPLETION_PAIRINGS, FORMAT_NAMES, parse_pairs, rename_columns
 from preftune.data.hub import HubSource
-from preftune.data.mixture import WeightedPairs, weighted
 from preftune.data.pipeline import REWARD_FIELDS, TOKEN_FIELDS, store_columns, tokenize_sources
 from preftune.data.pipeline import TIED as TIED  # the drop reason of a tied NeMo-RL record, named here too
 from preftune.data.sources import Source, SourceSpec, resolve_sources
 from preftune.data.tokenize import PairTokenizer, tokenizer_fingerprint
+from preftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +102,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     Each file's format is ``format`` or, with ``auto``, detected from its first record. ``columns`` maps
     preftune's column names to the file's; ``chat_template`` (Jinja text or a file) replaces the tokenizer's
-    template for chat pairs; ``completions`` pairs NeMo-RL completions (``best_vs_worst`` or ``all_pairs``).
+    template for chat pairs; ``completions`` pairs NeMo-RL completions (``best_vs_worst`` or ``all_pairs``);
+    ``key``: the config key the sources come from, named in their errors.
 
     Tokenization is cached in ``cache_dir`` keyed by the files' content, the tokenizer and every setting,
     so a second run (or another rank) loads it instead of tokenizing again. Besides ``examples``, the
@@ -122,6 +122,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         columns: Mapping[str, str] | None = None,
         chat_template: str | None = None,
         completions: str = "best_vs_worst",
+        key: str = "data.train",
     ):
         if format not in FORMAT_NAMES:
             raise ConfigError(f"data.format={format!r}: use one of {', '.join(FORMAT_NAMES)}")
@@ -129,9 +130,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ConfigError(
                 f"data.completions={completions!r}: use one of {', '.join(COMPLETION_PAIRINGS)}"
             )
-        self.sources: list[Source | HubSource] = resolve_sources(path)
+        self.sources: list[Source | HubSource] = resolve_sources(path, key)
         self.split_name: str | None = None
         columns = dict(columns or {})
+        self.columns, self.completions = columns, completions  # to read a record's prompt again (prompts)
         pair_tokenizer = PairTokenizer(tokenizer, max_seq_length, load_chat_template(chat_template))
         key = [
             CACHE_VERSION,
@@ -244,50 +246,26 @@ class PreferenceDataset(torch.utils.data.Dataset):
             parts.append(part)
         return parts[0], parts[1]
 
+    def prompts(self, count: int) -> list[str | list[dict]]:
+        """The data's own prompts of the first ``count`` pairs, read again from their records: text, or the
+        messages before the final assistant turn for conversational data (what a judge gets, as in TRL)."""
+        origins = [tuple(o) for o in self.origins[:count, :2].tolist()]
+        found: dict[tuple[int, int], Any] = {}
+        for file_index in sorted({f for f, _ in origins}):
+            wanted = {r for f, r in origins if f == file_index}
+            source = self.sources[file_index]
+            for record_index, (n, record) in enumerate(source.records()):
+                if record_index in wanted:
+                    where = source.where(n)
+                    record = rename_columns(record, self.columns, where)
+                    pair = parse_pairs(record, self.formats[file_index], where, self.completions)[0]
+                    found[(file_index, record_index)] = pair["prompt"]
+                if record_index >= max(wanted):
+                    break
+        return [found[origin] for origin in origins]
+
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.examples[index], "index": index}
-
-
-def dataset_options(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``PreferenceDataset`` keyword arguments the ``data.*`` config sets."""
-    return {
-        "format": data["format"],
-        "columns": {k: v for k, v in data["columns"].items() if v is not None},
-        "chat_template": data["chat_template"],
-        "completions": data["completions"],
-    }
-
-
-def load_datasets(
-    data: Mapping[str, Any], tokenizer: Any, cache_dir: str | Path | None
-) -> tuple[PreferenceDataset | WeightedPairs, PreferenceDataset | None]:
-    """The train and validation sets the ``data.*`` config describes: ``data.validation`` files, a
-    ``data.validation_fraction`` split of ``data.train`` drawn with ``data.seed``, or none. Train is drawn
-    by its sources' weights (``preftune.data.mixture``) after any split."""
-    fraction = data["validation_fraction"]
-    if fraction is not None and data["validation"]:
-        raise ConfigError("set data.validation or data.validation_fraction, not both")
-    if fraction is not None and not 0 < fraction < 1:
-        raise ConfigError(f"data.validation_fraction={fraction}: must be between 0 and 1")
-    options = dataset_options(data)
-    train = PreferenceDataset(data["train"], tokenizer, data["max_seq_length"], cache_dir, **options)
-    val = None
-    if fraction is not None:
-        train, val = train.split(fraction, data["seed"])
-    elif data["validation"]:
-        val = load_validation(data, tokenizer, cache_dir)
-    return weighted(train, data["seed"]), val
-
-
-def load_validation(
-    data: Mapping[str, Any], tokenizer: Any, cache_dir: str | Path | None
-) -> PreferenceDataset:
-    """The pairs of ``data.validation``."""
-    options = dataset_options(data)
-    val = PreferenceDataset(data["validation"], tokenizer, data["max_seq_length"], cache_dir, **options)
-    if any(source.weight != 1 for source in val.sources):
-        raise ConfigError("data.validation: weights apply to data.train only; drop them from validation")
-    return val

@@ -2,7 +2,9 @@
 
 A *text pair* has string ``prompt``, ``chosen`` and ``rejected``. A *chat pair* has ``prompt`` (the messages
 before the final assistant turn, earlier assistant turns included) and ``chosen`` / ``rejected`` (the final
-assistant message of each conversation). Both carry ``chosen_reward`` and ``rejected_reward``.
+assistant message of each conversation). Both carry ``chosen_reward`` and ``rejected_reward``. A *tokenized
+pair* (format ``tokenized``: ``prompt_ids``, ``chosen_ids``, ``rejected_ids``) holds the token ids themselves,
+e.g. iterative DPO's sampled completions, trained exactly as they are.
 """
 
 from __future__ import annotations
@@ -12,10 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the line or row and what to do."""
-
+from preftune.errors import DataError
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "nemo": ("prompt", "chosen_response", "rejected_response"),
@@ -23,6 +22,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "trl": ("prompt", "chosen", "rejected"),
     "trl_conversational": ("prompt", "chosen", "rejected"),
     "trl_implicit": ("chosen", "rejected"),
+    "tokenized": ("prompt_ids", "chosen_ids", "rejected_ids"),  # token ids, trained as they are
 }
 FORMAT_NAMES = ("auto", *FORMATS)
 COMPLETION_PAIRINGS = ("best_vs_worst", "all_pairs")
@@ -67,6 +67,8 @@ def rename_columns(record: dict, columns: Mapping[str, str], where: str) -> dict
 def detect_format(record: dict, where: str) -> str:
     """The format a record's columns (and, for TRL, its value types) identify."""
     keys = set(record)
+    if set(FORMATS["tokenized"]) <= keys:  # before trl: such a record may carry its texts beside the ids
+        return "tokenized"
     if {"context", "completions"} <= keys:
         return "nemo_rl"
     if {"prompt", "chosen_response", "rejected_response"} <= keys:
@@ -200,6 +202,14 @@ def parse_record(record: dict, fmt: str, where: str) -> dict[str, Any]:
                 raise DataError(f"{where}: '{key}' is empty; every pair needs two non-empty responses")
             out[name] = value
         return {**out, **rewards}
+    if fmt == "tokenized":
+        ids = {}
+        for key in FORMATS[fmt]:
+            value = record[key]
+            if not isinstance(value, list) or not all(isinstance(t, int) and t >= 0 for t in value):
+                raise DataError(f"{where}: '{key}' must be a list of token ids (ints >= 0), got {value!r}")
+            ids[key] = value
+        return {**ids, **rewards}
     if fmt == "trl_conversational":
         prompt = _messages(record["prompt"], "prompt", where)
         chosen = prompt + _messages(record["chosen"], "chosen", where)

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import PurePosixPath
 from typing import Any
 
-from preftune.data.formats import DataError
+from preftune.errors import DataError
 
 HUB_KEYS = ("hub", "split", "name", "revision", "data_files", "streaming", "weight")
 

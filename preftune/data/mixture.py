@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from preftune.data.formats import DataError
+from preftune.errors import DataError
 
 if TYPE_CHECKING:
     from preftune.data.dataset import DatasetStats, PreferenceDataset

@@ -27,9 +27,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from preftune.data.chat import BAD_END, BROKEN_PREFIX
-from preftune.data.formats import DataError, detect_format, parse_pairs, rename_columns
+from preftune.data.formats import detect_format, parse_pairs, rename_columns
 from preftune.data.sources import Source
 from preftune.data.tokenize import PairTokenizer
+from preftune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class _Item:
     record: int
     line: int
     pair: dict[str, Any] | None
-    texts: tuple[str, str, str] | str
+    texts: tuple[str, str, str] | str | None  # None: a tokenized pair (no texts to encode)
 
 
 @dataclass
@@ -184,7 +185,7 @@ class _Reader(threading.Thread):
                 chunk.items.append(_Item(records, n, None, TIED))
             for pair in pairs:
                 try:
-                    texts = self.pair_tokenizer.texts(pair)
+                    texts = None if fmt == "tokenized" else self.pair_tokenizer.texts(pair)
                 except DataError as e:
                     raise DataError(f"{where}: {e}") from None
                 chunk.items.append(_Item(records, n, pair, texts))
@@ -219,6 +220,8 @@ class _Collector:
             example = item.texts
             if isinstance(example, tuple):
                 example = self.pair_tokenizer.finish(item.pair, next(encoded), next(encoded), next(encoded))
+            elif example is None:
+                example = self.pair_tokenizer.finish_ids(item.pair)
             if isinstance(example, dict):
                 self.store.add(example)
                 self.origins.extend((chunk.file_index, item.record, item.line))

@@ -20,8 +20,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preftune.data.formats import DataError
 from preftune.data.hub import HubSource, hub_source
+from preftune.errors import DataError
 
 ROW_BATCH = 1024  # Parquet rows converted to Python at a time
 MAX_JSON_RECORD = 64 << 20  # characters one JSON-array record may span before it is called invalid
@@ -241,58 +241,66 @@ class Source:
                 yield row, record
 
 
-def resolve_sources(spec: SourceSpec | Sequence[SourceSpec]) -> list[Source | HubSource]:
-    """``data.train`` / ``data.validation``: one entry or a list of them. An entry is a path, ``{path: P}``
-    or ``{hub: ID, ...}`` (``preftune.data.hub``), each mapping with an optional ``weight``."""
-    entries = [spec] if isinstance(spec, (str, Path, Mapping)) else list(spec)
+def resolve_sources(
+    spec: SourceSpec | Sequence[SourceSpec], key: str = "data.train"
+) -> list[Source | HubSource]:
+    """``data.train`` / ``data.validation`` (``key``, named in errors with the entry's index in a list): one
+    entry or a list of them. An entry is a path, ``{path: P}`` or ``{hub: ID, ...}`` (``preftune.data.hub``),
+    each mapping with an optional ``weight``."""
+    single = isinstance(spec, (str, Path, Mapping))
+    entries = [spec] if single else list(spec)
     if not entries:
-        raise DataError("no data files given: set data.train to a file, a directory or a list of them")
+        raise DataError(f"{key}: no data files given: set it to a file, a directory or a list of them")
     sources: list[Source | HubSource] = []
-    for entry in entries:
+    for index, entry in enumerate(entries):
+        name = key if single else f"{key}[{index}]"
         if not isinstance(entry, Mapping):
-            sources.append(_file_source(Path(entry), 1.0))
+            sources.append(_file_source(Path(entry), 1.0, name))
             continue
-        weight = _weight(entry)
+        weight = _weight(entry, name)
         if "hub" in entry:
             sources.append(hub_source(entry, weight))
         elif set(entry) <= {"path", "weight"} and "path" in entry:
-            sources.append(_file_source(Path(entry["path"]), weight))
+            sources.append(_file_source(Path(entry["path"]), weight, name))
         else:
             raise DataError(
-                f"data source {dict(entry)}: give a path, {{path: FILE, weight: W}} or "
+                f"{name}: data source {dict(entry)}: give a path, {{path: FILE, weight: W}} or "
                 f"{{hub: DATASET, split: SPLIT, weight: W}}"
             )
     return sources
 
 
-def _weight(entry: Mapping[str, Any]) -> float:
+def _weight(entry: Mapping[str, Any], name: str) -> float:
     weight = entry.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
-        raise DataError(f"data source {dict(entry)}: weight must be a number >= 0 (times drawn per epoch)")
+        raise DataError(
+            f"{name}: data source {dict(entry)}: weight must be a number >= 0 (times drawn per epoch)"
+        )
     return float(weight)
 
 
-def _file_source(path: Path, weight: float) -> Source:
+def _file_source(path: Path, weight: float, name: str) -> Source:
+    """The file or ``save_to_disk`` directory at ``path``, the entry ``name`` (e.g. ``data.train[1]``)."""
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             splits = sorted(p.name for p in path.iterdir() if p.is_dir())
             raise DataError(
-                f"{path} holds a DatasetDict (splits: {', '.join(splits)}); point data.train / "
-                f"data.validation at one split's directory, e.g. {path / (splits or ['train'])[0]}"
+                f"{name}: {path} holds a DatasetDict (splits: {', '.join(splits)}); point it at one split's "
+                f"directory, e.g. {path / (splits or ['train'])[0]}"
             )
         if not (path / "state.json").is_file():
             raise DataError(
-                f"{path}: a directory must be written by datasets' Dataset.save_to_disk (it has no "
+                f"{name}: {path}: a directory must be written by datasets' Dataset.save_to_disk (it has no "
                 f"state.json); otherwise list its .jsonl, .json or .parquet files, or load it with "
                 f"{{hub: {path}, split: train}}"
             )
         return Source(path, "arrow", weight)
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"{name}: data file not found: {path}")
     if path.suffix in (".jsonl", ".json", ".parquet"):
         return Source(path, path.suffix[1:], weight)
     raise DataError(
-        f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json (an array of records), "
+        f"{name}: {path}: unsupported file type '{path.suffix}'; use .jsonl, .json (an array of records), "
         f".parquet or a datasets save_to_disk directory"
     )
 

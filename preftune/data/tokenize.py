@@ -17,7 +17,7 @@ from preftune.data.chat import (
     ChatTemplate,
     tokenizer_template,
 )
-from preftune.data.formats import DataError
+from preftune.errors import DataError
 
 IDENTICAL = "identical chosen and rejected"
 TRUNCATED_AWAY = "response truncated to zero tokens"
@@ -83,6 +83,24 @@ class PairTokenizer:
                 if ids[-1:] != [self.eos_id]:
                     ids.append(self.eos_id)
         prompt, chosen, rejected = truncate(prompt, chosen, rejected, self.max_seq_length, self.bos_id)
+        if not chosen or not rejected:
+            return TRUNCATED_AWAY
+        if chosen == rejected:
+            return IDENTICAL
+        return {
+            "prompt_ids": prompt,
+            "chosen_ids": chosen,
+            "rejected_ids": rejected,
+            "chosen_reward": pair["chosen_reward"],
+            "rejected_reward": pair["rejected_reward"],
+        }
+
+    def finish_ids(self, pair: dict[str, Any]) -> dict[str, Any] | str:
+        """The example of a tokenized pair: its ids as they are (no BOS or EOS added), truncated; or the
+        reason it is dropped."""
+        prompt, chosen, rejected = truncate(
+            pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"], self.max_seq_length, self.bos_id
+        )
         if not chosen or not rejected:
             return TRUNCATED_AWAY
         if chosen == rejected:

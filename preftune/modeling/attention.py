@@ -10,7 +10,9 @@ kernel; on CUDA the causal calls do, the masked ones the memory-efficient kernel
 
 The blocks come from the collate (``preftune.data.packing``) and reach every attention layer as the forward's
 ``attention_blocks`` keyword (transformers passes a model's extra keywords down to the attention function).
-Without blocks (padded micro-batches) each row is one block: right padding under causal attention is exact.
+Some decoder layers (StableLM, Nemotron) call their attention without those keywords; ``carry_blocks`` hooks
+every layer so the blocks it was given reach its attention all the same. Without blocks (padded micro-batches)
+each row is one block: right padding under causal attention is exact.
 """
 
 from __future__ import annotations
@@ -23,29 +25,13 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 
 from preftune.data.batch import Block
-
-VARLEN = "preftune_varlen"  # no "sdpa" in the name: transformers would demand sdpa support (Gemma 2 lacks it)
-
-CONTEXT, CHOSEN, REJECTED = 0, 1, 2  # branches: the context is seen by both responses, a response by itself
-
-
-def visible(
-    query: Sequence[Tensor], key: Sequence[Tensor], q: Tensor, k: Tensor, window: int | None
-) -> Tensor:
-    """Whether query token q may attend to key token k, elementwise: the one rule of every mask and block.
-    ``query`` and ``key`` are the tokens' (segment, branch, position) ids, ``q`` and ``k`` their offsets in
-    the row: same segment, not after the query, context or the query's own branch, within the window."""
-    (seg_q, branch_q, pos_q), (seg_k, branch_k, pos_k) = query, key
-    ok = (seg_q == seg_k) & (k <= q) & ((branch_k == CONTEXT) | (branch_k == branch_q))
-    if window is not None:
-        ok = ok & (pos_q - pos_k < window)
-    return ok
+from preftune.data.visibility import RESPONSE, VARLEN, visible
 
 
 def visible_keys(num_context: int, num_queries: int, window: int | None, device: torch.device) -> Tensor:
     """Boolean [queries, context + queries] mask of one block: its context, then its queries (a response)."""
     offsets = torch.arange(num_context + num_queries, device=device)
-    ids = (torch.zeros_like(offsets), (offsets >= num_context).long() * CHOSEN, offsets)
+    ids = (torch.zeros_like(offsets), (offsets >= num_context).long() * RESPONSE, offsets)
     query = [t[num_context:, None] for t in ids]
     key = [t[None, :] for t in ids]
     return visible(query, key, query[2], key[2], window)
@@ -131,6 +117,10 @@ def varlen_attention_forward(
         "sinks": s_aux,
     }
     if attention_blocks is None:  # padded rows: each row is one causal sequence
+        if key.shape[2] != query.shape[2]:
+            raise ValueError(
+                f"{VARLEN} cannot decode with a KV cache: generate under SDPA (masked_attention)"
+            )
         return block_attention(query, key, value, 0, **options).transpose(1, 2), None
     length = query.shape[2]
     by_row: dict[int, list[Block]] = {}
@@ -161,6 +151,33 @@ def varlen_attention_forward(
         pieces.append(query.new_zeros(1, query.shape[1], sizes[-1], value.shape[-1]))
         out.append(torch.cat(pieces, dim=2))
     return torch.cat(out).transpose(1, 2), None
+
+
+def _remember_blocks(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Decoder layer pre-hook: hand this call's blocks (None without) to the layer's attention module."""
+    layer.self_attn.preftune_blocks = kwargs.get("attention_blocks")
+
+
+def _pass_blocks(attention: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Attention pre-hook: add the layer's blocks when the layer did not pass them on itself."""
+    blocks = getattr(attention, "preftune_blocks", None)
+    if blocks is None or "attention_blocks" in kwargs:
+        return None
+    return args, {**kwargs, "attention_blocks": blocks}
+
+
+def carry_blocks(model: nn.Module) -> None:
+    """Make every decoder layer's ``attention_blocks`` keyword reach its attention (``self_attn``), also
+    where the layer's forward drops its extra keywords. Idempotent; the hooks hold no module reference, so
+    a deep copy of the model (a frozen reference) carries its own. The per-call state is overwritten on
+    every layer call, the recomputation of activation checkpointing included."""
+    for layer in model.modules():
+        attention = getattr(layer, "self_attn", None)
+        if not isinstance(attention, nn.Module) or hasattr(attention, "preftune_blocks"):
+            continue
+        attention.preftune_blocks = None
+        layer.register_forward_pre_hook(_remember_blocks, with_kwargs=True)
+        attention.register_forward_pre_hook(_pass_blocks, with_kwargs=True)
 
 
 AttentionInterface.register(VARLEN, varlen_attention_forward)

@@ -14,7 +14,7 @@ from pathlib import Path
 from huggingface_hub import constants, snapshot_download
 from transformers.utils import cached_file
 
-from preftune.config import ConfigError
+from preftune.errors import ConfigError
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # name or org/name
 

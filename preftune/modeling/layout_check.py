@@ -3,7 +3,7 @@
 A few short pairs go through the model twice: in the configured layout (packed and/or shared prompt, with the
 configured attention) and as separate sequences, one forward each under the model's own eager attention. Every
 sequence's response log-probs must agree within the compute dtype's tolerance, or training stops with one line
-naming the sequence and the difference. This proves what ``preftune.modeling.compat`` cannot read from a
+naming the sequence and the difference. This proves what ``preftune.data.windows`` cannot read from a
 config: that the model's attention goes through transformers' interface, takes the layout's keywords (segment
 blocks or per-layer masks), sinks and soft-capping included, in all layers. It takes a few forwards of a few
 tokens; a pass is cached in ``output_dir/cache/layout_check`` under a fingerprint of the model files, dtype and
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from preftune.config import ConfigError
 from preftune.data.batch import dpo_custom_collate, micro_batch_from_padded
 from preftune.data.packing import build_packed_collate
+from preftune.errors import ConfigError
 from preftune.modeling.logprobs import causal_lm
 from preftune.modeling.model import DPOModel
 

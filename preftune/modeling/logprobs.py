@@ -14,7 +14,8 @@ from torch.autograd.function import once_differentiable
 from transformers import PreTrainedModel
 
 from preftune.data.batch import MicroBatch
-from preftune.modeling.router import RouterLoss
+from preftune.modeling.attention import carry_blocks
+from preftune.modeling.router import GlobalRouting, RouterLoss, RoutingStatistics
 
 
 def _buffers(rows: int, weight: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -162,7 +163,8 @@ def causal_lm(model: nn.Module) -> PreTrainedModel:
 
 class SequenceLogprobs(nn.Module):
     """Runs a causal LM on a ``MicroBatch`` and returns per-sequence summed response log-probs and response
-    token counts, [2P] each (chosen of every pair, then rejected). It is the module DDP wraps and FSDP2
+    token counts, [2P] each (chosen of every pair, then rejected; a response of a K-completion group that is in
+    several pairs is computed once and repeated). It is the module DDP wraps and FSDP2
     shards, so the forward goes through their hooks.
 
     One forward over the whole micro-batch; the lm-head runs only on the hidden states that predict a
@@ -173,13 +175,19 @@ class SequenceLogprobs(nn.Module):
         self, model: PreTrainedModel, chunk_size: int | None = None, autocast: torch.dtype | None = None
     ):
         super().__init__()
+        carry_blocks(model)
         self.model = model
         self.chunk_size = chunk_size
         self.autocast = autocast
         self.router: RouterLoss | None = None  # a MoE policy's balancing loss, computed into aux_loss
         self.aux_loss: Tensor | None = None  # the last forward's
+        self.global_routing: GlobalRouting | None = None  # global_batch scope: the current global batch's
 
-    def forward(self, batch: MicroBatch) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, batch: MicroBatch, routing_only: bool = False
+    ) -> tuple[Tensor, Tensor] | RoutingStatistics:
+        """``routing_only`` (a MoE policy): the batch's routing statistics instead, from the transformer
+        alone (no lm-head)."""
         lm = causal_lm(self.model)
         device_type = batch.input_ids.device.type
         blocks = {"attention_blocks": batch.attention_blocks} if batch.attention_blocks is not None else {}
@@ -197,7 +205,11 @@ class SequenceLogprobs(nn.Module):
         if self.router is not None:
             if batch.token_weights is None:
                 raise ValueError("a mixture-of-experts policy needs the micro-batch's token_weights")
-            self.aux_loss = self.router(outputs.router_logits, batch.token_weights)
+            if routing_only:
+                return self.router.statistics(outputs.router_logits, batch.token_weights).detach()
+            self.aux_loss = self.router(
+                outputs.router_logits, batch.token_weights, batch.num_pairs, self.global_routing
+            )
         states = outputs.last_hidden_state.flatten(0, 1)[batch.hidden_index]
         config = lm.config
         if getattr(config, "logit_scale", None) is not None:
@@ -213,7 +225,11 @@ class SequenceLogprobs(nn.Module):
             chunk_size=auto_chunk_size(head.weight.shape[0]) if self.chunk_size is None else self.chunk_size,
             softcap=getattr(config, "final_logit_softcapping", None),
         )
-        num_sequences = 2 * batch.num_pairs
+        num_sequences = batch.sequence_count()
         logps = torch.zeros(num_sequences, device=token_lp.device, dtype=torch.float32)
         logps = logps.index_add(0, batch.sequence_index, token_lp)
-        return logps, torch.bincount(batch.sequence_index, minlength=num_sequences)
+        counts = torch.bincount(batch.sequence_index, minlength=num_sequences)
+        if batch.pair_sequences is not None:  # K-completion groups: each pair's two responses, computed once
+            order = batch.pair_sequences.flatten()
+            logps, counts = logps[order], counts[order]
+        return logps, counts

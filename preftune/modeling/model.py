@@ -8,14 +8,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from preftune import losses
+from preftune.config import ModelConfig, PreftuneConfig
 from preftune.data.batch import MicroBatch, as_micro_batch
+from preftune.data.visibility import packed_attention
 from preftune.losses import LossSettings
-from preftune.modeling import attention  # importing it registers preftune_varlen with transformers
+from preftune.modeling import attention  # noqa: F401  (importing it registers preftune_varlen with transformers)
 from preftune.modeling.logprobs import SequenceLogprobs, causal_lm, is_peft
+from preftune.modeling.parallel import DistInfo, gradient_sync, unwrap, wrap_trainable
 from preftune.modeling.peft_setup import add_adapters, quantization_config, uses_adapters
 from preftune.modeling.reference import (
     AdaptersOffReference,
@@ -23,8 +27,7 @@ from preftune.modeling.reference import (
     NoReference,
     Reference,
 )
-from preftune.modeling.router import router_loss
-from preftune.training.distributed import DistInfo, gradient_sync, unwrap, wrap_trainable
+from preftune.modeling.router import GlobalRouting, RoutingStatistics, router_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,26 +43,25 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
-def load_causal_lm(model_cfg: Mapping[str, Any], default_attention: str | None = None) -> PreTrainedModel:
-    """The policy from ``model.path`` with the configured dtype and attention implementation (when
-    ``model.attn_implementation`` is null: ``default_attention``, or transformers' choice if that is None),
-    in 4 bits with ``model.load_in_4bit``, wrapped in adapters per ``model.lora`` (see ``peft_setup``)."""
-    implementation = model_cfg["attn_implementation"] or default_attention
+def load_causal_lm(model_cfg: ModelConfig, implementation: str | None) -> PreTrainedModel:
+    """The policy from ``model.path`` with the configured dtype and attention ``implementation`` (None:
+    transformers' choice), in 4 bits with ``model.load_in_4bit``, wrapped in adapters per ``model.lora``
+    (see ``peft_setup``)."""
     kwargs: dict[str, Any] = {"attn_implementation": implementation} if implementation else {}
     quantization = quantization_config(model_cfg)
     if quantization is not None:  # quantized as it loads, straight onto this rank's device
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
     model = AutoModelForCausalLM.from_pretrained(
-        model_cfg["path"],
-        dtype=DTYPES[model_cfg["dtype"]],
-        trust_remote_code=model_cfg["trust_remote_code"],
+        model_cfg.path,
+        dtype=DTYPES[model_cfg.dtype],
+        trust_remote_code=model_cfg.trust_remote_code,
         **kwargs,
     )
-    if model_cfg["disable_dropout"]:
+    if model_cfg.disable_dropout:
         disable_dropout(model)
-    if uses_adapters(model_cfg["lora"]):
-        model = add_adapters(model, model_cfg["lora"])
+    if uses_adapters(model_cfg.lora):
+        model = add_adapters(model, model_cfg.lora)
     return model
 
 
@@ -101,33 +103,36 @@ class DPOModel(nn.Module):
         self.bco_delta = losses.RunningMean() if loss.uses_bco_delta else None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> DPOModel:
-        model_cfg, data_cfg = cfg["model"], cfg["data"]
-        # Packed and shared-prompt rows: segment-wise attention unless the user picks a masked implementation.
-        packed = data_cfg["packing"] or data_cfg["share_prompt"]
-        policy = load_causal_lm(model_cfg, default_attention=attention.VARLEN if packed else None)
-        chunk_size = model_cfg["logprob_chunk_size"]
-        autocast = DTYPES[model_cfg["autocast"]] if model_cfg["autocast"] else None
-        loss = LossSettings.from_config(cfg["dpo"])
-        reference_path = cfg["reference"]["path"]
+    def from_config(cls, cfg: PreftuneConfig) -> DPOModel:
+        model_cfg, data_cfg = cfg.model, cfg.data
+        packed = data_cfg.packing or data_cfg.share_prompt
+        policy = load_causal_lm(model_cfg, packed_attention(model_cfg.attn_implementation, packed))
+        chunk_size = model_cfg.logprob_chunk_size
+        autocast = DTYPES[model_cfg.autocast] if model_cfg.autocast else None
+        loss = LossSettings.from_config(cfg.dpo)
+        reference_path = cfg.reference.path
         reference = None
         if reference_path is not None and not loss.reference_free:
             # the reference at full precision and without adapters, whatever the policy's
-            no_adapters = {**model_cfg["lora"], "r": 0, "init_from": None}
-            reference_cfg = {**model_cfg, "path": reference_path, "lora": no_adapters, "load_in_4bit": False}
-            reference_lm = load_causal_lm(reference_cfg, default_attention=policy.config._attn_implementation)
+            no_adapters = {"r": 0, "init_from": None}
+            reference_cfg = OmegaConf.merge(
+                model_cfg, {"path": reference_path, "lora": no_adapters, "load_in_4bit": False}
+            )
+            reference_lm = load_causal_lm(reference_cfg, policy.config._attn_implementation)
             reference = FrozenReference(
                 SequenceLogprobs(reference_lm, chunk_size, autocast), f"{reference_path} (online)"
             )
         model = cls(policy, reference, loss, logprob_chunk_size=chunk_size, autocast=autocast)
-        model.policy_runner.router = router_loss(causal_lm(policy).config, model_cfg["router_aux_loss_coef"])
-        if model_cfg["activation_checkpointing"]:  # the policy only: the reference keeps no activations
+        model.policy_runner.router = router_loss(
+            causal_lm(policy).config, model_cfg.router_aux_loss_coef, model_cfg.router_aux_loss_scope
+        )
+        if model_cfg.activation_checkpointing:  # the policy only: the reference keeps no activations
             lm = causal_lm(policy)
             if hasattr(lm, "activation_checkpointing_enable"):  # the newer 5.x name; the old one goes in v6
                 lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if model_cfg["compile"]:
+        if model_cfg.compile:
             causal_lm(policy).base_model.compile(dynamic=True)
             if isinstance(model.reference, FrozenReference):
                 causal_lm(model.reference.model).base_model.compile(dynamic=True)
@@ -180,6 +185,21 @@ class DPOModel(nn.Module):
     def policy_runner(self) -> SequenceLogprobs:
         """The policy's ``SequenceLogprobs`` itself (inside any DDP wrapper)."""
         return unwrap(self.policy_logprobs)
+
+    def routing_statistics(self, batch: MicroBatch) -> RoutingStatistics:
+        """A mixture-of-experts policy's routing statistics of ``batch``: one forward without gradients
+        (through the wrapped module: under FSDP2 every rank must join it)."""
+        with torch.no_grad():
+            return self.policy_logprobs(batch.to(self.device), routing_only=True)
+
+    @contextlib.contextmanager
+    def global_routing(self, whole: GlobalRouting | None):
+        """Context: the policy's balancing loss is ``whole``'s global batch's (None: each micro-batch's)."""
+        self.policy_runner.global_routing = whole
+        try:
+            yield
+        finally:
+            self.policy_runner.global_routing = None
 
     def reference_logprobs(self, batch: MicroBatch | Mapping[str, Tensor]) -> Tensor | None:
         """[2P] reference log-probs: the batch's cached ones if it carries them, else the reference's."""

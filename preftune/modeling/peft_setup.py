@@ -16,19 +16,20 @@ from typing import Any
 import torch
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
-from preftune.config import ConfigError
+from preftune.config import LoraConfig, ModelConfig
+from preftune.errors import ConfigError
 
 
-def uses_adapters(lora: Mapping[str, Any]) -> bool:
+def uses_adapters(lora: LoraConfig) -> bool:
     """Whether the policy trains PEFT adapters (a new one of rank ``r``, or one from ``init_from``)."""
-    return lora["r"] > 0 or bool(lora["init_from"])
+    return lora.r > 0 or bool(lora.init_from)
 
 
-def quantization_config(model_cfg: Mapping[str, Any]) -> BitsAndBytesConfig | None:
+def quantization_config(model_cfg: ModelConfig) -> BitsAndBytesConfig | None:
     """QLoRA's 4-bit base (``model.load_in_4bit``), or None for a full-precision base."""
-    if not model_cfg["load_in_4bit"]:
+    if not model_cfg.load_in_4bit:
         return None
-    if not uses_adapters(model_cfg["lora"]):
+    if not uses_adapters(model_cfg.lora):
         raise ConfigError(
             "model.load_in_4bit freezes the base in 4 bits and trains adapters on it: "
             "set model.lora.r (e.g. 16) or model.lora.init_from"
@@ -53,18 +54,18 @@ def _peft() -> Any:
     return peft
 
 
-def add_adapters(model: PreTrainedModel, lora: Mapping[str, Any]) -> PreTrainedModel:
+def add_adapters(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
     """Wrap ``model`` in trainable adapters (its own weights frozen): those saved in ``lora.init_from``, or
     new LoRA (DoRA with ``lora.use_dora``) adapters of rank ``lora.r``."""
     peft = _peft()
-    if lora["init_from"]:
+    if lora.init_from:
         return load_adapter(model, lora)
     config = peft.LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=list(lora["target_modules"]) if lora["target_modules"] else "all-linear",
-        use_dora=lora["use_dora"],
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) if lora.target_modules else "all-linear",
+        use_dora=lora.use_dora,
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, config)
@@ -74,7 +75,7 @@ def load_adapter(model: PreTrainedModel, lora: Mapping[str, Any]) -> PreTrainedM
     """Continue training the PEFT LoRA/DoRA adapter saved in ``lora.init_from`` (rank, alpha, targets and
     DoRA come from its ``adapter_config.json``; ``lora.r`` and ``lora.use_dora``, when set, must agree)."""
     peft = _peft()
-    source = Path(lora["init_from"])
+    source = Path(lora.init_from)
     key = f"model.lora.init_from={source}"
     config_file = source / "adapter_config.json"
     if not config_file.is_file():
@@ -85,12 +86,12 @@ def load_adapter(model: PreTrainedModel, lora: Mapping[str, Any]) -> PreTrainedM
     saved = json.loads(config_file.read_text())
     if saved.get("peft_type") != "LORA":
         raise ConfigError(f"{key}: a {saved.get('peft_type')} adapter; only LoRA/DoRA adapters are supported")
-    if lora["r"] and lora["r"] != saved["r"]:
+    if lora.r and lora.r != saved["r"]:
         raise ConfigError(
-            f"{key}: model.lora.r={lora['r']} but the adapter has r={saved['r']}; "
+            f"{key}: model.lora.r={lora.r} but the adapter has r={saved['r']}; "
             "leave model.lora.r at 0 to take the adapter's rank"
         )
-    if lora["use_dora"] and not saved.get("use_dora"):
+    if lora.use_dora and not saved.get("use_dora"):
         raise ConfigError(f"{key}: model.lora.use_dora=true but the adapter is plain LoRA")
     try:
         return peft.PeftModel.from_pretrained(model, source, is_trainable=True)

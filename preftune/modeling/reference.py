@@ -20,7 +20,7 @@ from torch import Tensor
 
 from preftune.data.batch import MicroBatch
 from preftune.modeling.logprobs import SequenceLogprobs
-from preftune.training.distributed import DistInfo, shard
+from preftune.modeling.parallel import DistInfo, shard
 
 
 class Reference(ABC):

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from preftune.data.batch import MicroBatch, as_micro_batch, pair_length
 from preftune.data.checked_file import load_checked, save_checked
 from preftune.data.dataset import PreferenceDataset
+from preftune.modeling.hub import local_model_dir
 from preftune.modeling.model import DPOModel
+from preftune.modeling.parallel import barrier, gather_objects
 from preftune.modeling.reference import CachedReference, FrozenReference, NoReference
-from preftune.training.distributed import barrier, gather_objects
 
 CACHE_VERSION = 1  # bump when the computation changes: every cached file becomes stale
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -57,6 +58,15 @@ def model_fingerprint(model_path: str | Path, dtype: str) -> str:
             while block := f.read(1 << 24):
                 h.update(block)
     return h.hexdigest()[:24]
+
+
+def reference_model_fingerprint(model_cfg: Any, reference_path: str | None) -> str:
+    """``model_fingerprint`` of the model the reference is: ``reference_path``, else the starting policy
+    (``model.path``; its base for LoRA; in nf4 with ``model.load_in_4bit``, as the adapters-off base is)."""
+    quantized = model_cfg.load_in_4bit and reference_path is None
+    return model_fingerprint(
+        local_model_dir(reference_path or model_cfg.path), model_cfg.dtype + "+nf4" * quantized
+    )
 
 
 @torch.no_grad()

@@ -100,6 +100,38 @@ def obeys_rule(prompt: str, response: str) -> bool:
     return response.strip() == render([i.lower() for i in items], case, order)
 
 
+def rule_credit(prompt: str, response: str) -> float:
+    """Partial credit for the rule, 1.0 exactly when the response obeys it; otherwise five graded checks of
+    its items of the prompt's category, summed over 6 (an obeying list always beats one that does not, and
+    a response with no item of the category gets 0): their share of the items, how close the item count is
+    to the prompt's, how many distinct ones there are (of the count asked), the share written in the prompt's
+    case, and whether they are in the prompt's order."""
+    if obeys_rule(prompt, response):
+        return 1.0
+    category = next(c for c in CATEGORIES if c in prompt)
+    n = next(k for k in COUNTS if str(k) in prompt)
+    upper = any(phrase in prompt for phrase in CASES["upper"])
+    descending = any(phrase in prompt for phrase in ORDERS["descending"])
+    items = [item.strip() for item in response.strip().split(",")]
+    valid = [item for item in items if item.lower() in CATEGORIES[category]]
+    if not valid:
+        return 0.0
+    checks = (
+        len(valid) / len(items),
+        max(0.0, 1 - abs(len(items) - n) / n),
+        min(1.0, len({item.lower() for item in valid}) / n),
+        sum(item == (item.upper() if upper else item.lower()) for item in valid) / len(valid),
+        float(len(valid) > 1 and valid == sorted(valid, key=str.lower, reverse=descending)),
+    )
+    return sum(checks) / 6
+
+
+def rule_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The demo's judge (``judge.function: preftune.tools.demo:rule_reward``, TRL's reward-function
+    signature): ``rule_credit`` of each completion."""
+    return [rule_credit(prompt, completion) for prompt, completion in zip(prompts, completions, strict=True)]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """One JSON object per line."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,14 +142,23 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: int = 0) -> dict[str, Path]:
     """Write the demo data, base model and config under `out_dir`; returns their paths."""
     out_dir = Path(out_dir).resolve()
-    train = make_preference_pairs(n_train, seed)
-    val = make_preference_pairs(n_val, seed + 1, held_out_from=train)  # prompts never seen in training
     paths = {
         "train": out_dir / "data" / "train.jsonl",
         "validation": out_dir / "data" / "validation.jsonl",
         "model": out_dir / "base_model",
         "config": out_dir / "demo.yaml",
     }
+    train = make_preference_pairs(n_train, seed)
+    val = make_preference_pairs(n_val, seed + 1, held_out_from=train)  # prompts never seen in training
+    write_data(train, val, paths)
+    write_base_model(train, paths["model"], seed)
+    OmegaConf.save(OmegaConf.create(demo_config(paths, out_dir / "run", seed)), paths["config"])
+    print(f"[demo] config -> {paths['config']}")
+    return paths
+
+
+def write_data(train: list[dict], val: list[dict], paths: dict[str, Path]) -> None:
+    """The train pairs with NeMo Aligner keys, the validation pairs with TRL keys."""
     write_jsonl(paths["train"], train)
     trl = [
         {"prompt": p["prompt"], "chosen": p["chosen_response"], "rejected": p["rejected_response"]}
@@ -125,9 +166,13 @@ def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: 
     ]
     write_jsonl(paths["validation"], trl)
     print(
-        f"[demo] {len(train)} train pairs (NeMo keys), {len(val)} validation pairs (TRL keys) -> {out_dir / 'data'}"
+        f"[demo] {len(train)} train pairs (NeMo keys), {len(val)} validation pairs (TRL keys) -> "
+        f"{paths['train'].parent}"
     )
 
+
+def write_base_model(train: list[dict], path: Path, seed: int) -> None:
+    """A byte-level BPE trained on the train texts and a tiny Llama over it, saved at `path`."""
     texts = (p[k] for p in train for k in ("prompt", "chosen_response", "rejected_response"))
     tokenizer = train_tokenizer(texts, vocab_size=512)
     model = build_tiny_model(
@@ -139,14 +184,15 @@ def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: 
         max_position_embeddings=256,
         seed=seed,
     )
-    save_tiny(model, tokenizer, paths["model"])
+    save_tiny(model, tokenizer, path)
     n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"[demo] tokenizer ({len(tokenizer)} tokens) + tiny llama ({n_params / 1e3:.0f}k params) -> {paths['model']}"
-    )
+    print(f"[demo] tokenizer ({len(tokenizer)} tokens) + tiny llama ({n_params / 1e3:.0f}k params) -> {path}")
 
-    config = {
-        "output_dir": str(out_dir / "run"),
+
+def demo_config(paths: dict[str, Path], output_dir: Path, seed: int) -> dict:
+    """The demo run's settings: two epochs of the demo data on the base model, validated every 50 steps."""
+    return {
+        "output_dir": str(output_dir),
         "model": {"path": str(paths["model"]), "dtype": "float32"},
         "data": {
             "train": str(paths["train"]),
@@ -166,11 +212,39 @@ def prepare_demo(out_dir: Path, *, n_train: int = 4000, n_val: int = 256, seed: 
             "limit_val_batches": 1.0,
             "gradient_clip_val": 1.0,
             "samples": {"num_prompts": 64, "max_new_tokens": 40},
+            "judge_prompts": 64,  # the same 64 generations, judged by rule_reward against the step-0 model's
         },
+        "judge": {"function": "preftune.tools.demo:rule_reward"},
     }
-    OmegaConf.save(OmegaConf.create(config), paths["config"])
-    print(f"[demo] config -> {paths['config']}")
-    return paths
+
+
+def online_demo_config(demo_dir: Path, checkpoint: Path) -> Path:
+    """The config of ``preftune demo --online``: online DPO from the offline demo's ``checkpoint``, on the
+    demo's train prompts, judged by ``rule_reward``; greedy samples of 64 held-out prompts at each validation."""
+    demo_dir = Path(demo_dir).resolve()
+    config = OmegaConf.load(demo_dir / "demo.yaml")
+    config.output_dir = str(demo_dir / "run_online")
+    config.model.path = str(checkpoint)
+    config.data.global_batch_size = 16
+    config.data.micro_batch_size = 32
+    config.dpo = {"ref_policy_kl_penalty": 0.1, "preference_loss": "dpo", "sft_loss_weight": 0.05}
+    config.optim = {"lr": 1.0e-4, "weight_decay": 0.0, "sched": {"warmup_steps": 5, "min_lr": 5.0e-5}}
+    config.trainer.max_epochs = None
+    config.trainer.max_steps = 100
+    config.trainer.val_check_interval = 50
+    config.online = {
+        "enabled": True,
+        "num_generations": 4,
+        "max_new_tokens": 40,
+        "temperature": 0.7,
+        "top_k": 20,
+        "missing_eos_penalty": 0.5,
+    }
+    config.judge = {"function": "preftune.tools.demo:rule_reward"}
+    path = demo_dir / "demo_online.yaml"
+    OmegaConf.save(config, path)
+    print(f"[demo] online config -> {path}")
+    return path
 
 
 def rule_share(samples_path: Path) -> dict[int, float]:

@@ -9,12 +9,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from preftune.file_modes import apply_umask
+from preftune.run_dir import RunDir
 from preftune.tools.model_card import ModelCard
 
 
 def run_config(checkpoint: Path) -> DictConfig | None:
     """The config the checkpoint's run trained with (``output_dir/config.yaml``), if it is still there."""
-    path = checkpoint.parent.parent / "config.yaml"
+    path = RunDir.of_checkpoint(checkpoint).config
     return OmegaConf.load(path) if path.is_file() else None
 
 
@@ -73,6 +75,7 @@ def export_checkpoint(
         merged = PeftModel.from_pretrained(base, source).merge_and_unload()
         merged.save_pretrained(output, safe_serialization=True)
         AutoTokenizer.from_pretrained(source).save_pretrained(output)
+    apply_umask(output)  # also a checkpoint written 0600 before this was fixed
     if cfg is not None and (checkpoint / "trainer_state.json").is_file():
         card = ModelCard.from_run(checkpoint, cfg, merged=merge)
         (output / "README.md").write_text(card.render(hub_repo or str(output)))

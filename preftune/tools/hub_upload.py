@@ -9,13 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-class PushError(RuntimeError):
-    """The upload could not be done; ``user_fixable`` errors (no token, offline mode) exit with status 2."""
-
-    def __init__(self, message: str, *, user_fixable: bool):
-        super().__init__(message)
-        self.user_fixable = user_fixable
+from preftune.errors import PushError
 
 
 def _hub():

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
 
+from preftune.config import PreftuneConfig
 from preftune.data.batch import dpo_custom_collate
 from preftune.data.chat import tokenizer_template
-from preftune.data.dataset import PreferenceDataset, TokenizedPairs, load_datasets
+from preftune.data.dataset import PreferenceDataset, TokenizedPairs
+from preftune.data.loading import load_datasets
 from preftune.data.mixture import WeightedPairs
+from preftune.run_dir import RunDir
 
 PERCENTILES = (50, 90, 99, 100)
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around the trained (labelled) tokens in the rendered first pair
@@ -143,11 +145,10 @@ def _text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def inspect_data(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
+def inspect_data(cfg: PreftuneConfig, tokenizer: Any) -> dict[str, Any]:
     """The report of ``inspect`` as a dict (what ``--json`` writes)."""
     data = cfg.data
-    cache_dir = data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
-    train, val = load_datasets(data, tokenizer, cache_dir)
+    train, val = load_datasets(data, tokenizer, RunDir(cfg.output_dir).tokenized(data.cache_dir))
     if data.chat_template:
         template = "data.chat_template"
     else:
@@ -174,7 +175,7 @@ def inspect_data(cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
     return report
 
 
-def run_inspect(cfg: DictConfig, json_path: str | Path | None) -> int:
+def run_inspect(cfg: PreftuneConfig, json_path: str | Path | None) -> int:
     """Print the data report of ``cfg`` (and write it as JSON to ``json_path``); the exit status."""
     from transformers import AutoTokenizer
 

@@ -12,6 +12,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from preftune.losses import loss_names
+from preftune.run_dir import RunDir
 
 
 @dataclass
@@ -120,7 +121,8 @@ class ModelCard:
 
 def _sources(entries: Any) -> list[tuple[str, str]]:
     """``data.train``/``data.validation`` as (``hub`` | ``local``, name) pairs: a mapping with a ``hub`` key
-    names a Hub dataset; any other entry (a path, or a mapping with ``path``) is local."""
+    names a Hub dataset; any other entry (a path, or a mapping with ``path``) is local, named by its path as
+    the run's config gives it (absolute: a run saves its paths so)."""
     if entries is None:
         return []
     entries = OmegaConf.to_container(entries) if OmegaConf.is_config(entries) else entries
@@ -131,13 +133,13 @@ def _sources(entries: Any) -> list[tuple[str, str]]:
         if isinstance(entry, dict):
             out.append(("hub", str(entry["hub"])) if "hub" in entry else ("local", str(entry.get("path"))))
         else:
-            out.append(("local", Path(str(entry)).name))
+            out.append(("local", str(entry)))
     return out
 
 
 def _last_validation(run_dir: Path, step: int) -> tuple[int | None, dict[str, float]]:
     """The last validation record of ``run_dir/metrics.jsonl`` at or before ``step`` (prefix removed)."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     found: tuple[int | None, dict[str, float]] = (None, {})
     if not path.is_file():
         return found

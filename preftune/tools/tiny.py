@@ -21,6 +21,8 @@ from transformers import (
     Qwen3Config,
 )
 
+from preftune.file_modes import apply_umask
+
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")  # ids 0, 1, 2, 3 in every tokenizer built here
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2")
@@ -120,4 +122,5 @@ def save_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_di
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    apply_umask(out)
     return out

@@ -2,7 +2,9 @@
 
 A checkpoint is written under a temporary name, its manifest (sizes, checksums) last, and renamed when
 complete, so a crash mid-save never leaves a directory that looks like a checkpoint. A save that fails
-(full disk, quota, I/O error) removes its partial files and stops the run with one line; retention
+(full disk, quota, I/O error: whatever the writer raises, an ``OSError``, safetensors' ``SafetensorError``,
+or torch's ``RuntimeError`` wrapped in DCP's ``CheckpointException``) removes its partial files and stops
+the run with one line: the cause, the free space, what a checkpoint needs, how to resume; retention
 (``trainer.keep_last``/``keep_best``) deletes older checkpoints only after the new one is complete. A
 resume verifies the newest checkpoint against its manifest and falls back to the previous one if it is
 damaged. Only tensors and plain values are ever loaded (``torch.load(weights_only=True)``).
@@ -10,6 +12,7 @@ damaged. Only tensors and plain values are ever loaded (``torch.load(weights_onl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -18,7 +21,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +38,30 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from preftune.config import ConfigError
+from preftune.errors import CheckpointError, NonFiniteError
+from preftune.file_modes import apply_umask
 from preftune.modeling.logprobs import is_peft
 from preftune.modeling.model import DPOModel
-from preftune.training.distributed import any_rank, barrier, unwrap
+from preftune.modeling.parallel import any_rank, barrier, unwrap
+from preftune.run_dir import RunDir
 from preftune.training.manifest import MANIFEST, manifest_bytes, problem, write_manifest
-from preftune.training.nonfinite import NonFiniteError, nonfinite_parameters
+from preftune.training.nonfinite import nonfinite_parameters
 from preftune.training.retention import Retention, SavedCheckpoint, checkpoints_to_delete
-
-# DCP warns that it assumes one process when no process group exists: that is exactly the intent here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 VAL_METRICS_FILE = "val_metrics.json"  # the validation metrics of the checkpoint's step, if validated there
 
 
-class CheckpointError(ConfigError):
-    """A checkpoint could not be written or read; the message says what to do."""
+@contextlib.contextmanager
+def one_process_dcp() -> Iterator[None]:
+    """DCP warns that it assumes one process when no process group exists: exactly the intent here, so that
+    warning is silenced inside this block (and nowhere else)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,7 +93,7 @@ class Checkpointer:
     """
 
     def __init__(self, output_dir: str | Path, tokenizer: Any = None, retention: Retention | None = None):
-        self.root = Path(output_dir) / "checkpoints"
+        self.root = RunDir(output_dir).checkpoints
         self.tokenizer = tokenizer
         self.retention = retention or Retention()
         self.resumed_from: int | None = None  # the step resumed from: retention never deletes it
@@ -110,19 +119,17 @@ class Checkpointer:
             )
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"
-        error: OSError | None = None
+        error: BaseException | None = None
         try:
             self._write(tmp, model, optimizer, scheduler, trainer_state, val_metrics)
-        except OSError as e:
+        # any writer's failure: the partial checkpoint must not stay behind (DCP's exception, which gathers
+        # every rank's failure, is a BaseException: it would pass an ``except Exception``)
+        except (Exception, dcp.api.CheckpointException) as e:
             error = e
-        except dcp.api.CheckpointException as e:  # DCP gathers every rank's failure
-            error = next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), None)
-            if error is None:
-                raise
         if any_rank(error is not None, info):
             if info.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise self._save_failed(step, error, model, optimizer) from None
+            raise self._save_failed(step, error, model, optimizer) from error
         if info.is_main:
             if final.exists():
                 shutil.rmtree(final)
@@ -142,7 +149,7 @@ class Checkpointer:
     ) -> None:
         """Write every file of the checkpoint into ``tmp``, the manifest last (collective)."""
         info = model.dist
-        main_error: OSError | None = None
+        main_error: Exception | None = None
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             try:
@@ -162,6 +169,7 @@ class Checkpointer:
         if info.is_main:
             try:
                 model.policy.save_pretrained(tmp / "model", state_dict=weights, safe_serialization=True)
+                apply_umask(tmp / "model")
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp / "model")
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -169,15 +177,16 @@ class Checkpointer:
                 (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
                 if val_metrics is not None:
                     (tmp / VAL_METRICS_FILE).write_text(json.dumps(val_metrics, indent=2))
-            except OSError as e:
+            except Exception as e:  # safetensors and torch.save raise their own types on a full disk
                 main_error = e
         if any_rank(main_error is not None, info):  # the other ranks must not wait in dcp.save
             raise main_error or OSError(errno.EIO, "failed on rank 0")
         if optimizer.state:  # empty until a step is applied (every step so far skipped): nothing to save
-            dcp.save(
-                get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer),
-                checkpoint_id=tmp / "optimizer",
-            )
+            with one_process_dcp():
+                dcp.save(
+                    get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer),
+                    checkpoint_id=tmp / "optimizer",
+                )
         barrier(info)
         if info.is_main:
             try:
@@ -188,27 +197,34 @@ class Checkpointer:
             raise main_error or OSError(errno.EIO, "failed on rank 0")
 
     def _save_failed(
-        self, step: int, error: OSError | None, model: DPOModel, optimizer: torch.optim.Optimizer
+        self, step: int, error: BaseException | None, model: DPOModel, optimizer: torch.optim.Optimizer
     ) -> CheckpointError:
-        """The one line a failed save ends the run with: where, why, how many bytes a checkpoint needs."""
+        """The one line a failed save ends the run with: where, why, the free space against what a checkpoint
+        needs, how to resume. ``error``: this rank's failure (None when another rank failed)."""
         previous = self.complete()
         if previous:
-            needed = f"about {manifest_bytes(previous[-1][1]):,} bytes (the size of {previous[-1][1].name})"
+            needed = manifest_bytes(previous[-1][1])
+            needs = f"about {needed:,} bytes (the size of {previous[-1][1].name})"
         else:
             tensors = [*model.policy.state_dict().values()]
             tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-            needed = (
-                f"at least {sum(t.numel() * t.element_size() for t in tensors):,} bytes (weights + optimizer)"
-            )
+            needed = sum(t.numel() * t.element_size() for t in tensors)
+            needs = f"at least {needed:,} bytes (weights + optimizer)"
         try:
-            free = f"{shutil.disk_usage(self.root).free:,} bytes free"
+            free: int | None = shutil.disk_usage(self.root).free
         except OSError:
-            free = "free space unknown"
-        why = error.strerror or str(error) if error is not None else "failed on another rank"
+            free = None
+        cause = root_cause(error)
+        full = (isinstance(cause, OSError) and cause.errno in FULL_ERRNOS) or (
+            free is not None and free < needed
+        )
+        why = describe(cause) if cause is not None else "failed on another rank"
         last = f"resumes from {previous[-1][1].name}" if previous else "starts over"
         return CheckpointError(
-            f"could not save checkpoint step_{step} in {self.root}: {why} ({free}); a checkpoint needs "
-            f"{needed}. The partial checkpoint was removed; free space and run the same command (it {last})"
+            f"could not save checkpoint step_{step} in {self.root}: {'the disk is full' if full else 'the write failed'}"
+            f" ({why}); {'free space unknown' if free is None else f'{free:,} bytes free'} on that filesystem, "
+            f"a checkpoint needs {needs}. The partial checkpoint was removed; free space and run the same command "
+            f"(it {last})"
         )
 
     def _apply_retention(self, step: int) -> None:
@@ -281,7 +297,8 @@ class Checkpointer:
         """Restore optimizer (resharded to this run's ranks), scheduler and RNG; return the trainer state."""
         if (path / "optimizer").is_dir():  # absent: saved before any step was applied (a fresh optimizer)
             state = get_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer)
-            dcp.load(state, checkpoint_id=path / "optimizer")
+            with one_process_dcp():
+                dcp.load(state, checkpoint_id=path / "optimizer")
             set_optimizer_state_dict(unwrap(model.policy_logprobs), optimizer, state)
         scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
         if not (path / "optimizer").is_dir():  # the learning rate is otherwise restored with the optimizer
@@ -289,6 +306,35 @@ class Checkpointer:
                 group["lr"] = lr
         set_rng_state(load_plain(path / "rng.pt"))
         return json.loads((path / STATE_FILE).read_text())
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on device, disk quota exceeded
+
+
+def root_cause(error: BaseException | None) -> BaseException | None:
+    """The failure under ``error``: the first ``OSError`` among DCP's per-rank failures and the exception
+    chain, else the innermost failure (torch's zip writer reports a short write as a ``RuntimeError``)."""
+    seen: list[BaseException] = []
+    pending = [error] if error is not None else []
+    while pending:
+        current = pending.pop(0)
+        if current is None or any(current is s for s in seen):
+            continue
+        if isinstance(current, OSError):
+            return current
+        seen.append(current)
+        if isinstance(current, dcp.api.CheckpointException):
+            pending += [exc for exc, _ in current.failures.values()]
+        pending += [current.__cause__, current.__context__]
+    return seen[-1] if seen else None
+
+
+def describe(error: BaseException) -> str:
+    """An exception in a few words: an ``OSError``'s reason, else its type and first line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def load_plain(path: Path) -> Any:

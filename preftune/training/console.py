@@ -19,7 +19,6 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|torch)(\.|$)")
-    warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
 
 
 def parameter_summary(model: DPOModel) -> str:

@@ -1,42 +1,22 @@
-"""PyTorch distributed set-up: process group from torchrun/SLURM variables, DDP and FSDP2 wrapping,
-and the few collectives the trainer needs. One process without a launcher needs none of it."""
+"""PyTorch distributed set-up: the process group from torchrun/SLURM variables, its end, and rank 0 going
+first through one-off work. One process without a launcher needs none of it. The model's side (``DistInfo``,
+DDP / FSDP2 wrapping, the few collectives) is ``preftune.modeling.parallel``."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.nn.parallel import DistributedDataParallel
 
+from preftune.modeling.parallel import DistInfo
 from preftune.training.launcher import env_int, env_rank, env_world_size
 
-STRATEGIES = ("ddp", "fsdp2")
 TIMEOUT_ENV = "PREFTUNE_DIST_TIMEOUT_S"  # the process group's timeout in seconds, when set
 UNBOUNDED_WAIT = timedelta(days=7)  # how long ranks wait for rank 0's one-off work (tokenizing a data set)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
@@ -69,11 +49,6 @@ def shutdown(wait: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier()
-
-
 @contextlib.contextmanager
 def main_rank_first(info: DistInfo) -> Iterator[None]:
     """Run the body on rank 0, then on the other ranks (which then find what rank 0 cached).
@@ -93,74 +68,3 @@ def main_rank_first(info: DistInfo) -> Iterator[None]:
         if info.is_main:
             dist.barrier(group=group)
         dist.destroy_process_group(group)
-
-
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if ``flag`` is true on any rank (so all ranks stop together)."""
-    if not info.distributed:
-        return flag
-    value = torch.tensor([int(flag)], device=info.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
-    """Every rank's ``obj``, in rank order (small Python objects: metric sums)."""
-    if not info.distributed:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a Hugging Face model (its ``_no_split_modules`` classes)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise ValueError(
-            f"{type(model).__name__}: no transformer blocks found to shard (_no_split_modules={names})"
-        )
-    return blocks
-
-
-def shard(module: nn.Module, model: nn.Module) -> nn.Module:
-    """FSDP2: shard each transformer block of ``model``, then ``module`` (the root that runs the forward)."""
-    for block in _blocks(model):
-        fully_shard(block)
-    fully_shard(module)
-    return module
-
-
-def wrap_trainable(module: nn.Module, model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
-    """The module the trainer calls: DDP-wrapped, FSDP2-sharded, or as is for one process."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"distributed.strategy={strategy!r}: choose one of {STRATEGIES}")
-    if not info.distributed:
-        return module
-    if strategy == "fsdp2":
-        return shard(module, model)
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)
-
-
-@contextlib.contextmanager
-def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce/reduce-scatter on all but the last micro-batch of a step."""
-    if enabled:
-        yield
-    elif isinstance(module, DistributedDataParallel):
-        with module.no_sync():
-            yield
-    elif isinstance(module, FSDPModule):
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from preftune.run_dir import RunDir
 from preftune.training.trackers import Tracker, TrackerState
 
 
@@ -31,7 +32,7 @@ class MetricsLogger:
         tracker_state: TrackerState | None = None,
     ):
         self.output_dir = Path(output_dir)
-        self.path = self.output_dir / "metrics.jsonl"
+        self.path = RunDir(self.output_dir).metrics
         self.enabled = enabled
         self.trackers = list(trackers)
         self.tracker_state = tracker_state or TrackerState()

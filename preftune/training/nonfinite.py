@@ -1,34 +1,24 @@
 """Non-finite steps: a step whose loss or gradient norm is NaN or infinite is skipped, not applied.
 
-The trainer asks ``SkipGuard.skip`` before each optimizer step. A skipped step leaves the weights and the
-optimizer state as they were; the scheduler and the data position still advance, so a resumed run stays
-exact. After ``trainer.max_skipped_steps`` skips in a row the run stops with ``NonFiniteError``. Nothing is
+The trainer asks ``SkipGuard.skip`` before each optimizer step. A skipped step's gradients are dropped, so
+the optimizer step leaves the weights and the optimizer state as they were; the scheduler and the data
+position still advance, so a resumed run stays exact. After ``trainer.max_skipped_steps`` skips in a row the run stops with ``NonFiniteError``. Nothing is
 saved from non-finite weights (``nonfinite_parameters`` is checked before every checkpoint).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 
-from preftune.config import ConfigError
-
-# A skipped first step steps the scheduler before the optimizer has ever stepped: intended here.
-warnings.filterwarnings(
-    "ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
-)
+from preftune.errors import NonFiniteError
 
 ADVICE = (
     "try a lower optim.lr, trainer.gradient_clip_val (e.g. 1.0), float32 instead of bfloat16/float16 "
     "(model.dtype, model.autocast) if they overflow, and check the data's rewards"
 )
-
-
-class NonFiniteError(ConfigError):
-    """The run cannot go on: its loss, gradients or weights are no longer finite."""
 
 
 class SkipGuard:

@@ -11,6 +11,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 
+from preftune.config import PreftuneConfig, TrainerConfig, default_config
+from preftune.run_dir import RunDir
 from preftune.training.checkpoint import STATE_FILE, Checkpointer
 from preftune.training.optim import cosine_with_warmup
 from preftune.training.trainer import resolve_max_steps
@@ -31,7 +33,7 @@ class FinishedRun:
         )
 
 
-def finished_run(output_dir: Path, trainer_cfg: DictConfig, steps_per_epoch: int) -> FinishedRun | None:
+def finished_run(output_dir: Path, trainer_cfg: TrainerConfig, steps_per_epoch: int) -> FinishedRun | None:
     """The ``FinishedRun`` in ``output_dir`` if its newest checkpoint reached this config's last step."""
     latest = Checkpointer(output_dir).latest()
     if latest is None or steps_per_epoch == 0:
@@ -39,7 +41,7 @@ def finished_run(output_dir: Path, trainer_cfg: DictConfig, steps_per_epoch: int
     step = json.loads((latest / STATE_FILE).read_text())["step"]
     if step < resolve_max_steps(trainer_cfg, steps_per_epoch):
         return None
-    return FinishedRun(latest, step, last_val_metrics(output_dir / "metrics.jsonl", step))
+    return FinishedRun(latest, step, last_val_metrics(RunDir(output_dir).metrics, step))
 
 
 def last_val_metrics(metrics_path: Path, step: int) -> dict[str, float]:
@@ -64,7 +66,7 @@ class Schedule:
     total: int
 
     @classmethod
-    def of(cls, cfg: DictConfig, steps_per_epoch: int) -> Schedule:
+    def of(cls, cfg: PreftuneConfig, steps_per_epoch: int) -> Schedule:
         sched = cfg.optim.sched
         total = (
             sched.max_steps
@@ -114,10 +116,9 @@ def restart_schedule(scheduler: LambdaLR, lr: float) -> None:
 
 
 def saved_config(output_dir: Path) -> DictConfig | None:
-    """The ``config.yaml`` an earlier run wrote in ``output_dir`` (over the defaults), or None."""
-    from preftune.config import default_config
-
-    path = output_dir / "config.yaml"
+    """The ``config.yaml`` an earlier run wrote in ``output_dir`` (over the defaults), or None. Merged untyped:
+    a config written by another preftune version (a key added or gone) is still read."""
+    path = RunDir(output_dir).config
     if not path.is_file():
         return None
-    return OmegaConf.merge(default_config(), OmegaConf.load(path))
+    return OmegaConf.merge(OmegaConf.to_container(default_config()), OmegaConf.load(path))

@@ -9,11 +9,11 @@ saved (left by an earlier attempt, replaced when the run gets there).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from preftune.config import ConfigError
+from preftune.config import TrainerConfig
+from preftune.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -24,22 +24,22 @@ class Retention:
     best_n: int = 1
 
     @classmethod
-    def from_config(cls, trainer_cfg: Mapping[str, Any]) -> Retention:
-        keep_last, best = trainer_cfg["keep_last"], trainer_cfg["keep_best"]
+    def from_config(cls, trainer_cfg: TrainerConfig) -> Retention:
+        keep_last, best = trainer_cfg.keep_last, trainer_cfg.keep_best
         if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)):
             raise ConfigError(f"trainer.keep_last={keep_last!r}: use a number of checkpoints >= 1, or null")
         if keep_last is not None and keep_last < 1:
             raise ConfigError(f"trainer.keep_last={keep_last}: keep at least 1 checkpoint (null keeps all)")
-        metric = best["metric"]
+        metric = best.metric
         if metric is not None and not str(metric).startswith("val/"):
             raise ConfigError(
                 f"trainer.keep_best.metric={metric}: use a validation metric such as val/loss or val/acc"
             )
-        if best["mode"] not in ("min", "max"):
-            raise ConfigError(f"trainer.keep_best.mode={best['mode']}: use min or max")
-        if not isinstance(best["n"], int) or best["n"] < 1:
-            raise ConfigError(f"trainer.keep_best.n={best['n']}: keep at least 1 best checkpoint")
-        return cls(keep_last, metric, best["mode"], best["n"])
+        if best.mode not in ("min", "max"):
+            raise ConfigError(f"trainer.keep_best.mode={best.mode}: use min or max")
+        if not isinstance(best.n, int) or best.n < 1:
+            raise ConfigError(f"trainer.keep_best.n={best.n}: keep at least 1 best checkpoint")
+        return cls(keep_last, metric, best.mode, best.n)
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from preftune.config import ConfigError
-from preftune.training.distributed import DistInfo, any_rank
-
-LOCK_FILE = ".preftune.lock"
-
-
-class RunLockError(ConfigError):
-    """Another live run uses this output directory."""
+from preftune.errors import RunLockError
+from preftune.modeling.parallel import DistInfo, any_rank
+from preftune.run_dir import RunDir
 
 
 def process_start(pid: int) -> int | None:
@@ -51,7 +46,7 @@ class RunLock:
     """The lock of ``output_dir`` (``acquire`` takes it, ``release`` drops it; also at interpreter exit)."""
 
     def __init__(self, output_dir: str | Path):
-        self.path = Path(output_dir) / LOCK_FILE
+        self.path = RunDir(output_dir).lock
         self.owner = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -101,7 +96,7 @@ class RunLock:
                 flush=True,
             )
         # move it aside, and put it back if what was moved is a lock another process took meanwhile
-        aside = self.path.with_name(f"{LOCK_FILE}.stale{os.getpid()}")
+        aside = self.path.with_name(f"{self.path.name}.stale{os.getpid()}")
         try:
             os.replace(self.path, aside)
         except FileNotFoundError:

@@ -12,6 +12,7 @@ from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a process Ctrl-C ended
+EXIT_STOPPED = 75  # stopped early and cleanly (a stop signal, trainer.max_time): the same command resumes
 
 Handler = Callable[[int, Any], None]
 

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from preftune.config import ConfigError
-
-STATE_FILE = "trackers.json"
+from preftune.config import PreftuneConfig
+from preftune.errors import ConfigError
+from preftune.run_dir import RunDir
 
 
 class Tracker(Protocol):
@@ -47,17 +47,17 @@ class TrackerState:
 
     @classmethod
     def load(cls, output_dir: Path) -> TrackerState:
-        path = output_dir / STATE_FILE
+        path = RunDir(output_dir).trackers
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
     def save(self, output_dir: Path) -> None:
-        path = output_dir / STATE_FILE
+        path = RunDir(output_dir).trackers
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self)) + "\n")
         os.replace(tmp, path)
 
 
-def flat_config(cfg: DictConfig) -> dict[str, Any]:
+def flat_config(cfg: PreftuneConfig) -> dict[str, Any]:
     """The resolved config as ``{"optim.lr": 5e-3, ...}``; lists become their JSON text."""
 
     def walk(node: Any, prefix: str) -> dict[str, Any]:
@@ -92,7 +92,7 @@ class TensorBoardTracker:
 
     name = "tensorboard"
 
-    def __init__(self, log_dir: Path, cfg: DictConfig, resume_step: int | None):
+    def __init__(self, log_dir: Path, cfg: PreftuneConfig, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -121,7 +121,9 @@ class WandbTracker:
 
     name = "wandb"
 
-    def __init__(self, wcfg: DictConfig, output_dir: Path, cfg: DictConfig, state: TrackerState, skip: int):
+    def __init__(
+        self, wcfg: DictConfig, output_dir: Path, cfg: PreftuneConfig, state: TrackerState, skip: int
+    ):
         import wandb
 
         self.wandb = wandb
@@ -136,7 +138,7 @@ class WandbTracker:
             mode=wcfg.mode,
             id=state.wandb_run_id,
             resume="allow",
-            dir=str(output_dir),
+            dir=str(RunDir(output_dir).wandb.parent),  # W&B writes into <dir>/wandb
             config=flat_config(cfg) if fresh else None,
             # the console stays the user's (W&B would otherwise wrap stdout and stderr)
             settings=wandb.Settings(console="off", silent=True),
@@ -159,7 +161,7 @@ class MlflowTracker:
 
     name = "mlflow"
 
-    def __init__(self, mcfg: DictConfig, cfg: DictConfig, state: TrackerState, skip: int):
+    def __init__(self, mcfg: DictConfig, cfg: PreftuneConfig, state: TrackerState, skip: int):
         uri = str(mcfg.tracking_uri)
         if "://" not in uri or uri.startswith("file:"):
             # MLflow 3 asks for an opt-in to its file store; the user asked for one by naming it.
@@ -197,7 +199,7 @@ class MlflowTracker:
 
 
 def open_trackers(
-    cfg: DictConfig, output_dir: Path, resume_step: int | None
+    cfg: PreftuneConfig, output_dir: Path, resume_step: int | None
 ) -> tuple[list[Tracker], TrackerState]:
     """The configured trackers, started (rank 0 only); a tracker that cannot start is a ``ConfigError``.
     ``resume_step``: the checkpoint's step when resuming (its records were all sent), None on a fresh start."""
@@ -210,7 +212,7 @@ def open_trackers(
             (
                 "logger.tensorboard",
                 "tensorboard",
-                lambda: TensorBoardTracker(output_dir / "tensorboard", cfg, resume_step),
+                lambda: TensorBoardTracker(RunDir(output_dir).tensorboard, cfg, resume_step),
             )
         )
     if lcfg.wandb.project is not None:

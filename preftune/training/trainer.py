@@ -9,19 +9,21 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from preftune.config import PreftuneConfig, TrainerConfig
 from preftune.data.batch import MicroBatch
 from preftune.modeling.model import DPOModel
+from preftune.modeling.parallel import DistInfo, any_rank, gather_objects, sum_over_ranks
+from preftune.modeling.router import GlobalRouting, RoutingStatistics
 from preftune.training import stop_signals
 from preftune.training.checkpoint import Checkpointer
 from preftune.training.console import ChosenLogprobWatch, step_line
-from preftune.training.distributed import DistInfo, any_rank, gather_objects
 from preftune.training.metrics import MetricsLogger
 from preftune.training.nonfinite import SkipGuard
-from preftune.training.progress import after_step
+from preftune.training.online import OnlineStep
+from preftune.training.progress import after_step, run_length
 from preftune.training.timer import RunTimer
 
 
@@ -53,12 +55,9 @@ class MetricsAccumulator:
         return {key: value / max(1, pairs) for key, value in totals.items()}, pairs, tokens
 
 
-def resolve_max_steps(trainer_cfg: DictConfig, steps_per_epoch: int) -> int:
-    """The run's length: the first of ``max_steps`` (-1: none) and ``max_epochs`` (null: none) reached."""
-    limits = [trainer_cfg.max_steps] if trainer_cfg.max_steps != -1 else []
-    if trainer_cfg.max_epochs is not None:
-        limits.append(trainer_cfg.max_epochs * steps_per_epoch)
-    return min(limits)
+def resolve_max_steps(trainer_cfg: TrainerConfig, steps_per_epoch: int) -> int:
+    """The run's length: the first of ``max_steps`` and ``max_epochs`` reached (-1 / null: no limit)."""
+    return run_length(trainer_cfg.max_epochs, trainer_cfg.max_steps, steps_per_epoch).steps
 
 
 def limit_batches(limit: int | float, available: int) -> int:
@@ -66,6 +65,49 @@ def limit_batches(limit: int | float, available: int) -> int:
     if isinstance(limit, float):
         return min(available, math.ceil(limit * available))
     return min(available, limit)
+
+
+@torch.no_grad()
+def global_routing(model: DPOModel, batches: list[tuple[MicroBatch, bool]]) -> GlobalRouting | None:
+    """``model.router_aux_loss_scope=global_batch``: the routing statistics of the whole global batch
+    (this rank's micro-batches, fillers not counted, summed over ranks), from one forward of each
+    without gradients. None when the balancing loss is per micro-batch, or the global batch is one
+    micro-batch on one rank (its own statistics are then the global batch's: no extra forward)."""
+    router = model.policy_runner.router
+    if router is None or router.scope != "global_batch" or (len(batches) == 1 and not model.dist.distributed):
+        return None
+    total, pairs = None, 0
+    for batch, is_filler in batches:  # every rank runs as many forwards (FSDP2 gathers weights in each)
+        vector = model.routing_statistics(batch).as_vector().double()
+        total = vector * (not is_filler) + (0 if total is None else total)
+        pairs += 0 if is_filler else batch.num_pairs
+    total = sum_over_ranks(torch.cat([total, total.new_tensor([pairs])]), model.dist)
+    return GlobalRouting(RoutingStatistics.from_vector(total[:-1].float()), int(total[-1].item()))
+
+
+def evaluate(
+    model: DPOModel,
+    dataloader: Iterable[list[dict]],
+    micro_batches: Callable[[list[dict]], list[tuple[MicroBatch, bool]]],
+    limit: int | float,
+) -> tuple[dict[str, float], int]:
+    """Pair-weighted mean metrics of ``model`` (in eval mode) over up to ``limit`` (``limit_batches``) of
+    ``dataloader``'s global batches, and the pairs they hold; ``micro_batches`` turns a global batch into this
+    rank's (micro-batch, is_filler) pairs. ``DPOTrainer.evaluate`` and ``preftune eval`` both run it."""
+    model.train(False)
+    accumulator = MetricsAccumulator()
+    num_batches = limit_batches(limit, len(dataloader))
+    for i, global_batch in enumerate(dataloader):
+        if i >= num_batches:
+            break
+        batches = micro_batches(global_batch)
+        with model.global_routing(global_routing(model, batches)):
+            for batch, is_filler in batches:
+                _, metrics = model.get_loss_and_metrics(batch, forward_only=True)
+                if not is_filler:
+                    accumulator.add(metrics, batch.num_pairs)
+    means, pairs, _ = accumulator.reduce(model.dist)
+    return means, pairs
 
 
 class DPOTrainer:
@@ -92,7 +134,7 @@ class DPOTrainer:
 
     def __init__(
         self,
-        cfg: DictConfig,
+        cfg: PreftuneConfig,
         model: DPOModel,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
@@ -136,7 +178,21 @@ class DPOTrainer:
         self._slowest_step = 0.0
         self._slowest_val_and_save = 0.0
         self.chosen_watch = ChosenLogprobWatch()
-        self.on_validation: Callable[[int], None] | None = None  # e.g. sample generations, given the step
+        # called at each validation with the step: generations (samples, judging); returns more val/ metrics
+        self.on_validation: Callable[[int], dict[str, float]] | None = None
+        # asked after each validation during training (given the step and the validation metrics): True
+        # stops the run there, saved like a stop signal (e.g. a sweep pruning a trial)
+        self.should_stop: Callable[[int, dict[str, float]], bool] | None = None
+        self.stopped_by_callback = False
+        self.online: OnlineStep | None = None  # online DPO: the batches are prompts, made into pairs per step
+        self.online_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
+        """Online: lays out the step's pairs (with a reference: carrying their ``ref_logps``)."""
+        self.reference_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
+        """Online with a reference: lays out the completions the reference scores."""
+        self.group_pairs: Callable[[list[dict]], list[dict]] | None = None
+        """Online, packed or with a shared prompt: turns the step's pairs into K-completion groups (each
+        prompt's responses once, ``preftune.data.packing.group_by_prompt``) for ``online_collate``; the
+        reference then runs in the step, on the same rows."""
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -170,33 +226,45 @@ class DPOTrainer:
         self._slowest_val_and_save = max(self._slowest_val_and_save, time.monotonic() - start)
 
     # -- one optimizer step --------------------------------------------------------------------------
-    def micro_batches(self, pairs: list[dict]) -> list[tuple[MicroBatch, bool]]:
-        """This rank's micro-batches as (batch, is_filler); every rank gets the same number, made up with
-        filler repeats of a real micro-batch that count for nothing, because FSDP2 gathers weights per
-        forward and every rank must join each one."""
-        batches = self.collate_fn(pairs)
+    def micro_batches(
+        self, pairs: list[dict], collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
+    ) -> list[tuple[MicroBatch, bool]]:
+        """This rank's micro-batches (by ``collate``, default ``collate_fn``) as (batch, is_filler); every rank
+        gets the same number, made up with filler repeats of a real micro-batch that count for nothing,
+        because FSDP2 gathers weights per forward and every rank must join each one."""
+        collate = collate or self.collate_fn
+        batches = collate(pairs)
         needed = len(batches)
         if self.model.dist.distributed:
             needed = max(gather_objects(len(batches), self.model.dist))
             if not batches and needed:
-                batches = self.collate_fn([self.filler_pair])
+                batches = collate([self.filler_pair])
                 return [(batches[0], True)] * needed
         return [(b, False) for b in batches] + [(batches[0], True)] * (needed - len(batches))
 
-    def train_single_step(self, global_batch: list[dict]) -> dict[str, float]:
+    def train_single_step(
+        self,
+        global_batch: list[dict],
+        total_pairs: int | None = None,
+        collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on this rank's pairs of a global batch of ``total_pairs`` pairs over all ranks
+        (None: ``data.global_batch_size``), laid out by ``collate`` (None: ``collate_fn``)."""
+        total_pairs = total_pairs or self.global_batch_size
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         accumulator = MetricsAccumulator()
         world = self.model.dist.world_size
-        batches = self.micro_batches(global_batch)
-        for i, (batch, is_filler) in enumerate(batches):
-            num_pairs = 0 if is_filler else batch.num_pairs
-            with self.model.gradient_sync(i == len(batches) - 1):
-                loss, metrics = self.model.get_loss_and_metrics(batch, forward_only=False)
-                # DDP and FSDP2 average gradients over ranks: scale to the global batch's pair count.
-                (loss * (num_pairs * world / self.global_batch_size)).backward()
-            if not is_filler:
-                accumulator.add(metrics, num_pairs, batch.num_tokens)
+        batches = self.micro_batches(global_batch, collate)
+        with self.model.global_routing(global_routing(self.model, batches)):
+            for i, (batch, is_filler) in enumerate(batches):
+                num_pairs = 0 if is_filler else batch.num_pairs
+                with self.model.gradient_sync(i == len(batches) - 1):
+                    loss, metrics = self.model.get_loss_and_metrics(batch, forward_only=False)
+                    # DDP and FSDP2 average gradients over ranks: scale to the global batch's pair count.
+                    (loss * (num_pairs * world / total_pairs)).backward()
+                if not is_filler:
+                    accumulator.add(metrics, num_pairs, batch.num_tokens)
         params = [p for p in self.model.policy.parameters() if p.requires_grad]
         clip = self.cfg.trainer.gradient_clip_val
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
@@ -205,32 +273,90 @@ class DPOTrainer:
         grad_norm = grad_norm.item()  # one device sync per step
         lr = self.optimizer.param_groups[0]["lr"]
         metrics, pairs, tokens = accumulator.reduce(self.model.dist)
-        # a NaN/inf loss or gradient norm: not applied (the scheduler and data position still advance)
+        # a NaN/inf loss or gradient norm: not applied. Its gradients are dropped, so the optimizer step skips
+        # every parameter (weights and optimizer state unchanged); the scheduler and data position advance.
         skipped = self.skip_guard.skip(self.step + 1, metrics["loss"], grad_norm)
-        if not skipped:
-            self.optimizer.step()
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
             self.model.observe_step_rewards(
                 metrics["rewards_chosen_mean"], metrics["rewards_rejected_mean"], pairs
             )
+        self.optimizer.step()
         self.scheduler.step()
         metrics.update(grad_norm=grad_norm, lr=lr, tokens=tokens, skipped=int(skipped))
         return metrics
 
-    # -- evaluation ----------------------------------------------------------------------------------
+    # -- one online step -----------------------------------------------------------------------------
+    def online_step(self, prompts: list[dict]) -> dict[str, float]:
+        """Online DPO: this rank's prompts become pairs (generate, judge, pair), then one optimizer step on
+        them. A global batch with no pair (every prompt tied) is skipped: no update, the schedule advances."""
+        batch = self.online(prompts, self.step + 1)
+        if batch.total_pairs == 0:
+            self.print(
+                f"step {self.step + 1}: no usable pair in the global batch (all tied or unscored): skipped"
+            )
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()  # over no gradients (nothing changes), so the scheduler steps in order
+            self.scheduler.step()
+            return {**batch.metrics, "lr": lr, "tokens": 0, "pairs": 0}
+        if self.group_pairs is not None:  # each prompt's responses laid out once; the step runs the reference
+            items = self.group_pairs(batch.pairs)
+        else:
+            items = self.attach_reference(batch.pairs)
+        metrics = self.train_single_step(items, batch.total_pairs, self.online_collate)
+        return {**metrics, **batch.metrics, "pairs": batch.total_pairs}
+
     @torch.no_grad()
+    def attach_reference(self, pairs: list[dict]) -> list[dict]:
+        """``pairs`` numbered and carrying their reference log-probs (``ref_logps``), computed once per
+        distinct completion (a completion in several pairs, ``all_pairs``, is scored once): the completions
+        are laid out two by two, each with its prompt, in ``reference_collate``'s micro-batches."""
+        if self.reference_collate is None:  # reference-free losses
+            return [{**pair, "index": i} for i, pair in enumerate(pairs)]
+        completions: dict[tuple, tuple[list[int], list[int]]] = {}
+        for pair in pairs:
+            for key, ids in zip(
+                pair["completion_keys"], (pair["chosen_ids"], pair["rejected_ids"]), strict=True
+            ):
+                completions[key] = (pair["prompt_ids"], ids)
+        by_prompt: dict[int, list[tuple]] = {}
+        for key in completions:
+            by_prompt.setdefault(key[0], []).append(key)
+        layout = []
+        for keys in by_prompt.values():
+            for first, second in zip(keys[::2], keys[1::2] + keys[-1:] * (len(keys) % 2), strict=True):
+                layout.append(
+                    {
+                        "prompt_ids": completions[first][0],
+                        "chosen_ids": completions[first][1],
+                        "rejected_ids": completions[second][1],
+                        "chosen_reward": 0.0,
+                        "rejected_reward": 0.0,
+                        "index": len(layout),
+                        "keys": (first, second),
+                    }
+                )
+        logps: dict[tuple, float] = {}
+        for batch, is_filler in self.micro_batches(layout, self.reference_collate):
+            values = self.model.reference.logprobs(batch.to(self.model.device)).tolist()
+            if is_filler:
+                continue
+            for n, index in enumerate(batch.indices.tolist()):
+                first, second = layout[index]["keys"]
+                logps[first], logps[second] = values[n], values[batch.num_pairs + n]
+        return [
+            {**pair, "index": i, "ref_logps": tuple(logps[key] for key in pair["completion_keys"])}
+            for i, pair in enumerate(pairs)
+        ]
+
+    # -- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, dataloader: Iterable[list[dict]], limit: int | float) -> dict[str, float]:
-        self.model.train(False)
-        accumulator = MetricsAccumulator()
-        num_batches = limit_batches(limit, len(dataloader))
-        for i, global_batch in enumerate(dataloader):
-            if i >= num_batches:
-                break
-            for batch, is_filler in self.micro_batches(global_batch):
-                _, metrics = self.model.get_loss_and_metrics(batch, forward_only=True)
-                if not is_filler:
-                    accumulator.add(metrics, batch.num_pairs)
+        """Pair-weighted metrics over (up to ``limit`` of) ``dataloader``'s global batches."""
+        metrics, _ = evaluate(self.model, dataloader, self.micro_batches, limit)
         self.model.train()
-        return accumulator.reduce(self.model.dist)[0]
+        return metrics
 
     def run_validation(self) -> tuple[float, dict[str, float]]:
         """Pair-weighted mean loss and metrics over (up to ``limit_val_batches`` of) the validation set."""
@@ -248,16 +374,21 @@ class DPOTrainer:
         if self.val_dataloader is None or self.cfg.trainer.limit_val_batches == 0:
             return
         _, metrics = self.run_validation()
+        if self.on_validation is not None:  # generations: samples, judged metrics
+            metrics.update(self.on_validation(self.step))
         self.logger.log_metrics(metrics, self.step, prefix="val")
         self.last_val_metrics = metrics
         self.last_val_step = self.step
+        judged = (
+            f", win rate {metrics['win_rate']:.3f} (LC {metrics['lc_win_rate']:.3f})"
+            if "win_rate" in metrics
+            else ""
+        )
         self.print(
             f"step {self.step}: val loss {metrics['loss']:.4f} (preference {metrics['preference_loss']:.4f}), "
             f"acc {metrics['acc']:.3f}, "
-            f"margin {metrics['reward_margin_mean']:.3f}"
+            f"margin {metrics['reward_margin_mean']:.3f}{judged}"
         )
-        if self.on_validation is not None:
-            self.on_validation(self.step)
 
     def print(self, message: str) -> None:
         if self.model.dist.is_main:
@@ -294,6 +425,8 @@ class DPOTrainer:
                 why = (
                     "a stop signal was received"
                     if self.stop_requested
+                    else "should_stop asked for it after validation (e.g. a sweep pruning the trial)"
+                    if self.stopped_by_callback
                     else "trainer.max_time is nearly reached"
                 )
                 self.print(f"stopping at step {self.step}: {why}")
@@ -320,14 +453,17 @@ class DPOTrainer:
             self.sampler.set_epoch(self.epoch, start_batch)
             for global_batch in self.train_dataloader:
                 start = time.monotonic()
-                metrics = self.train_single_step(global_batch)
+                if self.online is None:
+                    metrics = self.train_single_step(global_batch)
+                else:
+                    metrics = self.online_step(global_batch)
                 elapsed = time.monotonic() - start
                 self._slowest_step = max(self._slowest_step, elapsed)
                 self.step += 1
                 self.consumed_samples += self.global_batch_size
                 metrics.update(
                     step_time=elapsed,
-                    pairs_per_sec=self.global_batch_size / elapsed,
+                    pairs_per_sec=metrics.pop("pairs", self.global_batch_size) / elapsed,
                     tokens_per_sec=metrics.pop("tokens") / elapsed,
                     epoch=self.epoch,
                     consumed_samples=self.consumed_samples,
@@ -345,19 +481,36 @@ class DPOTrainer:
                     save_interval=self.cfg.trainer.save_interval,
                     stop_early=stop_early,
                 )
+                asked_to_stop = False
                 if actions.validate:
                     self._validate_and_log()
                     validated_at = self.step
+                    asked_to_stop = not actions.stop and self._asked_to_stop()  # before the save it may make
                 if actions.save:
                     self.save()
                     saved_at = self.step
                 if actions.stop:
                     break
+                if asked_to_stop:
+                    return validated_at, saved_at, True
         return validated_at, saved_at, bool(actions and actions.stopping_early)
+
+    def _asked_to_stop(self) -> bool:
+        """``should_stop`` after a validation during training (every rank takes the same decision)."""
+        if self.should_stop is None or not self.last_val_metrics:
+            return False
+        self.stopped_by_callback = any_rank(
+            self.should_stop(self.step, self.last_val_metrics), self.model.dist
+        )
+        return self.stopped_by_callback
 
     def _report_step(self, metrics: dict[str, float], progress: tqdm, terminal: bool) -> None:
         """A finished step's metrics to the logger (every ``log_every_n_steps``), the console and the
         falling-chosen watch."""
+        if "loss" not in metrics:  # an online batch with no pair: nothing trained
+            self.logger.log_metrics(metrics, self.step, prefix="train")
+            progress.update(1)
+            return
         if self.step % self.cfg.trainer.log_every_n_steps == 0:
             self.logger.log_metrics(metrics, self.step, prefix="train")
             if not terminal:

@@ -12,9 +12,12 @@ does not show (custom code that ignores the interface) is refused by the self-ch
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING
 
-from preftune.config import ConfigError
+from preftune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 HINT = "set data.packing=false and data.share_prompt=false"
