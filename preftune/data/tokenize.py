@@ -83,17 +83,7 @@ class PairTokenizer:
                 if ids[-1:] != [self.eos_id]:
                     ids.append(self.eos_id)
         prompt, chosen, rejected = truncate(prompt, chosen, rejected, self.max_seq_length, self.bos_id)
-        if not chosen or not rejected:
-            return TRUNCATED_AWAY
-        if chosen == rejected:
-            return IDENTICAL
-        return {
-            "prompt_ids": prompt,
-            "chosen_ids": chosen,
-            "rejected_ids": rejected,
-            "chosen_reward": pair["chosen_reward"],
-            "rejected_reward": pair["rejected_reward"],
-        }
+        return example(prompt, chosen, rejected, pair)
 
     def finish_ids(self, pair: dict[str, Any]) -> dict[str, Any] | str:
         """The example of a tokenized pair: its ids as they are (no BOS or EOS added), truncated; or the
@@ -101,17 +91,7 @@ class PairTokenizer:
         prompt, chosen, rejected = truncate(
             pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"], self.max_seq_length, self.bos_id
         )
-        if not chosen or not rejected:
-            return TRUNCATED_AWAY
-        if chosen == rejected:
-            return IDENTICAL
-        return {
-            "prompt_ids": prompt,
-            "chosen_ids": chosen,
-            "rejected_ids": rejected,
-            "chosen_reward": pair["chosen_reward"],
-            "rejected_reward": pair["rejected_reward"],
-        }
+        return example(prompt, chosen, rejected, pair)
 
     def __call__(self, pair: dict[str, Any]) -> dict[str, Any] | str:
         """A tokenized example, or the reason it is dropped (one pair; ``preftune.data.pipeline`` batches)."""
@@ -148,3 +128,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer("a")["input_ids"]]).encode()
     )
     return h.hexdigest()
+
+
+def example(
+    prompt: list[int], chosen: list[int], rejected: list[int], pair: dict[str, Any]
+) -> dict[str, Any] | str:
+    """The training example of a pair's (truncated) ids and its rewards; or why it is dropped (a response
+    truncated to nothing, or two identical responses)."""
+    if not chosen or not rejected:
+        return TRUNCATED_AWAY
+    if chosen == rejected:
+        return IDENTICAL
+    return {
+        "prompt_ids": prompt,
+        "chosen_ids": chosen,
+        "rejected_ids": rejected,
+        "chosen_reward": pair["chosen_reward"],
+        "rejected_reward": pair["rejected_reward"],
+    }
