@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from preftune.cli import main
 
-from conftest import built_once, run
+from conftest import built_once, copy_run, run
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +42,9 @@ def torchrun(nproc: int, *preftune_args: str) -> list[str]:
     ]
 
 
-def launch(tmp_path: Path, name: str, nproc: int, model_dir: Path, files: dict, *overrides: str) -> Path:
-    output_dir = tmp_path / name
-    config = tmp_path / "empty.yaml"
-    config.write_text("{}\n")
-    args = [
+def train_args(output_dir: Path, model_dir: Path, files: dict, *overrides: str) -> list[str]:
+    """The overrides of the runs below: the tiny model, STEPS of the pair files' data."""
+    return [
         f"model.path={model_dir}",
         f"data.train={files['train']}",
         f"data.validation={files['validation']}",
@@ -63,6 +61,13 @@ def launch(tmp_path: Path, name: str, nproc: int, model_dir: Path, files: dict, 
         "trainer.val_check_interval=100",
         *overrides,
     ]
+
+
+def launch(tmp_path: Path, name: str, nproc: int, model_dir: Path, files: dict, *overrides: str) -> Path:
+    output_dir = tmp_path / name
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    args = train_args(output_dir, model_dir, files, *overrides)
     if nproc == 1:  # the CLI in this process: only the 2-process runs need torchrun
         assert main(["train", "--config", str(config), *args]) == 0
         return output_dir
@@ -105,6 +110,51 @@ def single(tmp_path_factory, tiny_model_dir, pair_files):
     return built_once(tmp_path_factory, "single", build) / "run"
 
 
+# Each run below trained by one torchrun launch of two ranks, one run after the other: a launch's start-up
+# (torchrun, two interpreters importing torch and transformers, the process group) is paid once, not per run.
+TRAIN_EACH = """
+import json, sys
+from preftune.config_checks import load_config
+from preftune.recipe import train
+from preftune.training.distributed import shutdown
+
+for overrides in json.loads(sys.argv[1]):
+    train(load_config(None, overrides))
+shutdown()
+"""
+
+LAYOUTS = {
+    "ddp": (),
+    "fsdp2": (),
+    "fsdp2-packed": ("data.packing=true", "data.share_prompt=true", "data.pack_length=96"),
+    "ddp-packed-masks": ("data.packing=true", "data.pack_length=96", "model.attn_implementation=sdpa"),
+}
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_files) -> Path:
+    """The two-process runs of the tests below, in one directory each (built once per test run; read only)."""
+    model_dir, steps = tiny_model_dir("llama"), f"trainer.max_steps={STEPS}"
+    runs = {}
+    for name, layout in LAYOUTS.items():
+        runs[name] = (steps, f"distributed.strategy={name.split('-')[0]}", *layout)
+    for strategy in ("ddp", "fsdp2"):
+        runs[f"pre-{strategy}"] = (steps, f"distributed.strategy={strategy}", "reference.mode=precompute")
+        runs[f"resume-{strategy}"] = ("trainer.max_steps=1", f"distributed.strategy={strategy}")
+        reference = f"reference.path={other_model_dir}"
+        runs[f"reference-{strategy}"] = (steps, f"distributed.strategy={strategy}", reference)
+
+    def build(root: Path) -> None:
+        script = root / "train_each.py"
+        script.write_text(TRAIN_EACH)
+        every = [train_args(root / name, model_dir, pair_files, *o) for name, o in runs.items()]
+        cmd = [*torchrun(2)[:-2], str(script), json.dumps(every)]  # the script in place of -m preftune
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    return built_once(tmp_path_factory, "two-process-runs", build)
+
+
 @pytest.mark.parametrize(
     "strategy, layout",
     [
@@ -115,18 +165,11 @@ def single(tmp_path_factory, tiny_model_dir, pair_files):
     ],
     ids=["ddp", "fsdp2", "fsdp2-packed", "ddp-packed-masks"],
 )
-def test_two_processes_equal_one(strategy, layout, single, tmp_path, tiny_model_dir, pair_files):
+def test_two_processes_equal_one(strategy, layout, single, two_process_runs, request):
     # packed rows differ per rank, so ranks run different numbers of micro-batches: FSDP2 must still agree
-    multi = launch(
-        tmp_path,
-        strategy,
-        2,
-        tiny_model_dir("llama"),
-        pair_files,
-        f"trainer.max_steps={STEPS}",
-        f"distributed.strategy={strategy}",
-        *layout,
-    )
+    name = request.node.callspec.id
+    assert LAYOUTS[name] == layout and name.split("-")[0] == strategy
+    multi = two_process_runs / name
     keys = (
         "train/loss",
         "train/acc",
@@ -141,17 +184,8 @@ def test_two_processes_equal_one(strategy, layout, single, tmp_path, tiny_model_
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_precomputed_reference_under_two_processes(strategy, single, tmp_path, tiny_model_dir, pair_files):
-    multi = launch(
-        tmp_path,
-        "pre",
-        2,
-        tiny_model_dir("llama"),
-        pair_files,
-        f"trainer.max_steps={STEPS}",
-        f"distributed.strategy={strategy}",
-        "reference.mode=precompute",
-    )
+def test_precomputed_reference_under_two_processes(strategy, single, two_process_runs):
+    multi = two_process_runs / f"pre-{strategy}"
     assert len(list((multi / "cache/reference").glob("*.pt"))) == 2, "one cache file per dataset"
     a, b = train_records(single), train_records(multi)
     for step in a:
@@ -160,17 +194,11 @@ def test_precomputed_reference_under_two_processes(strategy, single, tmp_path, t
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_process_checkpoint_resumes_on_one(strategy, single, tmp_path, tiny_model_dir, pair_files):
+def test_two_process_checkpoint_resumes_on_one(
+    strategy, single, two_process_runs, tmp_path, tiny_model_dir, pair_files
+):
     model_dir = tiny_model_dir("llama")
-    out = launch(
-        tmp_path,
-        "resume",
-        2,
-        model_dir,
-        pair_files,
-        "trainer.max_steps=1",
-        f"distributed.strategy={strategy}",
-    )
+    out = copy_run(two_process_runs / f"resume-{strategy}", tmp_path, "resume")  # 1 step on 2 processes
     assert (out / "checkpoints/step_1/optimizer").is_dir()
     launch(tmp_path, "resume", 1, model_dir, pair_files, f"trainer.max_steps={STEPS}")
     a, b = train_records(single), train_records(out)
@@ -194,20 +222,9 @@ def single_with_reference(tmp_path_factory, tiny_model_dir, other_model_dir, pai
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_reference_path_under_two_processes(
-    strategy, single_with_reference, tmp_path, tiny_model_dir, other_model_dir, pair_files
-):
+def test_reference_path_under_two_processes(strategy, single_with_reference, two_process_runs):
     """A separate reference (``reference.path``; FSDP2 shards it too) gives what it gives in one process."""
-    multi = launch(
-        tmp_path,
-        strategy,
-        2,
-        tiny_model_dir("llama"),
-        pair_files,
-        f"trainer.max_steps={STEPS}",
-        f"distributed.strategy={strategy}",
-        f"reference.path={other_model_dir}",
-    )
+    multi = two_process_runs / f"reference-{strategy}"
     keys = ("train/loss", "train/ref_logps_chosen_mean", "train/rewards_chosen_mean", "train/grad_norm")
     assert_same_run(single_with_reference, multi, keys, strategy)
     first = train_records(single_with_reference)[1]["train/preference_loss"]

@@ -146,6 +146,7 @@ def test_reference_initial_keeps_the_starting_model(straight, tmp_path, tiny_mod
     )
 
 
+@pytest.mark.slow
 def test_sigkill_inside_an_iterations_generation_resumes_to_the_straight_run(
     straight,
     tmp_path,

@@ -231,6 +231,7 @@ def test_online_run_records_the_judge_and_starts_at_log_2(tmp_path, tiny_model_d
         assert f"train/{key}" in first
 
 
+@pytest.mark.slow
 def test_every_loss_runs_online(tmp_path, tiny_model_dir, online_files):
     """One online step of each loss of the family: a finite loss, and log 2 at step 1 where the loss is
     DPO's sigmoid of a zero margin."""
@@ -376,6 +377,7 @@ def train_losses(output_dir: Path) -> list[float]:
     return [rec["train/loss"] for _, rec in sorted(records(output_dir, "train").items())]
 
 
+@pytest.mark.slow
 def test_two_processes_generate_and_train_as_one(tmp_path, tiny_model_dir, online_files):
     """torchrun with 2 gloo ranks, DDP then FSDP2 in one launch: the same generations.jsonl and losses
     (1e-5) as one process. Each rank samples its half of the prompts from the prompts' own seeds."""
@@ -407,9 +409,13 @@ def test_two_processes_generate_and_train_as_one(tmp_path, tiny_model_dir, onlin
         assert train_losses(tmp_path / strategy) == pytest.approx(train_losses(single), abs=1e-5), strategy
 
 
-def test_resume_after_sigkill_mid_step_equals_a_straight_run(tmp_path, tiny_model_dir, online_files):
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_step_equals_a_straight_run(
+    tmp_path, tiny_model_dir, online_files, monkeypatch, capsys
+):
     """A run SIGKILLed while judging step 3's generations (checkpoint at step 2), then the same command
-    again: its generations.jsonl and losses equal a straight run's (the lines of the killed step dropped)."""
+    again: its generations.jsonl and losses equal a straight run's (the lines of the killed step dropped).
+    (The rerun is in this process: the kill is what needs a process of its own.)"""
     model_dir = tiny_model_dir("llama")
     extra = (
         "trainer.max_steps=4",
@@ -432,9 +438,10 @@ def test_resume_after_sigkill_mid_step_equals_a_straight_run(tmp_path, tiny_mode
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     assert [line["step"] for line in generations(tmp_path / "killed")][-1] == 2  # step 3 never recorded
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from" in second.stdout
+    monkeypatch.setenv("PREFTUNE_TEST_CALLS", str(tmp_path / "calls"))
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), *overrides]) == 0  # the same command, in this process
+    assert "resuming from" in capsys.readouterr().out
     assert generations(tmp_path / "killed") == generations(straight)
     assert train_losses(tmp_path / "killed") == pytest.approx(train_losses(straight), abs=1e-6)
 

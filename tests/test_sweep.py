@@ -143,6 +143,7 @@ def test_should_stop_stops_the_run_after_a_validation(tmp_path, tiny_model_dir, 
 # -- a 2 x 2 grid -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_grid_shares_tokenization_and_reference(base_config, tmp_path, monkeypatch, capsys):
     """Tokenized pairs and reference forwards over the whole sweep equal one pass over the data (not four),
     and every trial's losses equal a standalone `preftune train` of its config.yaml with caches of its own."""
@@ -226,6 +227,7 @@ def assert_pruned_search(out: Path) -> None:
     assert result["best"] not in {t["dir"] for t in pruned}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("search", ["grid", "optuna"])
 def test_sigkilled_sweep_resumes_to_the_same_result(base_config, tmp_path, capsys, search):
     """A sweep SIGKILLed just after trial_001 saved its step-2 checkpoint, rerun with the same command, ends
