@@ -112,8 +112,9 @@ def single(tmp_path_factory, tiny_model_dir, pair_files):
 
 # Each run below trained by one torchrun launch of two ranks, one run after the other: a launch's start-up
 # (torchrun, two interpreters importing torch and transformers, the process group) is paid once, not per run.
+# After the runs, shutdown() leaves no wrapped model (holding the group) for the interpreter's exit to collect.
 TRAIN_EACH = """
-import json, sys
+import gc, json, sys
 from preftune.config_checks import load_config
 from preftune.recipe import train
 from preftune.training.distributed import shutdown
@@ -121,6 +122,10 @@ from preftune.training.distributed import shutdown
 for overrides in json.loads(sys.argv[1]):
     train(load_config(None, overrides))
 shutdown()
+gc.set_debug(gc.DEBUG_SAVEALL)
+gc.collect()
+left = {type(o).__name__ for o in gc.garbage} & {"DistributedDataParallel", "FSDPState", "DeviceMesh"}
+assert not left, f"shutdown left {sorted(left)} for the interpreter's exit to collect"
 """
 
 LAYOUTS = {

@@ -5,6 +5,7 @@ DDP / FSDP2 wrapping, the few collectives) is ``preftune.modeling.parallel``."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -42,8 +43,14 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
 
 def shutdown(wait: bool = True) -> None:
     """Leave the process group once every rank is done (``wait=False``: at once, after an error, when the
-    other ranks may never reach the barrier)."""
+    other ranks may never reach the barrier).
+
+    A trained DDP / FSDP2 model outlives the run in reference cycles, holding the group (DDP's reducer,
+    FSDP2's device mesh). They are collected here, so that no model, group or gloo thread is left for the
+    interpreter's exit to tear down: a gloo thread releasing a tensor then needs the GIL of an interpreter
+    that is going away, and the rank aborts ("terminate called without an active exception")."""
     if dist.is_initialized():
+        gc.collect()
         if wait:
             dist.barrier()
         dist.destroy_process_group()
