@@ -103,9 +103,10 @@ def obeys_rule(prompt: str, response: str) -> bool:
 def rule_credit(prompt: str, response: str) -> float:
     """Partial credit for the rule, 1.0 exactly when the response obeys it; otherwise five graded checks of
     its items of the prompt's category, summed over 6 (an obeying list always beats one that does not, and
-    a response with no item of the category gets 0): their share of the items, how close the item count is
-    to the prompt's, how many distinct ones there are (of the count asked), the share written in the prompt's
-    case, and whether they are in the prompt's order."""
+    a response with no item of the category gets 0): the share of the items that are distinct ones of the
+    category, how close the item count is to the prompt's, how many distinct ones there are (of the count
+    asked), the share written in the prompt's case, and whether they are strictly in the prompt's order.
+    A repeated item never earns credit (online training learns to repeat an item when it does)."""
     if obeys_rule(prompt, response):
         return 1.0
     category = next(c for c in CATEGORIES if c in prompt)
@@ -116,12 +117,14 @@ def rule_credit(prompt: str, response: str) -> float:
     valid = [item for item in items if item.lower() in CATEGORIES[category]]
     if not valid:
         return 0.0
+    distinct = len({item.lower() for item in valid})
+    ordered = valid == sorted(valid, key=str.lower, reverse=descending)
     checks = (
-        len(valid) / len(items),
+        distinct / len(items),
         max(0.0, 1 - abs(len(items) - n) / n),
-        min(1.0, len({item.lower() for item in valid}) / n),
+        min(1.0, distinct / n),
         sum(item == (item.upper() if upper else item.lower()) for item in valid) / len(valid),
-        float(len(valid) > 1 and valid == sorted(valid, key=str.lower, reverse=descending)),
+        float(distinct > 1 and distinct == len(valid) and ordered),
     )
     return sum(checks) / 6
 
