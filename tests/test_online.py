@@ -460,6 +460,9 @@ def test_demo_rule_reward_by_hand():
     # apple, fig: category 1, count 1 - 1/3, distinct 2/3, case 1, order 1 -> (13/3) / 6
     # APPLE, dog, dog: of the category 1/3, count 1, distinct 1/3, case 0 (APPLE), order 0 (one item)
     assert got == pytest.approx([1.0, 4 / 6, 13 / 18, 5 / 18])
+    # a repeat earns nothing: apple, fig, fig: distinct of the category 2/3, count 1, distinct 2/3, case 1,
+    # order 0 (not strictly sorted) -> (10/3) / 6, below "apple, fig" (online training learned to repeat)
+    assert rule_reward([prompt], ["apple, fig, fig"]) == pytest.approx([10 / 18])
     assert rule_reward([prompt, prompt], ["", "dog, cat"]) == [0.0, 0.0]  # no item of the category: 0
 
 
