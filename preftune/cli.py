@@ -191,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="preftune", description="Preference optimisation (DPO family) for causal LMs"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    add_run_commands(sub)
+    add_tool_commands(sub)
+    add_sweep_command(sub)
+    add_demo_commands(sub)
+    return parser
+
+
+def add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """``train``, ``inspect`` and ``eval``: commands on one config."""
     train = sub.add_parser("train", help="train (or resume) from a YAML config")
     train.add_argument("--config", required=True, help="YAML config file, or preset:NAME (preftune presets)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-6")
@@ -220,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted key=value overrides, e.g. data.validation=f.jsonl"
     )
     evaluate.set_defaults(run=_eval)
+
+
+def add_tool_commands(sub: argparse._SubParsersAction) -> None:
+    """``report`` and ``export``: commands on what runs wrote."""
     report = sub.add_parser("report", help="an HTML page of curves, final metrics and samples of runs")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run output directories")
     report.add_argument("--output", help="the page to write (default: RUN_DIR/report.html, the first)")
@@ -235,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this Hub model repo")
     export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     export.set_defaults(run=_export)
+
+
+def add_sweep_command(sub: argparse._SubParsersAction) -> None:
+    """``sweep``: one config over a grid or a search."""
     sweep = sub.add_parser(
         "sweep",
         help="train one config over a grid or an Optuna search, sharing tokenization and the reference",
@@ -267,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--worker", help=argparse.SUPPRESS)  # I/K: one of --parallel K's processes
     sweep.set_defaults(run=_sweep)
+
+
+def add_demo_commands(sub: argparse._SubParsersAction) -> None:
+    """``presets`` and ``demo``."""
     presets = sub.add_parser("presets", help="list the packaged configs usable as --config preset:NAME")
     presets.set_defaults(run=_presets)
     demo = sub.add_parser(
@@ -280,7 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("overrides", nargs="*", help="dotted key=value overrides on the demo config")
     demo.set_defaults(run=_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -213,10 +213,9 @@ def check_online(cfg: PreftuneConfig) -> None:
     """``online.*``: the sampling settings, the pairing, and what online training cannot combine with."""
     from preftune.modeling.judges import judge_is_set
 
-    online = cfg.online
+    online, least = cfg.online, 1 if cfg.online.pairing == "spin" else 2
     if not online.enabled:
         return
-    least = 1 if online.pairing == "spin" else 2
     rules = [
         (online.pairing in PAIRINGS, f"online.pairing={online.pairing!r}: use one of {', '.join(PAIRINGS)}"),
         (
@@ -267,9 +266,9 @@ def check_online(cfg: PreftuneConfig) -> None:
             "pairs instead",
         ),
     ]
-    for ok, message in rules:
-        if not ok:
-            raise ConfigError(message)
+    broken = [message for ok, message in rules if not ok]
+    if broken:
+        raise ConfigError(broken[0])
 
 
 def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:

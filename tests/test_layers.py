@@ -181,3 +181,18 @@ def test_importing_changes_no_warning_filter() -> None:
                 ):
                     found.append(f"{name}:{call.lineno}")
     assert not found, f"warning filters changed at import: {', '.join(found)}"
+
+
+def test_no_function_is_over_60_lines() -> None:
+    """A function reads in one screen (its signature and docstring counted): longer ones are split into named
+    steps."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60:
+                    long.append(
+                        f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({length} lines)"
+                    )
+    assert not long, "functions over 60 lines: " + "; ".join(long)

@@ -159,8 +159,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         tokenized = tokenize_sources(self.sources, pair_tokenizer, format, columns, completions)
         self.examples, self.origins = TokenizedPairs(tokenized.columns), tokenized.origins
         self.drops, self.formats, self.records = tokenized.drops, tokenized.formats, tokenized.records
-        self.tokenize_seconds = tokenized.seconds
-        self.from_cache = False
+        self.tokenize_seconds, self.from_cache = tokenized.seconds, False
         if not len(self.examples):
             raise DataError(f"{self.stats.summary()}; nothing left to train on (raise data.max_seq_length?)")
         if cache_file is not None:

@@ -104,8 +104,8 @@ def varlen_attention_forward(
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers attention function: [B, H, L, D] queries, [B, KV, L, D] keys/values -> [B, L, H, D]."""
-    if attention_mask is not None:
-        raise ValueError(f"{VARLEN} takes attention_blocks, not an attention mask")
+    if attention_mask is not None or key.shape[2] != query.shape[2]:  # a KV cache: decode under SDPA instead
+        raise ValueError(f"{VARLEN} takes attention_blocks, not an attention mask or a KV cache")
     if kwargs.get("output_attentions"):
         raise ValueError(f"{VARLEN} cannot return attention weights")
     options = {
@@ -117,10 +117,6 @@ def varlen_attention_forward(
         "sinks": s_aux,
     }
     if attention_blocks is None:  # padded rows: each row is one causal sequence
-        if key.shape[2] != query.shape[2]:
-            raise ValueError(
-                f"{VARLEN} cannot decode with a KV cache: generate under SDPA (masked_attention)"
-            )
         return block_attention(query, key, value, 0, **options).transpose(1, 2), None
     length = query.shape[2]
     by_row: dict[int, list[Block]] = {}

@@ -185,14 +185,13 @@ class DPOTrainer:
         self.should_stop: Callable[[int, dict[str, float]], bool] | None = None
         self.stopped_by_callback = False
         self.online: OnlineStep | None = None  # online DPO: the batches are prompts, made into pairs per step
+        # online: lays out the step's pairs (with a reference: carrying their ref_logps), and the completions
+        # the reference scores (None: reference-free, or scored in the step on K-completion groups)
         self.online_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
-        """Online: lays out the step's pairs (with a reference: carrying their ``ref_logps``)."""
         self.reference_collate: Callable[[Sequence[dict]], list[MicroBatch]] | None = None
-        """Online with a reference: lays out the completions the reference scores."""
+        # online, packed or with a shared prompt: the step's pairs as K-completion groups (each prompt's
+        # responses once, data.packing.group_by_prompt) for online_collate, the reference run on the same rows
         self.group_pairs: Callable[[list[dict]], list[dict]] | None = None
-        """Online, packed or with a shared prompt: turns the step's pairs into K-completion groups (each
-        prompt's responses once, ``preftune.data.packing.group_by_prompt``) for ``online_collate``; the
-        reference then runs in the step, on the same rows."""
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
