@@ -47,17 +47,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def check_config(cfg: PreftuneConfig) -> None:
-    """The rules a config must follow on its own (no file or model is looked at)."""
+    """The rules a config must follow on its own (no file or model is looked at). The rules that read names
+    from modules importing torch come last, so that the other mistakes are said without that import."""
+    # online per step, the global batch is prompts; iterative DPO trains its pairs offline
+    _check_data(cfg.data, env_world_size(), cfg.online.enabled and cfg.online.iterations is None)
+    _check_trainer(cfg.trainer)
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas must be a list of two floats")
     from preftune.modeling.parallel import STRATEGIES
     from preftune.training.optim import OPTIMIZERS, SCHEDULES
 
-    # online per step, the global batch is prompts; iterative DPO trains its pairs offline
-    _check_data(cfg.data, env_world_size(), cfg.online.enabled and cfg.online.iterations is None)
     _check_model(cfg)
-    _check_trainer(cfg.trainer)
     _check_losses(cfg)
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError("optim.betas must be a list of two floats")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.optim.name!r}: use one of {', '.join(OPTIMIZERS)}")
     if cfg.optim.sched.name not in SCHEDULES:

@@ -53,8 +53,17 @@ def test_presets_and_config_mistakes_import_no_torch(tmp_path):
         ["train", "--config", "preset:llama3.1-8b-full", "optim.lrr=1"],  # an unknown key
         ["inspect", "--config", "preset:qwen3-8b-lora", "optim.lr=fast"],  # a wrong type
         ["eval", "--config", str(tmp_path / "missing.yaml")],  # no such file
+        # a rule on values (checked before any file or model is looked at)
+        [
+            "train",
+            "--config",
+            "preset:llama3.1-8b-full",
+            "model.path=m",
+            "data.train=t",
+            "trainer.max_steps=0",
+        ],
     ]
-    assert run_in_fresh_python(argvs, HEAVY) == {"codes": [0, 2, 2, 2], "loaded": []}
+    assert run_in_fresh_python(argvs, HEAVY) == {"codes": [0, 2, 2, 2, 2], "loaded": []}
 
 
 def test_public_names_load_on_first_use():
