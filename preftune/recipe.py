@@ -249,7 +249,7 @@ def load_online_data(cfg: PreftuneConfig, info: DistInfo) -> tuple[Any, PromptSe
     tokenizer = load_tokenizer(cfg)
     if cfg.reference.path is not None:
         check_same_tokenizer(tokenizer, cfg.reference.path, cfg.model.trust_remote_code)
-    cache_dir = cfg.data.cache_dir or Path(cfg.output_dir) / "cache" / "tokenized"
+    cache_dir = RunDir(cfg.output_dir).tokenized(cfg.data.cache_dir)
     max_prompt_length = cfg.data.max_seq_length - cfg.online.max_new_tokens
     with main_rank_first(info):
         prompts = load_prompts(cfg.data, tokenizer, cache_dir, max_prompt_length)

@@ -8,7 +8,6 @@ to ``output_dir/generations.jsonl``; a resumed run drops the lines written after
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -19,8 +18,8 @@ from typing import Any
 from preftune.data.pairing import DATA_RESPONSE, pair_completions, penalized
 from preftune.modeling.generation import Completion, Generator, SamplingSettings, prompt_seed
 from preftune.modeling.parallel import DistInfo, gather_objects
-
-GENERATIONS = "generations.jsonl"
+from preftune.run_dir import RunDir
+from preftune.training.samples import append_jsonl
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ class OnlineStep:
         total = StepCounts.merge([g[1] for g in gathered])
         everyone = sorted((r for g in gathered for r in g[0]), key=lambda r: r["index"])
         if self.output_dir is not None and self.dist.is_main:
-            append_generations(self.output_dir, everyone)
+            append_jsonl(RunDir(self.output_dir).generations, everyone)
         seconds = max(g[2] for g in gathered)
         return OnlineBatch(pairs, total.pairs, total.metrics(seconds), everyone, total, seconds)
 
@@ -230,8 +229,3 @@ class StepCounts:
         if self.unparsed:
             out["online_unscored"] = float(self.unparsed)
         return out
-
-
-def append_generations(output_dir: Path, records: list[dict[str, Any]]) -> None:
-    with (Path(output_dir) / GENERATIONS).open("a") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
