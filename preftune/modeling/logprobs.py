@@ -3,13 +3,21 @@
 `token_logprobs(hidden, weight, labels)` returns log p(label | hidden) without ever holding the full
 [tokens x vocab] logits: a custom autograd function computes each chunk's logits in forward, keeps
 only the inputs (plus an [N] logsumexp), and recomputes the chunk's logits in backward.
+Under tensor parallelism the head's weight is a DTensor sharded over the vocabulary: each rank then works on its
+own rows of the vocabulary and the per-token max, log-sum-exp and label logit are reduced across the tensor-parallel
+group (`VocabShard`), so no rank holds even one chunk's full-vocabulary logits.
 `SequenceLogprobs` runs a causal LM on a `MicroBatch` and sums them per response.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
 from torch.autograd.function import once_differentiable
 from transformers import PreTrainedModel
 
@@ -39,10 +47,37 @@ def _chunk_logits(
     return buf
 
 
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's rows ``[start, start + size)`` of a head sharded over the vocabulary across ``group``."""
+
+    group: dist.ProcessGroup
+    start: int
+
+    def local_labels(self, labels: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        """(each label's row in this shard, clamped into it; whether this shard holds it)."""
+        local = labels - self.start
+        held = (local >= 0) & (local < size)
+        return local.clamp(0, size - 1), held
+
+
+def _all_reduce(value: Tensor, shard: VocabShard | None, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
+    if shard is not None:
+        dist.all_reduce(value, op=op, group=shard.group)
+    return value
+
+
 def _forward(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, step: int, softcap: float | None
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    step: int,
+    softcap: float | None,
+    shard: VocabShard | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Return (log p(label), logsumexp), both [N], one chunk of `step` tokens at a time."""
+    """Return (log p(label), logsumexp), both [N], one chunk of `step` tokens at a time (vocabulary-parallel
+    with `shard`: two all-reduces per chunk, the max and then the label logit with the sum of exponentials)."""
     n = hidden.shape[0]
     buf, low = _buffers(min(step, n), weight)
     logp = hidden.new_empty(n, dtype=buf.dtype)
@@ -50,9 +85,17 @@ def _forward(
     for s in range(0, n, step):
         c = min(step, n - s)
         z = _chunk_logits(hidden[s : s + c], weight, bias, softcap, buf[:c], None if low is None else low[:c])
-        logp[s : s + c] = z.gather(1, labels[s : s + c, None]).squeeze(1)
-        m = z.amax(dim=1)
-        lse[s : s + c] = z.sub_(m[:, None]).exp_().sum(dim=1).log_() + m  # in-place logsumexp
+        if shard is None:
+            logp[s : s + c] = z.gather(1, labels[s : s + c, None]).squeeze(1)
+        else:
+            local, held = shard.local_labels(labels[s : s + c], z.shape[1])
+            logp[s : s + c] = z.gather(1, local[:, None]).squeeze(1).where(held, 0.0)
+        m = _all_reduce(z.amax(dim=1), shard, dist.ReduceOp.MAX)
+        sum_exp = z.sub_(m[:, None]).exp_().sum(dim=1)  # in-place logsumexp
+        if shard is not None:
+            both = _all_reduce(torch.stack([logp[s : s + c], sum_exp]), shard)
+            logp[s : s + c], sum_exp = both[0], both[1]
+        lse[s : s + c] = sum_exp.log_() + m
     logp -= lse
     return logp, lse
 
@@ -69,10 +112,11 @@ class _TokenLogprobs(torch.autograd.Function):
         labels: Tensor,
         step: int,
         softcap: float | None,
+        shard: VocabShard | None,
     ) -> Tensor:
-        logp, lse = _forward(hidden, weight, bias, labels, step, softcap)
+        logp, lse = _forward(hidden, weight, bias, labels, step, softcap, shard)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.step, ctx.softcap = step, softcap
+        ctx.step, ctx.softcap, ctx.shard = step, softcap, shard
         return logp
 
     @staticmethod
@@ -80,7 +124,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        step, softcap, n = ctx.step, ctx.softcap, hidden.shape[0]
+        step, softcap, shard, n = ctx.step, ctx.softcap, ctx.shard, hidden.shape[0]
         buf, low = _buffers(min(step, n), weight)
         dbuf = torch.empty_like(buf) if softcap is not None else None
         grad_out = grad_out.to(buf.dtype)
@@ -90,11 +134,15 @@ class _TokenLogprobs(torch.autograd.Function):
         for s in range(0, n, step):
             c = min(step, n - s)
             h, go = hidden[s : s + c].to(weight.dtype), grad_out[s : s + c, None]
+            label, held_go = labels[s : s + c, None], go
+            if shard is not None:
+                local, held = shard.local_labels(labels[s : s + c], weight.shape[0])
+                label, held_go = local[:, None], go * held[:, None]
             low_c = None if low is None else low[:c]
             z = _chunk_logits(h, weight, bias, softcap, buf[:c], low_c)
             dcap = None if dbuf is None else torch.div(z, softcap, out=dbuf[:c]).square_().neg_().add_(1)
             g = z.sub_(lse[s : s + c, None]).exp_().mul_(-go)  # -grad * softmax
-            g.scatter_add_(1, labels[s : s + c, None], go)  # + grad * onehot(label)
+            g.scatter_add_(1, label, held_go)  # + grad * onehot(label)
             if dcap is not None:
                 g.mul_(dcap)  # soft-cap derivative 1 - tanh^2
             if gb is not None:
@@ -105,7 +153,23 @@ class _TokenLogprobs(torch.autograd.Function):
                 gh[s : s + c] = g @ weight
             if gw is not None:
                 gw.addmm_(g.T, h)
-        return gh, gw, None if gb is None else gb.to(bias.dtype), None, None, None
+        if gh is not None:  # every shard's part of the hidden states' gradient
+            _all_reduce(gh, shard)
+        return gh, gw, None if gb is None else gb.to(bias.dtype), None, None, None, None
+
+
+def vocab_shard(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None, VocabShard | None]:
+    """(local weight, local bias, its `VocabShard`) of a head weight that is a DTensor sharded over the
+    vocabulary on a 1-D (tensor-parallel) mesh; a plain tensor comes back as it is, with None.
+    Rows are split as ``torch.chunk`` splits them: rank r holds rows from r * ceil(V / T)."""
+    if not isinstance(weight, DTensor):
+        return weight, bias, None
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or weight.placements != (Shard(0),):
+        raise ValueError(f"a head weight sharded as {weight.placements} on {mesh}: expected Shard(0) on 1-D")
+    start = mesh.get_local_rank() * math.ceil(weight.shape[0] / mesh.size())
+    local_bias = bias.to_local() if isinstance(bias, DTensor) else bias
+    return weight.to_local(), local_bias, VocabShard(mesh.get_group(), start)
 
 
 def token_logprobs(
@@ -121,6 +185,11 @@ def token_logprobs(
 
     hidden [N, H] (fp32 or bf16), weight [V, H], labels [N] int64 in [0, V), bias [V] or None.
     softcap: Gemma-2 final-logit soft-capping, logits = softcap * tanh(logits / softcap).
+    A weight (and bias) that is a DTensor sharded over the vocabulary (tensor parallelism, `vocab_shard`):
+    every rank of its group calls this with the same hidden states and labels; each computes the logits of
+    its rows only, the result is the same on every rank, the weight's gradient is its shard's and the
+    hidden states' gradient is summed over the group.
+'''
 
     Tokens are processed `chunk_size` at a time (<= 0: one chunk; N <= chunk_size is one chunk)
     through reused [chunk_size, V] buffers, so the peak extra memory is O(chunk_size x V) in forward
@@ -137,10 +206,11 @@ def token_logprobs(
     thread barrier; 4096 (one chunk here) saves the least memory and is 1.0-1.2x the time.
     """
     step = chunk_size if chunk_size > 0 else max(hidden.shape[0], 1)
+    weight, bias, shard = vocab_shard(weight, bias)  # differentiable: the shard's gradient is a DTensor's
     needs_grad = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and needs_grad:
-        return _TokenLogprobs.apply(hidden, weight, bias, labels, step, softcap)
-    return _forward(hidden, weight, bias, labels, step, softcap)[0]
+        return _TokenLogprobs.apply(hidden, weight, bias, labels, step, softcap, shard)
+    return _forward(hidden, weight, bias, labels, step, softcap, shard)[0]
 
 
 LOGITS_CHUNK_ELEMENTS = 2**25  # 128 MiB of fp32 logits per chunk

@@ -1,0 +1,174 @@
+"""Run on every rank of a 2-process torchrun launch (gloo) by tests/test_tensor_parallel.py: tensor parallelism
+over both ranks against the same model unsharded in this process. Writes the largest differences (and a few
+facts) as JSON to argv[1] from rank 0; the test asserts on them.
+
+usage: torchrun --nproc-per-node=2 tests/tensor_parallel_checks.py OUT.json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_families import EOS, dpo_cfg, dpo_model, family_model, pairs, trained  # noqa: E402
+
+from preftune.data.batch import dpo_custom_collate, micro_batch_from_padded  # noqa: E402
+from preftune.losses import LossSettings  # noqa: E402
+from preftune.modeling.model import DPOModel  # noqa: E402
+from preftune.modeling.logprobs import SequenceLogprobs, token_logprobs  # noqa: E402
+from preftune.modeling.parallel import _blocks  # noqa: E402
+from preftune.modeling.peft_setup import add_adapters  # noqa: E402
+from preftune.modeling.tensor_parallel import TENSOR_PARALLEL_FAMILIES, apply_tensor_parallel  # noqa: E402
+from preftune.config import LoraConfig  # noqa: E402
+
+STEPS = 3
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = full(a).detach().float(), full(b).detach().float()
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def vocab_parallel_logprobs(tp_mesh) -> dict[str, float]:
+    """token_logprobs on a head sharded over the vocabulary (V=37: shards of 19 and 18 rows; 3 chunks of 5
+    tokens) against the one-process function: values and the gradients of hidden, weight and bias."""
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 13, 16, 37
+    hidden, weight, bias = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g), torch.randn(v, generator=g)
+    labels, grad = torch.randint(0, v, (n,), generator=g), torch.randn(n, generator=g)
+    out = {}
+    for softcap in (None, 3.0):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        one = token_logprobs(leaves[0], leaves[1], labels, leaves[2], chunk_size=5, softcap=softcap)
+        one.backward(grad)
+        sharded = [
+            hidden.clone().requires_grad_(),
+            distribute_tensor(weight, tp_mesh, [Shard(0)]).requires_grad_(),
+            distribute_tensor(bias, tp_mesh, [Shard(0)]).requires_grad_(),
+        ]
+        two = token_logprobs(sharded[0], sharded[1], labels, sharded[2], chunk_size=5, softcap=softcap)
+        two.backward(grad)
+        with torch.no_grad():
+            no_grad = token_logprobs(hidden, sharded[1], labels, sharded[2], chunk_size=5, softcap=softcap)
+        key = f"softcap={softcap}"
+        out[f"{key} logp"] = max(diff(one, two), diff(one, no_grad))
+        for name, a, b in zip(("hidden", "weight", "bias"), leaves, sharded, strict=True):
+            out[f"{key} grad {name}"] = diff(a.grad, b.grad)
+        out[f"{key} weight grad is a shard"] = sharded[1].grad.to_local().shape[0] < v
+    return out
+
+
+def padded(exs: list[dict]):
+    return micro_batch_from_padded(dpo_custom_collate(exs, EOS))
+
+
+def family_logprobs(tp_mesh) -> dict[str, float]:
+    """Every supported family's per-sequence log-probs, TP=2 against the same model in one process."""
+    out = {}
+    for model_type in TENSOR_PARALLEL_FAMILIES:
+        model = family_model(model_type)
+        sharded = apply_tensor_parallel(copy.deepcopy(model), tp_mesh)
+        with torch.no_grad():
+            a = SequenceLogprobs(model, chunk_size=7)(padded(pairs()))[0]
+            b = SequenceLogprobs(sharded, chunk_size=7)(padded(pairs()))[0]
+        out[model_type] = diff(a, b)
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        out[f"{model_type} tied kept"] = tied == (
+            sharded.get_output_embeddings().weight is sharded.get_input_embeddings().weight
+        )
+    return out
+
+
+def shard_like_a_run(model, shard_mesh, tp_mesh) -> None:
+    """What a run with distributed.tensor_parallel=2 does to the policy and reference: tensor parallelism, then
+    FSDP2 over the (size-1) data-parallel mesh."""
+    for runner in (model.policy_runner, model.reference.runner if hasattr(model.reference, "runner") else None):
+        if runner is None:
+            continue
+        apply_tensor_parallel(runner.model, tp_mesh)
+        for block in _blocks(runner.model):
+            fully_shard(block, mesh=shard_mesh)
+        fully_shard(runner, mesh=shard_mesh)
+
+
+def training_steps(one, sharded) -> dict[str, float]:
+    """Log-probs, loss, every gradient and STEPS AdamW steps of two DPOModels (one in this process, one
+    sharded), on different pairs each step."""
+    out: dict[str, float] = {}
+    params = [dict((n, p) for n, p in m.policy.named_parameters() if p.requires_grad) for m in (one, sharded)]
+    assert params[0].keys() == params[1].keys()
+    optims = [torch.optim.AdamW(p.values(), lr=1e-2, eps=1e-4) for p in params]
+    for step in range(STEPS):
+        batch = padded(pairs(step))
+        results = []
+        for model, optim in zip((one, sharded), optims, strict=True):
+            optim.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                logps = model.sequence_logprobs(model.policy, batch)[0]
+            loss, metrics = model.get_loss_and_metrics(batch, forward_only=False)
+            loss.backward()
+            results.append((logps.detach(), loss.detach(), metrics))
+        (la, a, ma), (lb, b, mb) = results
+        out["logps"] = max(out.get("logps", 0.0), diff(la, lb))
+        out["loss"] = max(out.get("loss", 0.0), diff(a, b))
+        out["metrics"] = max(out.get("metrics", 0.0), max(diff(ma[k], mb[k]) for k in ma))
+        out["grads"] = max(out.get("grads", 0.0), max(diff(params[0][k].grad, params[1][k].grad) for k in params[0]))
+        for optim in optims:
+            optim.step()
+    out["weights"] = max(diff(params[0][k], params[1][k]) for k in params[0])
+    out["loss at step 1"] = a.item()
+    return out
+
+
+def full_fine_tune(shard_mesh, tp_mesh) -> dict[str, float]:
+    one = trained("llama")  # a policy moved away from its frozen reference
+    sharded = dpo_model(copy.deepcopy(one.policy), copy.deepcopy(one.reference.model), sft_loss_weight=0.5)
+    shard_like_a_run(sharded, shard_mesh, tp_mesh)
+    return training_steps(one, sharded)
+
+
+def lora(shard_mesh, tp_mesh) -> dict[str, float]:
+    """LoRA on every linear layer (the reference: adapters off), adapters moved off their zero start."""
+    policy = add_adapters(copy.deepcopy(family_model("llama")), LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    one, sharded = (DPOModel(p, None, LossSettings.from_config(dpo_cfg())).train(False) for p in (policy, copy.deepcopy(policy)))
+    shard_like_a_run(sharded, shard_mesh, tp_mesh)
+    return training_steps(one, sharded)
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    mesh = init_device_mesh("cpu", (1, 1, 2), mesh_dim_names=("dp", "cp", "tp"))
+    tp_mesh, shard_mesh = mesh["tp"], mesh["dp", "cp"]._flatten("dp_cp")
+    results = {
+        "vocab_parallel": vocab_parallel_logprobs(tp_mesh),
+        "families": family_logprobs(tp_mesh),
+        "full": full_fine_tune(shard_mesh, tp_mesh),
+        "lora": lora(shard_mesh, tp_mesh),
+    }
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
