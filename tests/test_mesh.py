@@ -7,12 +7,11 @@ import itertools
 
 import pytest
 import torch
+from test_cli_errors import assert_one_line, base_args
 
 from preftune.cli import main
 from preftune.data.sampler import GlobalBatchSampler
 from preftune.modeling.parallel import DistInfo, clip_grad_norm
-
-from test_cli_errors import assert_one_line, base_args
 
 
 @pytest.mark.parametrize("world, tp, cp", [(8, 2, 2), (4, 2, 1), (4, 1, 2), (6, 3, 1), (2, 1, 1)])
@@ -62,11 +61,11 @@ def test_clip_grad_norm_is_torch_on_one_mesh():
     for p in params[:2]:
         p.grad = torch.randn_like(p) * 3
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    for p, t in zip(params, twins):
+    for p, t in zip(params, twins, strict=True):
         t.grad = None if p.grad is None else p.grad.clone()
     expected = torch.nn.utils.clip_grad_norm_(twins, 1.5).item()
     assert clip_grad_norm(params, 1.5) == pytest.approx(expected, rel=1e-6)
-    for p, t in zip(params[:2], twins[:2]):
+    for p, t in zip(params[:2], twins[:2], strict=True):
         torch.testing.assert_close(p.grad, t.grad, rtol=1e-6, atol=0)
     hand = (params[0].grad.square().sum() + params[1].grad.square().sum()).sqrt()
     assert hand.item() == pytest.approx(1.5, rel=1e-5)  # clipped to max_norm
