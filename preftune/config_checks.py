@@ -317,8 +317,12 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
     model_config = _model_config(cfg.model.path, cfg.model.trust_remote_code, "model.path", tokenizer_only)
     if model_config is not None and (cfg.data.packing or cfg.data.share_prompt):
         layer_windows(model_config)  # a ConfigError for what packed rows cannot lay out
+    models = {"model.path": (cfg.model.path, model_config)}
     if cfg.reference.path is not None and not tokenizer_only:
-        _model_config(cfg.reference.path, cfg.model.trust_remote_code, "reference.path", tokenizer_only=False)
+        reference = _model_config(cfg.reference.path, cfg.model.trust_remote_code, "reference.path", False)
+        models["reference.path"] = (cfg.reference.path, reference)
+    if cfg.distributed.tensor_parallel > 1 and not tokenizer_only:
+        _check_tensor_parallel(models, cfg.distributed.tensor_parallel)
     from preftune.modeling.judges import check_judge, judge_is_set
 
     if not tokenizer_only and judge_is_set(cfg.judge):
@@ -331,10 +335,21 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
                 raise ConfigError(
                     f"{name} is not set: launch with torchrun, or export it in the SLURM script"
                 )
-        if cfg.distributed.strategy == "fsdp2" and cfg.model.lora.r > 0:
+        if cfg.distributed.strategy == "fsdp2" and cfg.model.lora.r > 0 and cfg.distributed.tensor_parallel == 1:
             raise ConfigError(
-                "model.lora.r > 0 with distributed.strategy=fsdp2 is not supported yet: use ddp"
+                "model.lora.r > 0 with distributed.strategy=fsdp2 is not supported yet without tensor "
+                "parallelism: use ddp (or distributed.tensor_parallel > 1)"
             )
+
+
+def _check_tensor_parallel(models: dict[str, tuple[str, Any]], tensor_parallel: int) -> None:
+    """Each model (key -> (path, its transformers config)) splits over ``tensor_parallel`` ranks."""
+    from preftune.modeling.tensor_parallel import tensor_parallel_problem
+
+    for key, (path, model_config) in models.items():
+        problem = tensor_parallel_problem(model_config, tensor_parallel)
+        if problem is not None:
+            raise ConfigError(f"{key}={path}: {problem}")
 
 
 def _check_output_dir(output_dir: Path) -> None:

@@ -21,6 +21,7 @@ from preftune.modeling import attention  # noqa: F401  (importing it registers p
 from preftune.modeling.logprobs import SequenceLogprobs, causal_lm, is_peft
 from preftune.modeling.parallel import DistInfo, gradient_sync, unwrap, wrap_trainable
 from preftune.modeling.peft_setup import add_adapters, quantization_config, uses_adapters
+from preftune.modeling.tensor_parallel import apply_tensor_parallel
 from preftune.modeling.reference import (
     AdaptersOffReference,
     FrozenReference,
@@ -77,7 +78,7 @@ class DPOModel(nn.Module):
     policy's weights, before the optimizer is built.
 
     Raises: ``ValueError`` when a batch has no reference log-probs to use (``CachedReference`` without cached
-    ones), or from ``distribute`` for LoRA under multi-process FSDP2.
+    ones).
 
     Handles: ``policy`` is the Hugging Face model (parameters, checkpoints, config); ``policy_logprobs`` is the
     module its forward runs through (``SequenceLogprobs``, DDP-wrapped or FSDP2-sharded by ``distribute``).
@@ -139,11 +140,16 @@ class DPOModel(nn.Module):
         return model
 
     def distribute(self, strategy: str, info: DistInfo) -> None:
-        """Wrap the policy for data parallelism (DDP) or shard policy and reference (FSDP2).
+        """Wrap the policy for data parallelism (DDP) or shard policy and reference (FSDP2; with tensor
+        parallelism, first split both over the tensor-parallel ranks).
 
         Call after moving to the device and restoring checkpoint weights, before building the optimizer.
         """
         self.dist = info
+        if info.tensor_parallel > 1:
+            apply_tensor_parallel(self.policy, info.tp_mesh)
+            if isinstance(self.reference, FrozenReference):
+                apply_tensor_parallel(self.reference.model, info.tp_mesh)
         self.policy_logprobs = wrap_trainable(self.policy_logprobs, self.policy, strategy, info)
         if strategy == "fsdp2" and isinstance(self.reference, FrozenReference):
             self.reference.shard(info)
