@@ -335,11 +335,6 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
                 raise ConfigError(
                     f"{name} is not set: launch with torchrun, or export it in the SLURM script"
                 )
-        if cfg.distributed.strategy == "fsdp2" and cfg.model.lora.r > 0 and cfg.distributed.tensor_parallel == 1:
-            raise ConfigError(
-                "model.lora.r > 0 with distributed.strategy=fsdp2 is not supported yet without tensor "
-                "parallelism: use ddp (or distributed.tensor_parallel > 1)"
-            )
 
 
 def _check_tensor_parallel(models: dict[str, tuple[str, Any]], tensor_parallel: int) -> None:
