@@ -1,4 +1,6 @@
-"""torchrun on CPU (gloo, 2 processes): DDP and FSDP2 give what one process gives; checkpoints reshard."""
+"""torchrun on CPU (gloo, 2 processes): DDP and FSDP2 give what one process gives, and so does tensor
+parallelism (FSDP2 over a mesh, plain and LoRA; 4 processes: 2 data-parallel x 2 tensor-parallel); checkpoints
+reshard across those layouts."""
 
 from __future__ import annotations
 
@@ -83,7 +85,12 @@ def train_records(output_dir: Path) -> dict[int, dict]:
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(output_dir / f"checkpoints/step_{STEPS}/model/model.safetensors")
+    """The last checkpoint's weights (a LoRA run's: its adapter's)."""
+    model = output_dir / f"checkpoints/step_{STEPS}/model"
+    return load_file(
+        model
+        / ("adapter_model.safetensors" if (model / "adapter_config.json").is_file() else "model.safetensors")
+    )
 
 
 def assert_same_run(single: Path, multi: Path, keys: tuple[str, ...], label: str) -> None:
@@ -136,6 +143,11 @@ LAYOUTS = {
 }
 
 
+TENSOR_PARALLEL = ("distributed.strategy=fsdp2", "distributed.tensor_parallel=2")
+# adapters, and greedy samples at steps 0 and 3 (generation through the policy under FSDP2 / TP)
+LORA = ("model.lora.r=4", "trainer.samples.num_prompts=2", "trainer.samples.max_new_tokens=4")
+
+
 @pytest.fixture(scope="session")
 def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_files) -> Path:
     """The two-process runs of the tests below, in one directory each (built once per test run; read only)."""
@@ -148,8 +160,14 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_fil
         runs[f"resume-{strategy}"] = ("trainer.max_steps=1", f"distributed.strategy={strategy}")
         reference = f"reference.path={other_model_dir}"
         runs[f"reference-{strategy}"] = (steps, f"distributed.strategy={strategy}", reference)
+    runs["fsdp2-lora"] = (steps, "distributed.strategy=fsdp2", *LORA)
+    runs["tp"] = (steps, *TENSOR_PARALLEL)
+    runs["tp-lora"] = (steps, *TENSOR_PARALLEL, *LORA)
+    runs["resume-tp"] = ("trainer.max_steps=1", *TENSOR_PARALLEL)
+    runs["one-then-tp"] = (steps, *TENSOR_PARALLEL)  # resumes the step one process saves below
 
     def build(root: Path) -> None:
+        launch(root, "one-then-tp", 1, model_dir, pair_files, "trainer.max_steps=1")
         script = root / "train_each.py"
         script.write_text(TRAIN_EACH)
         every = [train_args(root / name, model_dir, pair_files, *o) for name, o in runs.items()]
@@ -198,7 +216,7 @@ def test_precomputed_reference_under_two_processes(strategy, single, two_process
             assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "tp"])
 def test_two_process_checkpoint_resumes_on_one(
     strategy, single, two_process_runs, tmp_path, tiny_model_dir, pair_files
 ):
@@ -252,3 +270,75 @@ def test_global_batch_balancing_under_two_processes(tmp_path, tokenizer, pair_fi
     keys = ("train/loss", "train/aux_loss", "train/preference_loss", "train/grad_norm")
     assert_same_run(single, multi, keys, strategy)
     assert train_records(single)[1]["train/aux_loss"] > 1
+
+
+@pytest.fixture(scope="session")
+def single_lora(tmp_path_factory, tiny_model_dir, pair_files):
+    """``single`` with LoRA adapters and samples (built once per test run; read only)."""
+    model_dir = tiny_model_dir("llama")
+
+    def build(path: Path) -> None:
+        launch(path, "run", 1, model_dir, pair_files, f"trainer.max_steps={STEPS}", *LORA)
+
+    return built_once(tmp_path_factory, "single-lora", build) / "run"
+
+
+def logged_keys(output_dir: Path) -> tuple[str, ...]:
+    """Every value a training step logs but its timings."""
+    timings = ("train/step_time", "train/pairs_per_sec", "train/tokens_per_sec")
+    return tuple(k for k in train_records(output_dir)[1] if k.startswith("train/") and k not in timings)
+
+
+@pytest.mark.parametrize("name", ["tp", "one-then-tp"])
+def test_tensor_parallel_equals_one_process(name, single, two_process_runs):
+    """distributed.tensor_parallel=2: each block's weights split over both ranks, which read the same pairs;
+    ``one-then-tp`` resumes under TP a step saved by one process (its optimizer state resharded by DCP)."""
+    multi = two_process_runs / name
+    assert_same_run(single, multi, logged_keys(single), name)
+    lines = (multi / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len({(json.loads(x)["step"], "train/loss" in x) for x in lines}), "rank 0 alone logs"
+
+
+@pytest.mark.parametrize("name", ["fsdp2-lora", "tp-lora"])
+def test_lora_under_fsdp2_and_tensor_parallel(name, single_lora, two_process_runs):
+    """LoRA adapters under FSDP2, with and without TP: the same steps, adapter and greedy samples (step 0:
+    the base model's; step 3: through the trained adapters) as one process."""
+    multi = two_process_runs / name
+    assert_same_run(single_lora, multi, logged_keys(single_lora), name)
+    assert set(final_weights(multi)) == set(final_weights(single_lora)) and all(
+        "lora_" in k for k in final_weights(multi)
+    )
+    samples = (multi / "samples.jsonl").read_text()
+    assert samples == (single_lora / "samples.jsonl").read_text() and len(samples.splitlines()) == 4
+
+
+def test_tensor_parallel_export_is_a_plain_model(single, two_process_runs, tmp_path):
+    """``preftune export`` of a TP=2 checkpoint: a Hugging Face model with one process's final weights."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "export"
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(two_process_runs / f"tp/checkpoints/step_{STEPS}"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    expected = final_weights(single)
+    assert set(expected) <= set(exported)
+    for key, value in expected.items():
+        assert type(exported[key]) is torch.Tensor
+        torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_fsdp2_times_tensor_parallel_equals_one_process(single, tmp_path, tiny_model_dir, pair_files):
+    """4 processes: FSDP2 over 2 data-parallel groups x TP over 2 ranks each (mesh dp 2 x cp 1 x tp 2)."""
+    multi = launch(tmp_path, "dp2-tp2", 4, tiny_model_dir("llama"), pair_files, f"trainer.max_steps={STEPS}",
+                   *TENSOR_PARALLEL)  # fmt: skip
+    assert_same_run(single, multi, logged_keys(single), "dp2-tp2")

@@ -16,7 +16,12 @@ from typing import Any
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 COLWISE, ROWWISE = "colwise", "rowwise"
 # module-name suffix inside a decoder block -> how its weight is split
@@ -31,7 +36,16 @@ BLOCK_PLAN: dict[str, str] = {
 }
 # model_types whose blocks have exactly BLOCK_PLAN's projections, each head's q/k norm (if any) per head, and a
 # vocabulary embedding + LM head; tests/test_tensor_parallel.py proves each exact against one process
-TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "granite", "smollm3")
+TENSOR_PARALLEL_FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "granite",
+    "smollm3",
+)
 
 
 def tensor_parallel_problem(model_config: Any, tensor_parallel: int) -> str | None:
@@ -53,7 +67,7 @@ def tensor_parallel_problem(model_config: Any, tensor_parallel: int) -> str | No
         if size % tensor_parallel:
             return (
                 f"{name}={size} does not split over distributed.tensor_parallel={tensor_parallel} ranks; "
-                "use a tensor_parallel that divides it"
+                f"set distributed.tensor_parallel to a divisor of {size}"
             )
     return None
 
@@ -69,7 +83,9 @@ def _block_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     other adapter matrix stays whole on every rank."""
     plan: dict[str, ParallelStyle] = {}
     for name, module in model.named_modules():
-        kind = next((k for suffix, k in BLOCK_PLAN.items() if name == suffix or name.endswith("." + suffix)), None)
+        kind = next(
+            (k for suffix, k in BLOCK_PLAN.items() if name == suffix or name.endswith("." + suffix)), None
+        )
         if kind is None:
             continue
         if isinstance(module, nn.Linear):
@@ -92,7 +108,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     call it with the same weights. Tied embeddings stay one parameter. Returns ``model``."""
     plan = _block_plan(model)
     if len(plan) < len(BLOCK_PLAN):
-        raise ValueError(f"{type(model).__name__}: no Llama-shaped projections to split ({', '.join(BLOCK_PLAN)})")
+        raise ValueError(
+            f"{type(model).__name__}: no Llama-shaped projections to split ({', '.join(BLOCK_PLAN)})"
+        )
     parallelize_module(model, tp_mesh, plan)
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head.weight is embeddings.weight

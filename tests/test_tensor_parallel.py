@@ -1,0 +1,129 @@
+"""Tensor parallelism (``distributed.tensor_parallel``) on CPU with gloo.
+
+One 2-process launch of ``tests/tensor_parallel_checks.py`` splits tiny models over both ranks and compares
+each with the same model unsharded in the same process: the vocabulary-parallel log-probs (values and
+gradients), every supported family's per-sequence log-probs, and for a full fine-tune and for LoRA the
+log-probs, loss, metrics, every gradient and 3 AdamW steps of weights. Mis-specified meshes are refused in one
+line before any weight loads. The runs through the recipe (TP=2, LoRA, resume across layouts, FSDP2 x TP on 4
+processes) are in tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_distributed import free_port
+
+from preftune.cli import main
+from preftune.modeling.tensor_parallel import TENSOR_PARALLEL_FAMILIES
+
+from conftest import built_once
+
+pytestmark = pytest.mark.slow
+
+CHECKS = Path(__file__).parent / "tensor_parallel_checks.py"
+
+
+@pytest.fixture(scope="session")
+def checks(tmp_path_factory) -> dict:
+    """The largest differences the 2-process launch measured (built once per test run; read only)."""
+
+    def build(root: Path) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+               str(CHECKS), str(root / "checks.json")]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    return json.loads(
+        (built_once(tmp_path_factory, "tensor-parallel-checks", build) / "checks.json").read_text()
+    )
+
+
+def test_vocab_parallel_logprobs_equal_one_process(checks):
+    """A head split over the vocabulary (uneven shards, 3 chunks; with and without soft-capping): the values
+    and the hidden states', weight's and bias's gradients of the one-process function, each rank's weight
+    gradient only its shard."""
+    found = checks["vocab_parallel"]
+    assert len(found) == 10
+    for key, value in found.items():
+        assert value is True if key.endswith("is a shard") else value <= 1e-6, (key, value)
+
+
+def test_every_supported_family_equals_one_process(checks):
+    found = checks["families"]
+    for model_type in TENSOR_PARALLEL_FAMILIES:
+        assert found[model_type] <= 1e-6, model_type  # relative to the largest |log-prob| (~90)
+        assert found[f"{model_type} tied kept"] is True, model_type
+    assert any(found[f"{t} tied"] for t in TENSOR_PARALLEL_FAMILIES), "no family ties its embeddings"
+    assert found["llama packed+shared"] <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_training_steps_equal_one_process(kind, checks):
+    """TP=2 then FSDP2 (DPOModel.distribute) against one process: 3 steps of DPO (+SFT) on different pairs."""
+    found = checks[kind]
+    for key in ("logps", "loss", "metrics", "grads", "weights"):
+        assert found[key] <= 1e-5, (kind, key, found[key])
+    assert found["last loss"] > 0.1  # the steps moved the weights: the comparison is not of zeros
+
+
+def launch_in_process(monkeypatch, capsys, world: int, config: Path, *overrides: str) -> tuple[int, str]:
+    """``preftune train --config CONFIG OVERRIDES`` in this process as rank 0 of ``world`` (the launcher's
+    variables set, no other rank): (exit status, stderr). Reaching the process group fails the test: the
+    refusal must come before it, and before any weight loads."""
+    for name, value in {"WORLD_SIZE": world, "RANK": 0, "LOCAL_RANK": 0, "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": free_port()}.items():  # fmt: skip
+        monkeypatch.setenv(name, str(value))
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the run got as far as the process group")
+
+    monkeypatch.setattr("preftune.recipe.init_distributed", unreachable)
+    capsys.readouterr()
+    status = main(["train", "--config", str(config), *overrides])
+    return status, capsys.readouterr().err
+
+
+@pytest.fixture(scope="session")
+def phi3_dir(tmp_path_factory, tokenizer) -> Path:
+    from test_families import saved_family
+
+    return built_once(tmp_path_factory, "tiny-phi3", lambda path: saved_family("phi3", tokenizer, path))
+
+
+@pytest.mark.parametrize(
+    "world, overrides, says",
+    [
+        (3, ("distributed.tensor_parallel=2",), "does not divide the 3 rank(s) launched"),
+        (
+            3,
+            ("distributed.tensor_parallel=3",),
+            "num_attention_heads=4 does not split over distributed.tensor_parallel=3",
+        ),
+        (
+            2,
+            ("distributed.tensor_parallel=2", "distributed.strategy=ddp"),
+            "needs distributed.strategy=fsdp2",
+        ),
+        (
+            2,
+            ("distributed.tensor_parallel=2", "model.path=PHI3"),
+            "model_type phi3 has no tensor-parallel plan",
+        ),
+        (2, ("distributed.tensor_parallel=2", "reference.path=PHI3"), "reference.path="),
+    ],
+    ids=["world", "heads", "ddp", "family", "reference-family"],
+)
+def test_mis_specified_mesh_is_one_line(world, overrides, says, monkeypatch, capsys, tmp_path, tiny_model_dir,
+                                        pair_files, phi3_dir):  # fmt: skip
+    overrides = [o.replace("PHI3", str(phi3_dir)) for o in overrides]
+    args = [f"model.path={tiny_model_dir('llama')}", f"data.train={pair_files['train']}", f"output_dir={tmp_path / 'run'}",
+            "distributed.strategy=fsdp2", "data.global_batch_size=12", *overrides]  # fmt: skip
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    status, err = launch_in_process(monkeypatch, capsys, world, config, *args)
+    assert status == 2 and says in err and len(err.strip().splitlines()) == 1, err
