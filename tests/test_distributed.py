@@ -162,6 +162,12 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_fil
         runs[f"reference-{strategy}"] = (steps, f"distributed.strategy={strategy}", reference)
     runs["fsdp2-lora"] = (steps, "distributed.strategy=fsdp2", *LORA)
     runs["tp"] = (steps, *TENSOR_PARALLEL)
+    runs["pre-tp"] = (steps, *TENSOR_PARALLEL, "reference.mode=precompute")
+    runs["reference-tp"] = (
+        steps,
+        *TENSOR_PARALLEL,
+        f"reference.path={other_model_dir}",
+    )  # split like the policy
     runs["tp-lora"] = (steps, *TENSOR_PARALLEL, *LORA)
     runs["resume-tp"] = ("trainer.max_steps=1", *TENSOR_PARALLEL)
     runs["one-then-tp"] = (steps, *TENSOR_PARALLEL)  # resumes the step one process saves below
@@ -206,7 +212,7 @@ def test_two_processes_equal_one(strategy, layout, single, two_process_runs, req
     assert len(lines) == len({(json.loads(x)["step"], "train/loss" in x) for x in lines}), "rank 0 alone logs"
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "tp"])
 def test_precomputed_reference_under_two_processes(strategy, single, two_process_runs):
     multi = two_process_runs / f"pre-{strategy}"
     assert len(list((multi / "cache/reference").glob("*.pt"))) == 2, "one cache file per dataset"
@@ -244,7 +250,7 @@ def single_with_reference(tmp_path_factory, tiny_model_dir, other_model_dir, pai
     return built_once(tmp_path_factory, "single-reference", build) / "run"
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "tp"])
 def test_reference_path_under_two_processes(strategy, single_with_reference, two_process_runs):
     """A separate reference (``reference.path``; FSDP2 shards it too) gives what it gives in one process."""
     multi = two_process_runs / f"reference-{strategy}"
