@@ -21,7 +21,14 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
-from preftune.config import DataConfig, PreftuneConfig, TrainerConfig, parse_max_time, read_config
+from preftune.config import (
+    DataConfig,
+    ModelConfig,
+    PreftuneConfig,
+    TrainerConfig,
+    parse_max_time,
+    read_config,
+)
 from preftune.data.pairing import PAIRINGS
 from preftune.data.visibility import VARLEN, check_packed_attention, packed_attention
 from preftune.data.windows import layer_windows
@@ -322,7 +329,7 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
         reference = _model_config(cfg.reference.path, cfg.model.trust_remote_code, "reference.path", False)
         models["reference.path"] = (cfg.reference.path, reference)
     if cfg.distributed.tensor_parallel > 1 and not tokenizer_only:
-        _check_tensor_parallel(models, cfg.distributed.tensor_parallel)
+        _check_tensor_parallel(models, cfg.model, cfg.distributed.tensor_parallel)
     from preftune.modeling.judges import check_judge, judge_is_set
 
     if not tokenizer_only and judge_is_set(cfg.judge):
@@ -337,14 +344,23 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
                 )
 
 
-def _check_tensor_parallel(models: dict[str, tuple[str, Any]], tensor_parallel: int) -> None:
-    """Each model (key -> (path, its transformers config)) splits over ``tensor_parallel`` ranks."""
+def _check_tensor_parallel(
+    models: dict[str, tuple[str, Any]], model: ModelConfig, tensor_parallel: int
+) -> None:
+    """Each model (key -> (path, its transformers config)) splits over ``tensor_parallel`` ranks, and so do the
+    policy's adapters (plain LoRA on a full-precision base)."""
     from preftune.modeling.tensor_parallel import tensor_parallel_problem
 
     for key, (path, model_config) in models.items():
         problem = tensor_parallel_problem(model_config, tensor_parallel)
         if problem is not None:
             raise ConfigError(f"{key}={path}: {problem}")
+    for key, on in (("model.lora.use_dora", model.lora.use_dora), ("model.load_in_4bit", model.load_in_4bit)):
+        if on:
+            raise ConfigError(
+                f"{key}=true with distributed.tensor_parallel={tensor_parallel} is not supported yet: "
+                "use plain LoRA on a full-precision base, or distributed.tensor_parallel=1"
+            )
 
 
 def _check_output_dir(output_dir: Path) -> None:

@@ -115,8 +115,13 @@ def phi3_dir(tmp_path_factory, tokenizer) -> Path:
             "model_type phi3 has no tensor-parallel plan",
         ),
         (2, ("distributed.tensor_parallel=2", "reference.path=PHI3"), "reference.path="),
+        (
+            2,
+            ("distributed.tensor_parallel=2", "model.lora.r=4", "model.lora.use_dora=true"),
+            "model.lora.use_dora",
+        ),
     ],
-    ids=["world", "heads", "ddp", "family", "reference-family"],
+    ids=["world", "heads", "ddp", "family", "reference-family", "dora"],
 )
 def test_mis_specified_mesh_is_one_line(world, overrides, says, monkeypatch, capsys, tmp_path, tiny_model_dir,
                                         pair_files, phi3_dir):  # fmt: skip

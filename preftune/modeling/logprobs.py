@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard
 from torch.autograd.function import once_differentiable
+from torch.distributed.tensor import DTensor, Shard
 from transformers import PreTrainedModel
 
 from preftune.data.batch import MicroBatch

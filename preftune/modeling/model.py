@@ -21,7 +21,6 @@ from preftune.modeling import attention  # noqa: F401  (importing it registers p
 from preftune.modeling.logprobs import SequenceLogprobs, causal_lm, is_peft
 from preftune.modeling.parallel import DistInfo, gradient_sync, unwrap, wrap_trainable
 from preftune.modeling.peft_setup import add_adapters, quantization_config, uses_adapters
-from preftune.modeling.tensor_parallel import apply_tensor_parallel
 from preftune.modeling.reference import (
     AdaptersOffReference,
     FrozenReference,
@@ -29,6 +28,7 @@ from preftune.modeling.reference import (
     Reference,
 )
 from preftune.modeling.router import GlobalRouting, RoutingStatistics, router_loss
+from preftune.modeling.tensor_parallel import apply_tensor_parallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

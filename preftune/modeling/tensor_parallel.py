@@ -23,6 +23,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from preftune.errors import ConfigError
+
 COLWISE, ROWWISE = "colwise", "rowwise"
 # module-name suffix inside a decoder block -> how its weight is split
 BLOCK_PLAN: dict[str, str] = {
@@ -91,8 +93,10 @@ def _block_plan(model: nn.Module) -> dict[str, ParallelStyle]:
         if isinstance(module, nn.Linear):
             plan[name] = _style(kind)
         elif hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-            if getattr(module, "lora_magnitude_vector", None):
-                raise ValueError(f"{name}: DoRA's magnitude has no tensor-parallel split")
+            if getattr(module, "lora_magnitude_vector", None):  # DoRA (e.g. an adapter from lora.init_from)
+                raise ConfigError(
+                    f"{name}: a DoRA adapter has no tensor-parallel split yet; set distributed.tensor_parallel=1"
+                )
             plan[f"{name}.base_layer"] = _style(kind)
             adapters = module.lora_B if kind == COLWISE else module.lora_A
             for adapter in adapters:
