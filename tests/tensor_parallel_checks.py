@@ -18,7 +18,8 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_families import EOS, dpo_cfg, dpo_model, family_model, pairs, trained
+from test_families import EOS, SIZES, dpo_cfg, dpo_model, family_model, pairs, trained
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from preftune.config import LoraConfig
 from preftune.data.batch import dpo_custom_collate, micro_batch_from_padded
@@ -114,6 +115,24 @@ def family_logprobs(tp_mesh) -> dict[str, float]:
     return out
 
 
+def uneven_tied_vocabulary(tp_mesh) -> dict[str, float]:
+    """A llama with 97 tokens (shards of 49 and 48 rows) and tied embeddings: log-probs and every gradient
+    (the tied weight's from the lookup and the head together) of a sum of log-probs."""
+    config = AutoConfig.for_model("llama", **{**SIZES, "vocab_size": 97, "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    sharded = apply_tensor_parallel(copy.deepcopy(model), tp_mesh)
+    a, b = (SequenceLogprobs(m, chunk_size=7)(padded(pairs()))[0] for m in (model, sharded))
+    a.sum().backward()
+    b.sum().backward()
+    grads = [diff(p.grad, q.grad) for p, q in zip(model.parameters(), sharded.parameters(), strict=True)]
+    return {
+        "logps": diff(a, b),
+        "grads": max(grads),
+        "tied kept": sharded.lm_head.weight is sharded.model.embed_tokens.weight,
+    }
+
+
 def training_steps(one, sharded) -> dict[str, float]:
     """Log-probs, loss, every gradient and STEPS AdamW steps of two DPOModels (one in this process, one
     sharded), on different pairs each step."""
@@ -173,6 +192,7 @@ def main() -> None:
     results = {
         "vocab_parallel": vocab_parallel_logprobs(info.tp_mesh),
         "families": family_logprobs(info.tp_mesh),
+        "uneven_tied_vocabulary": uneven_tied_vocabulary(info.tp_mesh),
         "full": full_fine_tune(info),
         "lora": lora(info),
     }

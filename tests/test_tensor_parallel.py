@@ -62,6 +62,11 @@ def test_every_supported_family_equals_one_process(checks):
     assert found["llama packed+shared"] <= 1e-6
 
 
+def test_uneven_vocabulary_shards_and_tied_embeddings(checks):
+    found = checks["uneven_tied_vocabulary"]
+    assert found["logps"] <= 1e-6 and found["grads"] <= 1e-5 and found["tied kept"] is True, found
+
+
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_training_steps_equal_one_process(kind, checks):
     """TP=2 then FSDP2 (DPOModel.distribute) against one process: 3 steps of DPO (+SFT) on different pairs."""
