@@ -85,7 +85,11 @@ class SavedBytes:
 
         base = tensor._base if tensor._base is not None else tensor
         if not (isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad)):
+            from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
             local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            if isinstance(local, AsyncCollectiveTensor):  # a TP layer's output, its all-reduce in flight
+                local = local.wait()
             storage = local.untyped_storage()
             if storage.data_ptr() not in self.seen:
                 self.seen.add(storage.data_ptr())
