@@ -347,19 +347,24 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
 def _check_tensor_parallel(
     models: dict[str, tuple[str, Any]], model: ModelConfig, tensor_parallel: int
 ) -> None:
-    """Each model (key -> (path, its transformers config)) splits over ``tensor_parallel`` ranks, and so do the
-    policy's adapters (plain LoRA on a full-precision base)."""
+    """Each model (key -> (path, its transformers config)) splits over ``tensor_parallel`` ranks, and the model
+    settings that do not work split yet are off (DoRA, a 4-bit base, torch.compile)."""
     from preftune.modeling.tensor_parallel import tensor_parallel_problem
 
     for key, (path, model_config) in models.items():
         problem = tensor_parallel_problem(model_config, tensor_parallel)
         if problem is not None:
             raise ConfigError(f"{key}={path}: {problem}")
-    for key, on in (("model.lora.use_dora", model.lora.use_dora), ("model.load_in_4bit", model.load_in_4bit)):
+    unsupported = {
+        "model.lora.use_dora": (model.lora.use_dora, "use plain LoRA"),
+        "model.load_in_4bit": (model.load_in_4bit, "use LoRA on a full-precision base"),
+        "model.compile": (model.compile, "set model.compile=false"),  # dynamo fails on the split embeddings
+    }
+    for key, (on, instead) in unsupported.items():
         if on:
             raise ConfigError(
                 f"{key}=true with distributed.tensor_parallel={tensor_parallel} is not supported yet: "
-                "use plain LoRA on a full-precision base, or distributed.tensor_parallel=1"
+                f"{instead}, or distributed.tensor_parallel=1"
             )
 
 

@@ -125,8 +125,9 @@ def phi3_dir(tmp_path_factory, tokenizer) -> Path:
             ("distributed.tensor_parallel=2", "model.lora.r=4", "model.lora.use_dora=true"),
             "model.lora.use_dora",
         ),
+        (2, ("distributed.tensor_parallel=2", "model.compile=true"), "model.compile=true with"),
     ],
-    ids=["world", "heads", "ddp", "family", "reference-family", "dora"],
+    ids=["world", "heads", "ddp", "family", "reference-family", "dora", "compile"],
 )
 def test_mis_specified_mesh_is_one_line(world, overrides, says, monkeypatch, capsys, tmp_path, tiny_model_dir,
                                         pair_files, phi3_dir):  # fmt: skip
