@@ -144,12 +144,25 @@ LAYOUTS = {
 
 
 TENSOR_PARALLEL = ("distributed.strategy=fsdp2", "distributed.tensor_parallel=2")
-# adapters, and greedy samples at steps 0 and 3 (generation through the policy under FSDP2 / TP)
-LORA = ("model.lora.r=4", "trainer.samples.num_prompts=2", "trainer.samples.max_new_tokens=4")
+# adapters, greedy samples and judged validation at steps 0 and 3 (generation through the policy under FSDP2 / TP)
+LORA = (
+    "model.lora.r=4",
+    "trainer.samples.num_prompts=2",
+    "trainer.samples.max_new_tokens=4",
+    "trainer.judge_prompts=2",
+)
+JUDGE = "def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
 
 
 @pytest.fixture(scope="session")
-def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_files) -> Path:
+def length_judge(tmp_path_factory) -> str:
+    """``judge.function=...``: a reward function scoring a completion by its length (one file per test run)."""
+    root = built_once(tmp_path_factory, "length-judge", lambda path: (path / "judge.py").write_text(JUDGE))
+    return f"judge.function={root / 'judge.py'}:length"
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_files, length_judge) -> Path:
     """The two-process runs of the tests below, in one directory each (built once per test run; read only)."""
     model_dir, steps = tiny_model_dir("llama"), f"trainer.max_steps={STEPS}"
     runs = {}
@@ -160,7 +173,7 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_fil
         runs[f"resume-{strategy}"] = ("trainer.max_steps=1", f"distributed.strategy={strategy}")
         reference = f"reference.path={other_model_dir}"
         runs[f"reference-{strategy}"] = (steps, f"distributed.strategy={strategy}", reference)
-    runs["fsdp2-lora"] = (steps, "distributed.strategy=fsdp2", *LORA)
+    runs["fsdp2-lora"] = (steps, "distributed.strategy=fsdp2", *LORA, length_judge)
     runs["tp"] = (steps, *TENSOR_PARALLEL)
     runs["pre-tp"] = (steps, *TENSOR_PARALLEL, "reference.mode=precompute")
     runs["reference-tp"] = (
@@ -168,7 +181,7 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_fil
         *TENSOR_PARALLEL,
         f"reference.path={other_model_dir}",
     )  # split like the policy
-    runs["tp-lora"] = (steps, *TENSOR_PARALLEL, *LORA)
+    runs["tp-lora"] = (steps, *TENSOR_PARALLEL, *LORA, length_judge)
     runs["resume-tp"] = ("trainer.max_steps=1", *TENSOR_PARALLEL)
     runs["one-then-tp"] = (steps, *TENSOR_PARALLEL)  # resumes the step one process saves below
 
@@ -279,12 +292,12 @@ def test_global_batch_balancing_under_two_processes(tmp_path, tokenizer, pair_fi
 
 
 @pytest.fixture(scope="session")
-def single_lora(tmp_path_factory, tiny_model_dir, pair_files):
+def single_lora(tmp_path_factory, tiny_model_dir, pair_files, length_judge):
     """``single`` with LoRA adapters and samples (built once per test run; read only)."""
     model_dir = tiny_model_dir("llama")
 
     def build(path: Path) -> None:
-        launch(path, "run", 1, model_dir, pair_files, f"trainer.max_steps={STEPS}", *LORA)
+        launch(path, "run", 1, model_dir, pair_files, f"trainer.max_steps={STEPS}", *LORA, length_judge)
 
     return built_once(tmp_path_factory, "single-lora", build) / "run"
 
@@ -307,15 +320,16 @@ def test_tensor_parallel_equals_one_process(name, single, two_process_runs):
 
 @pytest.mark.parametrize("name", ["fsdp2-lora", "tp-lora"])
 def test_lora_under_fsdp2_and_tensor_parallel(name, single_lora, two_process_runs):
-    """LoRA adapters under FSDP2, with and without TP: the same steps, adapter and greedy samples (step 0:
-    the base model's; step 3: through the trained adapters) as one process."""
+    """LoRA adapters under FSDP2, with and without TP: the same steps, adapter, greedy samples and judged
+    generations (step 0: the base model's; step 3: through the trained adapters) as one process."""
     multi = two_process_runs / name
     assert_same_run(single_lora, multi, logged_keys(single_lora), name)
     assert set(final_weights(multi)) == set(final_weights(single_lora)) and all(
         "lora_" in k for k in final_weights(multi)
     )
-    samples = (multi / "samples.jsonl").read_text()
-    assert samples == (single_lora / "samples.jsonl").read_text() and len(samples.splitlines()) == 4
+    for name, lines in (("samples.jsonl", 4), ("judged.jsonl", 4)):
+        written = (multi / name).read_text()
+        assert written == (single_lora / name).read_text() and len(written.splitlines()) == lines, name
 
 
 def test_tensor_parallel_export_is_a_plain_model(single, two_process_runs, tmp_path):
