@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 
 from preftune.data.batch import Block
 from preftune.data.visibility import RESPONSE, VARLEN, visible
+from preftune.modeling.context_parallel import ContextGroup, gather_row
 
 
 def visible_keys(num_context: int, num_queries: int, window: int | None, device: torch.device) -> Tensor:
@@ -101,9 +102,11 @@ def varlen_attention_forward(
     softcap: float | None = None,
     s_aux: Tensor | None = None,
     attention_blocks: Sequence[Block] | None = None,
+    context_parallel: ContextGroup | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
-    """transformers attention function: [B, H, L, D] queries, [B, KV, L, D] keys/values -> [B, L, H, D]."""
+    """transformers attention function: [B, H, L, D] queries, [B, KV, L, D] keys/values -> [B, L, H, D].
+    ``context_parallel``: the rows are split over context ranks (``context_attention``)."""
     if attention_mask is not None or key.shape[2] != query.shape[2]:  # a KV cache: decode under SDPA instead
         raise ValueError(f"{VARLEN} takes attention_blocks, not an attention mask or a KV cache")
     if kwargs.get("output_attentions"):
@@ -118,23 +121,12 @@ def varlen_attention_forward(
     }
     if attention_blocks is None:  # padded rows: each row is one causal sequence
         return block_attention(query, key, value, 0, **options).transpose(1, 2), None
+    if context_parallel is not None:
+        return context_attention(query, key, value, attention_blocks, context_parallel, options), None
     length = query.shape[2]
-    by_row: dict[int, list[Block]] = {}
-    for block in attention_blocks:
-        by_row.setdefault(block[0], []).append(block)
     out = []
     for row in range(query.shape[0]):
-        blocks = by_row.get(row, [])
-        # Split (not slice) the row at the block boundaries: the backward of a split is one concatenation,
-        # where each slice's backward would write a row-sized tensor of zeros.
-        sizes, starts, offset = [], {}, 0
-        for i, (_, _, _, q_start, q_len) in enumerate(blocks):
-            if q_start != offset:
-                raise ValueError(f"{VARLEN}: the blocks of row {row} must tile it in order from offset 0")
-            sizes.append(q_len)
-            starts[q_start] = i
-            offset += q_len
-        sizes.append(length - offset)  # padding after the last block: it attends to nothing (zeros below)
+        blocks, sizes, starts = _tiling(attention_blocks, row, length)
         qs, ks, vs = (t[row : row + 1].split(sizes, dim=2) for t in (query, key, value))
         pieces = []
         for i, (_, ctx_start, ctx_len, _, _) in enumerate(blocks):
@@ -149,22 +141,84 @@ def varlen_attention_forward(
     return torch.cat(out).transpose(1, 2), None
 
 
+def _tiling(blocks: Sequence[Block], row: int, length: int) -> tuple[list[Block], list[int], dict[int, int]]:
+    """Row ``row``'s blocks, the sizes that split the row at their boundaries (the last: the padding after
+    the last block) and each block's index by its start."""
+    mine = [block for block in blocks if block[0] == row]
+    # Split (not slice) the row at the block boundaries: the backward of a split is one concatenation,
+    # where each slice's backward would write a row-sized tensor of zeros.
+    sizes, starts, offset = [], {}, 0
+    for i, (_, _, _, q_start, q_len) in enumerate(mine):
+        if q_start != offset:
+            raise ValueError(f"{VARLEN}: the blocks of row {row} must tile it in order from offset 0")
+        sizes.append(q_len)
+        starts[q_start] = i
+        offset += q_len
+    sizes.append(length - offset)  # padding after the last block: it attends to nothing (zeros)
+    return mine, sizes, starts
+
+
+def context_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    blocks: Sequence[Block],
+    context: ContextGroup,
+    options: dict,
+) -> Tensor:
+    """Attention of this rank's queries ([R, H, 2n, D]: its two chunks of n tokens, ``ContextShard``) over
+    the whole rows' keys and values, gathered from the context ranks; returns [R, 2n, H, D].
+
+    Each chunk's queries are cut at the block boundaries; the span of block b from offset s to e attends,
+    as ``block_attention`` does for a whole block, to b's context then b's own keys up to e, its keys before
+    s taken as more context: the same rule (``visible``, windows, soft-cap, sinks) as one process."""
+    n = context.shard.chunk_length
+    keys, values = gather_row(key, context), gather_row(value, context)
+    out = []
+    for row in range(query.shape[0]):
+        blocks_r, sizes, starts = _tiling(blocks, row, keys.shape[2])
+        ks, vs = keys[row : row + 1].split(sizes, dim=2), values[row : row + 1].split(sizes, dim=2)
+        pieces = []
+        for local, chunk in zip(query[row : row + 1].split(n, dim=2), context.shard.chunks, strict=True):
+            lo, hi = chunk * n, (chunk + 1) * n
+            spans = [
+                (i, max(lo, q_start), min(hi, q_start + q_len))
+                for i, (_, _, _, q_start, q_len) in enumerate(blocks_r)
+                if q_start < hi and q_start + q_len > lo
+            ]
+            covered = sum(e - s for _, s, e in spans)
+            queries = local.split([e - s for _, s, e in spans] + [n - covered], dim=2)
+            for (i, s, e), q in zip(spans, queries[:-1], strict=True):
+                _, ctx_start, ctx_len, q_start, _ = blocks_r[i]
+                k, v = ks[i][:, :, : e - q_start], vs[i][:, :, : e - q_start]
+                if ctx_len:
+                    j = starts[ctx_start]
+                    k = torch.cat([ks[j][:, :, :ctx_len], k], dim=2)
+                    v = torch.cat([vs[j][:, :, :ctx_len], v], dim=2)
+                pieces.append(block_attention(q, k, v, ctx_len + s - q_start, **options))
+            if covered < n:  # padding after the last block
+                pieces.append(query.new_zeros(1, query.shape[1], n - covered, value.shape[-1]))
+        out.append(torch.cat(pieces, dim=2))
+    return torch.cat(out).transpose(1, 2)
+
+
+CARRIED = ("attention_blocks", "context_parallel")  # the forward's keywords the attention needs
+
+
 def _remember_blocks(layer: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Decoder layer pre-hook: hand this call's blocks (None without) to the layer's attention module."""
-    layer.self_attn.preftune_blocks = kwargs.get("attention_blocks")
+    """Decoder layer pre-hook: hand this call's blocks and context group (if any) to its attention module."""
+    layer.self_attn.preftune_blocks = {key: kwargs[key] for key in CARRIED if kwargs.get(key) is not None}
 
 
 def _pass_blocks(attention: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Attention pre-hook: add the layer's blocks when the layer did not pass them on itself."""
-    blocks = getattr(attention, "preftune_blocks", None)
-    if blocks is None or "attention_blocks" in kwargs:
-        return None
-    return args, {**kwargs, "attention_blocks": blocks}
+    """Attention pre-hook: add the layer's blocks and context group when the layer did not pass them on."""
+    carried = {k: v for k, v in (getattr(attention, "preftune_blocks", None) or {}).items() if k not in kwargs}
+    return (args, {**kwargs, **carried}) if carried else None
 
 
 def carry_blocks(model: nn.Module) -> None:
-    """Make every decoder layer's ``attention_blocks`` keyword reach its attention (``self_attn``), also
-    where the layer's forward drops its extra keywords. Idempotent; the hooks hold no module reference, so
+    """Make every decoder layer's ``attention_blocks`` and ``context_parallel`` keywords reach its attention
+    (``self_attn``), also where the layer's forward drops its extra keywords. Idempotent; the hooks hold no module reference, so
     a deep copy of the model (a frozen reference) carries its own. The per-call state is overwritten on
     every layer call, the recomputation of activation checkpointing included."""
     for layer in model.modules():
