@@ -246,6 +246,8 @@ class DistributedConfig:
     """Multi-process training (used when launched with torchrun / SLURM)."""
 
     strategy: str = "ddp"  # ddp | fsdp2 (policy and reference sharded)
+    tensor_parallel: int = 1  # T: ranks splitting each block's weights (Llama-shaped families; needs fsdp2)
+    context_parallel: int = 1  # C: ranks splitting each packed row (packing / share_prompt; needs fsdp2)
 
 
 @dataclass

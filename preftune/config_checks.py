@@ -49,8 +49,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def check_config(cfg: PreftuneConfig) -> None:
     """The rules a config must follow on its own (no file or model is looked at). The rules that read names
     from modules importing torch come last, so that the other mistakes are said without that import."""
+    data_ranks = _check_mesh(cfg, env_world_size())
     # online per step, the global batch is prompts; iterative DPO trains its pairs offline
-    _check_data(cfg.data, env_world_size(), cfg.online.enabled and cfg.online.iterations is None)
+    _check_data(cfg.data, data_ranks, cfg.online.enabled and cfg.online.iterations is None)
     _check_trainer(cfg.trainer)
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas must be a list of two floats")
@@ -86,8 +87,42 @@ def _check_judged_validation(cfg: PreftuneConfig) -> None:
         )
 
 
+def _check_mesh(cfg: PreftuneConfig, world: int) -> int:
+    """``distributed.tensor_parallel`` / ``context_parallel``: sizes that divide the ranks launched, on the
+    layouts they support. Returns the number of data-parallel groups (the ranks that read different pairs)."""
+    tp, cp = cfg.distributed.tensor_parallel, cfg.distributed.context_parallel
+    if tp < 1 or cp < 1:
+        raise ConfigError(
+            f"distributed.tensor_parallel={tp}, distributed.context_parallel={cp}: each must be >= 1 (1: off)"
+        )
+    if tp * cp == 1:
+        return world
+    keys = f"distributed.tensor_parallel={tp} x distributed.context_parallel={cp}"
+    if world % (tp * cp):
+        raise ConfigError(
+            f"{keys} = {tp * cp} ranks per data-parallel group does not divide the {world} rank(s) launched: "
+            f"launch a multiple of {tp * cp} processes (torchrun --nproc-per-node={tp * cp} ...), or set both to 1"
+        )
+    if cfg.distributed.strategy != "fsdp2":
+        raise ConfigError(
+            f"{keys} needs distributed.strategy=fsdp2 (the weights are sharded over the device mesh), "
+            f"not {cfg.distributed.strategy}"
+        )
+    if cfg.online.enabled:
+        raise ConfigError(
+            f"{keys} with online.enabled=true is not supported yet: set both to 1 for online DPO"
+        )
+    if cp > 1 and not (cfg.data.packing or cfg.data.share_prompt):
+        raise ConfigError(
+            f"distributed.context_parallel={cp} splits packed rows: set data.packing=true or "
+            "data.share_prompt=true"
+        )
+    return world // (tp * cp)
+
+
 def _check_data(data: DataConfig, world: int, online: bool) -> None:
-    """``data.*``: batch sizes and their divisibility over the ranks, lengths, the validation split."""
+    """``data.*``: batch sizes and their divisibility over the data-parallel ranks (``world``), lengths, the
+    validation split."""
     if data.micro_batch_size < 1 or data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be >= 1")
     if data.max_seq_length < 2:

@@ -100,7 +100,7 @@ def run_training(
         return run_iterations(cfg)
     check_environment(cfg)  # before anything is loaded
     cfg = absolute_paths(cfg)
-    info = init_distributed()
+    info = init_distributed(cfg.distributed.tensor_parallel, cfg.distributed.context_parallel)
     quiet_libraries()
     output_dir = Path(cfg.output_dir)
     saved_cfg = saved_config(output_dir)  # the previous run's, before this one's replaces it
@@ -416,11 +416,8 @@ def resume_training(
 def start_line(cfg: PreftuneConfig, info: DistInfo, model: DPOModel, trainer: DPOTrainer) -> str:
     """``training for N steps: WHICH LIMIT ENDS THE RUN; B pairs a step on WHERE (LAYOUT)`` (a resumed run:
     the steps left first)."""
-    where = (
-        f"{info.world_size} x {info.device.type} ({cfg.distributed.strategy})"
-        if info.distributed
-        else info.device
-    )
+    where = f"{info.world_size} x {info.device.type} ({cfg.distributed.strategy}{mesh_words(info)})"
+    where = where if info.distributed else info.device
     layout = [
         name for name, on in (("packed", cfg.data.packing), ("shared prompt", cfg.data.share_prompt)) if on
     ]
@@ -436,6 +433,13 @@ def start_line(cfg: PreftuneConfig, info: DistInfo, model: DPOModel, trainer: DP
         f"training for {left}{length.sentence(trainer.sampler.num_samples)}; "
         f"{batch} a step on {where} ({', '.join(layout)})"
     )
+
+
+def mesh_words(info: DistInfo) -> str:
+    """``, mesh dp 2 x cp 1 x tp 2`` when tensor or context parallelism is on, else nothing."""
+    if info.mesh is None:
+        return ""
+    return f", mesh dp {info.data_parallel} x cp {info.context_parallel} x tp {info.tensor_parallel}"
 
 
 def seed_everything(seed: int) -> None:

@@ -281,7 +281,7 @@ def run_sweep(
     check_spec(spec, space, base, 1 if worker else parallel)
     out = SweepDir(root.resolve())
     _check_resumable(out, spec)
-    info = init_distributed()
+    info = init_distributed(base.distributed.tensor_parallel, base.distributed.context_parallel)
     sweep = Sweep(
         spec,
         out,

@@ -60,9 +60,10 @@ class FrozenReference(Reference):
         return self
 
     def shard(self, info: DistInfo) -> None:
-        """FSDP2: shard the reference's weights over the ranks, like the policy's."""
+        """FSDP2: shard the reference's weights over the ranks (the dp x cp ranks of a mesh), like the
+        policy's."""
         if info.distributed:
-            shard(self.runner, self.runner.model)
+            shard(self.runner, self.runner.model, info.shard_mesh if info.mesh is not None else None)
             self.collective = True
 
 

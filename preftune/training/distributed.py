@@ -5,6 +5,7 @@ DDP / FSDP2 wrapping, the few collectives) is ``preftune.modeling.parallel``."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 from collections.abc import Iterator
@@ -12,17 +13,22 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from preftune.modeling.parallel import DistInfo
+from preftune.modeling.parallel import MESH_DIMS, DistInfo
 from preftune.training.launcher import env_int, env_rank, env_world_size
 
 TIMEOUT_ENV = "PREFTUNE_DIST_TIMEOUT_S"  # the process group's timeout in seconds, when set
 UNBOUNDED_WAIT = timedelta(days=7)  # how long ranks wait for rank 0's one-off work (tokenizing a data set)
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+def init_distributed(
+    tensor_parallel: int = 1, context_parallel: int = 1, timeout_minutes: int = 30
+) -> DistInfo:
     """Join the process group described by torchrun's (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or SLURM's
-    (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``) variables: nccl on CUDA, gloo on CPU."""
+    (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``) variables: nccl on CUDA, gloo on CPU; with tensor
+    or context parallelism, the ("dp", "cp", "tp") device mesh over it (``preftune.modeling.parallel``).
+    ``config_checks.check_environment`` has checked that T * C divides the world size."""
     world_size = env_world_size()
     rank = env_rank()
     local_rank = env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
@@ -38,7 +44,17 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
             world_size=world_size,
             timeout=timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, timeout_minutes * 60))),
         )
-    return DistInfo(rank, world_size, local_rank, device)
+    mesh = None
+    if tensor_parallel * context_parallel > 1:
+        shape = (world_size // (tensor_parallel * context_parallel), context_parallel, tensor_parallel)
+        mesh = device_mesh(device.type, shape)
+    return DistInfo(rank, world_size, local_rank, device, tensor_parallel, context_parallel, mesh)
+
+
+@functools.cache
+def device_mesh(device_type: str, shape: tuple[int, int, int]) -> DeviceMesh:
+    """The ("dp", "cp", "tp") mesh of ``shape``, built once per process (each build makes new groups)."""
+    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
 
 
 def shutdown(wait: bool = True) -> None:
@@ -50,6 +66,7 @@ def shutdown(wait: bool = True) -> None:
     interpreter's exit to tear down: a gloo thread releasing a tensor then needs the GIL of an interpreter
     that is going away, and the rank aborts ("terminate called without an active exception")."""
     if dist.is_initialized():
+        device_mesh.cache_clear()  # the mesh holds its groups too
         gc.collect()
         if wait:
             dist.barrier()

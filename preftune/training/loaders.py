@@ -59,14 +59,15 @@ def micro_batch_layout(
 def build_dataloader(
     dataset: PreferenceDataset | ReferenceCache, cfg: PreftuneConfig, info: DistInfo, *, train: bool
 ) -> DataLoader:
-    """Batches are this rank's share of a global batch, as lists of tokenized pairs."""
+    """Batches are this rank's data-parallel group's share of a global batch, as lists of tokenized pairs
+    (every tensor- and context-parallel rank of a group reads the same)."""
     sampler = GlobalBatchSampler(
         len(dataset),
         cfg.data.global_batch_size,
         seed=cfg.data.seed,
         shuffle=train,
         drop_last=train,
-        rank=info.rank,
-        world_size=info.world_size,
+        rank=info.dp_rank,
+        world_size=info.data_parallel,
     )
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers)

@@ -9,13 +9,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from preftune.config import PreftuneConfig, TrainerConfig
 from preftune.data.batch import MicroBatch
 from preftune.modeling.model import DPOModel
-from preftune.modeling.parallel import DistInfo, any_rank, gather_objects, sum_over_ranks
+from preftune.modeling.parallel import DistInfo, any_rank, clip_grad_norm, gather_objects, sum_over_ranks
 from preftune.modeling.router import GlobalRouting, RoutingStatistics
 from preftune.training import stop_signals
 from preftune.training.checkpoint import Checkpointer
@@ -43,8 +42,11 @@ class MetricsAccumulator:
         self.tokens += num_tokens
 
     def reduce(self, info: DistInfo) -> tuple[dict[str, float], int, int]:
-        """(metric means, total pairs, total tokens) over every rank, in one collective."""
+        """(metric means, total pairs, total tokens) over every rank, in one collective; of a data-parallel
+        group's tensor- and context-parallel ranks (which computed the same pairs) only one counts."""
         local = ({key: value.item() for key, value in self.sums.items()}, self.pairs, self.tokens)
+        if not info.is_data_leader:
+            local = ({}, 0, 0)
         totals: dict[str, float] = {}
         pairs = tokens = 0
         for sums, count, rank_tokens in gather_objects(local, info):
@@ -253,23 +255,21 @@ class DPOTrainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         accumulator = MetricsAccumulator()
-        world = self.model.dist.world_size
+        averaged_over = self.model.dist.gradient_ranks
         batches = self.micro_batches(global_batch, collate)
         with self.model.global_routing(global_routing(self.model, batches)):
             for i, (batch, is_filler) in enumerate(batches):
                 num_pairs = 0 if is_filler else batch.num_pairs
                 with self.model.gradient_sync(i == len(batches) - 1):
                     loss, metrics = self.model.get_loss_and_metrics(batch, forward_only=False)
-                    # DDP and FSDP2 average gradients over ranks: scale to the global batch's pair count.
-                    (loss * (num_pairs * world / total_pairs)).backward()
+                    # DDP and FSDP2 average gradients over the data- and context-parallel ranks: scale to
+                    # the global batch's pair count.
+                    (loss * (num_pairs * averaged_over / total_pairs)).backward()
                 if not is_filler:
                     accumulator.add(metrics, num_pairs, batch.num_tokens)
         params = [p for p in self.model.policy.parameters() if p.requires_grad]
         clip = self.cfg.trainer.gradient_clip_val
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = grad_norm.item()  # one device sync per step
+        grad_norm = clip_grad_norm(params, clip if clip else float("inf"))  # one device sync per step
         lr = self.optimizer.param_groups[0]["lr"]
         metrics, pairs, tokens = accumulator.reduce(self.model.dist)
         # a NaN/inf loss or gradient norm: not applied. Its gradients are dropped, so the optimizer step skips
