@@ -133,6 +133,9 @@ LAYOUTS = {
     "fsdp2": (),
     "fsdp2-packed": ("data.packing=true", "data.share_prompt=true", "data.pack_length=96"),
     "ddp-packed-masks": ("data.packing=true", "data.pack_length=96", "model.attn_implementation=sdpa"),
+    # context parallelism: both ranks read the same pairs, each holds half of every row
+    "fsdp2-cp": ("distributed.context_parallel=2", "data.packing=true", "data.share_prompt=true",
+                 "data.pack_length=96"),  # fmt: skip
 }
 
 
@@ -167,8 +170,10 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_fil
         ("fsdp2", ()),
         ("fsdp2", ("data.packing=true", "data.share_prompt=true", "data.pack_length=96")),
         ("ddp", ("data.packing=true", "data.pack_length=96", "model.attn_implementation=sdpa")),
+        ("fsdp2", ("distributed.context_parallel=2", "data.packing=true", "data.share_prompt=true",
+                   "data.pack_length=96")),  # fmt: skip
     ],
-    ids=["ddp", "fsdp2", "fsdp2-packed", "ddp-packed-masks"],
+    ids=["ddp", "fsdp2", "fsdp2-packed", "ddp-packed-masks", "fsdp2-cp"],
 )
 def test_two_processes_equal_one(strategy, layout, single, two_process_runs, request):
     # packed rows differ per rank, so ranks run different numbers of micro-batches: FSDP2 must still agree

@@ -144,6 +144,10 @@ class DPOModel(nn.Module):
         Call after moving to the device and restoring checkpoint weights, before building the optimizer.
         """
         self.dist = info
+        if info.context_parallel > 1:  # the batches are split over the context ranks (data.context_split)
+            self.policy_runner.context_group = info.cp_group
+            if isinstance(self.reference, FrozenReference):
+                self.reference.runner.context_group = info.cp_group
         self.policy_logprobs = wrap_trainable(self.policy_logprobs, self.policy, strategy, info)
         if strategy == "fsdp2" and isinstance(self.reference, FrozenReference):
             self.reference.shard(info)
@@ -179,7 +183,7 @@ class DPOModel(nn.Module):
     @property
     def _runner_options(self) -> dict[str, Any]:
         root = unwrap(self.policy_logprobs)
-        return {"chunk_size": root.chunk_size, "autocast": root.autocast}
+        return {"chunk_size": root.chunk_size, "autocast": root.autocast, "context_group": root.context_group}
 
     @property
     def policy_runner(self) -> SequenceLogprobs:
