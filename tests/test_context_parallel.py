@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from test_cli_errors import assert_one_line, base_args
 
+from preftune.cli import main
 from preftune.data.batch import ContextShard, MicroBatch
 from preftune.data.context_split import local_offsets, split_for_context
 from preftune.data.packing import build_packed_collate, layout_rows
@@ -106,8 +108,12 @@ def test_every_trained_token_on_exactly_one_rank(size, share_prompt):
         assert torch.equal(part.input_ids[0, real], batch.input_ids[0, offsets[real]])
         assert torch.equal(part.position_ids[0, real], batch.position_ids[0, offsets[real]])
         global_index = offsets[part.hidden_index]
-        seen += zip(global_index.tolist(), part.target_ids.tolist(), part.sequence_index.tolist(), strict=True)
-    whole = zip(batch.hidden_index.tolist(), batch.target_ids.tolist(), batch.sequence_index.tolist(), strict=True)
+        seen += zip(
+            global_index.tolist(), part.target_ids.tolist(), part.sequence_index.tolist(), strict=True
+        )
+    whole = zip(
+        batch.hidden_index.tolist(), batch.target_ids.tolist(), batch.sequence_index.tolist(), strict=True
+    )
     assert sorted(seen) == sorted(whole)
 
 
@@ -186,6 +192,35 @@ def test_context_parallel_equals_one_process(tmp_path):
             assert diff["largest_gradient"] > 1e-2, name  # the gradients compared are not all zero
             assert diff["counts"] == 0, name
             assert diff["logps"] < 1e-4 and diff["loss"] < 1e-5 and diff["gradient"] < 1e-5, (name, diff)
+
+
+def test_context_parallel_mistakes_are_one_line(tmp_path, tiny_model_dir, pair_files, tokenizer, capsys,
+                                                monkeypatch):  # fmt: skip
+    """CP=2 on two ranks without packed rows, with an attention that takes a mask, or with a MoE policy's
+    balancing loss: one line, exit 2, before anything loads."""
+    from test_families import saved_family
+
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    cp = ["distributed.strategy=fsdp2", "distributed.context_parallel=2"]
+    packed = ["data.packing=true", "data.share_prompt=true"]
+    mixtral = saved_family("mixtral", tokenizer, tmp_path / "mixtral")
+    cases = [
+        (tiny_model_dir("llama"), cp, ("splits packed rows", "data.packing=true")),
+        (tiny_model_dir("llama"), [*cp, *packed, "model.attn_implementation=sdpa"],
+         ("needs model.attn_implementation=preftune_varlen", "not sdpa")),
+        (mixtral, [*cp, *packed], ("mixtral policy's router balancing loss", "model.router_aux_loss_coef=0")),
+    ]  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # nothing listens: a rule that let the run start would fail here
+    capsys.readouterr()
+    for model_dir, overrides, expected in cases:
+        code = main(["train", "--config", str(config), *base_args(model_dir, pair_files, tmp_path / "out"),
+                     *overrides])  # fmt: skip
+        captured = capsys.readouterr()
+        assert code == 2, (overrides, captured.err)
+        assert_one_line(captured.err, *expected)
 
 
 if __name__ == "__main__":

@@ -212,7 +212,9 @@ def _remember_blocks(layer: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _pass_blocks(attention: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Attention pre-hook: add the layer's blocks and context group when the layer did not pass them on."""
-    carried = {k: v for k, v in (getattr(attention, "preftune_blocks", None) or {}).items() if k not in kwargs}
+    carried = {
+        k: v for k, v in (getattr(attention, "preftune_blocks", None) or {}).items() if k not in kwargs
+    }
     return (args, {**kwargs, **carried}) if carried else None
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.distributed import ProcessGroup
 from torch.autograd.function import once_differentiable
+from torch.distributed import ProcessGroup
 from transformers import PreTrainedModel
 
 from preftune.data.batch import MicroBatch
@@ -198,7 +198,9 @@ class SequenceLogprobs(nn.Module):
         lm = causal_lm(self.model)
         device_type = batch.input_ids.device.type
         blocks = {"attention_blocks": batch.attention_blocks} if batch.attention_blocks is not None else {}
-        context = None if batch.context_shard is None else ContextGroup(batch.context_shard, self.context_group)
+        context = (
+            None if batch.context_shard is None else ContextGroup(batch.context_shard, self.context_group)
+        )
         if context is not None:
             blocks["context_parallel"] = context
         with torch.autocast(
