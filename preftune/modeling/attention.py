@@ -38,6 +38,19 @@ def visible_keys(num_context: int, num_queries: int, window: int | None, device:
     return visible(query, key, query[2], key[2], window)
 
 
+def shared_mask(masks: dict, num_context: int, num_queries: int, window: int | None, query: Tensor) -> Tensor:
+    """``visible_keys``'s mask as SDPA's additive one in the queries' dtype, from ``masks`` (one forward's, by
+    shape and window) or made into it. SDPA turns a boolean mask into a new additive one at every call and
+    keeps it for the backward, once per layer; an additive one it keeps as is, so the layers share one."""
+    key = (num_context, num_queries, window, query.dtype, query.device)
+    if key not in masks:
+        visible = visible_keys(num_context, num_queries, window, query.device)
+        masks[key] = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~visible, float("-inf")
+        )
+    return masks[key]
+
+
 def block_attention(
     query: Tensor,
     key: Tensor,
@@ -50,14 +63,20 @@ def block_attention(
     window: int | None,
     softcap: float | None,
     sinks: Tensor | None = None,
+    shared_masks: dict | None = None,
 ) -> Tensor:
     """Attention of [B, H, Q, D] queries over [B, KV, C + Q, D] keys and values (the last Q are the
     queries' own tokens), causal and windowed as ``visible_keys`` says; returns [B, H, Q, D]. ``sinks``
-    ([H] logits, gpt-oss) join every query's softmax as one more key that contributes no value."""
+    ([H] logits, gpt-oss) join every query's softmax as one more key that contributes no value.
+    ``shared_masks``: one forward's masks, made once for all its layers (``shared_mask``)."""
     num_queries = query.shape[2]
     needs_mask = num_context > 0 or (window is not None and num_context + num_queries > window)
-    mask = visible_keys(num_context, num_queries, window, query.device) if needs_mask else None
-    if softcap is None and sinks is None:
+    fused = softcap is None and sinks is None
+    if needs_mask and fused and shared_masks is not None:
+        mask = shared_mask(shared_masks, num_context, num_queries, window, query)
+    else:
+        mask = visible_keys(num_context, num_queries, window, query.device) if needs_mask else None
+    if fused:
         # CPU's flash kernel takes a mask and grouped heads together; CUDA's masked (memory-efficient) kernel
         # does not take grouped heads, so there the key/value heads are repeated rather than fall back to math.
         native_groups = mask is None or query.device.type == "cpu"
@@ -103,10 +122,12 @@ def varlen_attention_forward(
     s_aux: Tensor | None = None,
     attention_blocks: Sequence[Block] | None = None,
     context_parallel: ContextGroup | None = None,
+    shared_masks: dict | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers attention function: [B, H, L, D] queries, [B, KV, L, D] keys/values -> [B, L, H, D].
-    ``context_parallel``: the rows are split over context ranks (``context_attention``)."""
+    ``context_parallel``: the rows are split over context ranks (``context_attention``); ``shared_masks``:
+    the forward's masks, shared by its layers (``shared_mask``)."""
     if attention_mask is not None or key.shape[2] != query.shape[2]:  # a KV cache: decode under SDPA instead
         raise ValueError(f"{VARLEN} takes attention_blocks, not an attention mask or a KV cache")
     if kwargs.get("output_attentions"):
@@ -118,6 +139,7 @@ def varlen_attention_forward(
         "window": sliding_window,
         "softcap": softcap,
         "sinks": s_aux,
+        "shared_masks": shared_masks,
     }
     if attention_blocks is None:  # padded rows: each row is one causal sequence
         return block_attention(query, key, value, 0, **options).transpose(1, 2), None
@@ -202,16 +224,16 @@ def context_attention(
     return torch.cat(out).transpose(1, 2)
 
 
-CARRIED = ("attention_blocks", "context_parallel")  # the forward's keywords the attention needs
+CARRIED = ("attention_blocks", "context_parallel", "shared_masks")  # the forward's keywords for the attention
 
 
 def _remember_blocks(layer: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Decoder layer pre-hook: hand this call's blocks and context group (if any) to its attention module."""
+    """Decoder layer pre-hook: hand this call's ``CARRIED`` keywords (those given) to its attention module."""
     layer.self_attn.preftune_blocks = {key: kwargs[key] for key in CARRIED if kwargs.get(key) is not None}
 
 
 def _pass_blocks(attention: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Attention pre-hook: add the layer's blocks and context group when the layer did not pass them on."""
+    """Attention pre-hook: add the layer's ``CARRIED`` keywords when the layer did not pass them on."""
     carried = {
         k: v for k, v in (getattr(attention, "preftune_blocks", None) or {}).items() if k not in kwargs
     }
@@ -219,9 +241,9 @@ def _pass_blocks(attention: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
 
 
 def carry_blocks(model: nn.Module) -> None:
-    """Make every decoder layer's ``attention_blocks`` and ``context_parallel`` keywords reach its attention
-    (``self_attn``), also where the layer's forward drops its extra keywords. Idempotent; the hooks hold no module reference, so
-    a deep copy of the model (a frozen reference) carries its own. The per-call state is overwritten on
+    """Make every decoder layer's ``CARRIED`` keywords (the blocks, the context group, the shared masks)
+    reach its attention (``self_attn``), also where the layer's forward drops its extra keywords. Idempotent;
+    the hooks hold no module reference, so a deep copy of the model (a frozen reference) carries its own. The per-call state is overwritten on
     every layer call, the recomputation of activation checkpointing included."""
     for layer in model.modules():
         attention = getattr(layer, "self_attn", None)

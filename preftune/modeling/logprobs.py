@@ -197,7 +197,9 @@ class SequenceLogprobs(nn.Module):
         alone (no lm-head)."""
         lm = causal_lm(self.model)
         device_type = batch.input_ids.device.type
-        blocks = {"attention_blocks": batch.attention_blocks} if batch.attention_blocks is not None else {}
+        blocks = {}  # preftune_varlen's keywords (the layers' attention reads them, ``carry_blocks``)
+        if batch.attention_blocks is not None:  # one forward's masks, made once for all its layers
+            blocks = {"attention_blocks": batch.attention_blocks, "shared_masks": {}}
         context = (
             None if batch.context_shard is None else ContextGroup(batch.context_shard, self.context_group)
         )
