@@ -104,7 +104,9 @@ def run(args: argparse.Namespace, size: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8192, help="the pair's tokens (prompt + both responses)")
+    parser.add_argument(
+        "--tokens", type=int, default=8192, help="the pair's tokens (prompt + both responses)"
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
     args = parser.parse_args()

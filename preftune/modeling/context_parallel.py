@@ -20,6 +20,9 @@ from torch.distributed import ProcessGroup
 from preftune.data.batch import ContextShard
 
 REDUCE_SCATTER_BACKENDS = ("nccl", "xccl")
+# torch 2.13 renames the single-tensor collectives (the old names warn); torch >= 2.6 has the old ones
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class ContextGroup(NamedTuple):
@@ -37,7 +40,7 @@ class _Gather(torch.autograd.Function):
     def forward(ctx, tensor: Tensor, group: ProcessGroup | None) -> Tensor:
         ctx.group = group
         out = tensor.new_empty(dist.get_world_size(group) * tensor.shape[0], *tensor.shape[1:])
-        dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)  # the ranks' tensors along dim 0
+        ALL_GATHER(out, tensor.contiguous(), group=group)  # the ranks' tensors along dim 0
         return out.unflatten(0, (-1, tensor.shape[0]))
 
     @staticmethod
@@ -45,7 +48,7 @@ class _Gather(torch.autograd.Function):
         grad = grad.flatten(0, 1).contiguous()
         if dist.get_backend(ctx.group) in REDUCE_SCATTER_BACKENDS:
             out = grad.new_empty(grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:])
-            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+            REDUCE_SCATTER(out, grad, group=ctx.group)
             return out, None
         dist.all_reduce(grad, group=ctx.group)
         return grad.unflatten(0, (dist.get_world_size(ctx.group), -1))[dist.get_rank(ctx.group)], None
