@@ -156,7 +156,9 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_fil
         runs[f"resume-{strategy}"] = ("trainer.max_steps=1", f"distributed.strategy={strategy}")
         reference = f"reference.path={other_model_dir}"
         runs[f"reference-{strategy}"] = (steps, f"distributed.strategy={strategy}", reference)
-    runs["pre-cp"] = (steps, "distributed.strategy=fsdp2", "reference.mode=precompute", *CONTEXT_PARALLEL)
+    # and the recomputation of activation checkpointing, whose backward gathers the keys again
+    precompute = ("reference.mode=precompute", "model.activation_checkpointing=true")
+    runs["pre-cp"] = (steps, "distributed.strategy=fsdp2", *precompute, *CONTEXT_PARALLEL)
 
     def build(root: Path) -> None:
         script = root / "train_each.py"
