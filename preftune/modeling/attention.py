@@ -12,7 +12,12 @@ The blocks come from the collate (``preftune.data.packing``) and reach every att
 ``attention_blocks`` keyword (transformers passes a model's extra keywords down to the attention function).
 Some decoder layers (StableLM, Nemotron) call their attention without those keywords; ``carry_blocks`` hooks
 every layer so the blocks it was given reach its attention all the same. Without blocks (padded micro-batches)
-each row is one block: right padding under causal attention is exact.
+each row is one block: right padding under causal attention is exact. A block's mask depends on its shape
+alone, so one forward's layers share it (``shared_masks``: autograd keeps one copy, not one per layer).
+
+Under context parallelism (``context_parallel``: a ``ContextGroup``) a rank holds two chunks of each row
+(``preftune.data.context_split``); ``context_attention`` gathers the row's keys and values from the context
+ranks and cuts its chunks' queries at the block boundaries, each span attending as the rest of its block would.
 """
 
 from __future__ import annotations

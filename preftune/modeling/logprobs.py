@@ -170,7 +170,9 @@ class SequenceLogprobs(nn.Module):
     shards, so the forward goes through their hooks.
 
     One forward over the whole micro-batch; the lm-head runs only on the hidden states that predict a
-    response token, in chunks of ``chunk_size`` tokens (None: ``auto_chunk_size``).
+    response token, in chunks of ``chunk_size`` tokens (None: ``auto_chunk_size``). A batch split for
+    context parallelism (``MicroBatch.context_shard``) runs its attention over ``context_group``'s ranks and
+    returns the sums over them (each rank's backward takes the gradient of its own tokens).
     """
 
     def __init__(
