@@ -119,15 +119,16 @@ def test_every_trained_token_on_exactly_one_rank(size, share_prompt):
 
 # --- CP = 2 against one process, over gloo ------------------------------------------------------------------
 
-CASES = {  # name: (tiny family, share_prompt)
-    "llama-packed": ("llama", False),
-    "llama-shared": ("llama", True),
-    "mistral-shared": ("mistral", True),  # sliding windows: sequences longer than the window
-    "gemma2-shared": ("gemma2", True),  # soft-capped attention and logits, sliding and full layers
+CASES = {  # name: (tiny family, share_prompt, pairs): 8 pairs of up to 32 + 32 + 32 tokens in one row
+    "llama-packed": ("llama", False, 8),
+    "llama-shared": ("llama", True, 8),
+    "mistral-shared": ("mistral", True, 8),  # sliding windows: sequences longer than the window
+    "gemma2-shared": ("gemma2", True, 8),  # soft-capped attention and logits, sliding and full layers
+    "llama-one-long-prompt": ("llama", True, 0),  # rank 1 holds prompt tokens only: nothing to train
 }
 
 
-def compare_case(arch: str, share_prompt: bool, rank: int, size: int) -> dict[str, float]:
+def compare_case(arch: str, share_prompt: bool, num_pairs: int, rank: int, size: int) -> dict[str, float]:
     """The largest differences of CP=``size`` from one process, on this rank: per-sequence log-probs and
     counts, loss, every gradient (summed over the ranks), for one packed row of several pairs."""
     policy = build_tiny_model(arch, VOCAB, num_layers=2, hidden_size=32, num_heads=4)
@@ -136,7 +137,9 @@ def compare_case(arch: str, share_prompt: bool, rank: int, size: int) -> dict[st
         model = DPOModel(policy, None, LossSettings.from_config({"sft_loss_weight": 0.5}))
         for p in policy.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    pairs = random_pairs(8, seed=1, longest=2 * SLIDING_WINDOW)
+    pairs = random_pairs(num_pairs, seed=1, longest=2 * SLIDING_WINDOW)
+    if not pairs:  # 40 + 3 + 3 tokens: chunks of 12, rank 1 holds offsets 12-35, all of the prompt
+        pairs = [pair(list(range(3, 43)), [4, 5, E], [6, 7, E], 0)]
     collate = build_packed_collate(eos_id=E, model_config=policy.config, attn_implementation="preftune_varlen",
                                    pack=True, share_prompt=share_prompt, max_tokens_per_row=4096)  # fmt: skip
     (batch,) = collate(pairs)
@@ -162,6 +165,7 @@ def compare_case(arch: str, share_prompt: bool, rank: int, size: int) -> dict[st
         "largest_gradient": max(g.abs().max().item() for g in one[3]),
         "chunk_length": split_for_context(batch, rank, size, pad_id=E).context_shard.chunk_length,
         "sequences": len(one[0]),
+        "trained_tokens": len(split_for_context(batch, rank, size, pad_id=E).target_ids),
     }
 
 
@@ -169,7 +173,7 @@ def worker(out: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
-    found = {name: compare_case(arch, share, rank, size) for name, (arch, share) in CASES.items()}
+    found = {name: compare_case(*case, rank, size) for name, case in CASES.items()}
     out.with_name(f"{out.name}.{rank}").write_text(json.dumps(found))
     dist.destroy_process_group()
 
@@ -191,7 +195,10 @@ def test_context_parallel_equals_one_process(tmp_path):
         found = json.loads(out.with_name(f"found.{rank}").read_text())
         assert set(found) == set(CASES)
         for name, diff in found.items():
-            assert diff["sequences"] == 16 and diff["chunk_length"] > 2 * SLIDING_WINDOW, name
+            num_pairs = CASES[name][2]
+            assert diff["sequences"] == 2 * max(num_pairs, 1), name
+            assert diff["chunk_length"] == 12 if num_pairs == 0 else diff["chunk_length"] > 2 * SLIDING_WINDOW
+            assert (diff["trained_tokens"] == 0) == (num_pairs == 0 and rank == 1), name
             assert diff["largest_gradient"] > 1e-2, name  # the gradients compared are not all zero
             assert diff["own_gradient"] > 1e-3, name  # a rank alone holds only its part of them
             assert diff["counts"] == 0, name
