@@ -182,7 +182,9 @@ def worker(out: Path) -> None:
 def test_context_parallel_equals_one_process(tmp_path):
     """Two gloo processes, CP=2, each comparing its split forward/backward with the unsplit one of the same
     model and batch: per-sequence log-probs, counts, loss and every gradient to 1e-5."""
-    port = 29500 + random.Random(os.getpid()).randrange(20000)
+    from test_distributed import free_port
+
+    port = free_port()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}  # fmt: skip
     out = tmp_path / "found"
