@@ -124,6 +124,12 @@ def _check_mesh(cfg: PreftuneConfig, world: int) -> int:
             f"distributed.context_parallel={cp} splits packed rows: set data.packing=true or "
             "data.share_prompt=true"
         )
+    attention = packed_attention(cfg.model.attn_implementation, True)
+    if cp > 1 and attention != VARLEN:
+        raise ConfigError(
+            f"distributed.context_parallel={cp} needs model.attn_implementation={VARLEN} (or null), not "
+            f"{attention}: a mask over the whole row cannot be split"
+        )
     return world // (tp * cp)
 
 
@@ -324,6 +330,8 @@ def check_environment(cfg: DictConfig, *, tokenizer_only: bool = False) -> None:
     model_config = _model_config(cfg.model.path, cfg.model.trust_remote_code, "model.path", tokenizer_only)
     if model_config is not None and (cfg.data.packing or cfg.data.share_prompt):
         layer_windows(model_config)  # a ConfigError for what packed rows cannot lay out
+    if model_config is not None and cfg.distributed.context_parallel > 1:
+        _check_context_parallel_model(cfg, model_config)
     models = {"model.path": (cfg.model.path, model_config)}
     if cfg.reference.path is not None and not tokenizer_only:
         reference = _model_config(cfg.reference.path, cfg.model.trust_remote_code, "reference.path", False)
@@ -366,6 +374,19 @@ def _check_tensor_parallel(
                 f"{key}=true with distributed.tensor_parallel={tensor_parallel} is not supported yet: "
                 f"{instead}, or distributed.tensor_parallel=1"
             )
+
+
+def _check_context_parallel_model(cfg: DictConfig, model_config: Any) -> None:
+    """A mixture-of-experts policy's balancing loss counts each token's routing where the whole row is:
+    under context parallelism each rank holds part of it, so that loss is refused rather than changed."""
+    from preftune.modeling.router import router_loss
+
+    if router_loss(model_config, cfg.model.router_aux_loss_coef, cfg.model.router_aux_loss_scope) is not None:
+        raise ConfigError(
+            f"distributed.context_parallel={cfg.distributed.context_parallel} with a {model_config.model_type} "
+            "policy's router balancing loss is not supported yet: set model.router_aux_loss_coef=0 or "
+            "distributed.context_parallel=1"
+        )
 
 
 def _check_output_dir(output_dir: Path) -> None:

@@ -566,7 +566,10 @@ def _train_locked(
     check_packed_layout(cfg, model, info)
     judge = build_run_judge(cfg, model, tokenizer) if cfg.trainer.judge_prompts > 0 else None
     judged = prepare_judged_validation(cfg, model, tokenizer, val_set, judge, write=info.is_main, log=log)
-    train_set, collate = micro_batch_layout(cfg, train_set, model, tokenizer.eos_token_id, info.device)
+    context = (info.cp_rank, info.context_parallel)  # the context ranks of a group split each micro-batch
+    train_set, collate = micro_batch_layout(
+        cfg, train_set, model, tokenizer.eos_token_id, info.device, context
+    )
     checkpointer = Checkpointer(output_dir, tokenizer, Retention.from_config(cfg.trainer))
     latest = checkpointer.resume_point(warn=log)
     if latest is not None:

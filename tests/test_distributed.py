@@ -135,11 +135,19 @@ left = {type(o).__name__ for o in gc.garbage} & {"DistributedDataParallel", "FSD
 assert not left, f"shutdown left {sorted(left)} for the interpreter's exit to collect"
 """
 
+# context parallelism: both ranks read the same pairs, each holds half of every row
+CONTEXT_PARALLEL = (
+    "distributed.context_parallel=2",
+    "data.packing=true",
+    "data.share_prompt=true",
+    "data.pack_length=96",
+)
 LAYOUTS = {
     "ddp": (),
     "fsdp2": (),
     "fsdp2-packed": ("data.packing=true", "data.share_prompt=true", "data.pack_length=96"),
     "ddp-packed-masks": ("data.packing=true", "data.pack_length=96", "model.attn_implementation=sdpa"),
+    "fsdp2-cp": CONTEXT_PARALLEL,
 }
 
 
@@ -176,14 +184,13 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_fil
     runs["fsdp2-lora"] = (steps, "distributed.strategy=fsdp2", *LORA, length_judge)
     runs["tp"] = (steps, *TENSOR_PARALLEL)
     runs["pre-tp"] = (steps, *TENSOR_PARALLEL, "reference.mode=precompute")
-    runs["reference-tp"] = (
-        steps,
-        *TENSOR_PARALLEL,
-        f"reference.path={other_model_dir}",
-    )  # split like the policy
+    runs["reference-tp"] = (steps, *TENSOR_PARALLEL, reference)  # the reference split like the policy
     runs["tp-lora"] = (steps, *TENSOR_PARALLEL, *LORA, length_judge)
     runs["resume-tp"] = ("trainer.max_steps=1", *TENSOR_PARALLEL)
     runs["one-then-tp"] = (steps, *TENSOR_PARALLEL)  # resumes the step one process saves below
+    # and the recomputation of activation checkpointing, whose backward gathers the keys again
+    precompute = ("reference.mode=precompute", "model.activation_checkpointing=true")
+    runs["pre-cp"] = (steps, "distributed.strategy=fsdp2", *precompute, *CONTEXT_PARALLEL)
 
     def build(root: Path) -> None:
         launch(root, "one-then-tp", 1, model_dir, pair_files, "trainer.max_steps=1")
@@ -204,8 +211,9 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_fil
         ("fsdp2", ()),
         ("fsdp2", ("data.packing=true", "data.share_prompt=true", "data.pack_length=96")),
         ("ddp", ("data.packing=true", "data.pack_length=96", "model.attn_implementation=sdpa")),
+        ("fsdp2", CONTEXT_PARALLEL),
     ],
-    ids=["ddp", "fsdp2", "fsdp2-packed", "ddp-packed-masks"],
+    ids=["ddp", "fsdp2", "fsdp2-packed", "ddp-packed-masks", "fsdp2-cp"],
 )
 def test_two_processes_equal_one(strategy, layout, single, two_process_runs, request):
     # packed rows differ per rank, so ranks run different numbers of micro-batches: FSDP2 must still agree
@@ -225,14 +233,17 @@ def test_two_processes_equal_one(strategy, layout, single, two_process_runs, req
     assert len(lines) == len({(json.loads(x)["step"], "train/loss" in x) for x in lines}), "rank 0 alone logs"
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "tp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "tp", "cp"])
 def test_precomputed_reference_under_two_processes(strategy, single, two_process_runs):
     multi = two_process_runs / f"pre-{strategy}"
     assert len(list((multi / "cache/reference").glob("*.pt"))) == 2, "one cache file per dataset"
     a, b = train_records(single), train_records(multi)
     for step in a:
         for key in ("train/loss", "train/acc", "train/rewards_chosen_mean"):
-            assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
+            # CP's packed rows: the cached pass lays the pairs out in other rows than the step does, so at
+            # step 1 (policy = reference) the rewards are float noise (~1e-7) and acc is the sign of that noise
+            if not (strategy == "cp" and step == 1 and key == "train/acc"):
+                assert b[step][key] == pytest.approx(a[step][key], abs=1e-5), (step, key)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "tp"])

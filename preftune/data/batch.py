@@ -12,6 +12,24 @@ import torch
 from torch import Tensor
 
 
+class ContextShard(NamedTuple):
+    """Context parallelism: the part of each row one of ``size`` context ranks holds
+    (``preftune.data.context_split``). The row, padded to ``2 * size * chunk_length`` tokens, is cut into
+    ``2 * size`` chunks of ``chunk_length``; rank r holds chunk r then chunk ``2 * size - 1 - r`` (a front
+    chunk and its mirror from the back, so every rank has the same share of causal attention's work)."""
+
+    rank: int
+    size: int
+    chunk_length: int
+    row_length: int
+    """The unsplit row's tokens (before padding to a multiple of ``2 * size``)."""
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        """The indices of the two chunks this rank holds, in the order its tokens lay them out."""
+        return self.rank, 2 * self.size - 1 - self.rank
+
+
 class Block(NamedTuple):
     """A span of one row that attends as one sequence (``preftune_varlen``): the queries at
     ``query_start .. query_start + query_length`` attend causally to themselves and fully to a context span
@@ -58,6 +76,19 @@ class MicroBatch:
         sequence_index [0 0  2 2 2  1 1   3  3 ]
 
     Either way the per-sequence sums of the targets' log-probs are the same (tests compare them to 1e-5).
+
+    Context parallelism (``preftune.data.context_split``) splits a packed row over C ranks. The packed row
+    above, C = 2: 15 tokens padded (E, position 0) to 16, cut into 4 chunks of 4; rank 0 holds chunks 0 and 3
+    (offsets 0-3 and 12-15), rank 1 chunks 1 and 2 (offsets 4-11). Each keeps the tokens it predicts from::
+
+        rank 0  input_ids [[5 6 7 E  5 3 E E]]     rank 1  input_ids [[5 6 8 9  E 5 4 E]]
+                position_ids [[0 1 2 3  0 1 2 0]]          position_ids [[0 1 2 3  4 0 1 2]]
+                hidden_index   [1 2  4 5]                   hidden_index   [1 2 3  5 6]
+                target_ids     [7 E  3 E]                   target_ids     [8 9 E  4 E]
+                sequence_index [0 0  3 3]                   sequence_index [2 2 2  1 1]
+                attention_blocks: the whole row's, on both; context_shard (0, 2, 4, 15) / (1, 2, 4, 15)
+
+    Each rank's per-sequence sums are partial; summed over the ranks they are the unsplit row's.
 
     K-completion groups (``preftune.data.packing``, online training): one prompt's K responses share its
     prompt, each response a sequence of its own computed once; the pairs refer to them by sequence. Prompt [5],
@@ -110,6 +141,10 @@ class MicroBatch:
     (None: pair i is sequences i and P + i)."""
     num_sequences: int | None = None
     """The sequences laid out (None: 2P)."""
+    context_shard: ContextShard | None = None
+    """Context parallelism: which chunks of each row this rank holds (``input_ids``, ``position_ids``,
+    ``token_weights`` and the trained tokens are this rank's; ``attention_blocks`` the whole row's). None: the
+    whole rows."""
 
     def sequence_count(self) -> int:
         """The sequences the per-sequence log-probs are summed into."""

@@ -30,6 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import PretrainedConfig
 
 from preftune.data.batch import Block, MicroBatch, item_responses, pad_right, pair_length
+from preftune.data.context_split import split_for_context
 from preftune.data.visibility import CONTEXT, RESPONSE, VARLEN, check_packed_attention, visible
 from preftune.data.windows import mask_windows
 
@@ -305,6 +306,7 @@ def build_packed_collate(
     max_tokens_per_row: int,
     rows_per_micro_batch: int = 1,
     device: torch.device | str = "cpu",
+    context: tuple[int, int] = (0, 1),
 ) -> Callable[[Sequence[dict[str, Any]]], list[MicroBatch]]:
     """A collate turning a rank's share of a global batch into packed and/or shared-prompt micro-batches.
 
@@ -314,9 +316,12 @@ def build_packed_collate(
     must then be set: the plain layout is ``data.padded_micro_batches``). Every pair of the global batch
     appears in exactly one micro-batch. The micro-batches are built on ``device`` (the masks included: the
     model cannot move a ``BlockMask`` or a per-layer-type dict): ``MicroBatch``es with ``attention_blocks``
-    under ``preftune_varlen``, else with an ``attention_mask``.
+    under ``preftune_varlen``, else with an ``attention_mask``. ``context`` (rank, ranks): context
+    parallelism, each micro-batch is this context rank's part of it (``preftune.data.context_split``).
     """
     _check_layout(pack, share_prompt, attn_implementation)
+    if context[1] > 1 and attn_implementation != VARLEN:
+        raise ValueError(f"context parallelism splits rows under {VARLEN} only, not {attn_implementation}")
     lay_out = partial(
         _micro_batch,
         eos_id=eos_id,
@@ -326,6 +331,7 @@ def build_packed_collate(
         dtype=model_config.dtype,
         shape=_flex_shape(attn_implementation, rows_per_micro_batch, max_tokens_per_row),
         device=device,
+        context=context,
     )
 
     def collate(pairs: Sequence[dict[str, Any]]) -> list[MicroBatch]:
@@ -379,12 +385,14 @@ def _micro_batch(
     dtype: torch.dtype,
     shape: tuple[int, int] | None,
     device: torch.device | str,
+    context: tuple[int, int],
 ) -> MicroBatch:
     """One micro-batch of ``rows`` on ``device``: end to end as one row under ``preftune_varlen`` (no mask,
-    no padding), else the rows with the attention mask of each layer type's ``windows``."""
+    no padding; ``context`` rank's part of it), else the rows with the attention mask of each layer type's
+    ``windows``."""
     if attn_implementation == VARLEN:
         batch, _ = layout_rows([[ex for row in rows for ex in row]], eos_id=eos_id, share_prompt=share_prompt)
-        return batch.to(device)
+        return split_for_context(batch, *context, pad_id=eos_id).to(device)
     batch, ids = layout_rows(rows, eos_id=eos_id, share_prompt=share_prompt, shape=shape)
     ids = RowIds(*(t.to(device) for t in ids))
     mask = (
@@ -415,6 +423,7 @@ class DPOPackedDataset(torch.utils.data.Dataset):
         share_prompt: bool = False,
         rows_per_micro_batch: int = 1,
         device: torch.device | str = "cpu",
+        context: tuple[int, int] = (0, 1),
     ):
         self.dataset = dataset
         self.global_collate_fn = build_packed_collate(
@@ -426,6 +435,7 @@ class DPOPackedDataset(torch.utils.data.Dataset):
             max_tokens_per_row=pack_length,
             rows_per_micro_batch=rows_per_micro_batch,
             device=device,
+            context=context,
         )
 
     @property

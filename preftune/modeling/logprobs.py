@@ -18,11 +18,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor, Shard
 from transformers import PreTrainedModel
 
 from preftune.data.batch import MicroBatch
 from preftune.modeling.attention import carry_blocks
+from preftune.modeling.context_parallel import ContextGroup, sum_over_context
 from preftune.modeling.router import GlobalRouting, RouterLoss, RoutingStatistics
 
 
@@ -238,17 +240,24 @@ class SequenceLogprobs(nn.Module):
     shards, so the forward goes through their hooks.
 
     One forward over the whole micro-batch; the lm-head runs only on the hidden states that predict a
-    response token, in chunks of ``chunk_size`` tokens (None: ``auto_chunk_size``).
+    response token, in chunks of ``chunk_size`` tokens (None: ``auto_chunk_size``). A batch split for
+    context parallelism (``MicroBatch.context_shard``) runs its attention over ``context_group``'s ranks and
+    returns the sums over them (each rank's backward takes the gradient of its own tokens).
     """
 
     def __init__(
-        self, model: PreTrainedModel, chunk_size: int | None = None, autocast: torch.dtype | None = None
+        self,
+        model: PreTrainedModel,
+        chunk_size: int | None = None,
+        autocast: torch.dtype | None = None,
+        context_group: ProcessGroup | None = None,
     ):
         super().__init__()
         carry_blocks(model)
         self.model = model
         self.chunk_size = chunk_size
         self.autocast = autocast
+        self.context_group = context_group  # the context ranks of a context-split batch (None: the default)
         self.router: RouterLoss | None = None  # a MoE policy's balancing loss, computed into aux_loss
         self.aux_loss: Tensor | None = None  # the last forward's
         self.global_routing: GlobalRouting | None = None  # global_batch scope: the current global batch's
@@ -260,7 +269,14 @@ class SequenceLogprobs(nn.Module):
         alone (no lm-head)."""
         lm = causal_lm(self.model)
         device_type = batch.input_ids.device.type
-        blocks = {"attention_blocks": batch.attention_blocks} if batch.attention_blocks is not None else {}
+        blocks = {}  # preftune_varlen's keywords (the layers' attention reads them, ``carry_blocks``)
+        if batch.attention_blocks is not None:  # one forward's masks, made once for all its layers
+            blocks = {"attention_blocks": batch.attention_blocks, "shared_masks": {}}
+        context = (
+            None if batch.context_shard is None else ContextGroup(batch.context_shard, self.context_group)
+        )
+        if context is not None:
+            blocks["context_parallel"] = context
         with torch.autocast(
             device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
         ):
@@ -299,6 +315,8 @@ class SequenceLogprobs(nn.Module):
         logps = torch.zeros(num_sequences, device=token_lp.device, dtype=torch.float32)
         logps = logps.index_add(0, batch.sequence_index, token_lp)
         counts = torch.bincount(batch.sequence_index, minlength=num_sequences)
+        if context is not None:  # each context rank holds part of every sequence's tokens
+            logps, counts = sum_over_context(logps, context), sum_over_context(counts, context)
         if batch.pair_sequences is not None:  # K-completion groups: each pair's two responses, computed once
             order = batch.pair_sequences.flatten()
             logps, counts = logps[order], counts[order]

@@ -150,6 +150,10 @@ class DPOModel(nn.Module):
             apply_tensor_parallel(self.policy, info.tp_mesh)
             if isinstance(self.reference, FrozenReference):
                 apply_tensor_parallel(self.reference.model, info.tp_mesh)
+        if info.context_parallel > 1:  # the batches are split over the context ranks (data.context_split)
+            self.policy_runner.context_group = info.cp_group
+            if isinstance(self.reference, FrozenReference):
+                self.reference.runner.context_group = info.cp_group
         self.policy_logprobs = wrap_trainable(self.policy_logprobs, self.policy, strategy, info)
         if strategy == "fsdp2" and isinstance(self.reference, FrozenReference):
             self.reference.shard(info)
@@ -185,7 +189,7 @@ class DPOModel(nn.Module):
     @property
     def _runner_options(self) -> dict[str, Any]:
         root = unwrap(self.policy_logprobs)
-        return {"chunk_size": root.chunk_size, "autocast": root.autocast}
+        return {"chunk_size": root.chunk_size, "autocast": root.autocast, "context_group": root.context_group}
 
     @property
     def policy_runner(self) -> SequenceLogprobs:

@@ -37,10 +37,16 @@ def pack_length(cfg: PreftuneConfig) -> int:
 
 
 def micro_batch_layout(
-    cfg: PreftuneConfig, dataset: PreferenceDataset, model: DPOModel, eos_id: int, device: torch.device
+    cfg: PreftuneConfig,
+    dataset: PreferenceDataset,
+    model: DPOModel,
+    eos_id: int,
+    device: torch.device,
+    context: tuple[int, int] = (0, 1),
 ) -> tuple[Any, Callable[[Sequence[dict]], list[MicroBatch]]]:
     """The dataset the loader reads and the collate that turns a global batch into this rank's micro-batches:
-    packed / shared-prompt rows (``DPOPackedDataset``) or padded pairs, as ``data.*`` says."""
+    packed / shared-prompt rows (``DPOPackedDataset``; ``context`` (rank, ranks): this context rank's part of
+    each) or padded pairs, as ``data.*`` says."""
     if cfg.data.packing or cfg.data.share_prompt:  # several pairs per row and/or one prompt per pair
         packed = DPOPackedDataset(
             dataset,
@@ -51,6 +57,7 @@ def micro_batch_layout(
             share_prompt=cfg.data.share_prompt,
             rows_per_micro_batch=cfg.data.micro_batch_size,
             device=device,
+            context=context,
         )
         return packed, packed.global_collate_fn  # validation batches are packed by the same collate
     return dataset, partial(padded_micro_batches, micro_batch_size=cfg.data.micro_batch_size, eos_id=eos_id)
