@@ -32,6 +32,7 @@ from preftune.modeling.layout_check import check_layout
 from preftune.modeling.logprobs import causal_lm
 from preftune.modeling.model import DTYPES, DPOModel, load_causal_lm
 from preftune.modeling.parallel import DistInfo
+from preftune.modeling.rank0_load import loads_from_rank0
 from preftune.modeling.reference_cache import (
     ReferenceCache,
     precompute_reference,
@@ -360,9 +361,9 @@ def validation_generations(
     return generate
 
 
-def check_packed_layout(cfg: PreftuneConfig, model: DPOModel, info: DistInfo) -> None:
+def check_packed_layout(cfg: PreftuneConfig, model: DPOModel) -> None:
     """Packed / shared-prompt runs: the real model's laid-out rows against separate forwards (a pass is cached
-    in ``output_dir/cache/layout_check``)."""
+    in ``output_dir/cache/layout_check``). After ``distribute``: every rank runs it (or skips it) together."""
     if not (cfg.data.packing or cfg.data.share_prompt):
         return
     cached = check_layout(
@@ -371,7 +372,7 @@ def check_packed_layout(cfg: PreftuneConfig, model: DPOModel, info: DistInfo) ->
         share_prompt=cfg.data.share_prompt,
         model_path=local_model_dir(cfg.model.path),
         dtype=cfg.model.dtype,
-        cache_dir=RunDir(cfg.output_dir).layout_check_cache if info.is_main else None,
+        cache_dir=RunDir(cfg.output_dir).layout_check_cache,
     )
     log(f"layout self-check: {'passed before (cached)' if cached else 'passed'}")
 
@@ -559,11 +560,18 @@ def _train_locked(
         log(finished.message())
         return TrainResult(finished.val_metrics, finished=True, steps=finished.step, tokenized=tokenized)
 
-    # Model: the policy and its reference (built before any checkpoint is restored; the reference's judged
-    # generations are made then, or loaded), then the newest checkpoint's weights, then DDP/FSDP2, then the
-    # reference's cached log-probs, then the optimizer.
-    model = DPOModel.from_config(cfg).to(info.device)
-    check_packed_layout(cfg, model, info)
+    # Model: the policy and its reference (FSDP2 over several ranks: rank 0 reads the weights into CPU memory,
+    # the others build the model on the meta device and receive their shards in distribute), DDP / FSDP2, the
+    # self-check of the layout and the reference's judged generations (after distribute: every rank joins
+    # those forwards, each holding its shards; before it, a model too large for one device would have to run
+    # on rank 0's CPU copy), then the newest checkpoint's weights, the reference's cached log-probs, the
+    # optimizer.
+    from_rank0 = loads_from_rank0(cfg.distributed.strategy, cfg.model.load_in_4bit, info)
+    model = DPOModel.from_config(cfg, meta=from_rank0 and not info.is_main)
+    if not from_rank0:
+        model.to(info.device)
+    model.distribute(cfg.distributed.strategy, info, from_rank0=from_rank0)
+    check_packed_layout(cfg, model)
     judge = build_run_judge(cfg, model, tokenizer) if cfg.trainer.judge_prompts > 0 else None
     judged = prepare_judged_validation(cfg, model, tokenizer, val_set, judge, write=info.is_main, log=log)
     context = (info.cp_rank, info.context_parallel)  # the context ranks of a group split each micro-batch
@@ -573,8 +581,7 @@ def _train_locked(
     checkpointer = Checkpointer(output_dir, tokenizer, Retention.from_config(cfg.trainer))
     latest = checkpointer.resume_point(warn=log)
     if latest is not None:
-        checkpointer.load_weights(latest, model.policy)
-    model.distribute(cfg.distributed.strategy, info)
+        checkpointer.load_weights(latest, model)
     train_set, val_set, collate = cache_reference(cfg, model, train_set, val_set, collate)
     reference_computed = any(not c.from_cache for c in (train_set, val_set) if isinstance(c, ReferenceCache))
     trainer = build_trainer(cfg, info, model, (train_set, val_set, collate), checkpointer, timer)

@@ -24,6 +24,7 @@ from preftune.data.packing import build_packed_collate
 from preftune.errors import ConfigError
 from preftune.modeling.logprobs import causal_lm
 from preftune.modeling.model import DPOModel
+from preftune.modeling.parallel import any_rank, reshard
 
 CHECK_VERSION = 1
 # (prompt, chosen, rejected) lengths: an empty prompt and one-token responses, the edge cases of the layout
@@ -103,6 +104,7 @@ def layout_error(model: DPOModel, *, pack: bool, share_prompt: bool) -> str | No
                 lm.set_attn_implementation(implementation)
     finally:
         model.policy.train(training)
+        reshard(model.policy_logprobs)
     expected = torch.zeros_like(alone)
     expected[order] = laid_out.float()
     tokens = torch.zeros_like(alone)
@@ -129,12 +131,15 @@ def check_layout(
     cache_dir: Path | None,
 ) -> bool:
     """Raise ``ConfigError`` (one line) unless the layout is exact for ``model``; True when a cached pass was
-    found, False when the check ran (and passed; the pass is then cached under ``cache_dir``)."""
+    found, False when the check ran (and passed; the pass is then cached under ``cache_dir``). Over several
+    ranks (``model.dist``) every rank calls it: rank 0 reads and writes the cache, and all run the check or
+    none (a sharded model's forwards are collectives)."""
     lm = causal_lm(model.policy)
+    info = model.dist
     layout = f"pack={pack} share_prompt={share_prompt} attention={lm.config._attn_implementation}"
-    key = fingerprint(model_path, dtype, layout) if cache_dir is not None else None
+    key = fingerprint(model_path, dtype, layout) if cache_dir is not None and info.is_main else None
     record = cache_dir / f"{key}.json" if key is not None else None
-    if record is not None and record.is_file():
+    if any_rank(record is not None and record.is_file(), info):
         return True
     error = layout_error(model, pack=pack, share_prompt=share_prompt)
     if error is not None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from preftune import losses
 from preftune.config import ModelConfig, PreftuneConfig
@@ -21,6 +21,7 @@ from preftune.modeling import attention  # noqa: F401  (importing it registers p
 from preftune.modeling.logprobs import SequenceLogprobs, causal_lm, is_peft
 from preftune.modeling.parallel import DistInfo, gradient_sync, unwrap, wrap_trainable
 from preftune.modeling.peft_setup import add_adapters, quantization_config, uses_adapters
+from preftune.modeling.rank0_load import HostWeights, load_from_rank0, share_rng_state, to_meta
 from preftune.modeling.reference import (
     AdaptersOffReference,
     FrozenReference,
@@ -44,21 +45,28 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
-def load_causal_lm(model_cfg: ModelConfig, implementation: str | None) -> PreTrainedModel:
+def load_causal_lm(
+    model_cfg: ModelConfig, implementation: str | None, *, meta: bool = False
+) -> PreTrainedModel:
     """The policy from ``model.path`` with the configured dtype and attention ``implementation`` (None:
     transformers' choice), in 4 bits with ``model.load_in_4bit``, wrapped in adapters per ``model.lora``
-    (see ``peft_setup``)."""
+    (see ``peft_setup``). ``meta``: the same model on the meta device, no weight read (see ``rank0_load``)."""
     kwargs: dict[str, Any] = {"attn_implementation": implementation} if implementation else {}
-    quantization = quantization_config(model_cfg)
-    if quantization is not None:  # quantized as it loads, straight onto this rank's device
-        kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-    model = AutoModelForCausalLM.from_pretrained(
-        model_cfg.path,
-        dtype=DTYPES[model_cfg.dtype],
-        trust_remote_code=model_cfg.trust_remote_code,
-        **kwargs,
-    )
+    dtype, remote = DTYPES[model_cfg.dtype], model_cfg.trust_remote_code
+    if meta:
+        config = AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=remote)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote, **kwargs)
+        with contextlib.suppress(OSError):  # as from_pretrained reads it: generation runs alike on every rank
+            model.generation_config = GenerationConfig.from_pretrained(model_cfg.path)
+    else:
+        quantization = quantization_config(model_cfg)
+        if quantization is not None:  # quantized as it loads, straight onto this rank's device
+            kwargs["quantization_config"] = quantization
+            kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path, dtype=dtype, trust_remote_code=remote, **kwargs
+        )
     if model_cfg.disable_dropout:
         disable_dropout(model)
     if uses_adapters(model_cfg.lora):
@@ -74,8 +82,8 @@ class DPOModel(nn.Module):
     ``dpo_custom_collate`` dict); one process, DDP or FSDP2 (``distribute``); bf16 autocast.
 
     Assumes: the reference (a ``preftune.modeling.reference.Reference``) was built from the starting weights,
-    before any checkpoint is restored; ``distribute`` is called after moving to the device and restoring the
-    policy's weights, before the optimizer is built.
+    before any checkpoint is restored; ``distribute`` is called after moving to the device, before the
+    optimizer is built (a checkpoint's weights restored either side of it).
 
     Raises: ``ValueError`` when a batch has no reference log-probs to use (``CachedReference`` without cached
     ones).
@@ -104,10 +112,12 @@ class DPOModel(nn.Module):
         self.bco_delta = losses.RunningMean() if loss.uses_bco_delta else None
 
     @classmethod
-    def from_config(cls, cfg: PreftuneConfig) -> DPOModel:
+    def from_config(cls, cfg: PreftuneConfig, *, meta: bool = False) -> DPOModel:
+        """The policy and its reference as ``cfg`` says, in CPU memory (``meta``: on the meta device, no
+        weight read: a rank other than 0 that ``distribute`` gives its shards from rank 0)."""
         model_cfg, data_cfg = cfg.model, cfg.data
         packed = data_cfg.packing or data_cfg.share_prompt
-        policy = load_causal_lm(model_cfg, packed_attention(model_cfg.attn_implementation, packed))
+        policy = load_causal_lm(model_cfg, packed_attention(model_cfg.attn_implementation, packed), meta=meta)
         chunk_size = model_cfg.logprob_chunk_size
         autocast = DTYPES[model_cfg.autocast] if model_cfg.autocast else None
         loss = LossSettings.from_config(cfg.dpo)
@@ -119,7 +129,7 @@ class DPOModel(nn.Module):
             reference_cfg = OmegaConf.merge(
                 model_cfg, {"path": reference_path, "lora": no_adapters, "load_in_4bit": False}
             )
-            reference_lm = load_causal_lm(reference_cfg, policy.config._attn_implementation)
+            reference_lm = load_causal_lm(reference_cfg, policy.config._attn_implementation, meta=meta)
             reference = FrozenReference(
                 SequenceLogprobs(reference_lm, chunk_size, autocast), f"{reference_path} (online)"
             )
@@ -139,13 +149,18 @@ class DPOModel(nn.Module):
                 causal_lm(model.reference.model).base_model.compile(dynamic=True)
         return model
 
-    def distribute(self, strategy: str, info: DistInfo) -> None:
+    def distribute(self, strategy: str, info: DistInfo, *, from_rank0: bool = False) -> None:
         """Wrap the policy for data parallelism (DDP) or shard policy and reference (FSDP2; with tensor
         parallelism, first split both over the tensor-parallel ranks).
 
-        Call after moving to the device and restoring checkpoint weights, before building the optimizer.
+        Call after moving to the device (``from_rank0``: rank 0's model in CPU memory, the other ranks' on the
+        meta device, see ``rank0_load``), before building the optimizer.
         """
         self.dist = info
+        runners = [self.policy_logprobs]
+        if isinstance(self.reference, FrozenReference):
+            runners.append(self.reference.runner)
+        host = [to_meta(r) if info.is_main else HostWeights() for r in runners] if from_rank0 else []
         if info.tensor_parallel > 1:
             apply_tensor_parallel(self.policy, info.tp_mesh)
             if isinstance(self.reference, FrozenReference):
@@ -157,6 +172,10 @@ class DPOModel(nn.Module):
         self.policy_logprobs = wrap_trainable(self.policy_logprobs, self.policy, strategy, info)
         if strategy == "fsdp2" and isinstance(self.reference, FrozenReference):
             self.reference.shard(info)
+        if from_rank0:
+            for runner, weights in zip(runners, host, strict=True):  # the same modules, sharded in place
+                load_from_rank0(runner, weights, info)
+            share_rng_state(info)
 
     def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Context: skip the gradient reduction (all micro-batches of a step but the last)."""

@@ -142,13 +142,24 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard(module: nn.Module, model: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
+def shard(
+    module: nn.Module, model: nn.Module, mesh: DeviceMesh | None = None, *, forward_only: bool = False
+) -> nn.Module:
     """FSDP2: shard each transformer block of ``model``, then ``module`` (the root that runs the forward), over
-    ``mesh`` (None: every rank)."""
+    ``mesh`` (None: every rank). ``forward_only`` (a model that never runs backward): the root's own
+    parameters (embeddings, head, final norm) are resharded after each forward too, where FSDP2 keeps a
+    root's unsharded for the backward that follows."""
     for block in _blocks(model):
         fully_shard(block, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True if forward_only else None)
     return module
+
+
+def reshard(module: nn.Module) -> None:
+    """FSDP2 keeps a root's parameters unsharded after its forward, for the backward that follows: a forward
+    outside training puts the sharded ones back with this (the optimizer takes what the module holds)."""
+    if isinstance(module, FSDPModule):
+        module.reshard()
 
 
 def wrap_trainable(module: nn.Module, model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:

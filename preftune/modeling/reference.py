@@ -61,9 +61,10 @@ class FrozenReference(Reference):
 
     def shard(self, info: DistInfo) -> None:
         """FSDP2: shard the reference's weights over the ranks (the dp x cp ranks of a mesh), like the
-        policy's."""
+        policy's; all of them resharded after each forward (it never runs backward)."""
         if info.distributed:
-            shard(self.runner, self.runner.model, info.shard_mesh if info.mesh is not None else None)
+            mesh = info.shard_mesh if info.mesh is not None else None
+            shard(self.runner, self.runner.model, mesh, forward_only=True)
             self.collective = True
 
 

@@ -101,7 +101,7 @@ class Evaluation:
         """Pair-weighted validation metrics of ``checkpoint``'s weights (None: the weights loaded last, the
         base model at first), and the judged metrics with a judge."""
         if checkpoint is not None:
-            Checkpointer.load_weights(checkpoint, self.model.policy)
+            Checkpointer.load_weights(checkpoint, self.model)
         metrics, pairs = evaluate_batches(
             self.model,
             self.loader,

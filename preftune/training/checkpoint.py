@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule
@@ -280,15 +281,22 @@ class Checkpointer:
         return None
 
     @staticmethod
-    def load_weights(path: Path, policy: PreTrainedModel) -> None:
-        """Restore the policy's weights, or its LoRA adapter (before it is wrapped or sharded)."""
-        if is_peft(policy):
+    def load_weights(path: Path, model: DPOModel) -> None:
+        """Restore the policy's weights, or its LoRA adapter, from ``path``'s ``model/``. Sharded by FSDP2:
+        rank 0 reads them into CPU memory and every rank receives its shards; else every rank reads them."""
+        policy = model.policy
+        if isinstance(unwrap(model.policy_logprobs), FSDPModule):
+            full = saved_policy_weights(path, policy) if model.dist.is_main else {}
+            options = StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True, strict=not is_peft(policy)
+            )
+            set_model_state_dict(policy, full, options=options)
+        elif is_peft(policy):
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(policy, load_file(path / "model" / "adapter_model.safetensors"))
-            return
-        saved = AutoModelForCausalLM.from_pretrained(path / "model", dtype=policy.dtype)
-        policy.load_state_dict(saved.state_dict())
+        else:
+            policy.load_state_dict(saved_policy_weights(path, policy))
 
     @staticmethod
     def load_training_state(
@@ -306,6 +314,21 @@ class Checkpointer:
                 group["lr"] = lr
         set_rng_state(load_plain(path / "rng.pt"))
         return json.loads((path / STATE_FILE).read_text())
+
+
+def saved_policy_weights(path: Path, policy: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The weights ``path``'s ``model/`` holds, in CPU memory, named as in ``policy``'s state dict: the whole
+    model, or a LoRA policy's adapter (PEFT saves it under other names: each is matched to the policy's
+    tensor PEFT's own renaming gives it)."""
+    if not is_peft(policy):
+        return AutoModelForCausalLM.from_pretrained(path / "model", dtype=policy.dtype).state_dict()
+    from peft import get_peft_model_state_dict
+
+    own = policy.state_dict()
+    name_of = {id(tensor): name for name, tensor in own.items()}
+    saved = load_file(path / "model" / "adapter_model.safetensors")
+    renamed = get_peft_model_state_dict(policy, state_dict=own)
+    return {name_of[id(tensor)]: saved[key] for key, tensor in renamed.items()}
 
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on device, disk quota exceeded

@@ -45,24 +45,25 @@ CACHE_VERSION = 1  # bump when the generation changes: every cached file becomes
 
 
 @contextlib.contextmanager
-def reference_lm(model: DPOModel) -> Iterator[torch.nn.Module]:
-    """The causal LM the reference's generations come from (call before a checkpoint is restored): a
-    separate reference model, else the policy (for LoRA with its adapters off)."""
+def reference_lm(model: DPOModel) -> Iterator[tuple[torch.nn.Module, torch.nn.Module]]:
+    """The causal LM the reference's generations come from (call before a checkpoint is restored), with the
+    module it runs under (FSDP2's sharded root, see ``greedy_generate``): a separate reference model, else
+    the policy (for LoRA with its adapters off)."""
     if isinstance(model.reference, FrozenReference):
-        yield causal_lm(model.reference.model)
+        yield causal_lm(model.reference.model), model.reference.runner
     elif is_peft(model.policy):
         with model.policy.disable_adapter():
-            yield causal_lm(model.policy)
+            yield causal_lm(model.policy), model.policy_logprobs
     else:
-        yield causal_lm(model.policy)
+        yield causal_lm(model.policy), model.policy_logprobs
 
 
 def generate_reference(
     model: DPOModel, prompts: list[list[int]], max_new_tokens: int, eos_id: int
 ) -> list[list[int]]:
-    """The reference's greedy generations for ``prompts``."""
-    with reference_lm(model) as lm:
-        return greedy_generate(lm, prompts, max_new_tokens, eos_id)
+    """The reference's greedy generations for ``prompts`` (every rank of a sharded model generates)."""
+    with reference_lm(model) as (lm, root):
+        return greedy_generate(lm, prompts, max_new_tokens, eos_id, root=root)
 
 
 def reference_generations(
