@@ -15,21 +15,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_families import EOS, SIZES, dpo_cfg, dpo_model, family_model, pairs, trained
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from preftune.config import LoraConfig
+from preftune.config import LoraConfig, read_config
 from preftune.data.batch import dpo_custom_collate, micro_batch_from_padded
 from preftune.data.packing import build_packed_collate
 from preftune.data.visibility import VARLEN
 from preftune.losses import LossSettings
 from preftune.modeling.logprobs import SequenceLogprobs, token_logprobs
-from preftune.modeling.model import DPOModel
+from preftune.modeling.model import DPOModel, load_causal_lm
 from preftune.modeling.parallel import DistInfo
 from preftune.modeling.peft_setup import add_adapters
+from preftune.modeling.rank0_load import computed_buffers
 from preftune.modeling.tensor_parallel import TENSOR_PARALLEL_FAMILIES, apply_tensor_parallel
 from preftune.training.distributed import init_distributed, shutdown
 
@@ -186,6 +188,54 @@ def lora(info: DistInfo) -> dict[str, float]:
     return training_steps(one, sharded)
 
 
+def local_slice(full_value: torch.Tensor, sharded: torch.Tensor) -> torch.Tensor:
+    """The part of the one-process ``full_value`` that ``sharded`` (a DTensor, or a whole tensor) holds here."""
+    if not isinstance(sharded, DTensor):
+        return full_value
+    shape, offset = compute_local_shape_and_global_offset(
+        full_value.shape, sharded.device_mesh, sharded.placements
+    )
+    return full_value[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+
+
+def loaded_from_rank0(info: DistInfo, directory: Path) -> dict[str, float | bool]:
+    """``DPOModel.from_config`` as the recipe calls it under FSDP2 (rank 1 on the meta device), then
+    ``distribute(from_rank0=True)``: what each rank held before (rank 1: every parameter and buffer of policy
+    and frozen reference on meta) and after (each local shard the one-process weight's slice, a part of the
+    whole; the computed rotary buffers the one-process values; tied embeddings one parameter; the generators
+    equal). A tied gemma2 (rotary buffers on every layer type) split over the 2 tensor-parallel ranks."""
+    path = directory / "gemma2"
+    if info.is_main:
+        family_model("gemma2").save_pretrained(path)
+    dist.barrier()
+    cfg = read_config(None, [f"model.path={path}", "model.attn_implementation=eager", "data.train=unused"])
+    torch.manual_seed(1)
+    model = DPOModel.from_config(cfg, meta=not info.is_main)
+    lms = [model.policy, model.reference.model]
+    meta = all(t.is_meta for lm in lms for t in [*lm.parameters(), *lm.buffers()])
+    model.distribute("fsdp2", info, from_rank0=True)
+    one = load_causal_lm(cfg.model, "eager")  # one process's model, read whole here to compare with
+    expected, computed = one.state_dict(), dict(computed_buffers(one))
+    shards, local, whole = 0.0, 0, 0
+    for lm in lms:
+        for name, value in lm.state_dict().items():
+            mine = value.to_local() if isinstance(value, DTensor) else value
+            shards = max(shards, diff(mine, local_slice(expected[name], value)))
+            local, whole = local + mine.numel(), whole + value.numel()
+    found = {
+        "meta before": meta,
+        "shards": shards,
+        "local fraction": local / whole,
+        "computed buffers": max(diff(b, computed[n]) for lm in lms for n, b in computed_buffers(lm)),
+        "buffers counted": len(computed),
+        "tied kept": all(lm.get_output_embeddings().weight is lm.get_input_embeddings().weight for lm in lms),
+        "rng": torch.get_rng_state().sum().item(),
+    }
+    ranks: list[dict] = [{}, {}]
+    dist.all_gather_object(ranks, found)
+    return {f"rank{r} {k}": v for r, f in enumerate(ranks) for k, v in f.items()}
+
+
 def main() -> None:
     info = init_distributed(tensor_parallel=2)  # torchrun's variables: 2 ranks, the ("dp", "cp", "tp") mesh
     torch.manual_seed(0)
@@ -195,6 +245,7 @@ def main() -> None:
         "uneven_tied_vocabulary": uneven_tied_vocabulary(info.tp_mesh),
         "full": full_fine_tune(info),
         "lora": lora(info),
+        "from_rank0": loaded_from_rank0(info, Path(sys.argv[1]).parent),
     }
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(results, indent=1))

@@ -76,6 +76,19 @@ def test_training_steps_equal_one_process(kind, checks):
     assert found["last loss"] > 0.1  # the steps moved the weights: the comparison is not of zeros
 
 
+def test_weights_load_from_rank0(checks):
+    """FSDP2 over several ranks: rank 1 builds the policy and its frozen reference on the meta device (no
+    weights read) and receives from rank 0 only its shards, each equal to its slice of the one-process weight;
+    the rotary buffers (computed, not saved) and the generators come out as rank 0's, tied embeddings tied."""
+    found = checks["from_rank0"]
+    assert found["rank1 meta before"] is True and found["rank0 meta before"] is False
+    for rank in ("rank0", "rank1"):
+        assert found[f"{rank} shards"] == 0.0 and found[f"{rank} computed buffers"] == 0.0, found
+        assert found[f"{rank} local fraction"] < 0.55 and found[f"{rank} tied kept"] is True, found
+        assert found[f"{rank} buffers counted"] >= 2  # inv_freq and original_inv_freq
+    assert found["rank0 rng"] == found["rank1 rng"]
+
+
 def launch_in_process(monkeypatch, capsys, world: int, config: Path, *overrides: str) -> tuple[int, str]:
     """``preftune train --config CONFIG OVERRIDES`` in this process as rank 0 of ``world`` (the launcher's
     variables set, no other rank): (exit status, stderr). Reaching the process group fails the test: the

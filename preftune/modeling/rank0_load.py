@@ -8,8 +8,8 @@ device too), so every rank splits and shards the same meta modules (the tensor-p
 ``fully_shard``); each rank then allocates only its shards on its device (``to_empty``) and receives their
 values from rank 0, tensor by tensor (``load_from_rank0``); rank 0's CPU copy is dropped once sent.
 
-Buffers computed when a module is built rather than saved (a rotary embedding's ``inv_freq``) are sent the
-same way: rank 0 computed them exactly as one process does, on CPU, so every rank gets the one-process values
+Buffers computed when a module is built rather than saved (a rotary embedding's ``inv_freq``, Gemma's
+embedding scale) are sent the same way: rank 0 computed them exactly as one process does, on CPU, so every rank gets the one-process values
 (recomputing them on each rank's device could round differently).
 """
 
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from preftune.modeling.parallel import DistInfo
 
@@ -82,9 +83,11 @@ def load_from_rank0(module: nn.Module, weights: HostWeights, info: DistInfo) -> 
     set_model_state_dict(module, weights.state, options=options)
     with torch.no_grad():
         for name, buffer in computed_buffers(module):
+            # a tensor-parallel module's buffers are replicated DTensors (Gemma's embedding scale): whole here
+            local = buffer.to_local() if isinstance(buffer, DTensor) else buffer
             if info.is_main:
-                buffer.copy_(weights.buffers[name])
-            dist.broadcast(buffer, src=0)
+                local.copy_(weights.buffers[name])
+            dist.broadcast(local, src=0)
     weights.state.clear()
     weights.buffers.clear()
 
