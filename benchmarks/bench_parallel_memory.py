@@ -21,7 +21,8 @@ How each figure is measured, per rank, in the step (``DPOTrainer.train_single_st
   backward, parameters and views of them excluded, each storage counted once.
 - ``peak_rss_bytes``: the process's peak resident memory (``ru_maxrss``) less its resident memory before the
   model was built: everything, allocator slack and the gloo buffers included.
-Prints (and writes) JSON: each layout's per-rank figures (the largest rank) and the ratios 2-rank / 1-process.
+Prints (and writes) JSON: each layout's per-rank figures (the largest rank; every rank's peak RSS beside them)
+and the ratios 2-rank / 1-process.
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ def run_layout(work: Path, name: str, nproc: int) -> dict[str, int]:
             f"{name} on {nproc}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
         )
     ranks = [json.loads(f.read_text()) for f in sorted(work.glob(f"{name}-{nproc}.rank*.json"))]
-    return max(ranks, key=lambda f: f[spec["measure"]])
+    largest = max(ranks, key=lambda f: f[spec["measure"]])
+    return {**largest, "peak_rss_bytes_by_rank": [f["peak_rss_bytes"] for f in ranks]}
 
 
 def main() -> None:
