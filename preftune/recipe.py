@@ -361,6 +361,18 @@ def validation_generations(
     return generate
 
 
+def distributed_model(cfg: PreftuneConfig, info: DistInfo) -> DPOModel:
+    """The policy and its reference on this rank's device, wrapped or sharded (``DPOModel.distribute``). FSDP2
+    over several ranks: rank 0 reads the weights into CPU memory, the other ranks build the model on the meta
+    device, and each receives its shards from rank 0 (``preftune.modeling.rank0_load``)."""
+    from_rank0 = loads_from_rank0(cfg.distributed.strategy, cfg.model.load_in_4bit, info)
+    model = DPOModel.from_config(cfg, meta=from_rank0 and not info.is_main)
+    if not from_rank0:
+        model.to(info.device)
+    model.distribute(cfg.distributed.strategy, info, from_rank0=from_rank0)
+    return model
+
+
 def check_packed_layout(cfg: PreftuneConfig, model: DPOModel) -> None:
     """Packed / shared-prompt runs: the real model's laid-out rows against separate forwards (a pass is cached
     in ``output_dir/cache/layout_check``). After ``distribute``: every rank runs it (or skips it) together."""
@@ -560,17 +572,11 @@ def _train_locked(
         log(finished.message())
         return TrainResult(finished.val_metrics, finished=True, steps=finished.step, tokenized=tokenized)
 
-    # Model: the policy and its reference (FSDP2 over several ranks: rank 0 reads the weights into CPU memory,
-    # the others build the model on the meta device and receive their shards in distribute), DDP / FSDP2, the
-    # self-check of the layout and the reference's judged generations (after distribute: every rank joins
-    # those forwards, each holding its shards; before it, a model too large for one device would have to run
-    # on rank 0's CPU copy), then the newest checkpoint's weights, the reference's cached log-probs, the
-    # optimizer.
-    from_rank0 = loads_from_rank0(cfg.distributed.strategy, cfg.model.load_in_4bit, info)
-    model = DPOModel.from_config(cfg, meta=from_rank0 and not info.is_main)
-    if not from_rank0:
-        model.to(info.device)
-    model.distribute(cfg.distributed.strategy, info, from_rank0=from_rank0)
+    # Model: the policy and its reference, DDP / FSDP2, the self-check of the layout and the reference's
+    # judged generations (after distribute: every rank joins those forwards, each holding its shards; before
+    # it, a model too large for one device would have to run on rank 0's CPU copy), then the newest
+    # checkpoint's weights, the reference's cached log-probs, the optimizer.
+    model = distributed_model(cfg, info)
     check_packed_layout(cfg, model)
     judge = build_run_judge(cfg, model, tokenizer) if cfg.trainer.judge_prompts > 0 else None
     judged = prepare_judged_validation(cfg, model, tokenizer, val_set, judge, write=info.is_main, log=log)
