@@ -188,12 +188,14 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_fil
     runs["tp-lora"] = (steps, *TENSOR_PARALLEL, *LORA, length_judge)
     runs["resume-tp"] = ("trainer.max_steps=1", *TENSOR_PARALLEL)
     runs["one-then-tp"] = (steps, *TENSOR_PARALLEL)  # resumes the step one process saves below
+    runs["one-then-tp-lora"] = (steps, *TENSOR_PARALLEL, *LORA, length_judge)  # and its adapter's
     # and the recomputation of activation checkpointing, whose backward gathers the keys again
     precompute = ("reference.mode=precompute", "model.activation_checkpointing=true")
     runs["pre-cp"] = (steps, "distributed.strategy=fsdp2", *precompute, *CONTEXT_PARALLEL)
 
     def build(root: Path) -> None:
         launch(root, "one-then-tp", 1, model_dir, pair_files, "trainer.max_steps=1")
+        launch(root, "one-then-tp-lora", 1, model_dir, pair_files, "trainer.max_steps=1", *LORA, length_judge)
         script = root / "train_each.py"
         script.write_text(TRAIN_EACH)
         every = [train_args(root / name, model_dir, pair_files, *o) for name, o in runs.items()]
@@ -341,6 +343,13 @@ def test_lora_under_fsdp2_and_tensor_parallel(name, single_lora, two_process_run
     for name, lines in (("samples.jsonl", 4), ("judged.jsonl", 4)):
         written = (multi / name).read_text()
         assert written == (single_lora / name).read_text() and len(written.splitlines()) == lines, name
+
+
+def test_lora_step_of_one_process_resumes_under_tensor_parallel(single_lora, two_process_runs):
+    """A LoRA step saved by one process, resumed under TP=2 (rank 0 reads the adapter, each rank receives its
+    shards of it): the one-process run's steps and final adapter."""
+    multi = two_process_runs / "one-then-tp-lora"
+    assert_same_run(single_lora, multi, logged_keys(single_lora), "one-then-tp-lora")
 
 
 def test_tensor_parallel_export_is_a_plain_model(single, two_process_runs, tmp_path):
