@@ -25,6 +25,7 @@ from preftune.data.packing import build_packed_collate, layout_rows
 from preftune.losses import LossSettings
 from preftune.modeling.model import DPOModel
 from preftune.tools.tiny import EOS_ID, SLIDING_WINDOW, build_tiny_model
+from preftune.training.distributed import shutdown
 
 E = EOS_ID
 VOCAB = 64
@@ -175,7 +176,7 @@ def worker(out: Path) -> None:
     rank, size = dist.get_rank(), dist.get_world_size()
     found = {name: compare_case(*case, rank, size) for name, case in CASES.items()}
     out.with_name(f"{out.name}.{rank}").write_text(json.dumps(found))
-    dist.destroy_process_group()
+    shutdown()
 
 
 @pytest.mark.slow

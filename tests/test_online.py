@@ -366,10 +366,12 @@ import sys
 from pathlib import Path
 from preftune.config_checks import load_config
 from preftune.recipe import train
+from preftune.training.distributed import shutdown
 
 root, overrides = Path(sys.argv[1]), sys.argv[2:]
 for strategy in ("ddp", "fsdp2"):
     train(load_config(None, [*overrides, f"output_dir={root / strategy}", f"distributed.strategy={strategy}"]))
+shutdown()  # as the CLI does: no model holding the group is left for the interpreter's exit
 """
 
 

@@ -185,27 +185,26 @@ def token_logprobs(
 ) -> Tensor:
     """Return [N] log p(labels | hidden) under the LM head `hidden @ weight.T + bias`, in fp32 (fp64 for fp64).
 
-        hidden [N, H] (fp32 or bf16), weight [V, H], labels [N] int64 in [0, V), bias [V] or None.
-        softcap: Gemma-2 final-logit soft-capping, logits = softcap * tanh(logits / softcap).
-        A weight (and bias) that is a DTensor sharded over the vocabulary (tensor parallelism, `vocab_shard`):
-        every rank of its group calls this with the same hidden states and labels; each computes the logits of
-        its rows only, the result is the same on every rank, the weight's gradient is its shard's and the
-        hidden states' gradient is summed over the group.
-    '''
+    hidden [N, H] (fp32 or bf16), weight [V, H], labels [N] int64 in [0, V), bias [V] or None.
+    softcap: Gemma-2 final-logit soft-capping, logits = softcap * tanh(logits / softcap).
+    A weight (and bias) that is a DTensor sharded over the vocabulary (tensor parallelism, `vocab_shard`):
+    every rank of its group calls this with the same hidden states and labels; each computes the logits of
+    its rows only, the result is the same on every rank, the weight's gradient is its shard's and the
+    hidden states' gradient is summed over the group.
 
-        Tokens are processed `chunk_size` at a time (<= 0: one chunk; N <= chunk_size is one chunk)
-        through reused [chunk_size, V] buffers, so the peak extra memory is O(chunk_size x V) in forward
-        and backward; autograd keeps only the inputs and an [N] logsumexp. Backward recomputes each
-        chunk's logits: 4 matmuls instead of the naive path's 3, paid back on CPU by never allocating
-        [N, V] buffers. The matmul runs in the weight's dtype, bias / soft-cap / softmax in fp32;
-        gradients come back in the inputs' dtypes, only for inputs that require grad (weight grads
-        accumulate in the weight's dtype). Not twice differentiable.
+    Tokens are processed `chunk_size` at a time (<= 0: one chunk; N <= chunk_size is one chunk)
+    through reused [chunk_size, V] buffers, so the peak extra memory is O(chunk_size x V) in forward
+    and backward; autograd keeps only the inputs and an [N] logsumexp. Backward recomputes each
+    chunk's logits: 4 matmuls instead of the naive path's 3, paid back on CPU by never allocating
+    [N, V] buffers. The matmul runs in the weight's dtype, bias / soft-cap / softmax in fp32;
+    gradients come back in the inputs' dtypes, only for inputs that require grad (weight grads
+    accumulate in the weight's dtype). Not twice differentiable.
 
-        chunk_size=1024 (benchmarks/bench_logprobs.py, fp32 fwd+bwd, N=2048, H=256, 2 CPU cores): at
-        V=32000 it takes 0.98-1.01x the naive path's time (0.84x on idle cores) with 0.21x its peak
-        memory (156 vs 750 MiB). 256 uses 0.08x the memory and is 0.8x the time single-threaded, but
-        1.2x (up to 3x at V=4096) on oversubscribed cores, where each of its many small ops waits on a
-        thread barrier; 4096 (one chunk here) saves the least memory and is 1.0-1.2x the time.
+    chunk_size=1024 (benchmarks/bench_logprobs.py, fp32 fwd+bwd, N=2048, H=256, 2 CPU cores): at
+    V=32000 it takes 0.98-1.01x the naive path's time (0.84x on idle cores) with 0.21x its peak
+    memory (156 vs 750 MiB). 256 uses 0.08x the memory and is 0.8x the time single-threaded, but
+    1.2x (up to 3x at V=4096) on oversubscribed cores, where each of its many small ops waits on a
+    thread barrier; 4096 (one chunk here) saves the least memory and is 1.0-1.2x the time.
     """
     step = chunk_size if chunk_size > 0 else max(hidden.shape[0], 1)
     weight, bias, shard = vocab_shard(weight, bias)  # differentiable: the shard's gradient is a DTensor's
