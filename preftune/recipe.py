@@ -366,7 +366,7 @@ def distributed_model(cfg: PreftuneConfig, info: DistInfo) -> DPOModel:
     over several ranks: rank 0 reads the weights into CPU memory, the other ranks build the model on the meta
     device, and each receives its shards from rank 0 (``preftune.modeling.rank0_load``)."""
     from_rank0 = loads_from_rank0(cfg.distributed.strategy, cfg.model.load_in_4bit, info)
-    model = DPOModel.from_config(cfg, meta=from_rank0 and not info.is_main)
+    model = DPOModel.from_config(cfg, meta=from_rank0 and not info.is_main, shared_copy=from_rank0)
     if not from_rank0:
         model.to(info.device)
     model.distribute(cfg.distributed.strategy, info, from_rank0=from_rank0)

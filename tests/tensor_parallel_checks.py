@@ -201,18 +201,21 @@ def local_slice(full_value: torch.Tensor, sharded: torch.Tensor) -> torch.Tensor
 def loaded_from_rank0(info: DistInfo, directory: Path) -> dict[str, float | bool]:
     """``DPOModel.from_config`` as the recipe calls it under FSDP2 (rank 1 on the meta device), then
     ``distribute(from_rank0=True)``: what each rank held before (rank 1: every parameter and buffer of policy
-    and frozen reference on meta) and after (each local shard the one-process weight's slice, a part of the
-    whole; the computed rotary buffers the one-process values; tied embeddings one parameter; the generators
-    equal). A tied gemma2 (rotary buffers on every layer type) split over the 2 tensor-parallel ranks."""
+    and frozen reference on meta; rank 0: the reference, a copy of the policy, in the policy's memory) and
+    after (each local shard the one-process weight's slice, a part of the whole; the computed buffers the
+    one-process values; tied embeddings one parameter; the generators equal). A tied gemma2 (rotary buffers,
+    a scaled embedding) split over the 2 tensor-parallel ranks."""
     path = directory / "gemma2"
     if info.is_main:
         family_model("gemma2").save_pretrained(path)
     dist.barrier()
     cfg = read_config(None, [f"model.path={path}", "model.attn_implementation=eager", "data.train=unused"])
     torch.manual_seed(1)
-    model = DPOModel.from_config(cfg, meta=not info.is_main)
+    model = DPOModel.from_config(cfg, meta=not info.is_main, shared_copy=True)
     lms = [model.policy, model.reference.model]
     meta = all(t.is_meta for lm in lms for t in [*lm.parameters(), *lm.buffers()])
+    pairs = zip(model.policy.parameters(), model.reference.model.parameters(), strict=True)
+    shared = all(p.data_ptr() == q.data_ptr() and p is not q and not q.requires_grad for p, q in pairs)
     model.distribute("fsdp2", info, from_rank0=True)
     one = load_causal_lm(cfg.model, "eager")  # one process's model, read whole here to compare with
     expected, computed = one.state_dict(), dict(computed_buffers(one))
@@ -224,6 +227,7 @@ def loaded_from_rank0(info: DistInfo, directory: Path) -> dict[str, float | bool
             local, whole = local + mine.numel(), whole + value.numel()
     found = {
         "meta before": meta,
+        "reference shares the policy's memory": shared,
         "shards": shards,
         "local fraction": local / whole,
         "computed buffers": max(diff(b, computed[n]) for lm in lms for n, b in computed_buffers(lm)),

@@ -82,6 +82,7 @@ def test_weights_load_from_rank0(checks):
     the rotary buffers (computed, not saved) and the generators come out as rank 0's, tied embeddings tied."""
     found = checks["from_rank0"]
     assert found["rank1 meta before"] is True and found["rank0 meta before"] is False
+    assert found["rank0 reference shares the policy's memory"] is True  # one copy of the weights on rank 0
     for rank in ("rank0", "rank1"):
         assert found[f"{rank} shards"] == 0.0 and found[f"{rank} computed buffers"] == 0.0, found
         assert found[f"{rank} local fraction"] < 0.55 and found[f"{rank} tied kept"] is True, found

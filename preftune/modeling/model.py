@@ -22,7 +22,7 @@ from preftune.modeling import attention  # noqa: F401  (importing it registers p
 from preftune.modeling.logprobs import SequenceLogprobs, causal_lm, is_peft
 from preftune.modeling.parallel import DistInfo, gradient_sync, unwrap, wrap_trainable
 from preftune.modeling.peft_setup import add_adapters, quantization_config, uses_adapters
-from preftune.modeling.rank0_load import HostWeights, load_from_rank0, share_rng_state, to_meta
+from preftune.modeling.rank0_load import HostWeights, load_from_rank0, share_rng_state, sharing_copy, to_meta
 from preftune.modeling.reference import (
     AdaptersOffReference,
     FrozenReference,
@@ -118,9 +118,11 @@ class DPOModel(nn.Module):
         self.bco_delta = losses.RunningMean() if loss.uses_bco_delta else None
 
     @classmethod
-    def from_config(cls, cfg: PreftuneConfig, *, meta: bool = False) -> DPOModel:
+    def from_config(cls, cfg: PreftuneConfig, *, meta: bool = False, shared_copy: bool = False) -> DPOModel:
         """The policy and its reference as ``cfg`` says, in CPU memory (``meta``: on the meta device, no
-        weight read: a rank other than 0 that ``distribute`` gives its shards from rank 0)."""
+        weight read: a rank other than 0 that ``distribute`` gives its shards from rank 0). ``shared_copy``: a
+        frozen copy of the policy as the reference shares the policy's tensors, no second copy in memory (rank
+        0 before ``distribute`` sends them: nothing changes them in between)."""
         model_cfg, data_cfg = cfg.model, cfg.data
         packed = data_cfg.packing or data_cfg.share_prompt
         policy = load_causal_lm(model_cfg, packed_attention(model_cfg.attn_implementation, packed), meta=meta)
@@ -139,6 +141,8 @@ class DPOModel(nn.Module):
             reference = FrozenReference(
                 SequenceLogprobs(reference_lm, chunk_size, autocast), f"{reference_path} (online)"
             )
+        elif shared_copy and not loss.reference_free and not is_peft(policy):  # else default_reference's
+            reference = FrozenReference(SequenceLogprobs(sharing_copy(policy), chunk_size, autocast))
         model = cls(policy, reference, loss, logprob_chunk_size=chunk_size, autocast=autocast)
         model.policy_runner.router = router_loss(
             causal_lm(policy).config, model_cfg.router_aux_loss_coef, model_cfg.router_aux_loss_scope

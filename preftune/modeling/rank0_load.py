@@ -3,18 +3,20 @@
 Under FSDP2 over several ranks (``distributed.strategy: fsdp2``, any mesh, ``loads_from_rank0``) the ranks
 other than 0 build the policy and its reference on the meta device: their structure only, no weights read,
 no memory. Rank 0 builds them in CPU memory (never on its accelerator), the weights read as one process reads
-them. ``DPOModel.distribute`` then takes rank 0's weights aside (``to_meta``: its modules go to the meta
-device too), so every rank splits and shards the same meta modules (the tensor-parallel plan, then
-``fully_shard``); each rank then allocates only its shards on its device (``to_empty``) and receives their
-values from rank 0, tensor by tensor (``load_from_rank0``); rank 0's CPU copy is dropped once sent.
+them (a frozen copy of the policy as the reference shares the policy's tensors: ``sharing_copy``).
+``DPOModel.distribute`` then takes rank 0's weights aside (``to_meta``: its modules go to the meta device
+too), so every rank splits and shards the same meta modules (the tensor-parallel plan, then ``fully_shard``);
+each rank then allocates only its shards on its device (``to_empty``) and receives their values from rank 0,
+tensor by tensor (``load_from_rank0``); rank 0's CPU copy is dropped once sent.
 
 Buffers computed when a module is built rather than saved (a rotary embedding's ``inv_freq``, Gemma's
-embedding scale) are sent the same way: rank 0 computed them exactly as one process does, on CPU, so every rank gets the one-process values
-(recomputing them on each rank's device could round differently).
+embedding scale) are sent the same way: rank 0 computed them as one process does, on CPU, so every rank gets
+the one-process values (recomputing them on each rank's device could round differently).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -49,6 +51,15 @@ def computed_buffers(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
             buffer = sub._buffers.get(name)
             if buffer is not None:
                 yield f"{prefix}.{name}" if prefix else name, buffer
+
+
+def sharing_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters (new ones: their ``requires_grad`` is the copy's own) and buffers
+    are ``module``'s tensors: no memory. Only for weights nothing changes until ``load_from_rank0`` sends
+    them (rank 0's frozen copy of the starting policy)."""
+    memo: dict[int, object] = {id(p): nn.Parameter(p.detach(), p.requires_grad) for p in module.parameters()}
+    memo.update((id(b), b) for b in module.buffers())
+    return copy.deepcopy(module, memo)
 
 
 def to_meta(module: nn.Module) -> HostWeights:
