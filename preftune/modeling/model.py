@@ -71,10 +71,8 @@ def load_causal_lm(
     if model_cfg.disable_dropout:
         disable_dropout(model)
     if uses_adapters(model_cfg.lora):
-        with warnings.catch_warnings():
-            if (
-                meta
-            ):  # an adapter's saved values (lora.init_from) have no memory to go to here: rank 0's count
+        with warnings.catch_warnings():  # on meta, an adapter's saved values (lora.init_from) go nowhere
+            if meta:
                 warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model")
             model = add_adapters(model, model_cfg.lora)
     return model
