@@ -152,13 +152,10 @@ LAYOUTS = {
 
 
 TENSOR_PARALLEL = ("distributed.strategy=fsdp2", "distributed.tensor_parallel=2")
-# adapters, greedy samples and judged validation at steps 0 and 3 (generation through the policy under FSDP2 / TP)
-LORA = (
-    "model.lora.r=4",
-    "trainer.samples.num_prompts=2",
-    "trainer.samples.max_new_tokens=4",
-    "trainer.judge_prompts=2",
-)
+# greedy samples and judged validation at steps 0 and 3 (generation through the policy under FSDP2 / TP; the
+# reference's generations through the sharded frozen reference, or the policy with its adapters off)
+JUDGED = ("trainer.samples.num_prompts=2", "trainer.samples.max_new_tokens=4", "trainer.judge_prompts=2")
+LORA = ("model.lora.r=4", *JUDGED)
 JUDGE = "def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
 
 
@@ -180,11 +177,23 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_fil
         runs[f"pre-{strategy}"] = (steps, f"distributed.strategy={strategy}", "reference.mode=precompute")
         runs[f"resume-{strategy}"] = ("trainer.max_steps=1", f"distributed.strategy={strategy}")
         reference = f"reference.path={other_model_dir}"
-        runs[f"reference-{strategy}"] = (steps, f"distributed.strategy={strategy}", reference)
+        runs[f"reference-{strategy}"] = (
+            steps,
+            f"distributed.strategy={strategy}",
+            reference,
+            *JUDGED,
+            length_judge,
+        )
     runs["fsdp2-lora"] = (steps, "distributed.strategy=fsdp2", *LORA, length_judge)
     runs["tp"] = (steps, *TENSOR_PARALLEL)
     runs["pre-tp"] = (steps, *TENSOR_PARALLEL, "reference.mode=precompute")
-    runs["reference-tp"] = (steps, *TENSOR_PARALLEL, reference)  # the reference split like the policy
+    runs["reference-tp"] = (
+        steps,
+        *TENSOR_PARALLEL,
+        reference,
+        *JUDGED,
+        length_judge,
+    )  # split like the policy
     runs["tp-lora"] = (steps, *TENSOR_PARALLEL, *LORA, length_judge)
     runs["resume-tp"] = ("trainer.max_steps=1", *TENSOR_PARALLEL)
     runs["one-then-tp"] = (steps, *TENSOR_PARALLEL)  # resumes the step one process saves below
@@ -266,22 +275,27 @@ def test_two_process_checkpoint_resumes_on_one(
 
 
 @pytest.fixture(scope="session")
-def single_with_reference(tmp_path_factory, tiny_model_dir, other_model_dir, pair_files):
-    """``single`` with a separate reference model (built once per test run; read only)."""
+def single_with_reference(tmp_path_factory, tiny_model_dir, other_model_dir, pair_files, length_judge):
+    """``single`` with a separate reference model, samples and judged validation (built once per test run;
+    read only)."""
     model_dir, reference = tiny_model_dir("llama"), f"reference.path={other_model_dir}"
 
     def build(path: Path) -> None:
-        launch(path, "run", 1, model_dir, pair_files, f"trainer.max_steps={STEPS}", reference)
+        launch(path, "run", 1, model_dir, pair_files, f"trainer.max_steps={STEPS}", reference, *JUDGED,
+               length_judge)  # fmt: skip
 
     return built_once(tmp_path_factory, "single-reference", build) / "run"
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "tp"])
 def test_reference_path_under_two_processes(strategy, single_with_reference, two_process_runs):
-    """A separate reference (``reference.path``; FSDP2 shards it too) gives what it gives in one process."""
+    """A separate reference (``reference.path``; FSDP2 shards it too) gives what it gives in one process, its
+    judged generations (made once, through the sharded reference, every rank joining) included."""
     multi = two_process_runs / f"reference-{strategy}"
     keys = ("train/loss", "train/ref_logps_chosen_mean", "train/rewards_chosen_mean", "train/grad_norm")
     assert_same_run(single_with_reference, multi, keys, strategy)
+    judged = (single_with_reference / "judged.jsonl").read_text()
+    assert (multi / "judged.jsonl").read_text() == judged and len(judged.splitlines()) == 4
     first = train_records(single_with_reference)[1]["train/preference_loss"]
     assert abs(first - math.log(2)) > 1e-3  # the reference is not the policy
 
