@@ -166,8 +166,21 @@ def length_judge(tmp_path_factory) -> str:
     return f"judge.function={root / 'judge.py'}:length"
 
 
+SAMPLE_TOKENS = 6  # the fsdp2-samples run's
+
+
 @pytest.fixture(scope="session")
-def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_files, length_judge) -> Path:
+def mixtral_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Mixtral (a router balancing loss over the global batch; built once per test run)."""
+    from test_families import saved_family
+
+    return built_once(tmp_path_factory, "tiny-mixtral", lambda path: saved_family("mixtral", tokenizer, path))
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(
+    tmp_path_factory, tiny_model_dir, other_model_dir, mixtral_dir, pair_files, length_judge
+) -> Path:
     """The two-process runs of the tests below, in one directory each (built once per test run; read only)."""
     model_dir, steps = tiny_model_dir("llama"), f"trainer.max_steps={STEPS}"
     runs = {}
@@ -199,6 +212,11 @@ def two_process_runs(tmp_path_factory, tiny_model_dir, other_model_dir, pair_fil
     runs["one-then-tp"] = (steps, *TENSOR_PARALLEL)  # resumes the step one process saves below
     runs["one-then-tp-lora"] = (steps, *TENSOR_PARALLEL, *LORA, length_judge)  # and its adapter's
     # and the recomputation of activation checkpointing, whose backward gathers the keys again
+    # greedy samples: both ranks generate (FSDP2's forwards are collectives), rank 0 alone writes
+    samples = ("trainer.samples.num_prompts=2", f"trainer.samples.max_new_tokens={SAMPLE_TOKENS}")
+    runs["fsdp2-samples"] = ("trainer.max_steps=2", "distributed.strategy=fsdp2", *samples)
+    balancing = (f"model.path={mixtral_dir}", "optim.sched.warmup_steps=2", "distributed.strategy=fsdp2")
+    runs["fsdp2-mixtral"] = (steps, *balancing)
     precompute = ("reference.mode=precompute", "model.activation_checkpointing=true")
     runs["pre-cp"] = (steps, "distributed.strategy=fsdp2", *precompute, *CONTEXT_PARALLEL)
 
@@ -300,21 +318,15 @@ def test_reference_path_under_two_processes(strategy, single_with_reference, two
     assert abs(first - math.log(2)) > 1e-3  # the reference is not the policy
 
 
-def test_global_batch_balancing_under_two_processes(tmp_path, tokenizer, pair_files):
+def test_global_batch_balancing_under_two_processes(tmp_path, mixtral_dir, pair_files, two_process_runs):
     """A Mixtral policy's balancing loss over the global batch (``model.router_aux_loss_scope``'s
     default): two FSDP2 ranks, each running two of the four micro-batches (and its statistics forwards
     through the sharded model), train what one process trains. DDP takes the same path (measured equal)."""
-    strategy = "fsdp2"
-    from test_families import saved_family
-
-    model_dir = saved_family("mixtral", tokenizer, tmp_path / "model")
     steps = f"trainer.max_steps={STEPS}"
-    single = run(tmp_path, "single", model_dir, pair_files, steps, "data.micro_batch_size=2", "optim.eps=1e-4",
+    single = run(tmp_path, "single", mixtral_dir, pair_files, steps, "data.micro_batch_size=2", "optim.eps=1e-4",
                  f"optim.sched.max_steps={STEPS}")[1]  # fmt: skip
-    multi = launch(tmp_path, strategy, 2, model_dir, pair_files, steps, "optim.sched.warmup_steps=2",
-                   f"distributed.strategy={strategy}")  # fmt: skip
     keys = ("train/loss", "train/aux_loss", "train/preference_loss", "train/grad_norm")
-    assert_same_run(single, multi, keys, strategy)
+    assert_same_run(single, two_process_runs / "fsdp2-mixtral", keys, "fsdp2")
     assert train_records(single)[1]["train/aux_loss"] > 1
 
 
@@ -396,3 +408,20 @@ def test_fsdp2_times_tensor_parallel_equals_one_process(single, tmp_path, tiny_m
     multi = launch(tmp_path, "dp2-tp2", 4, tiny_model_dir("llama"), pair_files, f"trainer.max_steps={STEPS}",
                    *TENSOR_PARALLEL)  # fmt: skip
     assert_same_run(single, multi, logged_keys(single), "dp2-tp2")
+
+
+def test_samples_under_fsdp2(tiny_model_dir, pair_files, two_process_runs):
+    """Both ranks generate (FSDP2's forwards are collectives), rank 0 alone writes: the greedy samples of
+    2 validation prompts at steps 0 and 2, the first ones those of the starting model."""
+    from test_samples import greedy
+
+    rows = [
+        json.loads(line)
+        for line in (two_process_runs / "fsdp2-samples/samples.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows] == [0, 0, 2, 2]
+    validation = [json.loads(line) for line in pair_files["validation"].read_text().splitlines()]
+    for row, pair in zip(rows[:2], validation, strict=False):
+        assert (row["generation"], row["num_tokens"]) == greedy(
+            tiny_model_dir("llama"), pair["prompt"], SAMPLE_TOKENS
+        )

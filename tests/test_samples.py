@@ -61,20 +61,6 @@ def greedy(model_dir, prompt: str, max_new_tokens: int) -> tuple[str, int]:
     return tokenizer.decode(new, skip_special_tokens=True).rstrip("\ufffd"), len(new)
 
 
-def test_samples_under_fsdp2(tmp_path, tiny_model_dir, pair_files):
-    """Both ranks generate (FSDP2's forwards are collectives), rank 0 alone writes."""
-    from test_distributed import launch
-
-    model_dir = tiny_model_dir("llama")
-    common = ("trainer.max_steps=2", "trainer.samples.num_prompts=2", "trainer.samples.max_new_tokens=6")
-    out = launch(tmp_path, "multi", 2, model_dir, pair_files, *common, "distributed.strategy=fsdp2")
-    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 0, 2, 2]
-    validation = [json.loads(line) for line in pair_files["validation"].read_text().splitlines()]
-    for row, pair in zip(rows[:2], validation, strict=False):
-        assert (row["generation"], row["num_tokens"]) == greedy(model_dir, pair["prompt"], 6)
-
-
 def test_greedy_generation_of_a_packed_run_equals_sdpa(tiny_model_dir):
     """A packed run's policy runs ``preftune_varlen``, which cannot decode with a KV cache (its causal rule
     has no cached keys): greedy generation switches to SDPA, so its tokens equal an SDPA model's."""
