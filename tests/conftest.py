@@ -202,6 +202,40 @@ def pair_files(tmp_path_factory):
     return {"train": root / "train.jsonl", "validation": root / "validation.jsonl"}
 
 
+JUDGE = "def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
+
+
+@pytest.fixture(scope="session")
+def length_judge(tmp_path_factory) -> str:
+    """``judge.function=...``: a reward function scoring a completion by its length (one file per test run)."""
+    root = built_once(tmp_path_factory, "length-judge", lambda path: (path / "judge.py").write_text(JUDGE))
+    return f"judge.function={root / 'judge.py'}:length"
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Mixtral (a router balancing loss over the global batch; built once per test run)."""
+    from test_families import saved_family
+
+    return built_once(tmp_path_factory, "tiny-mixtral", lambda path: saved_family("mixtral", tokenizer, path))
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(
+    tmp_path_factory, tiny_model_dir, other_model_dir, mixtral_dir, pair_files, length_judge
+):
+    """test_distributed.py's one torchrun launch of two ranks: the tensor- and context-parallel checks, then
+    every two-process training run, each in its own directory (built once per test run; read only)."""
+    from test_distributed import build_two_process_runs
+
+    def build(root: Path) -> None:
+        build_two_process_runs(
+            root, tiny_model_dir("llama"), other_model_dir, mixtral_dir, pair_files, length_judge
+        )
+
+    return built_once(tmp_path_factory, "two-process-runs", build)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first: pytest-xdist then spreads them over its workers from the start and the quick ones
     fill the gaps, instead of one worker finishing a long run alone at the end."""

@@ -1,8 +1,6 @@
-"""Run on every rank of a 2-process torchrun launch (gloo) by tests/test_tensor_parallel.py: tensor parallelism
-over both ranks against the same model unsharded in this process. Writes the largest differences (and a few
-facts) as JSON to argv[1] from rank 0; the test asserts on them.
-
-usage: torchrun --nproc-per-node=2 tests/tensor_parallel_checks.py OUT.json
+"""Run on both ranks of test_distributed.py's two-process launch (gloo), before its training runs: tensor
+parallelism over both ranks against the same model unsharded in this process. ``run_checks`` writes the largest
+differences (and a few facts) as JSON from rank 0; tests/test_tensor_parallel.py asserts on them.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from preftune.modeling.parallel import DistInfo
 from preftune.modeling.peft_setup import add_adapters
 from preftune.modeling.rank0_load import computed_buffers
 from preftune.modeling.tensor_parallel import TENSOR_PARALLEL_FAMILIES, apply_tensor_parallel
-from preftune.training.distributed import init_distributed, shutdown
+from preftune.training.distributed import init_distributed
 
 STEPS = 3
 
@@ -240,7 +238,8 @@ def loaded_from_rank0(info: DistInfo, directory: Path) -> dict[str, float | bool
     return {f"rank{r} {k}": v for r, f in enumerate(ranks) for k, v in f.items()}
 
 
-def main() -> None:
+def run_checks(out: Path) -> None:
+    """Every check above, written to ``out`` (rank 0); joins (or starts) the 2-rank group of the launch."""
     info = init_distributed(tensor_parallel=2)  # torchrun's variables: 2 ranks, the ("dp", "cp", "tp") mesh
     torch.manual_seed(0)
     results = {
@@ -249,12 +248,7 @@ def main() -> None:
         "uneven_tied_vocabulary": uneven_tied_vocabulary(info.tp_mesh),
         "full": full_fine_tune(info),
         "lora": lora(info),
-        "from_rank0": loaded_from_rank0(info, Path(sys.argv[1]).parent),
+        "from_rank0": loaded_from_rank0(info, out.parent),
     }
     if dist.get_rank() == 0:
-        Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
-    shutdown()
-
-
-if __name__ == "__main__":
-    main()
+        out.write_text(json.dumps(results, indent=1))

@@ -1,16 +1,13 @@
 """Context parallelism: the split of a row over context ranks (by hand, and its properties), and CP=2 over
 gloo equal to one process (per-sequence log-probs, loss, every gradient) on packed and shared-prompt rows.
 
-Run as a script (``python tests/test_context_parallel.py OUT`` with RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT set), this module is one rank of the 2-process comparison; it writes its findings to OUT."""
+The 2-process comparison (``check_context_parallel``) runs on both ranks of test_distributed.py's
+two-process launch, before its training runs; each rank writes its findings for the test here."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,6 @@ from preftune.data.packing import build_packed_collate, layout_rows
 from preftune.losses import LossSettings
 from preftune.modeling.model import DPOModel
 from preftune.tools.tiny import EOS_ID, SLIDING_WINDOW, build_tiny_model
-from preftune.training.distributed import shutdown
 
 E = EOS_ID
 VOCAB = 64
@@ -170,32 +166,20 @@ def compare_case(arch: str, share_prompt: bool, num_pairs: int, rank: int, size:
     }
 
 
-def worker(out: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+def check_context_parallel(out: Path) -> None:
+    """This rank's findings on every case, written to ``out.RANK`` (the launch's 2-rank group is up)."""
     rank, size = dist.get_rank(), dist.get_world_size()
     found = {name: compare_case(*case, rank, size) for name, case in CASES.items()}
     out.with_name(f"{out.name}.{rank}").write_text(json.dumps(found))
-    shutdown()
 
 
 @pytest.mark.slow
-def test_context_parallel_equals_one_process(tmp_path):
+def test_context_parallel_equals_one_process(two_process_runs):
     """Two gloo processes, CP=2, each comparing its split forward/backward with the unsplit one of the same
     model and batch: per-sequence log-probs, counts, loss and every gradient to 1e-5."""
-    from test_distributed import free_port
-
-    port = free_port()
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}  # fmt: skip
-    out = tmp_path / "found"
-    procs = [subprocess.Popen([sys.executable, __file__, str(out)], env={**env, "RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(2)]  # fmt: skip
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    out = two_process_runs / "context-parallel"
     for rank in range(2):
-        found = json.loads(out.with_name(f"found.{rank}").read_text())
+        found = json.loads(out.with_name(f"{out.name}.{rank}").read_text())
         assert set(found) == set(CASES)
         for name, diff in found.items():
             num_pairs = CASES[name][2]
@@ -235,7 +219,3 @@ def test_context_parallel_mistakes_are_one_line(tmp_path, tiny_model_dir, pair_f
         captured = capsys.readouterr()
         assert code == 2, (overrides, captured.err)
         assert_one_line(captured.err, *expected)
-
-
-if __name__ == "__main__":
-    worker(Path(sys.argv[1]))

@@ -120,12 +120,21 @@ def single(tmp_path_factory, tiny_model_dir, pair_files):
 # Each run below trained by one torchrun launch of two ranks, one run after the other: a launch's start-up
 # (torchrun, two interpreters importing torch and transformers, the process group) is paid once, not per run.
 # After the runs, shutdown() leaves no wrapped model (holding the group) for the interpreter's exit to collect.
+# The same launch first runs the parallelism checks of test_tensor_parallel.py and test_context_parallel.py.
 TRAIN_EACH = """
 import gc, json, sys
+from pathlib import Path
 from preftune.config_checks import load_config
 from preftune.recipe import train
 from preftune.training.distributed import shutdown
 
+if len(sys.argv) > 2:
+    out, sys.path[:0] = Path(sys.argv[2]), [sys.argv[3]]
+    from tensor_parallel_checks import run_checks
+    from test_context_parallel import check_context_parallel
+
+    run_checks(out / "tensor-parallel-checks.json")
+    check_context_parallel(out / "context-parallel")
 for overrides in json.loads(sys.argv[1]):
     train(load_config(None, overrides))
 shutdown()
@@ -156,40 +165,22 @@ TENSOR_PARALLEL = ("distributed.strategy=fsdp2", "distributed.tensor_parallel=2"
 # reference's generations through the sharded frozen reference, or the policy with its adapters off)
 JUDGED = ("trainer.samples.num_prompts=2", "trainer.samples.max_new_tokens=4", "trainer.judge_prompts=2")
 LORA = ("model.lora.r=4", *JUDGED)
-JUDGE = "def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
-
-
-@pytest.fixture(scope="session")
-def length_judge(tmp_path_factory) -> str:
-    """``judge.function=...``: a reward function scoring a completion by its length (one file per test run)."""
-    root = built_once(tmp_path_factory, "length-judge", lambda path: (path / "judge.py").write_text(JUDGE))
-    return f"judge.function={root / 'judge.py'}:length"
-
-
 SAMPLE_TOKENS = 6  # the fsdp2-samples run's
 
 
-@pytest.fixture(scope="session")
-def mixtral_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny Mixtral (a router balancing loss over the global batch; built once per test run)."""
-    from test_families import saved_family
-
-    return built_once(tmp_path_factory, "tiny-mixtral", lambda path: saved_family("mixtral", tokenizer, path))
-
-
-@pytest.fixture(scope="session")
-def two_process_runs(
-    tmp_path_factory, tiny_model_dir, other_model_dir, mixtral_dir, pair_files, length_judge
-) -> Path:
-    """The two-process runs of the tests below, in one directory each (built once per test run; read only)."""
-    model_dir, steps = tiny_model_dir("llama"), f"trainer.max_steps={STEPS}"
+def build_two_process_runs(
+    root: Path, model_dir: Path, other_model_dir: Path, mixtral_dir: Path, pair_files: dict, length_judge: str
+) -> None:
+    """conftest's ``two_process_runs``: the parallelism checks, then every two-process run of these tests in
+    ``root/NAME``, in one torchrun launch (the one-process steps the ``one-then-*`` runs resume first)."""
+    steps = f"trainer.max_steps={STEPS}"
     runs = {}
     for name, layout in LAYOUTS.items():
         runs[name] = (steps, f"distributed.strategy={name.split('-')[0]}", *layout)
+    reference = f"reference.path={other_model_dir}"
     for strategy in ("ddp", "fsdp2"):
         runs[f"pre-{strategy}"] = (steps, f"distributed.strategy={strategy}", "reference.mode=precompute")
         runs[f"resume-{strategy}"] = ("trainer.max_steps=1", f"distributed.strategy={strategy}")
-        reference = f"reference.path={other_model_dir}"
         runs[f"reference-{strategy}"] = (
             steps,
             f"distributed.strategy={strategy}",
@@ -211,26 +202,23 @@ def two_process_runs(
     runs["resume-tp"] = ("trainer.max_steps=1", *TENSOR_PARALLEL)
     runs["one-then-tp"] = (steps, *TENSOR_PARALLEL)  # resumes the step one process saves below
     runs["one-then-tp-lora"] = (steps, *TENSOR_PARALLEL, *LORA, length_judge)  # and its adapter's
-    # and the recomputation of activation checkpointing, whose backward gathers the keys again
     # greedy samples: both ranks generate (FSDP2's forwards are collectives), rank 0 alone writes
     samples = ("trainer.samples.num_prompts=2", f"trainer.samples.max_new_tokens={SAMPLE_TOKENS}")
     runs["fsdp2-samples"] = ("trainer.max_steps=2", "distributed.strategy=fsdp2", *samples)
     balancing = (f"model.path={mixtral_dir}", "optim.sched.warmup_steps=2", "distributed.strategy=fsdp2")
     runs["fsdp2-mixtral"] = (steps, *balancing)
+    # and the recomputation of activation checkpointing, whose backward gathers the keys again
     precompute = ("reference.mode=precompute", "model.activation_checkpointing=true")
     runs["pre-cp"] = (steps, "distributed.strategy=fsdp2", *precompute, *CONTEXT_PARALLEL)
 
-    def build(root: Path) -> None:
-        launch(root, "one-then-tp", 1, model_dir, pair_files, "trainer.max_steps=1")
-        launch(root, "one-then-tp-lora", 1, model_dir, pair_files, "trainer.max_steps=1", *LORA, length_judge)
-        script = root / "train_each.py"
-        script.write_text(TRAIN_EACH)
-        every = [train_args(root / name, model_dir, pair_files, *o) for name, o in runs.items()]
-        cmd = [*torchrun(2)[:-2], str(script), json.dumps(every)]  # the script in place of -m preftune
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-
-    return built_once(tmp_path_factory, "two-process-runs", build)
+    launch(root, "one-then-tp", 1, model_dir, pair_files, "trainer.max_steps=1")
+    launch(root, "one-then-tp-lora", 1, model_dir, pair_files, "trainer.max_steps=1", *LORA, length_judge)
+    script = root / "train_each.py"
+    script.write_text(TRAIN_EACH)
+    every = [train_args(root / name, model_dir, pair_files, *o) for name, o in runs.items()]
+    cmd = [*torchrun(2)[:-2], str(script), json.dumps(every), str(root), str(Path(__file__).parent)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
 @pytest.mark.parametrize(

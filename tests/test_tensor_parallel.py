@@ -1,6 +1,6 @@
 """Tensor parallelism (``distributed.tensor_parallel``) on CPU with gloo.
 
-One 2-process launch of ``tests/tensor_parallel_checks.py`` splits tiny models over both ranks and compares
+``tests/tensor_parallel_checks.py``, run in test_distributed.py's two-process launch, splits tiny models over both ranks and compares
 each with the same model unsharded in the same process: the vocabulary-parallel log-probs (values and
 gradients), every supported family's per-sequence log-probs, and for a full fine-tune and for LoRA the
 log-probs, loss, metrics, every gradient and 3 AdamW steps of weights. Mis-specified meshes are refused in one
@@ -11,8 +11,6 @@ processes) are in tests/test_distributed.py.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,22 +23,12 @@ from conftest import built_once
 
 pytestmark = pytest.mark.slow
 
-CHECKS = Path(__file__).parent / "tensor_parallel_checks.py"
-
 
 @pytest.fixture(scope="session")
-def checks(tmp_path_factory) -> dict:
-    """The largest differences the 2-process launch measured (built once per test run; read only)."""
-
-    def build(root: Path) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-               str(CHECKS), str(root / "checks.json")]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-
-    return json.loads(
-        (built_once(tmp_path_factory, "tensor-parallel-checks", build) / "checks.json").read_text()
-    )
+def checks(two_process_runs) -> dict:
+    """The largest differences the 2-process launch measured (tests/tensor_parallel_checks.py, run in
+    test_distributed.py's launch before its training runs)."""
+    return json.loads((two_process_runs / "tensor-parallel-checks.json").read_text())
 
 
 def test_vocab_parallel_logprobs_equal_one_process(checks):
