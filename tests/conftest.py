@@ -221,16 +221,36 @@ def mixtral_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def online_files(tmp_path_factory) -> dict[str, Path]:
+    """test_online's prompt-only train records, validation pairs and judge file (built once per test run)."""
+    from test_online import write_online_files
+
+    root = built_once(tmp_path_factory, "online", write_online_files)
+    return {
+        "train": root / "prompts.jsonl",
+        "validation": root / "validation.jsonl",
+        "judge": root / "judge.py",
+    }
+
+
+@pytest.fixture(scope="session")
 def two_process_runs(
-    tmp_path_factory, tiny_model_dir, other_model_dir, mixtral_dir, pair_files, length_judge
+    tmp_path_factory, tiny_model_dir, other_model_dir, mixtral_dir, pair_files, online_files, length_judge
 ):
     """test_distributed.py's one torchrun launch of two ranks: the tensor- and context-parallel checks, then
-    every two-process training run, each in its own directory (built once per test run; read only)."""
+    every two-process training run (test_online's too), each in its own directory (built once per test run;
+    read only)."""
     from test_distributed import build_two_process_runs
 
     def build(root: Path) -> None:
         build_two_process_runs(
-            root, tiny_model_dir("llama"), other_model_dir, mixtral_dir, pair_files, length_judge
+            root,
+            tiny_model_dir("llama"),
+            other_model_dir,
+            mixtral_dir,
+            pair_files,
+            online_files,
+            length_judge,
         )
 
     return built_once(tmp_path_factory, "two-process-runs", build)

@@ -169,10 +169,19 @@ SAMPLE_TOKENS = 6  # the fsdp2-samples run's
 
 
 def build_two_process_runs(
-    root: Path, model_dir: Path, other_model_dir: Path, mixtral_dir: Path, pair_files: dict, length_judge: str
+    root: Path,
+    model_dir: Path,
+    other_model_dir: Path,
+    mixtral_dir: Path,
+    pair_files: dict,
+    online_files: dict,
+    length_judge: str,
 ) -> None:
-    """conftest's ``two_process_runs``: the parallelism checks, then every two-process run of these tests in
-    ``root/NAME``, in one torchrun launch (the one-process steps the ``one-then-*`` runs resume first)."""
+    """conftest's ``two_process_runs``: the parallelism checks, then every two-process run of the tests in
+    ``root/NAME``, in one torchrun launch (the one-process steps the ``one-then-*`` runs resume first); the
+    online runs of test_online.py too."""
+    from test_online import TWO_RANKS, online_overrides
+
     steps = f"trainer.max_steps={STEPS}"
     runs = {}
     for name, layout in LAYOUTS.items():
@@ -216,6 +225,12 @@ def build_two_process_runs(
     script = root / "train_each.py"
     script.write_text(TRAIN_EACH)
     every = [train_args(root / name, model_dir, pair_files, *o) for name, o in runs.items()]
+    every += [
+        online_overrides(
+            model_dir, online_files, root / f"online-{s}", *TWO_RANKS, f"distributed.strategy={s}"
+        )
+        for s in ("ddp", "fsdp2")
+    ]
     cmd = [*torchrun(2)[:-2], str(script), json.dumps(every), str(root), str(Path(__file__).parent)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]

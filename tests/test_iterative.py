@@ -21,7 +21,7 @@ from preftune.data.dataset import PreferenceDataset
 from preftune.recipe import iteration_config, train
 from preftune.training.iteration import iteration_prompts
 from tests.conftest import records
-from tests.test_online import online_files, online_overrides  # noqa: F401 (online_files: a fixture)
+from tests.test_online import online_overrides
 
 KILLING_JUDGE = """
 import os, signal
@@ -69,7 +69,7 @@ def train_records(output_dir: Path, n: int) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, tiny_model_dir, online_files):  # noqa: F811
+def straight(tmp_path_factory, tiny_model_dir, online_files):
     output_dir = tmp_path_factory.mktemp("iterative") / "straight"
     train(load_config(None, overrides(tiny_model_dir("llama"), online_files, output_dir)))
     return output_dir
@@ -82,7 +82,7 @@ def test_prompts_per_iteration_are_drawn_by_seed_and_iteration():
     assert iteration_prompts(5, None, 1234, 1) == iteration_prompts(5, 9, 1234, 3) == [0, 1, 2, 3, 4]
 
 
-def test_two_iterations_with_the_previous_policy_as_reference(straight, tiny_model_dir, online_files):  # noqa: F811
+def test_two_iterations_with_the_previous_policy_as_reference(straight, tiny_model_dir, online_files):
     """Iteration 2 trains iteration 1's policy against iteration 1's policy: its first step is exactly DPO's
     start (loss log 2, rewards 0), though iteration 1 moved the policy; with reference: initial its reference
     is the starting model instead."""
@@ -129,7 +129,7 @@ def test_two_iterations_with_the_previous_policy_as_reference(straight, tiny_mod
     assert not initial.online.enabled and initial.data.train == str(pairs)
 
 
-def test_reference_initial_keeps_the_starting_model(straight, tmp_path, tiny_model_dir, online_files):  # noqa: F811
+def test_reference_initial_keeps_the_starting_model(straight, tmp_path, tiny_model_dir, online_files):
     """Iteration 2's training with reference: initial (on the straight run's iteration-2 pairs, from its
     iteration-1 policy) starts away from DPO's log 2: its reference is the starting model, not the policy."""
     args = [*overrides(tiny_model_dir("llama"), online_files, tmp_path), "online.reference=initial"]
@@ -151,7 +151,7 @@ def test_sigkill_inside_an_iterations_generation_resumes_to_the_straight_run(
     straight,
     tmp_path,
     tiny_model_dir,
-    online_files,  # noqa: F811
+    online_files,
     monkeypatch,
     capsys,
 ):
@@ -193,7 +193,7 @@ def test_sigkill_inside_an_iterations_generation_resumes_to_the_straight_run(
         ("data.packing=false data.micro_batch_size=3", "data.global_batch_size (4) must be a multiple of 3"),
     ],
 )
-def test_iterative_config_errors(tmp_path, tiny_model_dir, online_files, capsys, override, message):  # noqa: F811
+def test_iterative_config_errors(tmp_path, tiny_model_dir, online_files, capsys, override, message):
     args = overrides(tiny_model_dir("llama"), online_files, tmp_path / "run", *override.split())
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")

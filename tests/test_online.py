@@ -52,23 +52,17 @@ def count_a(completions: list[str]) -> list[float]:
     return [float(text.count("a")) for text in completions]
 
 
-@pytest.fixture(scope="module")
-def online_files(tmp_path_factory):
-    """Prompt-only train records (text), validation pairs, and the judge file."""
-    root = tmp_path_factory.mktemp("online")
+def write_online_files(root: Path) -> None:
+    """conftest's ``online_files``: prompt-only train records (text), validation pairs, and the judge file."""
     rng = random.Random(3)
     prompts = [{"prompt": sentence(rng, rng.randint(2, 8))} for _ in range(32)]
     validation = [
         {"prompt": sentence(rng, 4), "chosen": sentence(rng, 3), "rejected": sentence(rng, 5)}
         for _ in range(8)
     ]
-    judge = root / "judge.py"
-    judge.write_text(JUDGE)
-    return {
-        "train": write_jsonl(root / "prompts.jsonl", prompts),
-        "validation": write_jsonl(root / "validation.jsonl", validation),
-        "judge": judge,
-    }
+    write_jsonl(root / "prompts.jsonl", prompts)
+    write_jsonl(root / "validation.jsonl", validation)
+    (root / "judge.py").write_text(JUDGE)
 
 
 def online_overrides(model_dir: Path, files: dict, output_dir: Path, *extra: str) -> list[str]:
@@ -361,18 +355,8 @@ def test_online_config_errors(tmp_path, tiny_model_dir, online_files, capsys, ov
 
 
 # -- ranks and resume ------------------------------------------------------------------------------------
-TWO_STRATEGIES = """
-import sys
-from pathlib import Path
-from preftune.config_checks import load_config
-from preftune.recipe import train
-from preftune.training.distributed import shutdown
-
-root, overrides = Path(sys.argv[1]), sys.argv[2:]
-for strategy in ("ddp", "fsdp2"):
-    train(load_config(None, [*overrides, f"output_dir={root / strategy}", f"distributed.strategy={strategy}"]))
-shutdown()  # as the CLI does: no model holding the group is left for the interpreter's exit
-"""
+# test_distributed's two-process launch trains these online runs under DDP and FSDP2 (two_process_runs)
+TWO_RANKS = ("optim.eps=1e-4", "trainer.max_steps=2", "online.num_generations=2", "online.max_new_tokens=8")
 
 
 def train_losses(output_dir: Path) -> list[float]:
@@ -380,35 +364,16 @@ def train_losses(output_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_two_processes_generate_and_train_as_one(tmp_path, tiny_model_dir, online_files):
-    """torchrun with 2 gloo ranks, DDP then FSDP2 in one launch: the same generations.jsonl and losses
-    (1e-5) as one process. Each rank samples its half of the prompts from the prompts' own seeds."""
-    from tests.test_distributed import free_port
-
-    extra = ("optim.eps=1e-4", "trainer.max_steps=2", "online.num_generations=2", "online.max_new_tokens=8")
-    single = run_online(tmp_path, "single", tiny_model_dir("llama"), online_files, *extra)
-    script = tmp_path / "two_strategies.py"
-    script.write_text(TWO_STRATEGIES)
-    overrides = online_overrides(tiny_model_dir("llama"), online_files, tmp_path / "unused", *extra)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        f"--master-port={free_port()}",
-        str(script),
-        str(tmp_path),
-        *[o for o in overrides if not o.startswith("output_dir=")],
-    ]
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+def test_two_processes_generate_and_train_as_one(tmp_path, tiny_model_dir, online_files, two_process_runs):
+    """torchrun with 2 gloo ranks, DDP and FSDP2 (in test_distributed's launch): the same generations.jsonl and
+    losses (1e-5) as one process. Each rank samples its half of the prompts from the prompts' own seeds."""
+    single = run_online(tmp_path, "single", tiny_model_dir("llama"), online_files, *TWO_RANKS)
     expected = generations(single)
     assert len(expected) == 8
     for strategy in ("ddp", "fsdp2"):
-        assert generations(tmp_path / strategy) == expected, strategy
-        assert train_losses(tmp_path / strategy) == pytest.approx(train_losses(single), abs=1e-5), strategy
+        multi = two_process_runs / f"online-{strategy}"
+        assert generations(multi) == expected, strategy
+        assert train_losses(multi) == pytest.approx(train_losses(single), abs=1e-5), strategy
 
 
 @pytest.mark.slow
