@@ -8,7 +8,7 @@ Two workloads, each run on 1 process and on 2 (``torchrun``, ``distributed.strat
   ~190M parameters, fp32) on short pairs, 1 process against ``distributed.tensor_parallel=2``. What counts is
   the memory a rank holds for training: the policy's parameters, their gradients and AdamW's two moments
   (the frozen reference copy is reported beside it).
-- ``context``: a small Llama (4 layers, hidden 256) on 8,192-token pairs (2,048 prompt + 3,072 + 3,072
+- ``context``: a small Llama (4 layers, hidden 512, MLP 1408, vocabulary 32,000) on 8,192-token pairs (2,048 prompt + 3,072 + 3,072
   response tokens, ``data.share_prompt=true``: one row of 8,192 tokens), 1 process against
   ``distributed.context_parallel=2``. What counts is the activation memory: the bytes autograd saves for
   the backward pass.
@@ -19,8 +19,12 @@ How each figure is measured, per rank, in the step (``DPOTrainer.train_single_st
 - ``reference_bytes``: the local bytes of the frozen reference's parameters.
 - ``activation_bytes``: the bytes of every tensor ``torch.autograd.graph.saved_tensors_hooks`` sees saved for
   backward, parameters and views of them excluded, each storage counted once.
-- ``peak_rss_bytes``: the process's peak resident memory (``ru_maxrss``) less its resident memory before the
-  model was built: everything, allocator slack and the gloo buffers included.
+- ``step_peak_rss_bytes``: the peak resident memory during the step (``VmHWM``, reset by
+  ``/proc/self/clear_refs`` just before it) less the resident memory at its start: what the step's forward,
+  backward and optimizer update add, activations and transient buffers included.
+- ``peak_rss_bytes``: the process's peak resident memory over the whole run (``ru_maxrss``) less its resident
+  memory before the model was built: loading, the step and the checkpoint save (rank 0 gathers the full
+  weights to write ``model/``), allocator slack and the gloo buffers included.
 Prints (and writes) JSON: each layout's per-rank figures (the largest rank; every rank's peak RSS beside them)
 and the ratios 2-rank / 1-process.
 """
@@ -44,7 +48,7 @@ WORKLOADS = {
         "measure": "training_state_bytes",
     },
     "context": {
-        "model": dict(hidden_size=256, num_layers=4, num_heads=8, intermediate_size=704),
+        "model": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=1408),
         "lengths": (2048, 3072, 3072),
         "parallel": "distributed.context_parallel=2",
         "layout": ["data.share_prompt=true", "data.pack_length=10240"],
@@ -62,6 +66,16 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def reset_high_water_mark() -> None:
+    """Start ``/proc/self/status``'s VmHWM (peak resident memory) again from the resident memory now."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def high_water_mark_bytes() -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
 
 
 def local_bytes(tensors) -> int:
@@ -118,8 +132,11 @@ def worker(args: argparse.Namespace) -> None:
 
     def measured(self, *a, **k):
         saved = SavedBytes()
+        reset_high_water_mark()
+        start = rss_bytes()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             out = original(self, *a, **k)
+        step_peak = high_water_mark_bytes() - start
         policy = [p for p in self.model.policy.parameters()]
         state = [
             v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()
@@ -130,6 +147,7 @@ def worker(args: argparse.Namespace) -> None:
             training_state_bytes=local_bytes(policy) + local_bytes(grads) + local_bytes(state),
             reference_bytes=local_bytes(reference.parameters()) if reference is not None else 0,
             activation_bytes=saved.total,
+            step_peak_rss_bytes=step_peak,
         )
         return out
 
@@ -228,6 +246,7 @@ def main() -> None:
             "setting": WORKLOADS[name]["parallel"],
             "measure": measure,
             "ratio": round(two[measure] / one[measure], 3),
+            "step_peak_rss_ratio": round(two["step_peak_rss_bytes"] / one["step_peak_rss_bytes"], 3),
             "peak_rss_ratio": round(two["peak_rss_bytes"] / one["peak_rss_bytes"], 3),
         }
     text = json.dumps(result, indent=2)
