@@ -93,6 +93,17 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     )
 
 
+# what the data- and context-parallel runs must log as one process does; not the summed log-probs (means of
+# about -150, where float32's resolution is 1.5e-5)
+STEP_KEYS = (
+    "train/loss",
+    "train/acc",
+    "train/preference_loss",
+    "train/rewards_chosen_mean",
+    "train/grad_norm",
+)
+
+
 def assert_same_run(single: Path, multi: Path, keys: tuple[str, ...], label: str) -> None:
     """Every step's ``keys`` and the final weights of the two runs agree to 1e-5."""
     a, b = train_records(single), train_records(multi)
@@ -252,14 +263,7 @@ def test_two_processes_equal_one(strategy, layout, single, two_process_runs, req
     name = request.node.callspec.id
     assert LAYOUTS[name] == layout and name.split("-")[0] == strategy
     multi = two_process_runs / name
-    keys = (
-        "train/loss",
-        "train/acc",
-        "train/preference_loss",
-        "train/rewards_chosen_mean",
-        "train/grad_norm",
-    )
-    assert_same_run(single, multi, keys, strategy)
+    assert_same_run(single, multi, STEP_KEYS, strategy)
     assert train_records(multi)[1]["train/loss"] == pytest.approx(0.693147, abs=1e-5)
     lines = (multi / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len({(json.loads(x)["step"], "train/loss" in x) for x in lines}), "rank 0 alone logs"
@@ -406,11 +410,39 @@ def test_tensor_parallel_export_is_a_plain_model(single, two_process_runs, tmp_p
         torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=0, msg=key)
 
 
-def test_fsdp2_times_tensor_parallel_equals_one_process(single, tmp_path, tiny_model_dir, pair_files):
-    """4 processes: FSDP2 over 2 data-parallel groups x TP over 2 ranks each (mesh dp 2 x cp 1 x tp 2)."""
-    multi = launch(tmp_path, "dp2-tp2", 4, tiny_model_dir("llama"), pair_files, f"trainer.max_steps={STEPS}",
-                   *TENSOR_PARALLEL)  # fmt: skip
-    assert_same_run(single, multi, logged_keys(single), "dp2-tp2")
+FOUR_PROCESS_RUNS = {
+    "dp2-tp2": TENSOR_PARALLEL,  # mesh dp 2 x cp 1 x tp 2
+    "dp2-cp2": ("distributed.strategy=fsdp2", *CONTEXT_PARALLEL),  # mesh dp 2 x cp 2 x tp 1
+    "cp2-tp2": (*TENSOR_PARALLEL, *CONTEXT_PARALLEL),  # mesh dp 1 x cp 2 x tp 2
+}
+
+
+@pytest.fixture(scope="session")
+def four_process_runs(tmp_path_factory, tiny_model_dir, pair_files) -> Path:
+    """One torchrun launch of 4 processes training each of ``FOUR_PROCESS_RUNS`` (built once; read only)."""
+
+    def build(root: Path) -> None:
+        script = root / "train_each.py"
+        script.write_text(TRAIN_EACH)
+        every = [
+            train_args(
+                root / name, tiny_model_dir("llama"), pair_files, f"trainer.max_steps={STEPS}", *layout
+            )
+            for name, layout in FOUR_PROCESS_RUNS.items()
+        ]
+        cmd = [*torchrun(4)[:-2], str(script), json.dumps(every)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    return built_once(tmp_path_factory, "four-process-runs", build)
+
+
+@pytest.mark.parametrize("name", FOUR_PROCESS_RUNS)
+def test_four_processes_on_a_mesh_equal_one(name, single, four_process_runs):
+    """FSDP2 over 2 data-parallel groups, each group 2 tensor-parallel ranks or 2 context-parallel ones (the
+    groups read different pairs, the ranks of a group the same), and one group of 2 context x 2 tensor ranks."""
+    multi = four_process_runs / name
+    assert_same_run(single, multi, logged_keys(single) if "cp" not in name else STEP_KEYS, name)
 
 
 def test_samples_under_fsdp2(tiny_model_dir, pair_files, two_process_runs):
