@@ -10,7 +10,6 @@ on CUDA, above the inputs and their grads. Prints JSON; `--output` also writes i
 """
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from preftune.modeling.logprobs import token_logprobs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from json_report import emit
 
 
 def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -134,11 +136,7 @@ def main() -> None:
         "peak_mib: transient peak above inputs and grads; mem_ratio: to naive",
         "cases": rows,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    emit(report, args.output)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ from pathlib import Path
 
 from preftune.tools.tiny import build_tiny_model, save_tiny, train_tokenizer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from json_report import emit
+
 WORDS = "alpha beta gamma delta river stone cloud green quick slow bright dark north south east west".split()
 
 
@@ -88,10 +91,7 @@ def main() -> None:
             for length, p in peaks.items()
         },
     }
-    print(json.dumps(result, indent=2))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2))
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ readings; the issue asks for less than 5%. Prints JSON; not a timed test.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +24,9 @@ from preftune import recipe
 from preftune.config_checks import load_config
 from preftune.tools.demo import prepare_demo
 from preftune.training.trainer import DPOTrainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from json_report import emit
 
 
 def rss_mib() -> float:
@@ -82,10 +85,7 @@ def main() -> None:
         "growth_percent": round(100 * (late - early) / early, 2),
         "seconds": round(seconds, 1),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from json_report import emit
+
 WORKLOADS = {
     "tensor": {
         "model": dict(hidden_size=1024, num_layers=12, num_heads=16, intermediate_size=2816),
@@ -249,11 +252,7 @@ def main() -> None:
             "step_peak_rss_ratio": round(two["step_peak_rss_bytes"] / one["step_peak_rss_bytes"], 3),
             "peak_rss_ratio": round(two["peak_rss_bytes"] / one["peak_rss_bytes"], 3),
         }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_tokenize import preftune, run, texts, words
+from json_report import emit
 
 GRID = ["dpo.ref_policy_kl_penalty=0.05,0.1,0.5", "dpo.preference_loss=dpo,ipo"]
 WORDS = (10, 40)  # prompt and response lengths, in words
@@ -112,11 +113,7 @@ def main() -> None:
         "sweep_reference_passes": result["reference_passes"],
         "best": result["best"],
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    emit(out, args.output, indent=1)
 
 
 if __name__ == "__main__":
