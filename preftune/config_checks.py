@@ -119,17 +119,18 @@ def _check_mesh(cfg: PreftuneConfig, world: int) -> int:
         raise ConfigError(
             f"{keys} with online.enabled=true is not supported yet: set both to 1 for online DPO"
         )
-    if cp > 1 and not (cfg.data.packing or cfg.data.share_prompt):
-        raise ConfigError(
-            f"distributed.context_parallel={cp} splits packed rows: set data.packing=true or "
-            "data.share_prompt=true"
-        )
-    attention = packed_attention(cfg.model.attn_implementation, True)
-    if cp > 1 and attention != VARLEN:
-        raise ConfigError(
-            f"distributed.context_parallel={cp} needs model.attn_implementation={VARLEN} (or null), not "
-            f"{attention}: a mask over the whole row cannot be split"
-        )
+    if cp > 1:
+        if not (cfg.data.packing or cfg.data.share_prompt):
+            raise ConfigError(
+                f"distributed.context_parallel={cp} splits packed rows: set data.packing=true or "
+                "data.share_prompt=true"
+            )
+        attention = packed_attention(cfg.model.attn_implementation, True)
+        if attention != VARLEN:
+            raise ConfigError(
+                f"distributed.context_parallel={cp} needs model.attn_implementation={VARLEN} (or null), not "
+                f"{attention}: a mask over the whole row cannot be split"
+            )
     return world // (tp * cp)
 
 

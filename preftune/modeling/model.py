@@ -169,14 +169,11 @@ class DPOModel(nn.Module):
         if isinstance(self.reference, FrozenReference):
             runners.append(self.reference.runner)
         host = [to_meta(r) if info.is_main else HostWeights() for r in runners] if from_rank0 else []
-        if info.tensor_parallel > 1:
-            apply_tensor_parallel(self.policy, info.tp_mesh)
-            if isinstance(self.reference, FrozenReference):
-                apply_tensor_parallel(self.reference.model, info.tp_mesh)
-        if info.context_parallel > 1:  # the batches are split over the context ranks (data.context_split)
-            self.policy_runner.context_group = info.cp_group
-            if isinstance(self.reference, FrozenReference):
-                self.reference.runner.context_group = info.cp_group
+        for runner in runners:  # the policy's, and a frozen reference's split the same way
+            if info.tensor_parallel > 1:
+                apply_tensor_parallel(runner.model, info.tp_mesh)
+            if info.context_parallel > 1:  # the batches are split over the context ranks (data.context_split)
+                runner.context_group = info.cp_group
         self.policy_logprobs = wrap_trainable(self.policy_logprobs, self.policy, strategy, info)
         if strategy == "fsdp2" and isinstance(self.reference, FrozenReference):
             self.reference.shard(info)

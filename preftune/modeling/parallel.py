@@ -88,10 +88,10 @@ class DistInfo:
         return self._mesh()["cp"].get_group()
 
     @property
-    def shard_mesh(self) -> DeviceMesh:
+    def shard_mesh(self) -> DeviceMesh | None:
         """The flattened dp x cp mesh FSDP2 shards over (size 1 when every rank is tensor- or
-        context-parallel: the parameters are DTensors all the same)."""
-        return self._mesh()["dp", "cp"]._flatten("dp_cp")
+        context-parallel: the parameters are DTensors all the same); None without a mesh: every rank."""
+        return None if self.mesh is None else self.mesh["dp", "cp"]._flatten("dp_cp")
 
     def _mesh(self) -> DeviceMesh:
         if self.mesh is None:
@@ -168,7 +168,7 @@ def wrap_trainable(module: nn.Module, model: nn.Module, strategy: str, info: Dis
     if not info.distributed:
         return module
     if strategy == "fsdp2":
-        return shard(module, model, info.shard_mesh if info.mesh is not None else None)
+        return shard(module, model, info.shard_mesh)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids)
 

@@ -63,8 +63,7 @@ class FrozenReference(Reference):
         """FSDP2: shard the reference's weights over the ranks (the dp x cp ranks of a mesh), like the
         policy's; all of them resharded after each forward (it never runs backward)."""
         if info.distributed:
-            mesh = info.shard_mesh if info.mesh is not None else None
-            shard(self.runner, self.runner.model, mesh, forward_only=True)
+            shard(self.runner, self.runner.model, info.shard_mesh, forward_only=True)
             self.collective = True
 
 
